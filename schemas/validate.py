@@ -1,0 +1,205 @@
+"""Check an annotated directory against shard contract v1 and say exactly what is wrong.
+
+    python -m schemas.validate DIR [--quick] [--tokenizer-sha256 HASH]
+
+Exit status 0 when the directory is valid, 1 when it is not (each problem on its own line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from schemas.shard import (
+    BASE_COLUMNS,
+    ID,
+    INPUT_IDS,
+    LOSS_MASK,
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    SHARD_GLOB,
+    Manifest,
+    ShardMetadata,
+    arrow_schema,
+    file_sha256,
+    score_column,
+)
+
+
+class ShardValidationError(ValueError):
+    """Raised by :func:`check_directory` with every problem found."""
+
+    def __init__(self, directory: str, problems: list[str]):
+        self.directory = directory
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems[:50])
+        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        super().__init__(f"{directory} is not a valid annotated directory (shard schema v{SCHEMA_VERSION}):\n{lines}{more}")
+
+
+@dataclass
+class Report:
+    directory: str
+    problems: list[str] = field(default_factory=list)
+    manifest: Manifest | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def validate_directory(directory: str | Path, deep: bool = True, tokenizer_sha256: str | None = None) -> Report:
+    """Validate a local annotated directory.
+
+    Always checks the manifest, every shard's schema, metadata and footer row count. With
+    ``deep`` it also reads the data: checksums, list lengths, finite scores, token counts, unique ids.
+    """
+    directory = Path(directory)
+    report = Report(str(directory))
+    problems = report.problems
+    manifest_path = directory / MANIFEST_NAME
+    if not directory.is_dir():
+        problems.append(f"{directory}: no such directory")
+        return report
+    if not manifest_path.exists():
+        problems.append(f"{manifest_path}: missing (an annotate job that has not finished leaves no manifest)")
+        return report
+    try:
+        manifest = Manifest.load(directory)
+    except (json.JSONDecodeError, TypeError, KeyError, UnicodeDecodeError) as exc:
+        problems.append(f"{manifest_path}: not a v{SCHEMA_VERSION} manifest ({type(exc).__name__}: {exc})")
+        return report
+    report.manifest = manifest
+    if manifest.schema_version != SCHEMA_VERSION:
+        problems.append(f"{manifest_path}: schema_version {manifest.schema_version}, this code reads {SCHEMA_VERSION}")
+        return report
+    if tokenizer_sha256 is not None and manifest.tokenizer.get("sha256") != tokenizer_sha256:
+        problems.append(
+            f"{manifest_path}: tokenizer fingerprint {manifest.tokenizer.get('name')}:{manifest.tokenizer.get('sha256', '')[:12]} "
+            f"differs from the model's tokenizer ({tokenizer_sha256[:12]}); re-annotate with this model's tokenizer"
+        )
+    if not manifest.shards:
+        problems.append(f"{manifest_path}: lists no shards")
+
+    scorers = manifest.scorer_names
+    expected_schema = arrow_schema(scorers)
+    listed = {entry.path for entry in manifest.shards}
+    for path in sorted(directory.glob(SHARD_GLOB)):
+        if path.name not in listed:
+            problems.append(f"{path}: shard file not listed in {MANIFEST_NAME}")
+
+    seen_ids: dict[str, str] = {}
+    totals = {"rows": 0, "tokens": 0, "trainable_tokens": 0}
+    for entry in manifest.shards:
+        path = directory / entry.path
+        if not path.exists():
+            problems.append(f"{path}: listed in {MANIFEST_NAME} but missing")
+            continue
+        try:
+            parquet = pq.ParquetFile(path)
+        except (pa.ArrowInvalid, OSError) as exc:
+            problems.append(f"{path}: not a readable Parquet file ({exc})")
+            continue
+        schema = parquet.schema_arrow
+        if not schema.remove_metadata().equals(expected_schema):
+            problems.append(f"{path}: columns {schema.names} / types differ from shard schema v{SCHEMA_VERSION} with scorers {scorers}")
+            continue
+        try:
+            meta = ShardMetadata.from_schema(schema)
+        except (KeyError, json.JSONDecodeError, TypeError) as exc:
+            problems.append(f"{path}: bad file metadata ({exc})")
+            continue
+        if meta.schema_version != SCHEMA_VERSION:
+            problems.append(f"{path}: schema_version {meta.schema_version}, expected {SCHEMA_VERSION}")
+        if meta.tokenizer != manifest.tokenizer:
+            problems.append(f"{path}: tokenizer fingerprint {meta.tokenizer} differs from the manifest's {manifest.tokenizer}")
+        if [s.name for s in meta.scorers] != scorers:
+            problems.append(f"{path}: scorers {[s.name for s in meta.scorers]} differ from the manifest's {scorers}")
+        if parquet.metadata.num_rows != entry.rows:
+            problems.append(f"{path}: {parquet.metadata.num_rows} rows, manifest says {entry.rows}")
+        if not deep:
+            continue
+        if file_sha256(path) != entry.sha256:
+            problems.append(f"{path}: sha256 differs from the manifest (file changed after annotation)")
+        try:
+            table = parquet.read()
+        except (pa.ArrowInvalid, OSError) as exc:
+            problems.append(f"{path}: corrupt data ({exc})")
+            continue
+        problems.extend(_check_rows(path, table, scorers, entry, seen_ids, totals))
+
+    if deep:
+        for key, value in totals.items():
+            if manifest.totals.get(key) != value:
+                problems.append(f"{manifest_path}: totals.{key} = {manifest.totals.get(key)}, shards hold {value}")
+    return report
+
+
+def _check_rows(path: Path, table: pa.Table, scorers: list[str], entry, seen_ids: dict[str, str], totals: dict[str, int]) -> list[str]:
+    problems: list[str] = []
+    lengths = pc.list_value_length(table[INPUT_IDS]).to_numpy(zero_copy_only=False)
+    for column in (LOSS_MASK, *[score_column(s) for s in scorers]):
+        other = pc.list_value_length(table[column]).to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero(other != lengths)
+        if bad.size:
+            problems.append(f"{path}: row {bad[0]}: {column} has {other[bad[0]]} values for {lengths[bad[0]]} input_ids ({bad.size} rows)")
+    for scorer in scorers:
+        values = pc.list_flatten(table[score_column(scorer)]).to_numpy(zero_copy_only=False)
+        if not np.isfinite(values).all():
+            offsets = np.cumsum(lengths)
+            first = int(np.searchsorted(offsets, np.flatnonzero(~np.isfinite(values))[0], side="right"))
+            problems.append(f"{path}: row {first}: {score_column(scorer)} holds NaN or infinite values")
+    for row, example_id in enumerate(table[ID].to_pylist()):
+        if example_id in seen_ids:
+            problems.append(f"{path}: row {row}: id {example_id} also in {seen_ids[example_id]}")
+        seen_ids[example_id] = f"{path.name} row {row}"
+    tokens = int(lengths.sum())
+    trainable = int(pc.sum(pc.list_flatten(table[LOSS_MASK]).cast(pa.int64())).as_py() or 0)
+    if tokens != entry.tokens:
+        problems.append(f"{path}: {tokens} tokens, manifest says {entry.tokens}")
+    if trainable != entry.trainable_tokens:
+        problems.append(f"{path}: {trainable} trainable tokens, manifest says {entry.trainable_tokens}")
+    totals["rows"] += table.num_rows
+    totals["tokens"] += tokens
+    totals["trainable_tokens"] += trainable
+    return problems
+
+
+def check_directory(directory: str | Path, deep: bool = True, tokenizer_sha256: str | None = None) -> Manifest:
+    """Validate and return the manifest; raise :class:`ShardValidationError` listing every problem."""
+    report = validate_directory(directory, deep=deep, tokenizer_sha256=tokenizer_sha256)
+    if not report.ok:
+        raise ShardValidationError(str(directory), report.problems)
+    assert report.manifest is not None
+    return report.manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m schemas.validate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("directory", help="annotated directory (holds manifest.json and shard-*.parquet)")
+    parser.add_argument("--quick", action="store_true", help="check manifest, schemas and footers only; skip reading the data")
+    parser.add_argument("--tokenizer-sha256", default=None, help="also require this tokenizer fingerprint")
+    args = parser.parse_args(argv)
+    report = validate_directory(args.directory, deep=not args.quick, tokenizer_sha256=args.tokenizer_sha256)
+    if report.ok:
+        m = report.manifest
+        assert m is not None
+        print(f"{args.directory}: valid shard schema v{SCHEMA_VERSION}: {len(m.shards)} shards, "
+              f"{m.totals.get('rows')} rows, {m.totals.get('tokens')} tokens, scorers {m.scorer_names}")
+        return 0
+    for problem in report.problems:
+        print(problem, file=sys.stderr)
+    print(f"{args.directory}: INVALID ({len(report.problems)} problems)", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
