@@ -73,9 +73,12 @@ def arrow_schema(scorers: Iterable[str] = (), metadata: "ShardMetadata | None" =
     return schema
 
 
-def example_id(source: str, content: Any) -> str:
-    """Stable content-derived id: sha256 of the source name and the example's canonical JSON."""
-    payload = json.dumps([source, content], sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+def example_id(content: Any) -> str:
+    """Stable content-derived id: sha256 of the example's canonical JSON (its messages).
+
+    The same conversation gets the same id in any file, so duplicates are found across corpora.
+    """
+    payload = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
 
 
@@ -301,6 +304,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -1,0 +1,415 @@
+"""The Ray plumbing of the annotate job: the one place that knows about Ray, and nothing of any scorer.
+
+    plan (driver) -> tokenize (actor pool) -> dedupe (driver) -> corpus pass (only scorers that need one)
+                  -> per shard: load -> scorer 1 actor -> scorer 2 actor ... -> write (atomic) -> finalize
+
+Shards flow through per-scorer actor pools as Ray object refs, with a bounded number in flight, so
+scorers run concurrently on different shards and a slow GPU scorer keeps its GPU busy. Each actor
+reserves a fraction of a CPU (a whole CPU per actor starves the read/write tasks on a 2-core
+machine) and, for model scorers on a GPU cluster, a share of a GPU (so every GPU scorer fits beside
+the others on each GPU instead of waiting for a whole one).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter, deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from annotate import scorers as registry
+from annotate import steps
+from annotate.config import AnnotateConfig
+from annotate.scorers import ScorerContext
+from data.models import check_model, load_tokenizer
+from schemas.shard import ID, INPUT_IDS, MANIFEST_NAME, SHARD_GLOB, Manifest, ScorerInfo, score_column, tokenizer_fingerprint
+
+REPO_ROOT = str(Path(__file__).resolve().parents[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-flight: everything that can fail fails here, before Ray starts.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    config: AnnotateConfig
+    out: Path
+    model_path: str
+    tokenizer_fp: dict[str, str]
+    scorer_names: list[str]  # the scorers this run computes
+    scorer_options: dict[str, Any]
+    scorer_infos: list[ScorerInfo]  # every score column the finished shards hold, in order
+    existing: Manifest | None = None  # --add-scorers: what is there already
+
+
+def prepare(config: AnnotateConfig) -> Job:
+    """Validate options, scorers, models and the output directory; raise ValueError/OSError with a clear message."""
+    config.validate()
+    adding = bool(config.add_scorers)
+    names = list(config.add_scorers if adding else config.scorers)
+    for name in names:
+        registry.get(name)  # unknown scorer -> clear error listing the known ones
+    unknown = sorted(set(config.scorer_options) - set(names))
+    if unknown:
+        raise ValueError(f"scorer_options for {unknown}, which this run does not compute ({names})")
+    model_path = check_model(config.model)
+    tokenizer = load_tokenizer(model_path)
+    fp = tokenizer_fingerprint(tokenizer)
+    fp["name"] = os.path.basename(config.model.rstrip("/")) or fp["name"]
+    context = ScorerContext(model=config.model, device="cpu")  # the name as given: recorded in metadata
+    options = {name: registry.build_options(name, config.scorer_options.get(name)) for name in names}
+    # Constructing a scorer checks its options (model paths, names) without loading any model.
+    infos = [registry.get(name)(options[name], context).info() for name in names]
+    out = Path(config.output)
+    existing = None
+    if adding:
+        existing = _existing_annotation(out)
+        if existing.tokenizer["sha256"] != fp["sha256"]:
+            raise ValueError(
+                f"{out}: annotated with tokenizer {existing.tokenizer['name']} ({existing.tokenizer['sha256'][:12]}), "
+                f"--model {config.model} has {fp['sha256'][:12]}; --add-scorers needs the same tokenizer"
+            )
+        clash = [n for n in names if n in existing.scorer_names and n not in _partially_added(out, names)]
+        if clash:
+            raise ValueError(f"{out}: already has score columns {clash}; nothing to add")
+        infos = [s for s in existing.scorers if s.name not in names] + infos
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise OSError(f"output {out} is not writable: {exc}") from None
+    return Job(config, out, model_path, fp, names, options, infos, existing)
+
+
+def _existing_annotation(out: Path) -> Manifest:
+    """The manifest of an annotated dir, or (an interrupted --add-scorers run) one rebuilt from shard metadata."""
+    if (out / MANIFEST_NAME).exists():
+        return Manifest.load(out)
+    shards = sorted(out.glob(SHARD_GLOB))
+    if not shards:
+        raise FileNotFoundError(f"{out}: no manifest.json and no shards; --add-scorers needs an annotated directory")
+    meta = steps.read_shard_metadata(shards[0])
+    if meta is None:
+        raise ValueError(f"{shards[0]}: not an sftgo shard")
+    base = [s for s in meta.scorers]
+    return Manifest(meta.schema_version, meta.tokenizer, base, [], {}, {}, {}, {})
+
+
+def _partially_added(out: Path, names: list[str]) -> set[str]:
+    """Scorers an interrupted --add-scorers run already wrote into some (not all) shards."""
+    have = [set(s.name for s in (steps.read_shard_metadata(p) or steps.ShardMetadata(1, {}, [], 0)).scorers) for p in sorted(out.glob(SHARD_GLOB))]
+    if (out / MANIFEST_NAME).exists() or not have:
+        return set()
+    return {n for n in names if any(n in h for h in have)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray
+# ---------------------------------------------------------------------------------------------
+
+
+def init_ray(address: str) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address or None)  # a cluster (or a submitted job): its own resources
+        return
+    # A fresh local Ray: workers must import this repo even when it is not pip-installed.
+    path = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)
+    ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}})
+
+
+class TokenizeActor:
+    """Renders and tokenizes whole shards; loads the tokenizer once."""
+
+    def __init__(self, model_path: str, max_length: int, overlength: str, strict: bool):
+        self.tokenizer = load_tokenizer(model_path)
+        self.max_length, self.overlength, self.strict = max_length, overlength, strict
+
+    def run(self, plan: steps.ShardPlan, out: str) -> dict[str, Any]:
+        start = time.perf_counter()
+        table, rejects, truncated = steps.tokenize_shard(plan, self.tokenizer, self.max_length, self.overlength, self.strict)
+        out_dir = Path(out)
+        steps.write_rejects(rejects, steps.staging_rejects_path(out_dir, plan.index))
+        steps.write_table_atomic(table.replace_schema_metadata({b"truncated": str(truncated).encode()}), steps.staging_path(out_dir, plan.index))
+        tokens = int(pc.sum(pc.list_value_length(table[INPUT_IDS])).as_py() or 0)
+        return {"rows": table.num_rows, "tokens": tokens, "rejects": len(rejects), "seconds": time.perf_counter() - start}
+
+
+class ScoreActor:
+    """Hosts one scorer: built and set up once, then fed whole shards (Arrow tables)."""
+
+    def __init__(self, name: str, options: Any, context: ScorerContext):
+        self.name = name
+        self.scorer = registry.get(name)(options, context)
+        self.scorer.setup()
+
+    def collect(self, table: pa.Table) -> Any:
+        return self.scorer.collect(table)
+
+    def fit(self, state: Any) -> bool:
+        self.scorer.fit(state)
+        return True
+
+    def score(self, table: pa.Table) -> tuple[pa.Table, dict[str, float]]:
+        start = time.perf_counter()
+        # A shard whose records were all rejected still gets its (empty) column.
+        values = self.scorer.score(table) if table.num_rows else []
+        lengths = pc.list_value_length(table[INPUT_IDS]).to_pylist()
+        for row, (v, n) in enumerate(zip(values, lengths)):
+            if len(v) != n:
+                raise ValueError(f"scorer {self.name!r} returned {len(v)} scores for {n} tokens (row {row})")
+        column = pa.array([v.astype("float32", copy=False) for v in values], pa.list_(pa.float32()))
+        table = table.append_column(score_column(self.name), column)
+        return table, {"rows": table.num_rows, "tokens": int(sum(lengths)), "seconds": time.perf_counter() - start}
+
+
+def _load_staging(out: str, index: int, duplicate_rows: list[int]) -> tuple[pa.Table, dict[str, Any]]:
+    """A tokenized shard without its duplicates, and what its write needs: rejects and the truncated count."""
+    out_dir = Path(out)
+    table = pq.read_table(steps.staging_path(out_dir, index))
+    truncated = int((table.schema.metadata or {}).get(b"truncated", b"0"))
+    table, dup_rejects = steps.drop_duplicates(table.replace_schema_metadata(None), duplicate_rows)
+    rejects = steps.read_rejects(steps.staging_rejects_path(out_dir, index)) + [r.to_dict() for r in dup_rejects]
+    rejects.sort(key=lambda r: (r["file"], r["line"]))
+    return table, {"rejects": rejects, "truncated": truncated}
+
+
+def _write(out: str, index: int, table: pa.Table, infos: list[ScorerInfo], fp: dict, plan_key: dict, extra: dict[str, Any]) -> dict[str, Any]:
+    """Write shard ``index``: its rejects, then the shard itself (atomic), then drop its staging files."""
+    start = time.perf_counter()
+    out_dir = Path(out)
+    rejects = extra["rejects"]
+    counts = dict(sorted(Counter(r["reason"] for r in rejects).items()))
+    steps.write_rejects([steps.Rejected(**r) for r in rejects], steps.shard_rejects_path(out_dir, index))
+    steps.write_shard(out_dir, index, table, infos, fp, {**plan_key, "truncated": extra["truncated"]}, counts)
+    for path in (steps.staging_path(out_dir, index), steps.staging_rejects_path(out_dir, index)):
+        path.unlink(missing_ok=True)
+    return {"index": index, "rows": table.num_rows, "seconds": time.perf_counter() - start}
+
+
+def _rewrite(out: str, index: int, table: pa.Table, infos: list[ScorerInfo]) -> dict[str, Any]:
+    """--add-scorers: rewrite an existing shard with its old metadata and the new columns."""
+    start = time.perf_counter()
+    path = Path(out) / steps.shard_name(index)
+    meta = steps.read_shard_metadata(path)
+    assert meta is not None
+    plan = dict(meta.plan)
+    counts = plan.pop("rejected", {})
+    steps.write_shard(Path(out), index, table, infos, meta.tokenizer, plan, counts)
+    return {"index": index, "rows": table.num_rows, "seconds": time.perf_counter() - start}
+
+
+def _read_shard(out: str, index: int) -> pa.Table:
+    table = pq.read_table(Path(out) / steps.shard_name(index))
+    return table.replace_schema_metadata(None)
+
+
+def _run_bounded(items: list, submit: Callable[[Any], Any], max_in_flight: int, desc: str,
+                 on_done: Callable[[Any, Any], None]) -> None:
+    """Submit work item by item, keep at most ``max_in_flight`` running, report each as it finishes."""
+    import ray
+
+    pending: dict[Any, Any] = {}
+    queue = deque(items)
+    with tqdm(total=len(items), desc=desc, unit="shard", dynamic_ncols=True) as bar:
+        while queue or pending:
+            while queue and len(pending) < max_in_flight:
+                item = queue.popleft()
+                pending[submit(item)] = item
+            done, _ = ray.wait(list(pending), num_returns=1)
+            for ref in done:
+                item = pending.pop(ref)
+                on_done(item, ray.get(ref))
+                bar.update(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The job
+# ---------------------------------------------------------------------------------------------
+
+
+def run(job: Job) -> dict[str, Any]:
+    """Run the whole job on the current Ray (call init_ray first). Returns the summary."""
+    import ray
+
+    cfg, out = job.config, job.out
+    wall = time.perf_counter()
+    timers: dict[str, steps.StageTimer] = {}
+    adding = job.existing is not None
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+    if adding:
+        indices = sorted(int(p.stem.split("-")[1]) for p in out.glob(SHARD_GLOB))
+        (out / MANIFEST_NAME).unlink(missing_ok=True)  # the directory is unfinished until finalize
+        pending = [i for i in indices if not {n for n in job.scorer_names} <= {s.name for s in steps.read_shard_metadata(out / steps.shard_name(i)).scorers}]
+        duplicates: dict[int, list[int]] = {}
+        plan_keys: dict[int, dict] = {}
+    else:
+        plans = steps.plan_shards(cfg.input, cfg.format, cfg.shard_size, cfg.limit)
+        if not plans:
+            raise ValueError(f"no records in {cfg.input}")
+        job_key = {"tokenizer": job.tokenizer_fp["sha256"], "max_length": cfg.max_length, "overlength": cfg.overlength}
+        plan_keys = {p.index: p.key(job_key) for p in plans}
+        indices = [p.index for p in plans]
+        done = _finished_shards(out, plan_keys, job.scorer_infos)
+        if (out / MANIFEST_NAME).exists() and len(done) == len(plans):
+            print(f"{out}: already complete ({len(plans)} shards); nothing to do")
+            manifest = Manifest.load(out)
+            return {"already_complete": True, "totals": manifest.totals, "rejected": manifest.rejected}
+        (out / MANIFEST_NAME).unlink(missing_ok=True)
+        (out / steps.WORK_DIR).mkdir(parents=True, exist_ok=True)
+        to_tokenize = [p for p in plans if p.index not in done and not steps.staging_path(out, p.index).exists()]
+        pending = [p.index for p in plans if p.index not in done]
+        print(f"{len(plans)} shards planned: {len(done)} finished earlier, {len(to_tokenize)} to tokenize, {len(pending)} to score")
+
+        # -- tokenize ------------------------------------------------------------------------
+        timer = timers.setdefault("tokenize", steps.StageTimer("tokenize"))
+        if to_tokenize:
+            n_actors = cfg.tokenize_actors or max(1, min(len(to_tokenize), cpus // 2 or 1))
+            actor_cls = ray.remote(num_cpus=0.5)(TokenizeActor)
+            actors = [actor_cls.remote(job.model_path, cfg.max_length, cfg.overlength, cfg.strict) for _ in range(n_actors)]
+            turn = iter(range(1 << 62))
+            _run_bounded(to_tokenize, lambda p: actors[next(turn) % n_actors].run.remote(p, str(out)), 2 * n_actors,
+                         "tokenize", lambda p, r: timer.add(r["rows"], r["tokens"], r["seconds"]))
+            for actor in actors:
+                ray.kill(actor)
+
+        # -- dedupe (global, deterministic) ---------------------------------------------------
+        ids = {}
+        for index in indices:
+            path = out / steps.shard_name(index) if index in done else steps.staging_path(out, index)
+            ids[index] = pq.read_table(path, columns=[ID])[ID].to_pylist()
+        duplicates = steps.find_duplicates(ids)
+
+    # -- scorer actors ----------------------------------------------------------------------------
+    gpu_names = [n for n in job.scorer_names if getattr(registry.get(n), "uses_gpu", False)] if gpus else []
+    pools: dict[str, list] = {}
+    for name in job.scorer_names:
+        on_gpu = name in gpu_names
+        n_actors = cfg.scorer_actors or (gpus if on_gpu else 1)
+        actor_cls = ray.remote(num_cpus=0.5, num_gpus=(1.0 / len(gpu_names)) if on_gpu else 0)(ScoreActor)
+        context = ScorerContext(model=cfg.model, device="cuda" if on_gpu else "cpu")
+        pools[name] = [actor_cls.remote(name, job.scorer_options[name], context) for _ in range(n_actors)]
+
+    def load(index: int):
+        if adding:
+            return ray.remote(num_cpus=0.25)(_read_shard).remote(str(out), index), None
+        ref = ray.remote(num_cpus=0.25, num_returns=2)(_load_staging).remote(str(out), index, duplicates.get(index, []))
+        return ref[0], ref[1]
+
+    # -- corpus pass (e.g. TF-IDF's IDF over every shard, aggregated across workers) -------------
+    for name in job.scorer_names:
+        if not registry.needs_corpus_pass(name):
+            continue
+        timer = timers.setdefault(f"{name}:fit", steps.StageTimer(f"{name}:fit"))
+        start = time.perf_counter()
+        parts: dict[int, Any] = {}
+        actors = pools[name]
+        turn = iter(range(1 << 62))
+
+        def submit_collect(index: int):
+            if not adding and index in done_for_collect:
+                table_ref = ray.remote(num_cpus=0.25)(_read_shard).remote(str(out), index)
+            else:
+                table_ref = load(index)[0]
+            return actors[next(turn) % len(actors)].collect.remote(table_ref)
+
+        done_for_collect = set() if adding else set(i for i in indices if (out / steps.shard_name(i)).exists() and i not in pending)
+        _run_bounded(indices, submit_collect, 2 * len(actors) + 1, f"{name} corpus pass", lambda i, r: parts.__setitem__(i, r))
+        state = registry.get(name).combine([parts[i] for i in sorted(parts)])
+        ray.get([actor.fit.remote(state) for actor in actors])
+        timer.add(0, 0, time.perf_counter() - start)
+
+    # -- score and write ----------------------------------------------------------------------
+    stat_refs: dict[int, list] = {}
+    turn = iter(range(1 << 62))
+
+    def submit_shard(index: int):
+        table_ref, rejects_ref = load(index)
+        k = next(turn)
+        stat_refs[index] = []
+        for name in job.scorer_names:
+            actors = pools[name]
+            table_ref, stats_ref = actors[k % len(actors)].score.options(num_returns=2).remote(table_ref)
+            stat_refs[index].append((name, stats_ref))
+        if adding:
+            return ray.remote(num_cpus=0.25)(_rewrite).remote(str(out), index, table_ref, job.scorer_infos)
+        return ray.remote(num_cpus=0.25)(_write).remote(str(out), index, table_ref, job.scorer_infos, job.tokenizer_fp,
+                                                      plan_keys[index], rejects_ref)
+
+    write_timer = timers.setdefault("write", steps.StageTimer("write"))
+
+    def shard_done(index: int, result: dict) -> None:
+        write_timer.add(result["rows"], 0, result["seconds"])
+        for name, ref in stat_refs.pop(index):
+            s = ray.get(ref)
+            timers.setdefault(name, steps.StageTimer(name)).add(s["rows"], s["tokens"], s["seconds"])
+
+    max_in_flight = 2 * max(len(p) for p in pools.values()) + 1 if pools else 4
+    _run_bounded(pending, submit_shard, max_in_flight, "score+write", shard_done)
+    for actors in pools.values():
+        for actor in actors:
+            ray.kill(actor)
+
+    # -- finalize ---------------------------------------------------------------------------------
+    config = cfg.to_dict()
+    if adding and job.existing is not None and job.existing.config:
+        config = {**job.existing.config, "scorers": [s.name for s in job.scorer_infos], "scorer_options": {
+            **job.existing.config.get("scorer_options", {}), **cfg.scorer_options}}
+    manifest = steps.finalize(out, config, job.tokenizer_fp if not adding else job.existing.tokenizer, job.scorer_infos,
+                              expected_shards=indices)
+    seconds = time.perf_counter() - wall
+    summary = {
+        "output": str(out), "shards": len(manifest.shards), "totals": manifest.totals, "rejected": manifest.rejected,
+        "stages": {k: t.to_dict() for k, t in timers.items()}, "wall_seconds": seconds,
+        "tokens_per_s": manifest.totals.get("tokens", 0) / seconds if seconds > 0 else None,
+    }
+    return summary
+
+
+def _finished_shards(out: Path, plan_keys: dict[int, dict], infos: list[ScorerInfo]) -> set[int]:
+    """Shards already on disk for exactly this plan and these scorers; a foreign shard is an error."""
+    done = set()
+    for index, key in plan_keys.items():
+        path = out / steps.shard_name(index)
+        if not path.exists():
+            continue
+        meta = steps.read_shard_metadata(path)
+        same_plan = meta is not None and all(meta.plan.get(k) == v for k, v in key.items())
+        if not same_plan or [vars(s) for s in meta.scorers] != [vars(s) for s in infos]:
+            raise ValueError(
+                f"{path} was written by a different job (other input, model, max_length or scorers); "
+                f"use a new --output, or --add-scorers to add score columns"
+            )
+        done.add(index)
+    return done
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    if summary.get("already_complete"):
+        return
+    totals = summary["totals"]
+    print("\n== annotate summary ==")
+    print(f"output      {summary['output']}  ({summary['shards']} shards)")
+    print(f"rows        {totals.get('rows', 0):,}   tokens {totals.get('tokens', 0):,}   trainable {totals.get('trainable_tokens', 0):,}   truncated {totals.get('truncated', 0):,}")
+    rejected = summary["rejected"]
+    print(f"rejected    {sum(rejected.values()):,}" + (f"  ({', '.join(f'{k}: {v}' for k, v in rejected.items())}; see rejects.jsonl)" if rejected else ""))
+    for stage in summary["stages"].values():
+        rate = f"{stage['tokens_per_s']:,.0f} tokens/s" if stage.get("tokens_per_s") else ""
+        print(f"  {stage['name']:<16} {stage['rows']:>8,} rows {stage['tokens']:>11,} tokens {stage['seconds']:>8.1f} s (actor time)  {rate}")
+    print(f"wall        {summary['wall_seconds']:.1f} s   {summary['tokens_per_s'] or 0:,.0f} tokens/s overall")

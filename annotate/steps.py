@@ -1,0 +1,383 @@
+"""The annotate job's steps as plain functions (no Ray): plan -> tokenize -> dedupe -> write -> finalize.
+
+A shard is the unit of work, of resume and of output: shard i covers a fixed range of input records
+(``shard_size`` records of one file), so a rerun plans the same shards and skips those already on disk.
+Everything a shard holds is derived from its records alone (dedupe aside, which is global and
+deterministic: the first occurrence in shard order wins), so a killed job rerun gives the same bytes.
+
+Layout of an output directory while running and when done::
+
+    _work/tokens-00003.parquet     tokenized, not yet scored (deleted once the shard is written)
+    _work/rejects-00003.jsonl      rejected records of shard 3 (file, line, reason)
+    shard-00003.parquet            the finished shard (schemas v1), written atomically
+    rejects.jsonl, manifest.json   written last, by finalize (manifest last of all)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from data.formats import RecordError, Rejected, detect_format, is_json_array, iter_raw_records, parse_record, source_name
+from data.render import render
+from schemas.shard import (
+    EXCESS_LOSS,
+    EXCESS_LOSS_PARTS,
+    ID,
+    INPUT_IDS,
+    LOSS_MASK,
+    MANIFEST_NAME,
+    REJECTS_NAME,
+    SCHEMA_VERSION,
+    SHARD_GLOB,
+    SOURCE,
+    Manifest,
+    ScorerInfo,
+    ShardEntry,
+    ShardMetadata,
+    arrow_schema,
+    atomic_write_text,
+    example_id,
+    file_sha256,
+    merge_summaries,
+    score_column,
+    shard_name,
+    summarize_scores,
+)
+
+WORK_DIR = "_work"
+LINE = "_line"  # staging-only column: the record's line (or array position) in its input file
+FILE = "_file"  # staging-only column: the input file
+
+
+class StrictModeError(ValueError):
+    """--strict and a bad record: names the file, line and reason."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardPlan:
+    index: int
+    file: str
+    format: str
+    first_line: int
+    last_line: int
+    sha256: str  # hash of the records' raw bytes: a changed input file invalidates a finished shard
+    byte_range: tuple[int, int] | None = None  # JSONL: where the records lie in the file
+    items: list[tuple[int, Any]] | None = None  # JSON array: the records themselves
+    records: int = 0
+
+    def key(self, job: dict[str, Any]) -> dict[str, Any]:
+        """What a finished shard on disk must match to count as this shard (stored in its metadata)."""
+        return {"file": os.path.basename(self.file), "format": self.format, "lines": [self.first_line, self.last_line],
+                "records": self.records, "sha256": self.sha256, **job}
+
+
+def _detect_file_format(path: str, requested: str) -> str:
+    if requested != "auto":
+        return requested
+    for _, raw in iter_raw_records(path):
+        try:
+            record = json.loads(raw) if isinstance(raw, bytes) else raw
+            return detect_format(record)
+        except (ValueError, UnicodeDecodeError):
+            continue
+    raise ValueError(f"{path}: cannot detect the corpus format (no readable record); pass --format")
+
+
+def plan_shards(inputs: list[str], fmt: str, shard_size: int, limit: int = 0) -> list[ShardPlan]:
+    """Split every input file into shards of ``shard_size`` records, numbered across files."""
+    plans: list[ShardPlan] = []
+    for path in inputs:
+        file_format = _detect_file_format(path, fmt)
+        if is_json_array(path):
+            items = list(iter_raw_records(path))
+            if limit:
+                items = items[:limit]
+            for start in range(0, len(items), shard_size):
+                chunk = items[start:start + shard_size]
+                digest = hashlib.sha256(json.dumps(chunk, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+                plans.append(ShardPlan(len(plans), path, file_format, chunk[0][0], chunk[-1][0], digest, items=chunk, records=len(chunk)))
+            continue
+        # JSONL: one pass over bytes to find record boundaries; the records are read by the tokenize step.
+        with open(path, "rb") as f:
+            offset, number, count = 0, 0, 0
+            chunk_start, chunk_first, chunk_count, digest = None, 0, 0, hashlib.sha256()
+            for line in f:
+                number += 1
+                line_start, offset = offset, offset + len(line)
+                if not line.strip():
+                    continue
+                if limit and count >= limit:
+                    break
+                count += 1
+                if chunk_start is None:
+                    chunk_start, chunk_first, chunk_count, digest = line_start, number, 0, hashlib.sha256()
+                digest.update(line)
+                chunk_count += 1
+                chunk_last, chunk_end = number, offset
+                if chunk_count == shard_size:
+                    plans.append(ShardPlan(len(plans), path, file_format, chunk_first, chunk_last, digest.hexdigest(),
+                                           byte_range=(chunk_start, chunk_end), records=chunk_count))
+                    chunk_start = None
+            if chunk_start is not None:
+                plans.append(ShardPlan(len(plans), path, file_format, chunk_first, chunk_last, digest.hexdigest(),
+                                       byte_range=(chunk_start, chunk_end), records=chunk_count))
+    return plans
+
+
+def _plan_records(plan: ShardPlan) -> Iterable[tuple[int, Any]]:
+    if plan.items is not None:
+        yield from plan.items
+        return
+    assert plan.byte_range is not None
+    start, end = plan.byte_range
+    with open(plan.file, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    number = plan.first_line
+    for line in data.splitlines(keepends=True):
+        if line.strip():
+            yield number, line
+        number += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenize
+# ---------------------------------------------------------------------------------------------
+
+
+def tokenize_shard(plan: ShardPlan, tokenizer: Any, max_length: int, overlength: str, strict: bool) -> tuple[pa.Table, list[Rejected], int]:
+    """Read, render and tokenize one shard's records. Returns (staging table, rejects, truncated count)."""
+    ids, sources, input_ids, loss_masks, lines = [], [], [], [], []
+    rejects: list[Rejected] = []
+    truncated = 0
+    default_source = source_name(plan.file)
+    for line, raw in _plan_records(plan):
+        try:
+            messages, record = parse_record(raw, plan.format)
+            rendered = render(tokenizer, messages, max_length=max_length, overlength=overlength)
+        except RecordError as exc:
+            reject = Rejected(plan.file, line, exc.reason, exc.detail)
+            if strict:
+                raise StrictModeError(f"{plan.file}:{line}: {exc.reason}: {exc.detail} (--strict)") from None
+            rejects.append(reject)
+            continue
+        truncated += rendered.truncated
+        source = record.get("source")
+        ids.append(example_id(messages))
+        sources.append(source if isinstance(source, str) and source else default_source)
+        input_ids.append(rendered.input_ids)
+        loss_masks.append(rendered.loss_mask)
+        lines.append(line)
+    table = pa.table({
+        ID: pa.array(ids, pa.string()),
+        SOURCE: pa.array(sources, pa.string()),
+        INPUT_IDS: pa.array(input_ids, pa.list_(pa.int32())),
+        LOSS_MASK: pa.array(loss_masks, pa.list_(pa.bool_())),
+        LINE: pa.array(lines, pa.int64()),
+        FILE: pa.array([plan.file] * len(ids), pa.string()),
+    })
+    return table, rejects, truncated
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+
+def write_table_atomic(table: pa.Table, path: Path) -> None:
+    """Parquet write to a temporary name, then rename: a killed job never leaves a partial shard."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        pq.write_table(table, tmp, compression="zstd", row_group_size=256)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_rejects(rejects: list[Rejected], path: Path) -> None:
+    atomic_write_text(path, "".join(json.dumps(r.to_dict(), ensure_ascii=False) + "\n" for r in rejects))
+
+
+def read_rejects(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def staging_path(out: Path, index: int) -> Path:
+    return out / WORK_DIR / f"tokens-{index:05d}.parquet"
+
+
+def staging_rejects_path(out: Path, index: int) -> Path:
+    return out / WORK_DIR / f"tokenize-rejects-{index:05d}.jsonl"
+
+
+def shard_rejects_path(out: Path, index: int) -> Path:
+    return out / WORK_DIR / f"rejects-{index:05d}.jsonl"
+
+
+def read_shard_metadata(path: Path) -> ShardMetadata | None:
+    try:
+        return ShardMetadata.from_schema(pq.read_schema(path))
+    except (KeyError, OSError, pa.ArrowInvalid, json.JSONDecodeError, TypeError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Dedupe (global, deterministic: first occurrence in shard order, then row order)
+# ---------------------------------------------------------------------------------------------
+
+
+def find_duplicates(ids_by_shard: dict[int, list[str]]) -> dict[int, list[int]]:
+    """Row indices, per shard, whose id already appeared in an earlier shard or earlier row."""
+    seen: set[str] = set()
+    duplicates: dict[int, list[int]] = {}
+    for index in sorted(ids_by_shard):
+        for row, example in enumerate(ids_by_shard[index]):
+            if example in seen:
+                duplicates.setdefault(index, []).append(row)
+            else:
+                seen.add(example)
+    return duplicates
+
+
+def drop_duplicates(table: pa.Table, rows: list[int]) -> tuple[pa.Table, list[Rejected]]:
+    if not rows:
+        return table, []
+    keep = np.ones(table.num_rows, dtype=bool)
+    keep[rows] = False
+    dropped = table.filter(pa.array(~keep))
+    rejects = [Rejected(f, int(line), "duplicate", f"same content as an earlier example (id {i})")
+               for f, line, i in zip(dropped[FILE].to_pylist(), dropped[LINE].to_pylist(), dropped[ID].to_pylist())]
+    return table.filter(pa.array(keep)), rejects
+
+
+# ---------------------------------------------------------------------------------------------
+# Write a finished shard
+# ---------------------------------------------------------------------------------------------
+
+
+def trainable_scores(table: pa.Table, column: str) -> np.ndarray:
+    """All trainable-token values of a list column, flattened."""
+    values = pc.list_flatten(table[column]).to_numpy(zero_copy_only=False)
+    mask = pc.list_flatten(table[LOSS_MASK]).to_numpy(zero_copy_only=False).astype(bool)
+    return values[mask]
+
+
+def shard_score_stats(table: pa.Table, scorers: list[str]) -> dict[str, dict[str, Any]]:
+    """Per-scorer quantile summaries of trainable-token scores (plus excess_loss when derivable)."""
+    stats = {name: summarize_scores(trainable_scores(table, score_column(name))) for name in scorers}
+    if all(part in scorers for part in EXCESS_LOSS_PARTS):
+        base, ref = (trainable_scores(table, score_column(p)) for p in EXCESS_LOSS_PARTS)
+        stats[EXCESS_LOSS] = summarize_scores(base.astype(np.float64) - ref.astype(np.float64))
+    return stats
+
+
+def write_shard(out: Path, index: int, table: pa.Table, scorers: list[ScorerInfo], tokenizer_fp: dict[str, str],
+                plan_key: dict[str, Any], reject_counts: dict[str, int]) -> Path:
+    """Write shard ``index`` (schemas v1 columns in order, metadata with plan and score stats)."""
+    names = [s.name for s in scorers]
+    for name in names:
+        values = pc.list_flatten(table[score_column(name)]).to_numpy(zero_copy_only=False)
+        if not np.isfinite(values).all():
+            raise ValueError(f"scorer {name!r} produced NaN or infinite scores in shard {index}")
+    metadata = ShardMetadata(
+        schema_version=SCHEMA_VERSION, tokenizer=tokenizer_fp, scorers=scorers, shard_index=index,
+        plan={**plan_key, "rejected": reject_counts}, score_stats=shard_score_stats(table, names),
+    )
+    schema = arrow_schema(names, metadata)
+    final = pa.Table.from_arrays([table[c].cast(schema.field(c).type) for c in schema.names], schema=schema)
+    path = out / shard_name(index)
+    write_table_atomic(final, path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Finalize
+# ---------------------------------------------------------------------------------------------
+
+
+def finalize(out: Path, config: dict[str, Any], tokenizer_fp: dict[str, str], scorers: list[ScorerInfo],
+             expected_shards: list[int] | None = None) -> Manifest:
+    """Write rejects.jsonl and then manifest.json (last) from the finished shards' footers."""
+    shard_paths = sorted(out.glob(SHARD_GLOB))
+    if expected_shards is not None:
+        have = {int(p.stem.split("-")[1]) for p in shard_paths}
+        missing = sorted(set(expected_shards) - have)
+        if missing:
+            raise RuntimeError(f"{out}: shards {missing[:10]} are missing; rerun the job to finish them")
+    entries, stats_parts = [], {}
+    rejected: Counter[str] = Counter()
+    totals = Counter()
+    all_rejects: list[dict[str, Any]] = []
+    for path in shard_paths:
+        meta = read_shard_metadata(path)
+        if meta is None:
+            raise RuntimeError(f"{path}: not an sftgo shard (no metadata)")
+        table = pq.read_table(path, columns=[INPUT_IDS, LOSS_MASK])
+        tokens = int(pc.sum(pc.list_value_length(table[INPUT_IDS])).as_py() or 0)
+        trainable = int(pc.sum(pc.list_flatten(table[LOSS_MASK]).cast(pa.int64())).as_py() or 0)
+        entries.append(ShardEntry(path.name, table.num_rows, tokens, trainable, file_sha256(path)))
+        totals.update({"rows": table.num_rows, "tokens": tokens, "trainable_tokens": trainable})
+        totals["truncated"] += int(meta.plan.get("truncated", 0))
+        rejected.update(meta.plan.get("rejected", {}))
+        for name, summary in meta.score_stats.items():
+            stats_parts.setdefault(name, []).append(summary)
+        all_rejects.extend(read_rejects(shard_rejects_path(out, meta.shard_index)))
+    totals["shards"] = len(entries)
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION, tokenizer=tokenizer_fp, scorers=scorers, shards=entries,
+        totals=dict(totals), rejected=dict(sorted(rejected.items())),
+        score_stats={name: merge_summaries(parts) for name, parts in stats_parts.items()}, config=config,
+    )
+    if (out / WORK_DIR).exists() or not (out / REJECTS_NAME).exists():
+        atomic_write_text(out / REJECTS_NAME, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in all_rejects))
+    manifest.save(out)
+    shutil.rmtree(out / WORK_DIR, ignore_errors=True)
+    return manifest
+
+
+@dataclass
+class StageTimer:
+    """Rows, tokens and seconds of one stage, for the end-of-job summary."""
+
+    name: str
+    rows: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, rows: int, tokens: int, seconds: float) -> None:
+        self.rows += rows
+        self.tokens += tokens
+        self.seconds += seconds
+
+    def line(self) -> str:
+        rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
+        return f"{self.name:<12} {self.rows:>9,} rows {self.tokens:>12,} tokens {self.seconds:>9.1f} s  {rate:>12,.0f} tokens/s"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("started")
+        out["tokens_per_s"] = self.tokens / self.seconds if self.seconds > 0 else None
+        return out

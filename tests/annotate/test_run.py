@@ -1,0 +1,157 @@
+"""End-to-end: annotate/run.py through a real local Ray on a LIMA slice."""
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from annotate.run import main
+from schemas.shard import INPUT_IDS, LOSS_MASK, Manifest, score_column
+from schemas.validate import validate_directory
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _ray_session():
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _rows(directory):
+    tables = [pq.read_table(p) for p in sorted(Path(directory).glob("shard-*.parquet"))]
+    out = []
+    for t in tables:
+        out.extend(t.to_pylist())
+    return out
+
+
+def test_lima_slice_end_to_end(tmp_path, lima_slice, tiny_llama_dir, tiny_llama_ref_dir):
+    out = tmp_path / "lima"
+    rc = main(["--input", str(lima_slice), "--format", "lima", "--model", str(tiny_llama_dir),
+               "--scorers", "tfidf,ref_loss,base_loss", "--scorer-option", f"ref_loss.model={tiny_llama_ref_dir}",
+               "--output", str(out), "--shard-size", "10"])
+    assert rc == 0
+    report = validate_directory(out)
+    assert report.ok, report.problems
+    manifest = Manifest.load(out)
+    lines = [l for l in lima_slice.read_text().splitlines() if l.strip()]
+    assert manifest.totals["rows"] == len(lines) and manifest.rejected == {}
+    assert [s.path for s in manifest.shards] == ["shard-00000.parquet", "shard-00001.parquet", "shard-00002.parquet"]
+    assert manifest.scorer_names == ["tfidf", "ref_loss", "base_loss"]
+    assert set(manifest.score_stats) == {"tfidf", "ref_loss", "base_loss", "excess_loss"}
+    assert manifest.score_stats["tfidf"]["count"] == manifest.totals["trainable_tokens"]
+    rows = _rows(out)
+    multi = [r for r in rows if sum(1 for a, b in zip(r[LOSS_MASK], r[LOSS_MASK][1:]) if b and not a) >= 2]
+    assert multi, "the slice holds multi-turn examples: several trainable runs"
+    for r in rows:
+        n = len(r[INPUT_IDS])
+        assert all(len(r[score_column(s)]) == n for s in manifest.scorer_names)
+        assert r[score_column("ref_loss")][0] == 0.0
+    assert not np.allclose(rows[0][score_column("ref_loss")], rows[0][score_column("base_loss")])
+    assert not (out / "_work").exists()
+    assert json.loads((out / "annotate_summary.json").read_text())["totals"]["rows"] == len(lines)
+
+    # --add-scorers: a new column, same tokens, old columns untouched.
+    before = {r["id"]: r for r in rows}
+    rc = main(["--add-scorers", "tfidf_word", "--output", str(out), "--model", str(tiny_llama_dir)]) if False else 0
+    rc = main(["--output", str(out), "--model", str(tiny_llama_dir), "--add-scorers", "base_loss"])
+    assert rc == 2  # base_loss is already there: refused
+
+
+def test_add_scorers_and_tokenizer_mismatch(tmp_path, lima_slice, tiny_llama_dir, smol_tokenizer_dir):
+    out = tmp_path / "add"
+    assert main(["--input", str(lima_slice), "--model", str(tiny_llama_dir), "--scorers", "tfidf",
+                 "--output", str(out), "--shard-size", "12"]) == 0
+    before = {r["id"]: r for r in _rows(out)}
+    assert main(["--output", str(out), "--model", str(tiny_llama_dir), "--add-scorers", "base_loss"]) == 0
+    assert validate_directory(out).ok
+    after = {r["id"]: r for r in _rows(out)}
+    assert before.keys() == after.keys()
+    for key, row in after.items():
+        assert row[INPUT_IDS] == before[key][INPUT_IDS] and row[score_column("tfidf")] == before[key][score_column("tfidf")]
+        assert len(row[score_column("base_loss")]) == len(row[INPUT_IDS])
+    assert Manifest.load(out).scorer_names == ["tfidf", "base_loss"]
+
+    other = tmp_path / "other_tokenizer"
+    shutil.copytree(tiny_llama_dir, other)
+    config = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert main(["--output", str(out), "--model", str(other), "--add-scorers", "ref_loss"]) == 2
+
+
+def test_bad_input_is_rejected_and_counted(tmp_path, tiny_llama_dir, capsys):
+    corpus = tmp_path / "bad.jsonl"
+    good = json.dumps({"conversations": ["Hello?", "Hi there."]})
+    corpus.write_bytes("\n".join([
+        good,
+        '{"conversations": ["broken"',
+        json.dumps({"conversation": ["a", "b"]}),
+        json.dumps({"conversations": "a b"}),
+        json.dumps({"conversations": ["Q", "   "]}),
+        json.dumps({"conversations": ["long", "word " * 300]}),
+        good,
+    ]).encode() + b"\n" + b'{"conversations": ["\xff", "x"]}\n' + json.dumps({"conversations": ["Other?", "Yes."]}).encode() + b"\n")
+    out = tmp_path / "out"
+    rc = main(["--input", str(corpus), "--format", "lima", "--model", str(tiny_llama_dir), "--scorers", "tfidf",
+               "--output", str(out), "--max-length", "64", "--overlength", "drop", "--shard-size", "4"])
+    assert rc == 0
+    manifest = Manifest.load(out)
+    assert manifest.totals["rows"] == 2
+    assert manifest.rejected == {"duplicate": 1, "empty_response": 1, "invalid_utf8": 1, "malformed_json": 1,
+                                 "missing_field": 1, "over_length": 1, "wrong_type": 1}
+    rejects = [json.loads(l) for l in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["reason"]) for r in rejects] == [
+        (2, "malformed_json"), (3, "missing_field"), (4, "wrong_type"), (5, "empty_response"), (6, "over_length"),
+        (7, "duplicate"), (8, "invalid_utf8")]
+    assert all(r["file"] == str(corpus) for r in rejects)
+
+    strict_out = tmp_path / "strict"
+    rc = main(["--input", str(corpus), "--format", "lima", "--model", str(tiny_llama_dir), "--scorers", "tfidf",
+               "--output", str(strict_out), "--strict"])
+    assert rc == 1
+    assert f"{corpus}:2: malformed_json" in capsys.readouterr().err
+
+
+def _run_cli(args, env=None):
+    return subprocess.Popen([sys.executable, str(REPO / "annotate" / "run.py"), *args], cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+
+
+def test_kill_and_resume_gives_the_uninterrupted_output(tmp_path, lima_slice, tiny_llama_dir):
+    args = ["--input", str(lima_slice), "--model", str(tiny_llama_dir), "--scorers", "tfidf,base_loss",
+            "--shard-size", "3", "--scorer-option", "base_loss.max_batch_tokens=64"]
+    reference = tmp_path / "reference"
+    assert main([*args, "--output", str(reference)]) == 0
+
+    out = tmp_path / "killed"
+    proc = _run_cli([*args, "--output", str(out)])
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(out.glob("shard-*.parquet"))) < 2:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # kill -9 the job and everything it started
+    proc.wait()
+    finished = len(list(out.glob("shard-*.parquet")))
+    assert 2 <= finished < 8, "the kill must land mid-job"
+    assert not (out / "manifest.json").exists()
+
+    assert main([*args, "--output", str(out)]) == 0
+    assert validate_directory(out).ok
+    ours, theirs = Manifest.load(out), Manifest.load(reference)
+    assert [(s.path, s.rows, s.sha256) for s in ours.shards] == [(s.path, s.rows, s.sha256) for s in theirs.shards]
+    assert ours.totals == theirs.totals
+    assert _rows(out) == _rows(reference)
+    assert main([*args, "--output", str(out)]) == 0  # a finished directory: nothing to do

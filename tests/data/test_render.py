@@ -1,0 +1,62 @@
+"""render(): the loss mask covers exactly the assistant turns plus their end-of-turn token."""
+
+import numpy as np
+import pytest
+
+from data.formats import RecordError
+from data.render import render, token_offsets
+
+
+def _trainable_text(tokenizer, rendered):
+    return tokenizer.decode(rendered.input_ids[rendered.loss_mask].tolist())
+
+
+def test_single_turn_mask(smol_tokenizer):
+    messages = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 4."}]
+    r = render(smol_tokenizer, messages)
+    assert _trainable_text(smol_tokenizer, r) == "It is 4.<|im_end|>"
+    # Trainable tokens are one contiguous run ending with the end-of-turn token.
+    idx = np.flatnonzero(r.loss_mask)
+    assert (np.diff(idx) == 1).all()
+    assert smol_tokenizer.convert_ids_to_tokens(int(r.input_ids[idx[-1]])) == "<|im_end|>"
+    assert r.input_ids.dtype == np.int32 and len(r.input_ids) == len(r.loss_mask)
+
+
+def test_multi_turn_marks_every_assistant_turn(smol_tokenizer):
+    messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "first answer"},
+                {"role": "user", "content": "b"}, {"role": "assistant", "content": "second answer"}]
+    r = render(smol_tokenizer, messages)
+    assert _trainable_text(smol_tokenizer, r) == "first answer<|im_end|>second answer<|im_end|>"
+    assert r.text == smol_tokenizer.apply_chat_template(messages, tokenize=False)
+    # Same ids as the tokenizer's own chat-template tokenization.
+    ids = smol_tokenizer.apply_chat_template(messages, tokenize=True)
+    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+    assert r.input_ids.tolist() == list(ids)
+
+
+def test_truncate_and_drop(smol_tokenizer):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "word " * 200}]
+    full = render(smol_tokenizer, messages)
+    cut = render(smol_tokenizer, messages, max_length=60, overlength="truncate")
+    assert cut.truncated and len(cut.input_ids) == 60
+    assert (cut.input_ids == full.input_ids[:60]).all() and (cut.loss_mask == full.loss_mask[:60]).all()
+    with pytest.raises(RecordError) as info:
+        render(smol_tokenizer, messages, max_length=60, overlength="drop")
+    assert info.value.reason == "over_length"
+    with pytest.raises(RecordError) as info:
+        render(smol_tokenizer, messages, max_length=10, overlength="truncate")
+    assert info.value.reason == "no_trainable_tokens_after_truncation"
+
+
+def test_plain_text_is_all_trainable_with_eos(smol_tokenizer):
+    r = render(smol_tokenizer, [{"role": "text", "content": "Plain text here."}])
+    assert r.loss_mask.all()
+    assert smol_tokenizer.decode(r.input_ids.tolist()) == "Plain text here." + smol_tokenizer.eos_token
+
+
+def test_token_offsets_round_trip(smol_tokenizer):
+    messages = [{"role": "user", "content": "Café — naïve?"}, {"role": "assistant", "content": "Ünïcödé 🙂 ok."}]
+    r = render(smol_tokenizer, messages)
+    text, offsets = token_offsets(smol_tokenizer, r.input_ids)
+    assert text == r.text
+    assert (offsets == r.offsets).all()

@@ -1,0 +1,232 @@
+"""train.forward: packed per-token losses are isolated per example and chunked CE is exact."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from train.forward import (
+    chunked_token_ce,
+    packed_attention_mask,
+    packed_hidden_states,
+    target_positions,
+    token_losses,
+    token_probs,
+)
+
+SEQ_LENS = [9, 14, 6, 11]  # 40 packed tokens; several examples so leaks have somewhere to come from
+IMPLS = ["sdpa", "eager", "flex_attention"]
+
+
+def _has_cxx_compiler() -> bool:
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+def _skip_if_unavailable(impl: str) -> None:
+    # flex_attention runs through torch.compile (transformers' compile_friendly_flex_attention); on CPU
+    # inductor generates C++ and needs a compiler. With one (this machine: gcc) it works on CPU.
+    if impl == "flex_attention" and not _has_cxx_compiler():
+        pytest.skip("flex_attention on CPU is compiled by inductor, which needs a C++ compiler; none found")
+
+
+def _load(model_dir, impl: str):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation=impl, dtype=torch.float32)
+    assert model.config._attn_implementation == impl
+    return model.eval()
+
+
+def _packed_batch(seed: int = 0, seq_lens: list[int] = SEQ_LENS, vocab: int = 49152):
+    """Random packed row: ids, restarting position ids, and a loss mask that never marks an example start."""
+    g = torch.Generator().manual_seed(seed)
+    total = sum(seq_lens)
+    input_ids = torch.randint(0, vocab, (total,), generator=g)
+    position_ids = torch.cat([torch.arange(n) for n in seq_lens])
+    loss_mask = torch.rand(total, generator=g) < 0.6
+    loss_mask[position_ids == 0] = False
+    return input_ids, position_ids, loss_mask
+
+
+def _unpacked_reference(model, input_ids, seq_lens, loss_mask) -> torch.Tensor:
+    """Each example alone through the plain HF model, standard shift (logits[t-1] scores token t)."""
+    out, start = [], 0
+    for n in seq_lens:
+        ids = input_ids[start : start + n]
+        logits = model(input_ids=ids[None], use_cache=False).logits[0].float()
+        losses = F.cross_entropy(logits[:-1], ids[1:], reduction="none")
+        out.append(losses[loss_mask[start + 1 : start + n]])
+        start += n
+    return torch.cat(out)
+
+
+def _naive_token_losses(model, input_ids, position_ids, seq_lens, loss_mask) -> torch.Tensor:
+    """Full-vocabulary fp32 logits for the whole row, then CE: the memory-hungry reference."""
+    impl = model.config._attn_implementation
+    mask = packed_attention_mask(seq_lens, impl, device=input_ids.device, dtype=model.dtype)
+    logits = model(input_ids=input_ids[None], position_ids=position_ids[None], attention_mask=mask, use_cache=False).logits[0].float()
+    targets = target_positions(seq_lens, loss_mask)
+    return F.cross_entropy(logits[targets - 1], input_ids[targets], reduction="none")
+
+
+# (1) packed == unpacked ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_packed_losses_equal_unpacked(tiny_llama_dir, impl):
+    _skip_if_unavailable(impl)
+    model = _load(tiny_llama_dir, impl)
+    input_ids, position_ids, loss_mask = _packed_batch()
+    with torch.no_grad():
+        packed = token_losses(model, input_ids, position_ids, SEQ_LENS, loss_mask, chunk_size=7)
+        reference = _unpacked_reference(model, input_ids, SEQ_LENS, loss_mask)
+    assert packed.dtype == torch.float32
+    assert packed.shape == (int(loss_mask.sum()),)
+    torch.testing.assert_close(packed, reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_packed_gradient_equals_sum_of_unpacked_gradients(tiny_llama_dir, impl):
+    """Training on a packed row is training on its examples: same loss sum, same parameter gradients."""
+    _skip_if_unavailable(impl)
+    model = _load(tiny_llama_dir, impl)
+    input_ids, position_ids, loss_mask = _packed_batch(seed=1)
+    token_losses(model, input_ids, position_ids, SEQ_LENS, loss_mask, chunk_size=5).sum().backward()
+    packed_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    _unpacked_reference(model, input_ids, SEQ_LENS, loss_mask).sum().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(packed_grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+# (2) negative controls: the comparison above can fail -------------------------------------------------
+
+
+def _leaky_losses(model, input_ids, position_ids, loss_mask, mask) -> torch.Tensor:
+    hidden = model.model(
+        input_ids=input_ids[None], position_ids=position_ids[None], attention_mask=mask, use_cache=False
+    ).last_hidden_state[0]
+    return chunked_token_ce(model, hidden, input_ids, SEQ_LENS, loss_mask)
+
+
+@pytest.mark.parametrize("impl,case", [("sdpa", "causal_only"), ("eager", "causal_only"), ("eager", "bool_mask")])
+def test_negative_control_without_isolation_losses_differ(tiny_llama_dir, impl, case):
+    """A plain causal mask (restarting position ids, no block diagonal) leaks across examples; so does a
+    boolean block-diagonal mask under eager attention, which *adds* the mask to the scores (why eager
+    gets an additive float mask). The first example has nothing before it, so it still matches."""
+    model = _load(tiny_llama_dir, impl)
+    input_ids, position_ids, loss_mask = _packed_batch()
+    total = input_ids.numel()
+    if case == "causal_only":
+        mask = packed_attention_mask([total], impl, device="cpu", dtype=torch.float32)
+    else:
+        mask = packed_attention_mask(SEQ_LENS, "sdpa", device="cpu")  # bool, the sdpa format
+    with torch.no_grad():
+        leaky = _leaky_losses(model, input_ids, position_ids, loss_mask, mask)
+        reference = _unpacked_reference(model, input_ids, SEQ_LENS, loss_mask)
+    n_first = int(loss_mask[: SEQ_LENS[0]].sum())
+    if case == "causal_only":
+        torch.testing.assert_close(leaky[:n_first], reference[:n_first], atol=1e-5, rtol=0)
+    assert (leaky[n_first:] - reference[n_first:]).abs().max() > 1e-3
+
+
+# (3) chunked CE == naive CE, values and gradients ------------------------------------------------------
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_chunked_ce_gradients_equal_naive(tmp_path, smol_tokenizer_dir, tiny_llama_dir, tie):
+    from tests.conftest import make_tiny_llama
+
+    model_dir = tiny_llama_dir if tie else make_tiny_llama(tmp_path / "untied", smol_tokenizer_dir, seed=3, tie=False)
+    model = _load(model_dir, "sdpa")
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tie
+    input_ids, position_ids, loss_mask = _packed_batch(seed=2)
+    n = int(loss_mask.sum())
+    chunk_size = 4
+    assert chunk_size < n and n % chunk_size != 0  # several chunks, the last one partial
+    weights = torch.rand(n, generator=torch.Generator().manual_seed(5))  # non-uniform, like group losses
+
+    naive = _naive_token_losses(model, input_ids, position_ids, SEQ_LENS, loss_mask)
+    (naive * weights).sum().backward()
+    naive_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+
+    chunked = token_losses(model, input_ids, position_ids, SEQ_LENS, loss_mask, chunk_size=chunk_size)
+    (chunked * weights).sum().backward()
+
+    torch.testing.assert_close(chunked, naive, atol=1e-5, rtol=0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, naive_grads[name], atol=1e-5, rtol=0, msg=name)
+
+
+def test_chunks_do_not_keep_full_logits(tiny_llama_dir):
+    """Autograd saves no vocabulary-sized activation outside the checkpointed chunks."""
+    model = _load(tiny_llama_dir, "sdpa")
+    vocab = model.config.vocab_size
+    input_ids, position_ids, loss_mask = _packed_batch(seed=4)
+    saved_shapes: list[torch.Size] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved_shapes.append(t.shape)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        losses = token_losses(model, input_ids, position_ids, SEQ_LENS, loss_mask, chunk_size=4)
+    assert saved_shapes  # the backbone's activations are seen, so the hook works
+    assert not [s for s in saved_shapes if len(s) and s[-1] == vocab and s.numel() > vocab]
+    losses.sum().backward()  # and the recomputation in backward still works
+
+    saved_shapes.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _naive_token_losses(model, input_ids, position_ids, SEQ_LENS, loss_mask)
+    assert [s for s in saved_shapes if s[-1:] == (vocab,) and s.numel() >= input_ids.numel() * vocab]
+
+
+# (4) loss_mask selects exactly the trainable targets ---------------------------------------------------
+
+
+def test_target_positions_small_example():
+    # Two examples [a b c | d e]: positions 0 and 3 are starts and can never be targets.
+    mask = torch.tensor([False, True, True, False, True])
+    assert target_positions([3, 2], mask).tolist() == [1, 2, 4]
+    with pytest.raises(ValueError, match="first token"):
+        target_positions([3, 2], torch.tensor([False, True, True, True, True]))
+    with pytest.raises(ValueError, match="does not match"):
+        target_positions([3, 3], mask)
+
+
+def test_loss_mask_selects_exact_targets(tiny_llama_dir):
+    model = _load(tiny_llama_dir, "sdpa")
+    input_ids, position_ids, _ = _packed_batch(seed=6)
+    all_targets = position_ids != 0
+    sub_mask = all_targets & (torch.rand(all_targets.shape, generator=torch.Generator().manual_seed(7)) < 0.5)
+    with torch.no_grad():
+        full = token_losses(model, input_ids, position_ids, SEQ_LENS, all_targets)
+        sub = token_losses(model, input_ids, position_ids, SEQ_LENS, sub_mask, chunk_size=3)
+        # Direct reference: -log softmax(logits[t-1])[y_t] of the unpacked model for every non-start t.
+        reference = _unpacked_reference(model, input_ids, SEQ_LENS, all_targets)
+    loss_at = dict(zip(all_targets.nonzero().reshape(-1).tolist(), full.tolist()))
+    assert sub.shape == (int(sub_mask.sum()),)
+    assert sub.tolist() == pytest.approx([loss_at[t] for t in sub_mask.nonzero().reshape(-1).tolist()], abs=1e-6)
+    torch.testing.assert_close(full, reference, atol=1e-5, rtol=0)
+    torch.testing.assert_close(token_probs(sub), torch.exp(-sub))
+
+
+def test_empty_loss_mask_is_differentiable(tiny_llama_dir):
+    model = _load(tiny_llama_dir, "sdpa")
+    input_ids, position_ids, _ = _packed_batch(seed=8)
+    losses = token_losses(model, input_ids, position_ids, SEQ_LENS, torch.zeros_like(input_ids, dtype=torch.bool))
+    assert losses.shape == (0,) and losses.dtype == torch.float32
+    losses.sum().backward()  # a rank whose micro-batch has no targets can still join the backward
+
+
+def test_attn_implementation_must_match_model(tiny_llama_dir):
+    model = _load(tiny_llama_dir, "sdpa")
+    input_ids, position_ids, loss_mask = _packed_batch()
+    with pytest.raises(ValueError, match="model runs 'sdpa'"):
+        packed_hidden_states(model, input_ids, position_ids, SEQ_LENS, attn_implementation="eager")
+    with pytest.raises(NotImplementedError):
+        packed_attention_mask(SEQ_LENS, "flash_attention_2", device="cpu")

@@ -1,0 +1,285 @@
+"""Every loss against hand-computed values and gradients (single process: local sums are global)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from train.losses import LOSSES, DftLoss, InfoSftLoss, Rho1Loss, SftGoLoss, SftLoss, build_loss
+
+T, F = True, False
+
+
+def leaf(*values: float) -> torch.Tensor:
+    """Per-token losses as a leaf, so d(contribution)/d(l_t) is its .grad."""
+    return torch.tensor(values, dtype=torch.float32, requires_grad=True)
+
+
+def mask(*values: bool) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.bool)
+
+
+def run(loss_fn, token_loss, important, ref_loss=None, step_tokens=None, progress=0.0):
+    """Contribution value, gradient w.r.t. token_loss, metrics."""
+    step_tokens = token_loss.numel() if step_tokens is None else step_tokens
+    contribution, metrics = loss_fn(token_loss, important, ref_loss, step_tokens, progress)
+    (grad,) = torch.autograd.grad(contribution, token_loss)
+    return contribution.item(), grad.tolist(), metrics
+
+
+def approx(values, abs=1e-6):
+    return pytest.approx(values, abs=abs)
+
+
+# ---------------------------------------------------------------------------------------------
+# sft
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sft_mean_over_step_tokens():
+    l = leaf(1.0, 2.0, 3.0, 4.0)
+    value, grad, metrics = run(SftLoss(), l, mask(T, F, T, F))
+    assert value == approx(10 / 4)
+    assert grad == approx([0.25] * 4)
+    assert metrics["loss"] == approx(2.5)
+    assert metrics["ce"] == approx(2.5)
+    assert metrics["important_loss"] == approx(2.0)  # (1 + 3) / 2
+    assert metrics["unimportant_loss"] == approx(3.0)  # (2 + 4) / 2
+    assert metrics["worse_group"] == 0.0
+    assert metrics["important_fraction"] == approx(0.5)
+    assert metrics["lambda"] == 0.0
+    assert metrics["tokens"] == 4.0
+
+
+def test_sft_under_accumulation_divides_by_the_step_tokens():
+    # This micro-batch holds 4 of the step's 8 tokens: 10 / 8, gradient 1 / 8 per token.
+    value, grad, _ = run(SftLoss(), leaf(1.0, 2.0, 3.0, 4.0), mask(T, F, T, F), step_tokens=8)
+    assert value == approx(1.25)
+    assert grad == approx([0.125] * 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# sftgo
+# ---------------------------------------------------------------------------------------------
+
+
+def test_sftgo_trains_the_unimportant_group_when_it_is_worse():
+    # L_CE = 10 / 4 = 2.5, L_1 = (1 + 3) / 2 = 2, L_0 = (2 + 4) / 2 = 3 -> max is L_0.
+    # L = 0.1 * 2.5 + 0.9 * 3 = 2.95; dL/dl = 0.1 / 4 (+ 0.9 / 2 for group 0) = 0.025 / 0.475.
+    value, grad, metrics = run(SftGoLoss(lambda_=0.9), leaf(1.0, 2.0, 3.0, 4.0), mask(T, F, T, F))
+    assert value == approx(2.95)
+    assert grad == approx([0.025, 0.475, 0.025, 0.475])
+    assert metrics["worse_group"] == 0.0
+    assert metrics["lambda"] == approx(0.9)
+    assert metrics["important_loss"] == approx(2.0)
+    assert metrics["unimportant_loss"] == approx(3.0)
+
+
+def test_sftgo_trains_the_important_group_when_it_is_worse():
+    value, grad, metrics = run(SftGoLoss(lambda_=0.9), leaf(1.0, 2.0, 3.0, 4.0), mask(F, T, F, T))
+    assert value == approx(2.95)
+    assert grad == approx([0.025, 0.475, 0.025, 0.475])
+    assert metrics["worse_group"] == 1.0
+
+
+def test_sftgo_equal_means_go_to_the_important_group():
+    # L_1 = (1 + 3) / 2 = 2 = L_0 = (2 + 2) / 2: the important group is trained.
+    # L = 0.1 * 8 / 4 + 0.9 * 2 = 2.0; grads 0.025 + 0.45 on group 1, 0.025 on group 0.
+    value, grad, metrics = run(SftGoLoss(lambda_=0.9), leaf(1.0, 3.0, 2.0, 2.0), mask(T, T, F, F))
+    assert value == approx(2.0)
+    assert grad == approx([0.475, 0.475, 0.025, 0.025])
+    assert metrics["worse_group"] == 1.0
+
+
+@pytest.mark.parametrize("all_important", [False, True])
+def test_sftgo_empty_group_means_the_other_group(all_important):
+    # One group holds every token: max(L_1, L_0) = L_CE = 2.5, so L = 2.5 and grads 1 / 4.
+    important = mask(*([all_important] * 4))
+    value, grad, metrics = run(SftGoLoss(lambda_=0.9), leaf(1.0, 2.0, 3.0, 4.0), important)
+    assert value == approx(2.5)
+    assert grad == approx([0.25] * 4)
+    assert metrics["worse_group"] == float(all_important)
+    # The empty group's mean is logged as 0.0, never NaN.
+    assert metrics["important_loss" if not all_important else "unimportant_loss"] == 0.0
+    assert metrics["important_fraction"] == float(all_important)
+
+
+def test_sftgo_under_accumulation_weights_the_group_term_by_micro_batch_tokens():
+    # step_tokens = 8, this micro-batch N_m = 4: w_m = 0.5.
+    # L = 0.1 * 10 / 8 + 0.9 * 0.5 * (2 + 4) / 2 = 0.125 + 1.35 = 1.475
+    # grads: 0.1 / 8 = 0.0125 (+ 0.9 * 0.5 / 2 = 0.225 for the worse group 0).
+    value, grad, _ = run(SftGoLoss(lambda_=0.9), leaf(1.0, 2.0, 3.0, 4.0), mask(T, F, T, F), step_tokens=8)
+    assert value == approx(1.475)
+    assert grad == approx([0.0125, 0.2375, 0.0125, 0.2375])
+
+
+def test_sftgo_two_micro_batches_sum_to_token_weighted_group_losses():
+    loss_fn = SftGoLoss(lambda_=0.5)
+    first, _ = loss_fn(leaf(1.0, 3.0), mask(T, F), None, 5, 0.0)  # worse: group 0 (3)
+    second, _ = loss_fn(leaf(4.0, 1.0, 1.0), mask(T, F, F), None, 5, 0.0)  # worse: group 1 (4)
+    # 0.5 * (1 + 3 + 4 + 1 + 1) / 5 + 0.5 * (2 / 5 * 3 + 3 / 5 * 4) = 1.0 + 0.5 * 3.6 = 2.8
+    assert (first + second).item() == approx(2.8)
+
+
+def test_sftgo_lambda_linear_decay_endpoints():
+    loss_fn = SftGoLoss(lambda_schedule="linear", lambda_max=0.9, lambda_min=0.05)
+    assert loss_fn.lambda_at(0.0) == approx(0.9)
+    assert loss_fn.lambda_at(0.5) == approx(0.475)
+    assert loss_fn.lambda_at(1.0) == approx(0.05)
+    l, important = leaf(1.0, 2.0, 3.0, 4.0), mask(T, F, T, F)
+    # progress 0: lambda 0.9 -> 2.95 as above.
+    value, _, metrics = run(loss_fn, l, important, progress=0.0)
+    assert value == approx(2.95) and metrics["lambda"] == approx(0.9)
+    # progress 1: 0.95 * 2.5 + 0.05 * 3 = 2.525; grads 0.95 / 4 (+ 0.05 / 2).
+    value, grad, metrics = run(loss_fn, l, important, progress=1.0)
+    assert value == approx(2.525) and metrics["lambda"] == approx(0.05)
+    assert grad == approx([0.2375, 0.2625, 0.2375, 0.2625])
+    # The static schedule ignores progress.
+    assert SftGoLoss(lambda_=0.9).lambda_at(1.0) == 0.9
+
+
+def test_sftgo_lambda_zero_is_sft_and_one_is_the_worse_group_mean():
+    l, important = leaf(1.0, 2.0, 3.0, 4.0), mask(T, F, T, F)
+    value, grad, _ = run(SftGoLoss(lambda_=0.0), l, important)
+    assert value == approx(2.5) and grad == approx([0.25] * 4)
+    value, grad, _ = run(SftGoLoss(lambda_=1.0), l, important)
+    assert value == approx(3.0) and grad == approx([0.0, 0.5, 0.0, 0.5])
+
+
+def test_sftgo_rejects_bad_options():
+    with pytest.raises(ValueError, match="lambda_schedule"):
+        SftGoLoss(lambda_schedule="cosine")
+    with pytest.raises(ValueError, match="lambda_"):
+        SftGoLoss(lambda_=1.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# rho1
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rho1_trains_the_top_tokens_by_live_excess():
+    l = leaf(1.0, 2.0, 3.0, 4.0, 5.0)
+    ref = torch.tensor([0.5, 0.5, 2.9, 1.0, 5.0])
+    # excess = [0.5, 1.5, 0.1, 3.0, 0.0]; rho 0.5 -> k = ceil(2.5) = 3: positions 3, 1, 0.
+    # L = (1 + 2 + 4) / 3 = 7 / 3; grads 1 / 3 on them, 0 elsewhere.
+    value, grad, metrics = run(Rho1Loss(rho=0.5), l, mask(F, F, F, F, F), ref)
+    assert value == approx(7 / 3)
+    assert grad == approx([1 / 3, 1 / 3, 0.0, 1 / 3, 0.0])
+    assert metrics["important_fraction"] == approx(0.6)
+    assert metrics["important_loss"] == approx(7 / 3)
+    assert metrics["unimportant_loss"] == approx(4.0)  # (3 + 5) / 2
+    assert metrics["ce"] == approx(3.0)
+    assert metrics["lambda"] == 1.0
+
+
+def test_rho1_under_accumulation_and_ties():
+    l = leaf(1.0, 2.0, 3.0, 4.0, 5.0)
+    # Equal excess everywhere (ref = l): the first 3 positions win. w_m = 5 / 10.
+    # L = 0.5 * (1 + 2 + 3) / 3 = 1.0; grads 0.5 / 3.
+    value, grad, _ = run(Rho1Loss(rho=0.5), l, mask(F, F, F, F, F), l.detach().clone(), step_tokens=10)
+    assert value == approx(1.0)
+    assert grad == approx([1 / 6, 1 / 6, 1 / 6, 0.0, 0.0])
+
+
+def test_rho1_rho_zero_is_sft_and_needs_ref_loss():
+    l = leaf(1.0, 2.0, 3.0, 4.0)
+    value, grad, _ = run(Rho1Loss(rho=0.0), l, mask(F, F, F, F), torch.zeros(4))
+    assert value == approx(2.5) and grad == approx([0.25] * 4)
+    with pytest.raises(ValueError, match="ref_loss"):
+        Rho1Loss(rho=0.5)(l, mask(F, F, F, F), None, 4, 0.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# infosft and dft
+# ---------------------------------------------------------------------------------------------
+
+
+def test_infosft_weights_and_gradient():
+    # q = [0.5, 0.2, 0.95, 0.57], logit(0.93) = ln(0.93 / 0.07) = 2.586689.
+    # w(0.5) = 0.5 * (1 - 0) = 0.5
+    # w(0.2) = 0.2 * (1 + ln 4 / 2.586689) = 0.307187
+    # w(0.95) = 0 (q >= P)
+    # w(0.57) = 0.57 * (1 - ln(0.57 / 0.43) / 2.586689) = 0.507892
+    probabilities = [0.5, 0.2, 0.95, 0.57]
+    l = leaf(*[-math.log(q) for q in probabilities])
+    expected_weights = [0.5, 0.3071868, 0.0, 0.5078916]
+    assert InfoSftLoss().weights(l).tolist() == approx(expected_weights)
+    # L = (0.5 * 0.693147 + 0.307187 * 1.609438 + 0 + 0.507892 * 0.562119) / 4 = 0.281617;
+    # the weight is stop-gradient, so dL/dl_t = w_t / 4.
+    value, grad, _ = run(InfoSftLoss(p=0.93), l, mask(F, F, F, F))
+    assert value == approx(0.2816168)
+    assert grad == approx([w / 4 for w in expected_weights])
+
+
+def test_infosft_weight_peaks_near_057_and_stays_finite():
+    q = torch.linspace(0.001, 0.999, 999, dtype=torch.float64)
+    weights = InfoSftLoss().weights(-torch.log(q))
+    assert 0.55 <= q[weights.argmax()].item() <= 0.59
+    # Extreme losses: l = 0 (q = 1) and huge l (q underflows to 0) give finite weights >= 0.
+    extreme = InfoSftLoss().weights(torch.tensor([0.0, 1e-9, 50.0, 800.0, 1e6]))
+    assert torch.isfinite(extreme).all() and (extreme >= 0).all()
+    assert extreme[:2].tolist() == [0.0, 0.0]
+
+
+def test_dft_weights_by_detached_probability():
+    # q = [0.5, 0.25]: L = (0.5 * ln 2 + 0.25 * ln 4) / 2 = 0.346574; dL/dl = q / 2.
+    l = leaf(math.log(2.0), math.log(4.0))
+    value, grad, metrics = run(DftLoss(), l, mask(T, F))
+    assert value == approx(0.3465736)
+    assert grad == approx([0.25, 0.125])
+    assert metrics["ce"] == approx((math.log(2.0) + math.log(4.0)) / 2)
+
+
+def test_weighted_losses_stop_gradient_through_the_weight_at_the_logits():
+    # Through a softmax: d(sg(w) * l)/dlogits = w * (softmax - onehot) when w is stop-gradient.
+    logits = torch.tensor([[1.0, 0.0, -1.0], [0.5, 2.0, 0.0]], requires_grad=True)
+    targets = torch.tensor([0, 2])
+    onehot = torch.nn.functional.one_hot(targets, 3).float()
+    softmax = torch.softmax(logits.detach(), dim=-1)
+    q = softmax[torch.arange(2), targets]
+    for loss_fn, weights in ((DftLoss(), q), (InfoSftLoss(), InfoSftLoss().weights(-torch.log(q)).float())):
+        token_loss = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+        contribution, _ = loss_fn(token_loss, mask(F, F), None, 2, 0.0)
+        (grad,) = torch.autograd.grad(contribution, logits)
+        expected = weights[:, None] * (softmax - onehot) / 2
+        assert torch.allclose(grad, expected, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry and contract
+# ---------------------------------------------------------------------------------------------
+
+
+def test_registry_builds_every_loss_by_name():
+    assert set(LOSSES) == {"sft", "sftgo", "rho1", "infosft", "dft"}
+    assert isinstance(build_loss("sftgo", lambda_=0.5), SftGoLoss)
+    assert isinstance(build_loss("rho1", rho=0.4), Rho1Loss)
+    assert build_loss("rho1", rho=0.4).needs_ref_loss and not build_loss("sft").needs_ref_loss
+    assert build_loss("sftgo").needs_groups and not build_loss("dft").needs_groups
+    with pytest.raises(ValueError, match="unknown loss"):
+        build_loss("dpo")
+    with pytest.raises(TypeError):
+        build_loss("sft", lambda_=0.9)
+
+
+@pytest.mark.parametrize("name,options", [("sft", {}), ("sftgo", {}), ("rho1", {"rho": 0.5}), ("infosft", {}), ("dft", {})])
+def test_empty_micro_batch_contributes_zero_with_a_graph(name, options):
+    token_loss = torch.zeros(0, requires_grad=True)
+    contribution, metrics = build_loss(name, **options)(token_loss, mask(), torch.zeros(0), 4, 0.3)
+    contribution.backward()
+    assert contribution.item() == 0.0
+    assert all(math.isfinite(v) for v in metrics.values())
+    assert metrics["ce"] == 0.0 and metrics["important_fraction"] == 0.0
+
+
+def test_contract_checks():
+    l, important = leaf(1.0, 2.0), mask(T, F)
+    with pytest.raises(ValueError, match="step_tokens"):
+        SftLoss()(l, important, None, 1, 0.0)
+    with pytest.raises(ValueError, match="progress"):
+        SftLoss()(l, important, None, 2, 1.5)
+    with pytest.raises(ValueError, match="bool"):
+        SftLoss()(l, torch.tensor([1, 0]), None, 2, 0.0)

@@ -1,0 +1,292 @@
+"""Packed forward pass with per-token cross-entropy, computed without full-sequence fp32 logits.
+
+One packed row holds several examples back to back. Two things make this module more than
+``model(...).logits``:
+
+1. **Isolation.** Every token attends only to earlier tokens of its *own* example. We never rely on
+   transformers inferring packing from restarting ``position_ids``: that heuristic (transformers 5.23,
+   ``masking_utils.find_packed_sequence_indices``) is silently skipped whenever a KV cache exists, and
+   ``use_cache`` defaults to True, so a plain ``model(input_ids, position_ids=...)`` attends across
+   examples. Instead we build the mask explicitly, in the format the model's attention kernel expects:
+
+   - ``sdpa``: a 4D boolean block-diagonal causal mask ``[1, 1, T, T]`` (True = may attend);
+   - ``eager``: the same mask as an *additive* float mask (0 / dtype min). Llama's eager attention does
+     ``scores + mask``; a boolean mask would be added as 0/1 and isolate nothing (measured);
+   - ``flex_attention``: a ``BlockMask`` from ``torch.nn.attention.flex_attention.create_block_mask``
+     with a document mask, which skips fully masked blocks (the efficient choice for long packs).
+
+   transformers returns any 4D tensor or ``BlockMask`` given as ``attention_mask`` unchanged
+   (``_preprocess_mask_arguments`` early exit), so what we build is exactly what the kernel sees.
+
+2. **Memory.** Full-vocabulary fp32 logits dominate peak memory (T x V x 4 bytes: 805 MB per 4096
+   tokens at V = 49,152, plus as much again for their gradient). We run only the backbone, then apply
+   ``lm_head`` + log-softmax per chunk of *trainable target positions* under
+   ``torch.utils.checkpoint``, so at most one chunk of logits is alive at a time, in the forward and
+   in the backward (which recomputes the chunk's logits).
+
+Semantics (METHOD.md): for a trainable token t, l_t = -log p(y_t | y_<t), i.e. the target token at
+packed position t is scored by the logits at position t - 1 of the same example. The first token of an
+example has no context and is never a target; a ``loss_mask`` that marks one is rejected, so the output
+always has exactly ``loss_mask.sum()`` entries, aligned with the trainable tokens in order.
+
+DeepSpeed ZeRO-3: ``lm_head`` is only ever *called* as a module (never ``.weight``), so ZeRO-3's
+module hooks gather its partitioned weight, also during the checkpoint recomputation in backward.
+The checkpoint is non-reentrant so that a weight used by several chunks (and, with tied embeddings, by
+the embedding too) receives one accumulated gradient in one backward pass, as ZeRO-3's per-parameter
+reduce hooks expect. Tied embeddings need no special handling: ``get_output_embeddings()`` is the
+``lm_head`` module whichever weight it holds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch.nn.attention.flex_attention import BlockMask
+
+__all__ = [
+    "SUPPORTED_ATTN_IMPLEMENTATIONS",
+    "chunked_token_ce",
+    "document_ids",
+    "packed_attention_mask",
+    "packed_hidden_states",
+    "target_positions",
+    "token_losses",
+    "token_probs",
+]
+
+#: Attention implementations for which we know how to build an isolating mask.
+SUPPORTED_ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
+
+
+def _check_seq_lens(seq_lens: Sequence[int], total: int) -> list[int]:
+    """Validate that ``seq_lens`` are positive and tile the packed row of length ``total`` exactly."""
+    lens = [int(n) for n in seq_lens]
+    if not lens or any(n <= 0 for n in lens):
+        raise ValueError(f"seq_lens must be a non-empty list of positive lengths, got {lens}")
+    if sum(lens) != total:
+        raise ValueError(f"sum(seq_lens)={sum(lens)} does not match the packed length {total}")
+    return lens
+
+
+def document_ids(seq_lens: Sequence[int], device: torch.device | str | None = None) -> Tensor:
+    """Example index of each packed position: ``[2, 3] -> [0, 0, 1, 1, 1]`` (LongTensor[T])."""
+    lens = torch.as_tensor(list(seq_lens), dtype=torch.long, device=device)
+    return torch.repeat_interleave(torch.arange(len(lens), device=device), lens)
+
+
+def packed_attention_mask(
+    seq_lens: Sequence[int],
+    attn_implementation: str,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor | BlockMask:
+    """Block-diagonal causal attention mask for one packed row, in the format ``attn_implementation`` expects.
+
+    Args:
+        seq_lens: lengths of the packed examples, in order; they must sum to the row length T.
+        attn_implementation: ``"sdpa"`` (4D bool, True = attend), ``"eager"`` (4D additive float mask of
+            ``dtype``) or ``"flex_attention"`` (a ``BlockMask``).
+        device: where the mask lives (the device of the inputs).
+        dtype: dtype of the additive mask for ``eager`` (the model's compute dtype); ignored otherwise.
+
+    Returns:
+        ``[1, 1, T, T]`` tensor or a ``BlockMask`` of shape ``(1, 1, T, T)``.
+    """
+    lens = [int(n) for n in seq_lens]
+    total = sum(lens)
+    doc = document_ids(lens, device=device)
+    if attn_implementation == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def document_causal(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            return (doc[q_idx] == doc[kv_idx]) & (kv_idx <= q_idx)
+
+        # B=None / H=None broadcast over batch and heads. create_block_mask materialises a transient
+        # T x T bool mask (1 GiB at T = 32k) before compressing it into blocks; fine for training rows.
+        return create_block_mask(document_causal, None, None, total, total, device=device)
+
+    pos = torch.arange(total, device=device)
+    allowed = (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
+    if attn_implementation == "sdpa":
+        return allowed[None, None]
+    if attn_implementation == "eager":
+        # Eager attention adds the mask to the scores, so it must be 0 / -large, never bool.
+        additive = torch.zeros((total, total), dtype=dtype, device=device)
+        additive.masked_fill_(~allowed, torch.finfo(dtype).min)
+        return additive[None, None]
+    raise NotImplementedError(
+        f"no isolating packed mask for attn_implementation={attn_implementation!r}; "
+        f"use one of {SUPPORTED_ATTN_IMPLEMENTATIONS}"
+    )
+
+
+def target_positions(seq_lens: Sequence[int], loss_mask: Tensor) -> Tensor:
+    """Packed positions t of the trainable target tokens, in order (LongTensor[n]).
+
+    The prediction for target t comes from position t - 1, which belongs to the same example because
+    t is never the first token of an example.
+
+    Raises:
+        ValueError: if ``loss_mask`` marks the first token of an example (it has no context to be
+            predicted from; silently dropping it would misalign per-token scores with the losses).
+    """
+    lens = _check_seq_lens(seq_lens, loss_mask.numel())
+    mask = loss_mask.reshape(-1).to(torch.bool)
+    starts = torch.as_tensor([0] + lens[:-1], device=mask.device).cumsum(0)
+    if bool(mask[starts].any()):
+        bad = starts[mask[starts]].tolist()
+        raise ValueError(
+            f"loss_mask marks the first token of an example (packed positions {bad}); "
+            "an example's first token predicts nothing and cannot be a trainable target"
+        )
+    return mask.nonzero().reshape(-1)
+
+
+def _model_attn_implementation(model: nn.Module) -> str:
+    return getattr(model.config, "_attn_implementation", None) or "eager"
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    # PreTrainedModel.dtype reads the first floating parameter's dtype: valid under ZeRO-3 too, where
+    # partitioned parameters keep their dtype but have an empty local shape.
+    dtype = getattr(model, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    """The decoder stack without the LM head (``model.model`` for Llama-style causal LMs)."""
+    prefix = getattr(model, "base_model_prefix", "model")
+    backbone = getattr(model, prefix, None)
+    if backbone is None or backbone is model:
+        raise TypeError(f"{type(model).__name__} has no backbone attribute {prefix!r}; pass a *ForCausalLM model")
+    return backbone
+
+
+def packed_hidden_states(
+    model: nn.Module,
+    input_ids: Tensor,
+    position_ids: Tensor,
+    seq_lens: Sequence[int],
+    attn_implementation: str | None = None,
+) -> Tensor:
+    """Final hidden states ``[T, H]`` of one packed row, with examples isolated from each other.
+
+    Args:
+        model: a transformers ``*ForCausalLM`` (its backbone is run, not its LM head).
+        input_ids: LongTensor[T], the packed row.
+        position_ids: LongTensor[T]; normally restarting at 0 for each example (RoPE positions).
+        seq_lens: lengths of the packed examples; must sum to T.
+        attn_implementation: mask format to build; defaults to ``model.config._attn_implementation``.
+            It must be the implementation the model actually runs (its attention layers read the
+            config), otherwise the mask would be misread; a mismatch raises ``ValueError``.
+    """
+    input_ids = input_ids.reshape(-1)
+    lens = _check_seq_lens(seq_lens, input_ids.numel())
+    model_impl = _model_attn_implementation(model)
+    impl = attn_implementation or model_impl
+    if impl != model_impl:
+        raise ValueError(
+            f"attn_implementation={impl!r} but the model runs {model_impl!r}; load the model with "
+            f"attn_implementation={impl!r} (or call model.set_attn_implementation) so mask and kernel agree"
+        )
+    mask = packed_attention_mask(lens, impl, device=input_ids.device, dtype=_model_dtype(model))
+    out = _backbone(model)(
+        input_ids=input_ids[None],
+        position_ids=position_ids.reshape(1, -1).to(input_ids.device),
+        attention_mask=mask,
+        # No KV cache in training: it would only hold K/V that autograd keeps anyway.
+        use_cache=False,
+    )
+    return out.last_hidden_state[0]
+
+
+def _chunk_ce(lm_head: nn.Module, softcap: float | None, hidden: Tensor, src: Tensor, labels: Tensor) -> Tensor:
+    """Per-token fp32 CE of one chunk: logits of the rows ``src`` of ``hidden`` against ``labels``."""
+    logits = lm_head(hidden.index_select(0, src)).float()
+    if softcap:  # e.g. Gemma-2's final logit soft-capping; None for Llama
+        logits = torch.tanh(logits / softcap) * softcap
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+def chunked_token_ce(
+    model: nn.Module,
+    hidden: Tensor,
+    input_ids: Tensor,
+    seq_lens: Sequence[int],
+    loss_mask: Tensor,
+    chunk_size: int = 4096,
+) -> Tensor:
+    """Per-token fp32 cross-entropy of the trainable targets from final hidden states ``[T, H]``.
+
+    ``lm_head`` runs on at most ``chunk_size`` target rows at a time, each chunk under a non-reentrant
+    ``torch.utils.checkpoint`` so its logits are freed after the forward and recomputed in the backward.
+    Without autograd (``torch.no_grad``, scoring) chunks run directly.
+
+    Returns:
+        Tensor[n] (float32), n = ``loss_mask.sum()``, in packed order.
+    """
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    input_ids = input_ids.reshape(-1)
+    targets = target_positions(seq_lens, loss_mask.to(input_ids.device))
+    src = targets - 1
+    labels = input_ids.index_select(0, targets)
+    lm_head = model.get_output_embeddings()
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    # Checkpoint whenever autograd records (lm_head may be trainable even if hidden is not).
+    use_checkpoint = torch.is_grad_enabled()
+    pieces = []
+    # range(0, max(n, 1)): with no targets we still run one empty chunk so the result is attached to
+    # the graph through lm_head (backward() then works and every rank touches the same parameters).
+    for start in range(0, max(targets.numel(), 1), chunk_size):
+        src_c, labels_c = src[start : start + chunk_size], labels[start : start + chunk_size]
+        if use_checkpoint:
+            # preserve_rng_state=False: the chunk has no randomness, so skip stashing RNG states.
+            piece = checkpoint(
+                _chunk_ce, lm_head, softcap, hidden, src_c, labels_c, use_reentrant=False, preserve_rng_state=False
+            )
+        else:
+            piece = _chunk_ce(lm_head, softcap, hidden, src_c, labels_c)
+        pieces.append(piece)
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def token_losses(
+    model: nn.Module,
+    input_ids: Tensor,
+    position_ids: Tensor,
+    seq_lens: list[int],
+    loss_mask: Tensor,
+    chunk_size: int = 4096,
+    attn_implementation: str | None = None,
+) -> Tensor:
+    """Per-token cross-entropy l_t = -log p(y_t | y_<t) of the trainable tokens of one packed row.
+
+    Args:
+        model: a transformers ``*ForCausalLM`` (may be the module inside a DeepSpeed engine).
+        input_ids: LongTensor[T], several examples packed back to back (no batch dimension).
+        position_ids: LongTensor[T], normally restarting at 0 for each example.
+        seq_lens: lengths of the packed examples; must sum to T.
+        loss_mask: BoolTensor[T], True at trainable target tokens; never True at an example's first token.
+        chunk_size: number of target positions whose logits are materialised at once.
+        attn_implementation: defaults to ``model.config._attn_implementation``; one of
+            ``"sdpa"``, ``"eager"``, ``"flex_attention"``.
+
+    Returns:
+        Tensor[n] float32 with n = ``loss_mask.sum()``: the losses of the trainable tokens in packed order;
+        differentiable w.r.t. the model's parameters.
+    """
+    hidden = packed_hidden_states(model, input_ids, position_ids, seq_lens, attn_implementation)
+    return chunked_token_ce(model, hidden, input_ids, seq_lens, loss_mask, chunk_size=chunk_size)
+
+
+def token_probs(token_loss: Tensor) -> Tensor:
+    """p(y_t | y_<t) = exp(-l_t) from per-token losses (InfoSFT / DFT weights; detach for stop-gradient)."""
+    return torch.exp(-token_loss)

@@ -1,0 +1,364 @@
+"""Token-level SFT objectives (METHOD.md "Losses"), one small class each, chosen by name.
+
+Every loss is a callable with one interface; the trainer calls it once per micro-batch::
+
+    contribution, metrics = loss_fn(token_loss, important, ref_loss, step_tokens, progress)
+
+- ``token_loss``: ``[n]`` fp32 per-token cross-entropy ``l_t`` of THIS rank's trainable tokens in
+  this micro-batch (``reduction="none"``, selected by ``loss_mask``), with gradient.
+- ``important``: ``[n]`` bool, the load-time group of each of those tokens (1 = important).
+- ``ref_loss``: ``[n]`` stored reference-model CE of the same tokens, or None (only rho1 needs it).
+- ``step_tokens``: trainable tokens of the whole optimizer step (all micro-batches, all ranks),
+  counted by the trainer before the step.
+- ``progress``: ``step / total_steps`` in [0, 1] (lambda decay).
+
+The returned scalar is this rank's exact contribution: summed over ranks and over the micro-batches
+of the step it is METHOD.md's loss on the global batch, and so is its gradient. The trainer only
+undoes DeepSpeed's gradient averaging (multiplies by the world size).
+
+Group means are means over the micro-batch's tokens on ALL ranks: per-group loss sums and token
+counts are all-reduced (no gradient), so every rank takes the same decisions. With gradient
+accumulation the data-dependent choices (SFT-GO's worse group, Rho-1's top set) are made per
+micro-batch, and micro-batch m's group term is weighted by ``w_m = N_m / step_tokens`` (N_m: its
+trainable tokens over all ranks): with one micro-batch per step this is exactly the global-batch
+formula, with several it is the token-weighted mean of per-micro-batch group losses.
+
+Every call is a collective when torch.distributed is initialized: every rank must call the loss for
+every micro-batch, even with no trainable tokens.
+
+Metrics (python floats, the same keys for every loss):
+    loss: this rank's contribution (sum over ranks and micro-batches = the step's loss);
+    ce: mean CE over the micro-batch's tokens on all ranks;
+    important_loss / unimportant_loss: mean CE of each group over the same tokens, 0.0 for an empty
+        group (no NaN in logs); for rho1 the "important" group is the live top-k selection;
+    worse_group: 1.0 if the important group has the larger mean (ties and an empty unimportant
+        group count as important), else 0.0; the group SFT-GO trains;
+    lambda: weight on the group term: sftgo's lambda, 1.0 for rho1, 0.0 for sft/infosft/dft;
+    important_fraction: important tokens / tokens in the micro-batch (0.0 when it has none);
+    tokens: trainable tokens of the micro-batch over all ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from train.grouping import all_reduce_sum, distributed_top_mask
+
+
+class TokenLoss(Protocol):
+    """What the trainer calls once per micro-batch (see the module docstring)."""
+
+    needs_ref_loss: bool  # the trainer must load and pass ref_loss
+    needs_groups: bool  # the loss reads `important` (others only log it)
+
+    def __call__(
+        self,
+        token_loss: Tensor,
+        important: Tensor,
+        ref_loss: Tensor | None,
+        step_tokens: int,
+        progress: float,
+    ) -> tuple[Tensor, dict[str, float]]: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GroupStats:
+    """Loss sums and token counts of one micro-batch over all ranks (no gradient)."""
+
+    loss_sum: float
+    tokens: int
+    important_sum: float
+    important_tokens: int
+
+    @property
+    def unimportant_sum(self) -> float:
+        return self.loss_sum - self.important_sum
+
+    @property
+    def unimportant_tokens(self) -> int:
+        return self.tokens - self.important_tokens
+
+    @property
+    def important_mean(self) -> float:
+        return self.important_sum / self.important_tokens if self.important_tokens else 0.0
+
+    @property
+    def unimportant_mean(self) -> float:
+        return self.unimportant_sum / self.unimportant_tokens if self.unimportant_tokens else 0.0
+
+    @property
+    def worse_group(self) -> int:
+        """1 if the important group's mean is the larger (ties go to it), 0 otherwise.
+
+        An empty group never wins: METHOD.md's max over groups is then the other group.
+        """
+        if self.unimportant_tokens == 0:
+            return 1
+        if self.important_tokens == 0:
+            return 0
+        return 1 if self.important_mean >= self.unimportant_mean else 0
+
+
+def group_stats(token_loss: Tensor, important: Tensor, group: dist.ProcessGroup | None = None) -> GroupStats:
+    """All-reduce (sum over ranks) of the micro-batch's loss sums and counts, in float64."""
+    loss = token_loss.detach().double()
+    local = torch.stack(
+        [
+            loss.sum(),
+            torch.tensor(float(loss.numel()), dtype=torch.float64, device=loss.device),
+            loss[important].sum(),
+            important.sum().double(),
+        ]
+    )
+    loss_sum, tokens, important_sum, important_tokens = all_reduce_sum(local, group).tolist()
+    return GroupStats(loss_sum, int(round(tokens)), important_sum, int(round(important_tokens)))
+
+
+def _check_inputs(
+    token_loss: Tensor, important: Tensor, ref_loss: Tensor | None, step_tokens: int, progress: float
+) -> None:
+    if token_loss.dim() != 1:
+        raise ValueError(f"token_loss must be 1-D (this rank's trainable tokens), got {tuple(token_loss.shape)}")
+    if important.shape != token_loss.shape or important.dtype != torch.bool:
+        raise ValueError("important must be a bool tensor shaped like token_loss")
+    if ref_loss is not None and ref_loss.shape != token_loss.shape:
+        raise ValueError("ref_loss must be shaped like token_loss")
+    if step_tokens < token_loss.numel():
+        raise ValueError(f"step_tokens={step_tokens} is smaller than this micro-batch's {token_loss.numel()} tokens")
+    if not 0.0 <= progress <= 1.0:
+        raise ValueError(f"progress must be in [0, 1], got {progress}")
+
+
+def _per_token_scale(step_tokens: int) -> float:
+    # A step without trainable tokens contributes nothing (its token_loss is empty everywhere).
+    return 1.0 / step_tokens if step_tokens > 0 else 0.0
+
+
+def _metrics(contribution: Tensor, stats: GroupStats, lambda_: float) -> dict[str, float]:
+    return {
+        "loss": float(contribution.detach()),
+        "ce": stats.loss_sum / stats.tokens if stats.tokens else 0.0,
+        "important_loss": stats.important_mean,
+        "unimportant_loss": stats.unimportant_mean,
+        "worse_group": float(stats.worse_group),
+        "lambda": float(lambda_),
+        "important_fraction": stats.important_tokens / stats.tokens if stats.tokens else 0.0,
+        "tokens": float(stats.tokens),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------
+
+
+class SftLoss:
+    """Plain SFT: ``L = sum_t l_t / N`` with N the step's trainable tokens."""
+
+    needs_ref_loss = False
+    needs_groups = False
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.group = group
+
+    def __call__(
+        self, token_loss: Tensor, important: Tensor, ref_loss: Tensor | None, step_tokens: int, progress: float
+    ) -> tuple[Tensor, dict[str, float]]:
+        _check_inputs(token_loss, important, ref_loss, step_tokens, progress)
+        stats = group_stats(token_loss, important, self.group)
+        contribution = token_loss.sum() * _per_token_scale(step_tokens)
+        return contribution, _metrics(contribution, stats, 0.0)
+
+
+class SftGoLoss:
+    """SFT-GO: ``L = (1 - lambda) * L_CE + lambda * max(L_1, L_0)``, L_g the mean loss of group g.
+
+    This rank's contribution for micro-batch m::
+
+        (1 - lambda) * sum_local l_t / step_tokens
+        + lambda * w_m * sum_{t in worse group, local} l_t / N_{worse, m}
+
+    with ``w_m = N_m / step_tokens``; N_m and N_{worse, m} count tokens on all ranks and the worse
+    group (larger mean over all ranks; if one group is empty, the other) is decided per micro-batch
+    without gradient. One micro-batch per step: exactly METHOD.md's global-batch loss. With
+    gradient accumulation the worse group is chosen per micro-batch and the group term is the
+    token-weighted mean of the micro-batches' worse-group losses.
+
+    Options:
+        lambda_: static lambda (paper: 0.9), used when ``lambda_schedule="static"``.
+        lambda_schedule: ``"static"`` or ``"linear"`` (lambda_max at progress 0 -> lambda_min at 1;
+            paper: 0.9 -> 0.07 and 0.9 -> 0.05). lambda_max / lambda_min are ignored when static.
+    """
+
+    needs_ref_loss = False
+    needs_groups = True
+    SCHEDULES = ("static", "linear")
+
+    def __init__(
+        self,
+        lambda_: float = 0.9,
+        lambda_schedule: str = "static",
+        lambda_max: float = 0.9,
+        lambda_min: float = 0.05,
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
+        if lambda_schedule not in self.SCHEDULES:
+            raise ValueError(f"unknown lambda_schedule {lambda_schedule!r}; expected one of {self.SCHEDULES}")
+        for name, value in (("lambda_", lambda_), ("lambda_max", lambda_max), ("lambda_min", lambda_min)):
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        self.lambda_ = lambda_
+        self.lambda_schedule = lambda_schedule
+        self.lambda_max = lambda_max
+        self.lambda_min = lambda_min
+        self.group = group
+
+    def lambda_at(self, progress: float) -> float:
+        """lambda at training progress ``step / total_steps``."""
+        if self.lambda_schedule == "static":
+            return self.lambda_
+        progress = min(max(progress, 0.0), 1.0)
+        return self.lambda_max + (self.lambda_min - self.lambda_max) * progress
+
+    def __call__(
+        self, token_loss: Tensor, important: Tensor, ref_loss: Tensor | None, step_tokens: int, progress: float
+    ) -> tuple[Tensor, dict[str, float]]:
+        _check_inputs(token_loss, important, ref_loss, step_tokens, progress)
+        stats = group_stats(token_loss, important, self.group)
+        lambda_ = self.lambda_at(progress)
+        scale = _per_token_scale(step_tokens)
+        contribution = (1.0 - lambda_) * scale * token_loss.sum()
+        worse_group = stats.worse_group
+        worse_mask = important if worse_group == 1 else ~important
+        worse_tokens = stats.important_tokens if worse_group == 1 else stats.unimportant_tokens
+        if worse_tokens > 0:
+            # w_m / N_worse = (N_m / step_tokens) / N_worse, one float for every rank.
+            contribution = contribution + lambda_ * (stats.tokens * scale / worse_tokens) * token_loss[worse_mask].sum()
+        return contribution, _metrics(contribution, stats, lambda_)
+
+
+class Rho1Loss:
+    """Rho-1 with live excess: train on the top ``ceil((1 - rho) * N_m)`` tokens by excess.
+
+    ``excess_t = l_t (detached, current model) - ref_loss_t``; the selection ranks the micro-batch's
+    tokens on all ranks (values all-gathered, no gradient; ties: lower rank, then earlier token).
+    Contribution: ``w_m * sum_{t in top, local} l_t / K_m`` with ``w_m = N_m / step_tokens`` and K_m
+    the selected count over all ranks. One micro-batch per step: METHOD.md's
+    ``sum_{t in top} l_t / |top|`` on the global batch; with accumulation the top set is chosen
+    per micro-batch, treated like SFT-GO's worse group. ``important`` is not used; the metrics
+    report the live selection as the important group.
+
+    Options:
+        rho: in [0, 1); the top ``1 - rho`` fraction is trained (Rho-1's k = 60-70%: rho 0.3-0.4).
+    """
+
+    needs_ref_loss = True
+    needs_groups = False
+
+    def __init__(self, rho: float, group: dist.ProcessGroup | None = None) -> None:
+        if not 0.0 <= rho < 1.0:
+            raise ValueError(f"rho must be in [0, 1), got {rho}")
+        self.rho = rho
+        self.group = group
+
+    def __call__(
+        self, token_loss: Tensor, important: Tensor, ref_loss: Tensor | None, step_tokens: int, progress: float
+    ) -> tuple[Tensor, dict[str, float]]:
+        _check_inputs(token_loss, important, ref_loss, step_tokens, progress)
+        if ref_loss is None:
+            raise ValueError("rho1 needs ref_loss (annotate with the ref_loss scorer)")
+        excess = token_loss.detach().double() - ref_loss.detach().to(device=token_loss.device, dtype=torch.float64)
+        selected = distributed_top_mask(excess, self.rho, self.group)
+        stats = group_stats(token_loss, selected, self.group)
+        selected_tokens = stats.important_tokens
+        if selected_tokens > 0:
+            weight = stats.tokens * _per_token_scale(step_tokens) / selected_tokens
+            contribution = weight * token_loss[selected].sum()
+        else:  # no tokens anywhere in this micro-batch; keep the graph for backward
+            contribution = token_loss.sum() * 0.0
+        return contribution, _metrics(contribution, stats, 1.0)
+
+
+class InfoSftLoss:
+    """InfoSFT: ``L = sum_t w_t l_t / N``, ``w_t = sg(q_t * max(0, 1 - logit(q_t) / logit(P)))``.
+
+    ``q_t = exp(-l_t)``. logit(q) is computed as ``-l_t - log1p(-q_t)`` so it stays finite for
+    q -> 0 without clamping (log q = -l exactly); q is clamped to at most P inside log1p only, where
+    the weight is 0 anyway (w = 0 for q >= P), so no inf or NaN can reach the weights.
+
+    Options:
+        p: the confidence above which tokens get no weight (InfoSFT's code: 0.93).
+    """
+
+    needs_ref_loss = False
+    needs_groups = False
+
+    def __init__(self, p: float = 0.93, group: dist.ProcessGroup | None = None) -> None:
+        if not 0.5 < p < 1.0:
+            raise ValueError(f"p must be in (0.5, 1) so that logit(p) > 0, got {p}")
+        self.p = p
+        self.logit_p = math.log(p / (1.0 - p))
+        self.group = group
+
+    def weights(self, token_loss: Tensor) -> Tensor:
+        """The stop-gradient weights w_t (float64, detached)."""
+        loss = token_loss.detach().double()
+        q = torch.exp(-loss)
+        logit_q = -loss - torch.log1p(-q.clamp(max=self.p))
+        weight = q * (1.0 - logit_q / self.logit_p)
+        return torch.where(q < self.p, weight, torch.zeros_like(weight)).clamp_min(0.0)
+
+    def __call__(
+        self, token_loss: Tensor, important: Tensor, ref_loss: Tensor | None, step_tokens: int, progress: float
+    ) -> tuple[Tensor, dict[str, float]]:
+        _check_inputs(token_loss, important, ref_loss, step_tokens, progress)
+        stats = group_stats(token_loss, important, self.group)
+        weight = self.weights(token_loss).to(token_loss.dtype)
+        contribution = (weight * token_loss).sum() * _per_token_scale(step_tokens)
+        return contribution, _metrics(contribution, stats, 0.0)
+
+
+class DftLoss:
+    """Dynamic Fine-Tuning: ``L = sum_t sg(q_t) l_t / N`` with ``q_t = exp(-l_t)`` (TRL's "dft")."""
+
+    needs_ref_loss = False
+    needs_groups = False
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.group = group
+
+    def __call__(
+        self, token_loss: Tensor, important: Tensor, ref_loss: Tensor | None, step_tokens: int, progress: float
+    ) -> tuple[Tensor, dict[str, float]]:
+        _check_inputs(token_loss, important, ref_loss, step_tokens, progress)
+        stats = group_stats(token_loss, important, self.group)
+        probability = torch.exp(-token_loss.detach())
+        contribution = (probability * token_loss).sum() * _per_token_scale(step_tokens)
+        return contribution, _metrics(contribution, stats, 0.0)
+
+
+LOSSES: dict[str, type] = {
+    "sft": SftLoss,
+    "sftgo": SftGoLoss,
+    "rho1": Rho1Loss,
+    "infosft": InfoSftLoss,
+    "dft": DftLoss,
+}
+
+
+def build_loss(name: str, **options) -> TokenLoss:
+    """The loss registered as ``name``, constructed with its options (unknown options raise)."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; expected one of {sorted(LOSSES)}")
+    return LOSSES[name](**options)

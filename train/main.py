@@ -1,0 +1,411 @@
+"""Train on annotated shards with SFT-GO, Rho-1, InfoSFT, DFT or SFT under DeepSpeed ZeRO-3.
+
+    deepspeed train/main.py --config train/configs/lima_sftgo.yaml                 # 1..N GPUs
+    deepspeed --hostfile docker/hostfile train/main.py --config ...                  # several nodes
+    python train/main.py --config train/configs/demo_cpu.yaml loss.name=sftgo importance.rho=0.7
+
+One explicit loop, top to bottom: setup (config, distributed, data, model, engine) -> train (steps of
+``grad_accum`` packed micro-batches; checkpoint and evaluate every N steps) -> save (export a Hugging
+Face folder). Token groups are computed here, at load time, from the stored score and rho.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterator
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a script
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from train import config as train_config  # noqa: E402
+from train.forward import token_losses  # noqa: E402
+from train.grouping import batch_important_masks, important_mask_packed  # noqa: E402
+from train.losses import build_loss  # noqa: E402
+from train.schedule import make_scheduler  # noqa: E402
+from train.shards import ShardStream, corpus_threshold, open_annotated  # noqa: E402
+
+COMPLETED = "COMPLETED"  # a checkpoint counts only once this marker is written after it
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup
+# ---------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """Join the launcher's process group, or make a single-process one (plain ``python``)."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def deepspeed_config(cfg: Any, world_size: int, use_bf16: bool) -> dict[str, Any]:
+    """The checked-in ZeRO-3 JSON with our config's sizes filled in (no optimizer: a client AdamW)."""
+    with open(cfg.deepspeed_config, encoding="utf-8") as f:
+        ds = json.load(f)
+    ds["train_micro_batch_size_per_gpu"] = 1  # one packed row per micro-batch
+    ds["gradient_accumulation_steps"] = cfg.train.grad_accum
+    ds["train_batch_size"] = cfg.train.grad_accum * world_size
+    ds["gradient_clipping"] = cfg.optim.grad_clip
+    ds["bf16"] = {"enabled": use_bf16}
+    ds.pop("fp16", None)
+    for key, value in list(ds.get("zero_optimization", {}).items()):
+        if value == "auto":
+            ds["zero_optimization"].pop(key)  # DeepSpeed's own default
+    ds.pop("optimizer", None)
+    ds.pop("scheduler", None)
+    return ds
+
+
+def log0(*args: Any) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+def _checkpoints(root: Path) -> list[Path]:
+    done = [p for p in root.glob("step_*") if (p / COMPLETED).exists()]
+    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+
+
+def resume_path(cfg: Any, root: Path) -> Path | None:
+    if cfg.checkpoint.resume == "never":
+        return None
+    if cfg.checkpoint.resume not in ("auto", ""):
+        path = Path(cfg.checkpoint.resume)
+        if not (path / COMPLETED).exists():
+            raise FileNotFoundError(f"checkpoint.resume={path}: not a completed checkpoint (no {COMPLETED} marker)")
+        return path
+    found = _checkpoints(root)
+    return found[-1] if found else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+# ---------------------------------------------------------------------------------------------
+
+
+def _empty_batch(pad_id: int) -> dict[str, Any]:
+    """A one-token batch with nothing to train: a rank out of data still joins ZeRO-3's collectives."""
+    return {"input_ids": torch.tensor([pad_id]), "position_ids": torch.tensor([0]), "seq_lens": [1],
+            "loss_mask": torch.tensor([False]), "score": torch.tensor([0.0]), "ref_loss": None, "ids": [], "empty": True}
+
+
+def next_step_batches(batches: Iterator[dict[str, Any]], grad_accum: int, pad_id: int, device: torch.device) -> list[dict[str, Any]] | None:
+    """The ``grad_accum`` micro-batches of one optimizer step on this rank; None once every rank is out.
+
+    A rank whose data ends first pads its step with empty batches, so every example is trained on
+    exactly once per epoch even when ranks hold different numbers of micro-batches.
+    """
+    step: list[dict[str, Any]] = []
+    for _ in range(grad_accum):
+        batch = next(batches, None)
+        step.append(batch if batch is not None else _empty_batch(pad_id))
+    has_data = torch.tensor([float(any(not b.get("empty") for b in step))], device=device)
+    dist.all_reduce(has_data, op=dist.ReduceOp.MAX)
+    return step if has_data.item() > 0 else None
+
+
+def group_masks(step: list[dict[str, Any]], cfg: Any, threshold: float | None) -> list[torch.Tensor]:
+    """Important-token masks of the step's micro-batches at ``importance.rho`` in ``importance.scope``."""
+    rho, scope = cfg.importance.rho, cfg.importance.scope
+    if scope == "batch":  # across the step's micro-batches on every rank
+        return batch_important_masks([b["score"] for b in step], [b["loss_mask"] for b in step], rho)
+    return [important_mask_packed(b["score"], b["loss_mask"], b["seq_lens"], rho, scope, threshold=threshold) for b in step]
+
+
+def run_micro_batch(engine: Any, batch: dict[str, Any], important: torch.Tensor, loss_fn: Any, step_tokens: int,
+                    progress: float, cfg: Any, device: torch.device, scale: float, train: bool) -> dict[str, float]:
+    """Forward (and backward when ``train``) of one packed micro-batch; returns its metrics."""
+    mask = batch["loss_mask"].to(device)
+    token_loss = token_losses(engine.module, batch["input_ids"].to(device), batch["position_ids"].to(device),
+                              list(batch["seq_lens"]), mask, chunk_size=cfg.train.ce_chunk)
+    trainable = batch["loss_mask"]
+    ref = batch["ref_loss"][trainable].to(device) if batch.get("ref_loss") is not None else None
+    loss, metrics = loss_fn(token_loss, important[trainable].to(device), ref, step_tokens, progress)
+    if train:
+        # The loss is this rank's exact share of the global objective; DeepSpeed averages gradients
+        # over ranks and divides by grad_accum, so scale both back.
+        engine.backward(loss * scale)
+        engine.step()
+    return metrics
+
+
+def evaluate(engine: Any, stream: ShardStream, cfg: Any, threshold: float | None, device: torch.device, pad_id: int) -> dict[str, float]:
+    """Held-out CE and per-group losses over the validation shards (sums all-reduced over ranks)."""
+    engine.module.eval()
+    sums = torch.zeros(6, dtype=torch.float64, device=device)  # ce_sum, n, imp_sum, imp_n, unimp_sum, unimp_n
+    batches = stream.micro_batches(cfg.data.micro_batch_tokens)
+    count = 0
+    with torch.no_grad():
+        while True:
+            step = next_step_batches(batches, 1, pad_id, device)
+            if step is None or (cfg.eval.max_batches and count >= cfg.eval.max_batches):
+                break
+            batch = step[0]
+            important = group_masks(step, cfg, threshold)[0]
+            mask = batch["loss_mask"].to(device)
+            token_loss = token_losses(engine.module, batch["input_ids"].to(device), batch["position_ids"].to(device),
+                                      list(batch["seq_lens"]), mask, chunk_size=cfg.train.ce_chunk).double()
+            imp = important[batch["loss_mask"]].to(device)
+            sums += torch.stack([token_loss.sum(), torch.tensor(float(token_loss.numel()), device=device, dtype=torch.float64),
+                                 token_loss[imp].sum(), imp.sum().double(), token_loss[~imp].sum(), (~imp).sum().double()])
+            count += 1
+    dist.all_reduce(sums)
+    engine.module.train()
+    ce_sum, n, imp_sum, imp_n, un_sum, un_n = sums.tolist()
+    imp_loss = imp_sum / imp_n if imp_n else 0.0
+    un_loss = un_sum / un_n if un_n else 0.0
+    return {"eval_ce": ce_sum / n if n else 0.0, "eval_important_loss": imp_loss, "eval_unimportant_loss": un_loss,
+            "eval_worse_group": 1 if imp_loss >= un_loss else 0, "eval_tokens": n}
+
+
+def save_checkpoint(engine: Any, stream: ShardStream, root: Path, step: int, rank: int, keep: int, extra: dict[str, Any]) -> Path:
+    """Model, optimizer, scheduler (DeepSpeed), plus per-rank data position and RNG; COMPLETED last."""
+    tag = f"step_{step}"
+    path = root / tag
+    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, **extra})
+    (path / f"data_rank{rank}.json").write_text(json.dumps(stream.state_dict()))
+    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, path / f"rng_rank{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        (path / COMPLETED).write_text(json.dumps({"step": step}))
+        for old in _checkpoints(root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+    return path
+
+
+def export_model(engine: Any, tokenizer: Any, out: Path, rank: int) -> None:
+    """A standard Hugging Face folder (safetensors, config, tokenizer) that from_pretrained loads."""
+    state = engine._zero3_consolidated_16bit_state_dict()  # gathers ZeRO-3 partitions on rank 0
+    if rank == 0:
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model = engine.module
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    # -- config: everything checked before any model loads ------------------------------------------
+    try:
+        cfg = train_config.load_config(argv)
+        train_config.validate(cfg)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    rank, world_size, device = setup_distributed()
+    from data.models import load_tokenizer, resolve_model
+    from schemas.shard import tokenizer_fingerprint
+
+    try:
+        model_path = resolve_model(cfg.model)
+        tokenizer = load_tokenizer(model_path)
+        fingerprint = tokenizer_fingerprint(tokenizer)["sha256"]
+        manifest = open_annotated(cfg.data.train, fingerprint, cfg.importance.scorer, deep=cfg.data.deep_validate)
+        train_config.validate_against_data(cfg, manifest)
+        val_manifest = (open_annotated(cfg.data.validation, fingerprint, cfg.importance.scorer, deep=cfg.data.deep_validate)
+                        if cfg.data.validation else None)
+    except (ValueError, OSError) as exc:
+        log0(f"error: {exc}")
+        dist.destroy_process_group()
+        return 2
+
+    out = Path(cfg.output_dir)
+    ckpt_root = out / "checkpoints"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        train_config.save_config(cfg, out / "config.yaml")
+        log0("== train config ==\n" + train_config.format_config(cfg))
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+
+    use_bf16 = cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and device.type == "cuda")
+    ds_config = deepspeed_config(cfg, world_size, use_bf16)
+    rho1 = cfg.loss.name == "rho1"
+    stream = ShardStream(cfg.data.train, manifest, cfg.importance.scorer, seed=cfg.seed, shuffle=cfg.data.shuffle,
+                         with_ref_loss=rho1, epochs=cfg.train.epochs)
+    threshold = corpus_threshold(manifest, cfg.importance.scorer, cfg.importance.rho) if cfg.importance.scope == "corpus" else None
+    # Optimizer steps: max_steps, or an estimate from the manifest's token count (packing fills
+    # micro-batches nearly full); the loop also ends when the data does.
+    tokens_per_step = cfg.data.micro_batch_tokens * cfg.train.grad_accum * world_size
+    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * manifest.totals["tokens"] / tokens_per_step))
+
+    # -- model, partitioned at load (ZeRO-3) -------------------------------------------------------
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841 - must stay alive while the model loads
+    dtype = torch.bfloat16 if use_bf16 else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=cfg.train.attn_implementation)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    scheduler = make_scheduler(optimizer, total_steps, cfg.optim)
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
+    loss_options = {"sftgo": {"lambda_": cfg.loss.lambda_, "lambda_schedule": cfg.loss.lambda_schedule,
+                              "lambda_max": cfg.loss.lambda_max, "lambda_min": cfg.loss.lambda_min},
+                    "rho1": {"rho": cfg.loss.rho1_rho if cfg.loss.rho1_rho is not None else cfg.importance.rho},
+                    "infosft": {"p": cfg.loss.infosft_p}}.get(cfg.loss.name, {})
+    loss_fn = build_loss(cfg.loss.name, **loss_options)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+    # -- resume ---------------------------------------------------------------------------------------
+    step = 0
+    resume = resume_path(cfg, ckpt_root)
+    if resume is not None:
+        _, client = engine.load_checkpoint(str(resume.parent), tag=resume.name)
+        step = int(client["step"])
+        stream.load_state_dict(json.loads((resume / f"data_rank{rank}.json").read_text()))
+        rng = torch.load(resume / f"rng_rank{rank}.pt", weights_only=False)  # our own file: Python RNG tuples
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        log0(f"resumed from {resume} at step {step}")
+
+    val_stream = (ShardStream(cfg.data.validation, val_manifest, cfg.importance.scorer, shuffle=False, epochs=1)
+                  if val_manifest is not None else None)
+    val_threshold = threshold
+
+    # -- logging --------------------------------------------------------------------------------------
+    writer = None
+    metrics_file = None
+    if rank == 0:
+        metrics_file = open(out / "metrics.jsonl", "a", encoding="utf-8")
+        if "tensorboard" in cfg.report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(out / "tensorboard"))
+    n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
+    peak_flops = 989e12 if device.type == "cuda" else None  # H100 dense bf16; MFU only on GPU
+
+    def log(record: dict[str, Any]) -> None:
+        if rank != 0:
+            return
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+        if writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    writer.add_scalar(key, value, record["step"])
+
+    # -- train ----------------------------------------------------------------------------------------
+    from tqdm import tqdm
+
+    batches = stream.micro_batches(cfg.data.micro_batch_tokens, num_workers=cfg.data.num_workers)
+    bar = tqdm(total=total_steps, initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
+    engine.module.train()
+    scale = float(world_size * cfg.train.grad_accum)
+    while step < total_steps:
+        started = time.perf_counter()
+        micro = next_step_batches(batches, cfg.train.grad_accum, pad_id, device)
+        if micro is None:
+            break  # every rank is out of data: the epochs are done
+        counts = torch.tensor([float(sum(int(b["loss_mask"].sum()) for b in micro)),
+                               float(sum(len(b["input_ids"]) for b in micro if not b.get("empty")))], device=device)
+        dist.all_reduce(counts)
+        step_tokens, seen_tokens = int(counts[0].item()), int(counts[1].item())
+        masks = group_masks(micro, cfg, threshold)
+        progress = step / max(1, total_steps - 1)
+        parts = [run_micro_batch(engine, b, m, loss_fn, step_tokens, progress, cfg, device, scale, train=True)
+                 for b, m in zip(micro, masks)]
+        step += 1
+        seconds = time.perf_counter() - started
+        total_loss = torch.tensor([sum(p["loss"] for p in parts)], device=device, dtype=torch.float64)
+        dist.all_reduce(total_loss)
+        weights = [p.get("tokens", 0) for p in parts]
+        weight_sum = sum(weights) or 1
+
+        def mean(key: str) -> float:
+            return float(sum(p[key] * w for p, w in zip(parts, weights)) / weight_sum)
+
+        record = {
+            "step": step, "loss": float(total_loss.item()), "ce": mean("ce"), "important_loss": mean("important_loss"),
+            "unimportant_loss": mean("unimportant_loss"), "worse_group": mean("worse_group"), "lambda": parts[-1]["lambda"],
+            "important_fraction": mean("important_fraction"), "lr": scheduler.get_last_lr()[0],
+            "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens_per_s": seen_tokens / seconds,
+            "trainable_tokens": step_tokens, "epoch": stream.epoch, "skipped_no_trainable": stream.skipped_no_trainable,
+        }
+        if peak_flops:
+            record["mfu"] = 6 * n_params * seen_tokens / seconds / (peak_flops * world_size)
+        if val_stream is not None and cfg.eval.every and step % cfg.eval.every == 0:
+            val_stream = ShardStream(cfg.data.validation, val_manifest, cfg.importance.scorer, shuffle=False, epochs=1)
+            record.update(evaluate(engine, val_stream, cfg, val_threshold, device, pad_id))
+        log(record)
+        if step % cfg.train.log_every == 0:
+            bar.set_postfix(loss=f"{record['loss']:.3f}", ce=f"{record['ce']:.3f}", imp=f"{record['important_loss']:.3f}",
+                            unimp=f"{record['unimportant_loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        bar.update(1)
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < total_steps:
+            save_checkpoint(engine, stream, ckpt_root, step, rank, cfg.checkpoint.keep, {"total_steps": total_steps})
+    bar.close()
+
+    # -- save -------------------------------------------------------------------------------------------
+    if val_stream is not None:
+        val_stream = ShardStream(cfg.data.validation, val_manifest, cfg.importance.scorer, shuffle=False, epochs=1)
+        final_eval = evaluate(engine, val_stream, cfg, val_threshold, device, pad_id)
+        log({"step": step, **final_eval})
+        log0("final eval: " + ", ".join(f"{k}={v:.4f}" for k, v in final_eval.items()))
+    save_checkpoint(engine, stream, ckpt_root, step, rank, cfg.checkpoint.keep, {"total_steps": total_steps})
+    export_model(engine, tokenizer, out / "model", rank)
+    if rank == 0:
+        metrics_file.close()
+        if writer is not None:
+            writer.close()
+        (out / "train_summary.json").write_text(json.dumps({"steps": step, "total_steps": total_steps,
+                                                             "skipped_no_trainable": stream.skipped_no_trainable}, indent=2))
+        log0(f"done: {step} steps; model in {out / 'model'}, metrics in {out / 'metrics.jsonl'}")
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

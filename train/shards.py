@@ -1,0 +1,637 @@
+"""Annotated shards for training: open and check, stream row group by row group, pack without padding.
+
+    manifest = open_annotated(uri, tokenizer_sha256, score="tfidf")
+    stream = ShardStream(uri, manifest, "tfidf", seed=0)          # rank / world_size from torch.distributed
+    for batch in stream.micro_batches(max_tokens=8192, num_workers=2):
+        ...                                                        # one micro-batch: dict of tensors
+        checkpoint["data"] = stream.state_dict()                   # exact position, between any two batches
+
+Order of one epoch (nanoGPT / nanochat's rank-sharded Parquet row-group stream, made exact):
+the (shard, row group) units are shuffled with a generator seeded by (seed, epoch) and the rows of each
+unit by (seed, epoch, shard, row group). The concatenation is the epoch's *global* example order. It is
+cut by example, not by unit, into ``world_size`` contiguous blocks (sizes differ by at most one), and
+each rank's block into one contiguous sub-block per DataLoader worker ("role"). So every example is
+seen exactly once per epoch however the units divide, and a worker reads only the row groups that
+overlap its sub-block (one row group in memory at a time), never the whole dataset.
+
+Position: per role ``{epoch, cursor}`` (cursor = examples of the role's sub-block consumed, skipped
+ones included) plus the role the next item comes from. Every yielded item carries its role's position
+after it; the main process records the position of each item it hands out, so ``state_dict()`` is the
+position after the last item the caller received, whatever the workers have prefetched. On resume,
+worker ``w`` plays role ``(next_role + w) % num_workers``: the DataLoader's round-robin over workers
+(skipping exhausted ones) then continues exactly where the interrupted run stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+from typing import Any, Iterable, Iterator
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from pyarrow.fs import FSSpecHandler, PyFileSystem
+import torch.distributed as dist
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from schemas.shard import (
+    EXCESS_LOSS,
+    EXCESS_LOSS_PARTS,
+    ID,
+    INPUT_IDS,
+    LOSS_MASK,
+    MANIFEST_NAME,
+    SCHEMA_VERSION,
+    SHARD_GLOB,
+    Manifest,
+    ShardMetadata,
+    arrow_schema,
+    quantile_from_summary,
+    score_column,
+    score_names,
+)
+from schemas.validate import ShardValidationError, _check_rows, check_directory
+
+STATE_VERSION = 1
+BASE_LOSS, REF_LOSS = EXCESS_LOSS_PARTS  # excess_loss = base_loss - ref_loss (scorer names)
+
+__all__ = ["open_annotated", "corpus_threshold", "pack", "ShardStream", "STATE_VERSION"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Opening and checking an annotated directory
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_local(uri: str) -> bool:
+    """A plain path (no scheme) is checked with schemas.validate; a URI (file://, s3://, gs://) via fsspec."""
+    return "://" not in str(uri)
+
+
+def _join(base: str, name: str) -> str:
+    return f"{str(base).rstrip('/')}/{name}"
+
+
+class _ShownPath(str):
+    """A URI that quacks like the ``Path`` schemas.validate._check_rows formats into its messages."""
+
+    @property
+    def name(self) -> str:
+        return self.rsplit("/", 1)[-1]
+
+
+def _check_remote(uri: str, deep: bool, tokenizer_sha256: str | None) -> Manifest:
+    """Footer-level checks of a directory behind an fsspec URI (the local validator needs a real path).
+
+    Mirrors schemas.validate: manifest, every shard's schema, metadata and footer row count; with
+    ``deep`` also checksums and every row (reusing the validator's row checks), reading one shard
+    at a time.
+    """
+    fs, root = fsspec.core.url_to_fs(uri)
+    manifest_uri = _join(uri, MANIFEST_NAME)
+    problems: list[str] = []
+    if not fs.exists(_join(root, MANIFEST_NAME)):
+        raise ShardValidationError(uri, [f"{manifest_uri}: missing (an annotate job that has not finished leaves no manifest)"])
+    try:
+        with fs.open(_join(root, MANIFEST_NAME), "r", encoding="utf-8") as f:
+            manifest = Manifest.from_dict(json.load(f))
+    except (json.JSONDecodeError, TypeError, KeyError, UnicodeDecodeError) as exc:
+        raise ShardValidationError(uri, [f"{manifest_uri}: not a v{SCHEMA_VERSION} manifest ({type(exc).__name__}: {exc})"]) from exc
+    if manifest.schema_version != SCHEMA_VERSION:
+        raise ShardValidationError(uri, [f"{manifest_uri}: schema_version {manifest.schema_version}, this code reads {SCHEMA_VERSION}"])
+    if tokenizer_sha256 is not None and manifest.tokenizer.get("sha256") != tokenizer_sha256:
+        problems.append(
+            f"{manifest_uri}: tokenizer fingerprint {manifest.tokenizer.get('name')}:{manifest.tokenizer.get('sha256', '')[:12]} "
+            f"differs from the model's tokenizer ({tokenizer_sha256[:12]}); re-annotate with this model's tokenizer"
+        )
+    if not manifest.shards:
+        problems.append(f"{manifest_uri}: lists no shards")
+    scorers = manifest.scorer_names
+    expected_schema = arrow_schema(scorers)
+    listed = {entry.path for entry in manifest.shards}
+    for found in sorted(fs.glob(_join(root, SHARD_GLOB))):
+        name = str(found).rsplit("/", 1)[-1]
+        if name not in listed:
+            problems.append(f"{_join(uri, name)}: shard file not listed in {MANIFEST_NAME}")
+    seen_ids: dict[str, str] = {}
+    totals = {"rows": 0, "tokens": 0, "trainable_tokens": 0}
+    for entry in manifest.shards:
+        path, shown = _join(root, entry.path), _ShownPath(_join(uri, entry.path))
+        if not fs.exists(path):
+            problems.append(f"{shown}: listed in {MANIFEST_NAME} but missing")
+            continue
+        try:
+            with fs.open(path, "rb") as f:
+                parquet = pq.ParquetFile(f)
+                schema, num_rows = parquet.schema_arrow, parquet.metadata.num_rows
+                table = parquet.read() if deep else None
+        except (pa.ArrowInvalid, OSError) as exc:
+            problems.append(f"{shown}: not a readable Parquet file ({exc})")
+            continue
+        if not schema.remove_metadata().equals(expected_schema):
+            problems.append(f"{shown}: columns {schema.names} / types differ from shard schema v{SCHEMA_VERSION} with scorers {scorers}")
+            continue
+        try:
+            meta = ShardMetadata.from_schema(schema)
+        except (KeyError, json.JSONDecodeError, TypeError) as exc:
+            problems.append(f"{shown}: bad file metadata ({exc})")
+            continue
+        if meta.schema_version != SCHEMA_VERSION:
+            problems.append(f"{shown}: schema_version {meta.schema_version}, expected {SCHEMA_VERSION}")
+        if meta.tokenizer != manifest.tokenizer:
+            problems.append(f"{shown}: tokenizer fingerprint {meta.tokenizer} differs from the manifest's {manifest.tokenizer}")
+        if [s.name for s in meta.scorers] != scorers:
+            problems.append(f"{shown}: scorers {[s.name for s in meta.scorers]} differ from the manifest's {scorers}")
+        if num_rows != entry.rows:
+            problems.append(f"{shown}: {num_rows} rows, manifest says {entry.rows}")
+        if deep and table is not None:
+            digest = hashlib.sha256()
+            with fs.open(path, "rb") as f:
+                while block := f.read(1 << 20):
+                    digest.update(block)
+            if digest.hexdigest() != entry.sha256:
+                problems.append(f"{shown}: sha256 differs from the manifest (file changed after annotation)")
+            problems.extend(_check_rows(shown, table, scorers, entry, seen_ids, totals))  # type: ignore[arg-type]
+    if deep:
+        for key, value in totals.items():
+            if manifest.totals.get(key) != value:
+                problems.append(f"{manifest_uri}: totals.{key} = {manifest.totals.get(key)}, shards hold {value}")
+    if problems:
+        raise ShardValidationError(uri, problems)
+    return manifest
+
+
+def open_annotated(uri: str, tokenizer_sha256: str | None, score: str, *, deep: bool = False) -> Manifest:
+    """Check an annotated directory for training on ``score`` and return its manifest.
+
+    Args:
+        uri: a local directory, or an fsspec URI (``file://``, ``s3://``, ``gs://`` ...).
+        tokenizer_sha256: the model tokenizer's fingerprint (schemas.tokenizer_fingerprint); None skips
+            the check (tests, or a deliberate override).
+        score: a stored scorer's name (``tfidf``, ``ref_loss`` ...) or ``excess_loss`` when both
+            ``base_loss`` and ``ref_loss`` are stored.
+        deep: also read every byte (checksums, list lengths, finite scores, unique ids). Off by
+            default: it reads the whole dataset once; the stream still refuses a NaN score it meets.
+
+    Raises:
+        ShardValidationError: the directory breaks the shard contract (each problem names its file),
+            including a tokenizer fingerprint mismatch.
+        ValueError: ``score`` is not available, or the dataset holds no rows / no trainable token.
+    """
+    uri = str(uri)
+    if _is_local(uri):
+        manifest = check_directory(uri, deep=deep, tokenizer_sha256=tokenizer_sha256)
+    else:
+        manifest = _check_remote(uri, deep, tokenizer_sha256)
+    where = _join(uri, MANIFEST_NAME)
+    available = score_names(manifest.scorer_names)
+    if score not in available:
+        hint = ""
+        if score == EXCESS_LOSS:
+            hint = f"; {EXCESS_LOSS} needs both {BASE_LOSS} and {REF_LOSS} annotated"
+        elif score.startswith("score_"):
+            hint = f"; name the scorer, not its column (e.g. {score[len('score_'):]!r})"
+        raise ValueError(f"{where}: score {score!r} (train option `score`) is not in this directory; it offers {available}{hint}")
+    rows = sum(entry.rows for entry in manifest.shards)
+    if rows == 0:
+        raise ValueError(f"{where}: empty dataset (0 rows in {len(manifest.shards)} shards); nothing to train on")
+    if sum(entry.trainable_tokens for entry in manifest.shards) == 0:
+        raise ValueError(f"{where}: {rows} rows but no trainable token (every loss_mask is false)")
+    return manifest
+
+
+def corpus_threshold(manifest: Manifest, score: str, rho: float) -> float:
+    """The "corpus" scope's fixed threshold: the rho-quantile of all trainable-token scores.
+
+    Read from the manifest's merged quantile sketch, so it costs no pass over the data.
+    """
+    if not 0.0 <= rho < 1.0:
+        raise ValueError(f"rho must be in [0, 1), got {rho}")
+    summary = manifest.score_stats.get(score)
+    if not summary:
+        raise ValueError(f"manifest has no score_stats for {score!r} (has {sorted(manifest.score_stats)}); "
+                         "re-annotate, or use the sequence or batch scope")
+    return quantile_from_summary(summary, rho)
+
+
+# ---------------------------------------------------------------------------------------------
+# Packing
+# ---------------------------------------------------------------------------------------------
+
+
+def _collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Concatenate examples into one padding-free micro-batch."""
+
+    def cat(key: str, dtype: torch.dtype) -> torch.Tensor:
+        # One numpy concatenation (a fresh, writable array), then one tensor: no per-example tensors.
+        return torch.from_numpy(np.concatenate([np.asarray(ex[key]) for ex in examples])).to(dtype)
+
+    seq_lens = [int(len(ex[INPUT_IDS])) for ex in examples]
+    refs = [ex.get("ref_loss") for ex in examples]
+    batch: dict[str, Any] = {
+        INPUT_IDS: cat(INPUT_IDS, torch.long),
+        # Restart at 0 per example: with position_ids, attention kernels (FlashAttention varlen,
+        # FlexAttention, HF's packed-sequence path) keep examples from attending to each other.
+        "position_ids": torch.cat([torch.arange(n, dtype=torch.long) for n in seq_lens]),
+        "seq_lens": seq_lens,
+        LOSS_MASK: cat(LOSS_MASK, torch.bool),
+        "score": cat("score", torch.float32),
+        "ref_loss": None if any(r is None for r in refs) else cat("ref_loss", torch.float32),
+        "ids": [str(ex["id"]) for ex in examples],
+    }
+    last = examples[-1]
+    if "position" in last:  # the stream's resume point after this micro-batch
+        batch["epoch"] = last["position"]["epoch"]
+        batch["position"] = dict(last["position"])
+    return batch
+
+
+def pack(examples_iter: Iterable[dict[str, Any]], max_tokens: int) -> Iterator[dict[str, Any]]:
+    """Greedily concatenate consecutive examples into micro-batches of at most ``max_tokens`` tokens.
+
+    Order-preserving (no bin packing), so a micro-batch ends after a known example and the stream's
+    position after it is exact. An example longer than ``max_tokens`` becomes a micro-batch of its
+    own (annotate already truncated it to the model's context, so it fits the model; the budget is
+    a memory target, not a hard limit).
+
+    Each example: a dict with ``id``, ``input_ids``, ``loss_mask``, ``score`` and optionally
+    ``ref_loss`` (numpy arrays or tensors, equal lengths) and ``position``. Each micro-batch:
+    ``input_ids`` [T] long, ``position_ids`` [T] long (0 at each example's start), ``seq_lens``
+    list[int], ``loss_mask`` [T] bool, ``score`` [T] float32, ``ref_loss`` [T] float32 or None,
+    ``ids`` list[str], and ``epoch`` / ``position`` of its last example when the examples carry one.
+    """
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    buffer: list[dict[str, Any]] = []
+    used = 0
+    for example in examples_iter:
+        n = len(example[INPUT_IDS])
+        if buffer and used + n > max_tokens:
+            yield _collate(buffer)
+            buffer, used = [], 0
+        buffer.append(example)
+        used += n
+        if used >= max_tokens:  # full, or one over-long example alone: emit now rather than wait
+            yield _collate(buffer)
+            buffer, used = [], 0
+    if buffer:
+        yield _collate(buffer)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stream
+# ---------------------------------------------------------------------------------------------
+
+
+def _split(n: int, parts: int, index: int) -> tuple[int, int]:
+    """Bounds of part ``index`` of ``n`` items cut into ``parts`` contiguous parts (sizes differ by <= 1)."""
+    return index * n // parts, (index + 1) * n // parts
+
+
+def _list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(offsets from 0, flat values) of a list column, without a Python object per row."""
+    array = table.column(name).combine_chunks()
+    if isinstance(array, pa.ChunkedArray):  # older pyarrow returns a ChunkedArray here
+        array = pa.concat_arrays(array.chunks)
+    offsets = array.offsets.to_numpy().astype(np.int64)
+    # flatten() honours a slice's offset (.values would not), so the offsets are rebased to match.
+    return offsets - offsets[0], array.flatten().to_numpy(zero_copy_only=False)
+
+
+class ShardStream(IterableDataset):
+    """Examples or packed micro-batches of an annotated directory, sharded, shuffled and resumable.
+
+    Args:
+        uri: the directory or fsspec URI given to :func:`open_annotated`.
+        manifest: what :func:`open_annotated` returned (the stream trusts it: open first).
+        score: scorer name, or ``excess_loss`` (= base_loss - ref_loss, computed here per token).
+        rank, world_size: data-parallel position; None takes them from torch.distributed when it is
+            initialized, else 0 and 1.
+        seed: the shuffle seed; epoch ``e``'s order depends only on (seed, e).
+        shuffle: False keeps file order (shard, row group, row) every epoch.
+        with_ref_loss: also return the stored ``ref_loss`` per token (Rho-1's online form).
+        epochs: number of epochs to yield (counted from epoch 0); None = endless, the trainer stops.
+        max_tokens: when set, iterating yields packed micro-batches (see :func:`pack`).
+
+    Iterating yields, per example: ``id``, ``input_ids`` long, ``loss_mask`` bool, ``score``
+    float32, ``ref_loss`` float32 or None, ``epoch``, ``position``. The first token's loss_mask is
+    always false: position 0 predicts nothing (METHOD.md), whatever the shard says. Examples with no
+    trainable token left are skipped and counted in :attr:`skipped_no_trainable`.
+
+    With ``DataLoader(stream, num_workers=n)`` the main process must call :meth:`record` on each
+    item and drop items marked ``end_of_stream`` (position only: skipped examples after a worker's
+    last item, at the end of a finite stream); :meth:`micro_batches` and :meth:`examples` do both.
+    """
+
+    def __init__(
+        self,
+        uri: str,
+        manifest: Manifest,
+        score: str,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+        seed: int = 0,
+        shuffle: bool = True,
+        with_ref_loss: bool = False,
+        epochs: int | None = None,
+        max_tokens: int | None = None,
+    ) -> None:
+        super().__init__()
+        if rank is None or world_size is None:
+            initialized = dist.is_available() and dist.is_initialized()
+            rank = rank if rank is not None else (dist.get_rank() if initialized else 0)
+            world_size = world_size if world_size is not None else (dist.get_world_size() if initialized else 1)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        if score not in score_names(manifest.scorer_names):
+            raise ValueError(f"score {score!r} is not in the manifest (offers {score_names(manifest.scorer_names)})")
+        if with_ref_loss and REF_LOSS not in manifest.scorer_names:
+            raise ValueError(f"with_ref_loss needs a {score_column(REF_LOSS)!r} column; the manifest has scorers {manifest.scorer_names}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0, got {seed}")
+        self.uri, self.manifest, self.score = str(uri), manifest, score
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.with_ref_loss, self.epochs, self.max_tokens = with_ref_loss, epochs, max_tokens
+        self._fs, self._root = fsspec.core.url_to_fs(self.uri)
+
+        # Only these columns are ever read: never `source`, never another scorer's column.
+        self._score_columns = (
+            [score_column(BASE_LOSS), score_column(REF_LOSS)] if score == EXCESS_LOSS else [score_column(score)]
+        )
+        self.columns: list[str] = [ID, INPUT_IDS, LOSS_MASK, *self._score_columns]
+        if with_ref_loss and score_column(REF_LOSS) not in self.columns:
+            self.columns.append(score_column(REF_LOSS))
+
+        # Units from the footers (metadata only): (shard index, row group index, rows).
+        self.units: list[tuple[int, int, int]] = []
+        for index, entry in enumerate(manifest.shards):
+            with self._open(index) as parquet:
+                for group in range(parquet.metadata.num_row_groups):
+                    rows = parquet.metadata.row_group(group).num_rows
+                    if rows:
+                        self.units.append((index, group, rows))
+        self.num_examples = sum(rows for _, _, rows in self.units)
+        self._unit_starts = np.concatenate([[0], np.cumsum([rows for _, _, rows in self.units])]).astype(np.int64)
+
+        # Position (main process): see the module docstring.
+        self._num_roles: int | None = None
+        self._roles: list[dict[str, int]] = []
+        self._next_role = 0
+        self._handle: tuple[int, Any] | None = None  # (shard index, open ParquetFile) of this process
+
+    # --- files -------------------------------------------------------------------------------
+
+    def _shard_uri(self, index: int) -> str:
+        return _join(self.uri, self.manifest.shards[index].path)
+
+    def _open(self, index: int) -> pq.ParquetFile:
+        """Open shard ``index``: local files directly, others through fsspec (ParquetFile owns the handle)."""
+        path = _join(self._root, self.manifest.shards[index].path)
+        try:
+            if isinstance(self._fs, LocalFileSystem):
+                return pq.ParquetFile(path)
+            return pq.ParquetFile(path, filesystem=PyFileSystem(FSSpecHandler(self._fs)))
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ValueError(f"{self._shard_uri(index)}: not a readable Parquet file ({exc})") from exc
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_handle"] = None  # open files stay in their process; a worker opens its own
+        return state
+
+    def _read_unit(self, shard: int, group: int) -> pa.Table:
+        """One row group, only :attr:`columns`; keeps the shard open for its next row group."""
+        if self._handle is None or self._handle[0] != shard:
+            if self._handle is not None:
+                self._handle[1].close()
+            self._handle = (shard, self._open(shard))
+        try:
+            return self._handle[1].read_row_group(group, columns=self.columns)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise ValueError(f"{self._shard_uri(shard)}: row group {group} is corrupt ({exc})") from exc
+
+    # --- order -------------------------------------------------------------------------------
+
+    def _unit_order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.units))
+        # The trailing tag keeps this stream apart from the row generators' (SeedSequence pads with 0).
+        return np.random.default_rng([self.seed, epoch, 0]).permutation(len(self.units))
+
+    def _row_order(self, epoch: int, unit: int) -> np.ndarray:
+        shard, group, rows = self.units[unit]
+        if not self.shuffle:
+            return np.arange(rows)
+        # Seeded by the unit itself, so a worker that reads only this unit needs no other state.
+        return np.random.default_rng([self.seed, epoch, 1, shard, group]).permutation(rows)
+
+    def epoch_order(self, epoch: int) -> list[tuple[int, int, int]]:
+        """The epoch's global example order as (shard, row group, row) — for tests and debugging."""
+        return [(self.units[u][0], self.units[u][1], int(r)) for u in self._unit_order(epoch) for r in self._row_order(epoch, u)]
+
+    def _block(self, role: int, num_roles: int) -> tuple[int, int]:
+        """Global positions [start, stop) of this rank's role ``role`` in every epoch's order."""
+        lo, hi = _split(self.num_examples, self.world_size, self.rank)
+        a, b = _split(hi - lo, num_roles, role)
+        return lo + a, lo + b
+
+    def _epoch_rows(self, epoch: int, start: int, stop: int) -> Iterator[dict[str, Any]]:
+        """Examples at global positions [start, stop) of epoch ``epoch``, reading only overlapping units."""
+        offset = 0
+        for unit in self._unit_order(epoch):
+            shard, group, rows = self.units[unit]
+            lo, hi = max(start - offset, 0), min(stop - offset, rows)
+            offset += rows
+            if lo >= hi:
+                if offset >= stop:
+                    break
+                continue
+            picked = self._row_order(epoch, unit)[lo:hi]
+            yield from self._examples_of(self._read_unit(shard, group), picked, shard, group)
+            if offset >= stop:
+                break
+
+    def _examples_of(self, table: pa.Table, rows: np.ndarray, shard: int, group: int) -> Iterator[dict[str, Any]]:
+        ids = table.column(ID).to_pylist()
+        offsets, input_ids = _list_column(table, INPUT_IDS)
+        columns = {name: _list_column(table, name) for name in self.columns if name not in (ID, INPUT_IDS)}
+        for name, (other, _) in columns.items():
+            # Quick validation reads footers only; a cheap check here keeps tokens and scores aligned.
+            if not np.array_equal(other, offsets):
+                raise ValueError(f"{self._shard_uri(shard)}: row group {group}: {name} lengths differ from input_ids")
+        base = {name: values for name, (_, values) in columns.items()}
+        if self.score == EXCESS_LOSS:
+            score = base[score_column(BASE_LOSS)].astype(np.float32) - base[score_column(REF_LOSS)].astype(np.float32)
+        else:
+            score = base[score_column(self.score)].astype(np.float32, copy=False)
+        ref = base.get(score_column(REF_LOSS)) if self.with_ref_loss else None
+        for name, values in ((self.score, score), (REF_LOSS, ref)):
+            bad = None if values is None else ~np.isfinite(values)
+            if bad is not None and bad.any():  # the whole row group: caught whichever rows this role takes
+                row = int(np.searchsorted(offsets, np.flatnonzero(bad)[0], side="right")) - 1
+                raise ValueError(f"{self._shard_uri(shard)}: row group {group}, row {row} (id {ids[row]}): "
+                                 f"{name} holds NaN or infinite values; run python -m schemas.validate on it")
+        mask_values = base[LOSS_MASK].astype(bool, copy=False)
+        for row in rows:
+            s, e = int(offsets[row]), int(offsets[row + 1])
+            mask = mask_values[s:e].copy()
+            mask[:1] = False  # position 0 predicts nothing (no previous token)
+            yield {
+                "id": ids[row],
+                INPUT_IDS: input_ids[s:e].astype(np.int64),
+                LOSS_MASK: mask,
+                # Copies: the row group's arrays are read-only Arrow memory, and an example outlives it.
+                "score": score[s:e].copy(),
+                "ref_loss": None if ref is None else ref[s:e].astype(np.float32),
+            }
+
+    # --- iteration ---------------------------------------------------------------------------
+
+    def _ensure_roles(self, num_roles: int) -> None:
+        if self._num_roles is None:
+            self._num_roles = num_roles
+            self._roles = [{"epoch": 0, "cursor": 0, "skipped": 0} for _ in range(num_roles)]
+            self._next_role = 0
+        elif self._num_roles != num_roles:
+            raise ValueError(f"this stream's position is split over {self._num_roles} reader(s) (DataLoader num_workers="
+                             f"{self._num_roles}, or 0 for one); it is being read by {num_roles}: resume with the same "
+                             "num_workers, or start from a fresh stream")
+
+    def _role_examples(self, role: int, num_roles: int, state: dict[str, int], final: dict[str, int]) -> Iterator[dict[str, Any]]:
+        """Role ``role``'s examples from ``state`` on, epoch after epoch; each carries its position after it.
+
+        When the role's stream ends, ``final`` receives its last position (skips after the last
+        example included), for the end-of-stream marker.
+        """
+        start, stop = self._block(role, num_roles)
+        if stop <= start:
+            return  # more workers than examples in this rank's share: this role has nothing, ever
+        epoch, cursor, skipped = state["epoch"], state["cursor"], state["skipped"]
+        while self.epochs is None or epoch < self.epochs:
+            yielded = False
+            for example in self._epoch_rows(epoch, start + cursor, stop):
+                cursor += 1
+                if not example[LOSS_MASK].any():
+                    skipped += 1
+                    continue
+                yielded = True
+                example["epoch"] = epoch
+                example["position"] = {"role": role, "roles": num_roles, "epoch": epoch, "cursor": cursor, "skipped": skipped}
+                yield example
+            if not yielded and state["cursor"] == 0 and self.epochs is None:
+                # A whole epoch of this role without one trainable example: stop rather than spin forever.
+                final.update(epoch=epoch + 1, cursor=0, skipped=skipped)
+                return
+            epoch, cursor, state = epoch + 1, 0, {"epoch": epoch + 1, "cursor": 0, "skipped": skipped}
+        final.update(epoch=epoch, cursor=0, skipped=skipped)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        num_roles, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        self._ensure_roles(num_roles)
+        # Rotation: worker 0 takes the role the interrupted run would have served next.
+        role = (self._next_role + worker) % num_roles
+        final: dict[str, int] = {}
+        last_skipped = self._roles[role]["skipped"]
+        source: Iterable[dict[str, Any]] = self._role_examples(role, num_roles, dict(self._roles[role]), final)
+        if self.max_tokens is not None:
+            # Pack per epoch so a micro-batch never spans two epochs (its position names one).
+            source = (batch for _, group in itertools.groupby(source, key=lambda ex: ex["epoch"])
+                      for batch in pack(group, self.max_tokens))
+        for item in source:
+            if self.max_tokens is None:
+                item = {k: (torch.from_numpy(v) if isinstance(v, np.ndarray) else v) for k, v in item.items()}
+            if info is None:  # in-process: this object is the caller's, keep its position current
+                self.record(item)
+            last_skipped = item["position"]["skipped"]
+            yield item
+        if final and final["skipped"] != last_skipped:
+            # Examples skipped after the last item would go uncounted: a position-only marker carries them.
+            end = {"end_of_stream": True, "position": {"role": role, "roles": num_roles, **final}}
+            if info is None:
+                self.record(end)
+            else:
+                yield end  # the main process records it and drops it (see _deliver)
+
+    def record(self, item: dict[str, Any]) -> None:
+        """Note that ``item`` (example or micro-batch) was handed to the caller: advance the position."""
+        position = item["position"]
+        if self._num_roles is None:
+            self._ensure_roles(int(position["roles"]))
+        role = int(position["role"])
+        self._roles[role] = {"epoch": int(position["epoch"]), "cursor": int(position["cursor"]), "skipped": int(position["skipped"])}
+        self._next_role = (role + 1) % int(position["roles"])
+
+    def _deliver(self, num_workers: int, loader_kwargs: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        if num_workers == 0:
+            yield from iter(self)
+            return
+        self._ensure_roles(num_workers)  # before the workers copy this object
+        loader = DataLoader(self, batch_size=None, num_workers=num_workers, **loader_kwargs)
+        for item in loader:
+            self.record(item)
+            if not item.get("end_of_stream"):
+                yield item
+
+    def micro_batches(self, max_tokens: int, num_workers: int = 0, **loader_kwargs: Any) -> Iterator[dict[str, Any]]:
+        """Packed micro-batches (see :func:`pack`), through a DataLoader when ``num_workers`` > 0.
+
+        The position is recorded as each batch is handed out, so :meth:`state_dict` taken between two
+        batches resumes at the next one exactly. ``num_workers`` must stay the same across a resume.
+        """
+        self.max_tokens = int(max_tokens)
+        return self._deliver(num_workers, loader_kwargs)
+
+    def examples(self, num_workers: int = 0, **loader_kwargs: Any) -> Iterator[dict[str, Any]]:
+        """Single examples (tensors), through a DataLoader when ``num_workers`` > 0."""
+        self.max_tokens = None
+        return self._deliver(num_workers, loader_kwargs)
+
+    # --- position ----------------------------------------------------------------------------
+
+    @property
+    def skipped_no_trainable(self) -> int:
+        """Examples skipped for having no trainable token, up to the last item handed out."""
+        return sum(role["skipped"] for role in self._roles)
+
+    @property
+    def epoch(self) -> int:
+        """The oldest epoch a role is still in (roles advance independently)."""
+        return min((role["epoch"] for role in self._roles), default=0)
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serializable position, plus what the order depends on (checked on load)."""
+        return {
+            "version": STATE_VERSION,
+            "uri": self.uri,
+            "score": self.score,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "num_examples": self.num_examples,
+            "num_roles": self._num_roles,
+            "roles": copy.deepcopy(self._roles),
+            "next_role": self._next_role,
+            "max_tokens": self.max_tokens,
+            "skipped_no_trainable": self.skipped_no_trainable,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`; refuses a state whose order this stream would not reproduce."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"stream state version {state.get('version')}, this code reads {STATE_VERSION}")
+        for key in ("seed", "shuffle", "rank", "world_size", "num_examples"):
+            if state[key] != getattr(self, key):
+                raise ValueError(f"stream state has {key}={state[key]!r}, this stream {getattr(self, key)!r}: "
+                                 "resuming would not continue the same order (same data, seed and world_size needed)")
+        self._num_roles = state["num_roles"]
+        self._roles = copy.deepcopy(state["roles"])
+        self._next_role = int(state["next_role"])
