@@ -7,9 +7,10 @@ Keys are the dataclass field names, dotted by section (``optim.lr``), with one e
 field ``LossConfig.lambda_`` is the key ``loss.lambda`` in YAML, on the command line and in saved
 configs (``lambda`` is a Python keyword). Values on the command line are parsed with
 ``yaml.safe_load`` (``loss.rho1_rho=null``, ``optim.betas=[0.9,0.95]``) except for string options,
-which take the text as written. Every value is checked against the field's type (``1e-5`` is
-accepted for a float although YAML 1.1 reads it as a string); unknown keys are errors that name
-the key, where it came from and the nearest known key.
+which take the text as written (``data.train=007``) unless it is quoted (``data.validation="''"``
+is empty; so is ``data.validation=``). Every value is checked against the field's type (``1e-5``
+is accepted for a float although YAML 1.1 reads it as a string); unknown keys are errors that
+name the key, where it came from and the nearest known key.
 
 Order: defaults <- each ``--config FILE`` in turn <- each ``a.b=c`` in turn (``--a.b=c`` and
 ``--a.b c`` are accepted too). :func:`load_config` only parses; :func:`validate` checks values and
@@ -45,10 +46,11 @@ from typing import Any
 import yaml
 
 from schemas.shard import EXCESS_LOSS, EXCESS_LOSS_PARTS, Manifest, atomic_write_text, score_names
+from train.schedule import SCHEDULES
 
 REPO = Path(__file__).resolve().parents[1]
 REPORTERS = ("jsonl", "tensorboard")
-LR_SCHEDULES = ("cosine", "linear", "constant")
+LR_SCHEDULES = SCHEDULES  # train.schedule owns the names
 DTYPES = ("auto", "float32", "bfloat16")
 RESUME_MODES = ("auto", "never")
 REF_LOSS = EXCESS_LOSS_PARTS[1]
@@ -316,7 +318,8 @@ def _set_dotted(config: TrainConfig, dotted: str, raw: str, source: str, problem
         if not last:
             problems.append(f"{source}: unknown key {dotted!r}: {here} is an option, not a section")
             return
-        value = raw if tp is str else _parse_value(raw)
+        quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+        value = raw if tp is str and not quoted else _parse_value(raw)
         try:
             setattr(obj, f.name, _coerce(value, tp))
         except _BadValue as exc:

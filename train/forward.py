@@ -208,8 +208,10 @@ def packed_hidden_states(
 
 
 def _chunk_ce(lm_head: nn.Module, softcap: float | None, hidden: Tensor, src: Tensor, labels: Tensor) -> Tensor:
-    """Per-token fp32 CE of one chunk: logits of the rows ``src`` of ``hidden`` against ``labels``."""
-    logits = lm_head(hidden.index_select(0, src)).float()
+    """Per-token CE of one chunk (at least fp32): logits of the rows ``src`` of ``hidden`` against ``labels``."""
+    logits = lm_head(hidden.index_select(0, src))
+    # Upcast bf16/fp16 logits to fp32 for the log-softmax; never downcast (an fp64 model stays fp64).
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if softcap:  # e.g. Gemma-2's final logit soft-capping; None for Llama
         logits = torch.tanh(logits / softcap) * softcap
     return F.cross_entropy(logits, labels, reduction="none")
@@ -223,14 +225,14 @@ def chunked_token_ce(
     loss_mask: Tensor,
     chunk_size: int = 4096,
 ) -> Tensor:
-    """Per-token fp32 cross-entropy of the trainable targets from final hidden states ``[T, H]``.
+    """Per-token cross-entropy (fp32, or fp64 for an fp64 model) of the trainable targets from hidden states ``[T, H]``.
 
     ``lm_head`` runs on at most ``chunk_size`` target rows at a time, each chunk under a non-reentrant
     ``torch.utils.checkpoint`` so its logits are freed after the forward and recomputed in the backward.
     Without autograd (``torch.no_grad``, scoring) chunks run directly.
 
     Returns:
-        Tensor[n] (float32), n = ``loss_mask.sum()``, in packed order.
+        Tensor[n] (float32; float64 for a float64 model), n = ``loss_mask.sum()``, in packed order.
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
@@ -280,7 +282,7 @@ def token_losses(
             ``"sdpa"``, ``"eager"``, ``"flex_attention"``.
 
     Returns:
-        Tensor[n] float32 with n = ``loss_mask.sum()``: the losses of the trainable tokens in packed order;
+        Tensor[n] float32 (float64 for a float64 model) with n = ``loss_mask.sum()``: the losses of the trainable tokens in packed order;
         differentiable w.r.t. the model's parameters.
     """
     hidden = packed_hidden_states(model, input_ids, position_ids, seq_lens, attn_implementation)

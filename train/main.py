@@ -19,7 +19,6 @@ import shutil
 import socket
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -66,24 +65,6 @@ def setup_distributed() -> tuple[int, int, torch.device]:
         device = torch.device("cpu")
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
-
-
-def deepspeed_config(cfg: Any, world_size: int, use_bf16: bool) -> dict[str, Any]:
-    """The checked-in ZeRO-3 JSON with our config's sizes filled in (no optimizer: a client AdamW)."""
-    with open(cfg.deepspeed_config, encoding="utf-8") as f:
-        ds = json.load(f)
-    ds["train_micro_batch_size_per_gpu"] = 1  # one packed row per micro-batch
-    ds["gradient_accumulation_steps"] = cfg.train.grad_accum
-    ds["train_batch_size"] = cfg.train.grad_accum * world_size
-    ds["gradient_clipping"] = cfg.optim.grad_clip
-    ds["bf16"] = {"enabled": use_bf16}
-    ds.pop("fp16", None)
-    for key, value in list(ds.get("zero_optimization", {}).items()):
-        if value == "auto":
-            ds["zero_optimization"].pop(key)  # DeepSpeed's own default
-    ds.pop("optimizer", None)
-    ds.pop("scheduler", None)
-    return ds
 
 
 def log0(*args: Any) -> None:
@@ -242,8 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         fingerprint = tokenizer_fingerprint(tokenizer)["sha256"]
         manifest = open_annotated(cfg.data.train, fingerprint, cfg.importance.scorer, deep=cfg.data.deep_validate)
         train_config.validate_against_data(cfg, manifest)
-        val_manifest = (open_annotated(cfg.data.validation, fingerprint, cfg.importance.scorer, deep=cfg.data.deep_validate)
-                        if cfg.data.validation else None)
+        val_manifest = None
+        if cfg.data.validation:
+            val_manifest = open_annotated(cfg.data.validation, fingerprint, cfg.importance.scorer, deep=cfg.data.deep_validate)
+            train_config.validate_against_data(cfg, val_manifest, uri=cfg.data.validation)
     except (ValueError, OSError) as exc:
         log0(f"error: {exc}")
         dist.destroy_process_group()
@@ -259,8 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
 
-    use_bf16 = cfg.train.dtype == "bfloat16" or (cfg.train.dtype == "auto" and device.type == "cuda")
-    ds_config = deepspeed_config(cfg, world_size, use_bf16)
+    dtype_name = train_config.resolve_dtype(cfg, cuda=device.type == "cuda")
+    use_bf16 = dtype_name == "bfloat16"
+    ds_config = train_config.deepspeed_dict(cfg, world_size=world_size, dtype=dtype_name)
     rho1 = cfg.loss.name == "rho1"
     stream = ShardStream(cfg.data.train, manifest, cfg.importance.scorer, seed=cfg.seed, shuffle=cfg.data.shuffle,
                          with_ref_loss=rho1, epochs=cfg.train.epochs)
@@ -281,18 +265,20 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "norm" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "norm" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    scheduler = make_scheduler(optimizer, total_steps, cfg.optim)
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config)
-    loss_options = {"sftgo": {"lambda_": cfg.loss.lambda_, "lambda_schedule": cfg.loss.lambda_schedule,
-                              "lambda_max": cfg.loss.lambda_max, "lambda_min": cfg.loss.lambda_min},
-                    "rho1": {"rho": cfg.loss.rho1_rho if cfg.loss.rho1_rho is not None else cfg.importance.rho},
-                    "infosft": {"p": cfg.loss.infosft_p}}.get(cfg.loss.name, {})
-    loss_fn = build_loss(cfg.loss.name, **loss_options)
+    # Weight decay on matrices only; ZeRO-3 has already partitioned the parameters (p.shape is empty),
+    # so read the full shape from ds_shape.
+    def is_matrix(name: str, param: torch.nn.Parameter) -> bool:
+        return len(getattr(param, "ds_shape", param.shape)) >= 2 and "norm" not in name
+
+    params = list(model.named_parameters())
+    groups = [{"params": [p for n, p in params if is_matrix(n, p)], "weight_decay": cfg.optim.weight_decay},
+              {"params": [p for n, p in params if not is_matrix(n, p)], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    # The scheduler is built on DeepSpeed's wrapped optimizer (a callable), so their param groups agree.
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config,
+        lr_scheduler=lambda wrapped: make_scheduler(wrapped, total_steps, cfg.optim))
+    loss_fn = build_loss(cfg.loss.name, **train_config.loss_options(cfg))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
     # -- resume ---------------------------------------------------------------------------------------

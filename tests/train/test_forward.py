@@ -18,18 +18,19 @@ from train.forward import (
 )
 
 SEQ_LENS = [9, 14, 6, 11]  # 40 packed tokens; several examples so leaks have somewhere to come from
-IMPLS = ["sdpa", "eager", "flex_attention"]
+IMPLS = ["sdpa", "eager"]
+
+# flex_attention on CPU (torch 2.13, measured here): forward works through inductor (needs a C++ compiler)
+# but (a) backward raises NotImplementedError("FlexAttention does not support backward on CPU"),
+# (b) a second distinct sequence length triggers a dynamic-shape recompile whose generated C++ does not
+# compile ("cur_qSplitSize8 was not declared"), and (c) with head_dim 16 (the shared tiny Llama) the
+# compiled kernel returns wrong values / NaN for some lengths (8, 24, 40, ...); head_dim 32/64 are right.
+# So the flex case runs forward-only, on a head_dim-64 model, at one static shape.
+FLEX_CPU_BACKWARD = "FlexAttention does not support backward on CPU (torch 2.13: NotImplementedError)"
 
 
 def _has_cxx_compiler() -> bool:
     return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
-
-
-def _skip_if_unavailable(impl: str) -> None:
-    # flex_attention runs through torch.compile (transformers' compile_friendly_flex_attention); on CPU
-    # inductor generates C++ and needs a compiler. With one (this machine: gcc) it works on CPU.
-    if impl == "flex_attention" and not _has_cxx_compiler():
-        pytest.skip("flex_attention on CPU is compiled by inductor, which needs a C++ compiler; none found")
 
 
 def _load(model_dir, impl: str):
@@ -67,7 +68,8 @@ def _naive_token_losses(model, input_ids, position_ids, seq_lens, loss_mask) -> 
     """Full-vocabulary fp32 logits for the whole row, then CE: the memory-hungry reference."""
     impl = model.config._attn_implementation
     mask = packed_attention_mask(seq_lens, impl, device=input_ids.device, dtype=model.dtype)
-    logits = model(input_ids=input_ids[None], position_ids=position_ids[None], attention_mask=mask, use_cache=False).logits[0].float()
+    out = model(input_ids=input_ids[None], position_ids=position_ids[None], attention_mask=mask, use_cache=False)
+    logits = out.logits[0].to(torch.promote_types(out.logits.dtype, torch.float32))
     targets = target_positions(seq_lens, loss_mask)
     return F.cross_entropy(logits[targets - 1], input_ids[targets], reduction="none")
 
@@ -77,7 +79,6 @@ def _naive_token_losses(model, input_ids, position_ids, seq_lens, loss_mask) -> 
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_packed_losses_equal_unpacked(tiny_llama_dir, impl):
-    _skip_if_unavailable(impl)
     model = _load(tiny_llama_dir, impl)
     input_ids, position_ids, loss_mask = _packed_batch()
     with torch.no_grad():
@@ -91,7 +92,6 @@ def test_packed_losses_equal_unpacked(tiny_llama_dir, impl):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_packed_gradient_equals_sum_of_unpacked_gradients(tiny_llama_dir, impl):
     """Training on a packed row is training on its examples: same loss sum, same parameter gradients."""
-    _skip_if_unavailable(impl)
     model = _load(tiny_llama_dir, impl)
     input_ids, position_ids, loss_mask = _packed_batch(seed=1)
     token_losses(model, input_ids, position_ids, SEQ_LENS, loss_mask, chunk_size=5).sum().backward()
@@ -100,6 +100,38 @@ def test_packed_gradient_equals_sum_of_unpacked_gradients(tiny_llama_dir, impl):
     _unpacked_reference(model, input_ids, SEQ_LENS, loss_mask).sum().backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(packed_grads[name], p.grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def _head_dim_64_llama(seed: int = 0):
+    """Tiny random Llama with head_dim 64 (like SmolLM2), SmolLM2's vocabulary, sdpa to start with."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=4096, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=2, attn_implementation="sdpa",
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.skipif(not _has_cxx_compiler(), reason="flex_attention on CPU is compiled by inductor: needs a C++ compiler")
+def test_flex_attention_packed_losses_equal_unpacked_cpu():
+    model = _head_dim_64_llama()
+    input_ids, position_ids, loss_mask = _packed_batch(seed=9)
+    with torch.no_grad():
+        reference = _unpacked_reference(model, input_ids, SEQ_LENS, loss_mask)  # sdpa, one example at a time
+        model.set_attn_implementation("flex_attention")
+        assert model.config._attn_implementation == "flex_attention"
+        # One static shape: no dynamic-shape recompile (broken on CPU, see above).
+        with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+            packed = token_losses(model, input_ids, position_ids, SEQ_LENS, loss_mask, chunk_size=7)
+    torch.testing.assert_close(packed, reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.skip(reason=FLEX_CPU_BACKWARD)
+def test_flex_attention_packed_gradient_cpu():  # pragma: no cover - documents the gap
+    """Placeholder so the missing flex backward check shows up in the test report on CPU."""
 
 
 # (2) negative controls: the comparison above can fail -------------------------------------------------
@@ -136,18 +168,22 @@ def test_negative_control_without_isolation_losses_differ(tiny_llama_dir, impl, 
 # (3) chunked CE == naive CE, values and gradients ------------------------------------------------------
 
 
+# fp32: chunking re-associates the lm_head weight-gradient sums (one partial sum per chunk), which moves
+# entries of magnitude ~3 by up to ~2e-5 (bit-identical when one chunk holds all targets): hence rtol 1e-5.
+# fp64 shows the computation itself is exact.
+@pytest.mark.parametrize("dtype,atol,rtol", [(torch.float32, 1e-5, 1e-5), (torch.float64, 1e-10, 0)], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
-def test_chunked_ce_gradients_equal_naive(tmp_path, smol_tokenizer_dir, tiny_llama_dir, tie):
+def test_chunked_ce_gradients_equal_naive(tmp_path, smol_tokenizer_dir, tiny_llama_dir, tie, dtype, atol, rtol):
     from tests.conftest import make_tiny_llama
 
     model_dir = tiny_llama_dir if tie else make_tiny_llama(tmp_path / "untied", smol_tokenizer_dir, seed=3, tie=False)
-    model = _load(model_dir, "sdpa")
+    model = _load(model_dir, "sdpa").to(dtype)
     assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tie
     input_ids, position_ids, loss_mask = _packed_batch(seed=2)
     n = int(loss_mask.sum())
-    chunk_size = 4
+    chunk_size = 3
     assert chunk_size < n and n % chunk_size != 0  # several chunks, the last one partial
-    weights = torch.rand(n, generator=torch.Generator().manual_seed(5))  # non-uniform, like group losses
+    weights = torch.rand(n, generator=torch.Generator().manual_seed(5), dtype=dtype)  # non-uniform, like group losses
 
     naive = _naive_token_losses(model, input_ids, position_ids, SEQ_LENS, loss_mask)
     (naive * weights).sum().backward()
@@ -157,9 +193,10 @@ def test_chunked_ce_gradients_equal_naive(tmp_path, smol_tokenizer_dir, tiny_lla
     chunked = token_losses(model, input_ids, position_ids, SEQ_LENS, loss_mask, chunk_size=chunk_size)
     (chunked * weights).sum().backward()
 
-    torch.testing.assert_close(chunked, naive, atol=1e-5, rtol=0)
+    assert chunked.dtype == dtype
+    torch.testing.assert_close(chunked, naive, atol=atol, rtol=rtol)
     for name, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, naive_grads[name], atol=1e-5, rtol=0, msg=name)
+        torch.testing.assert_close(p.grad, naive_grads[name], atol=atol, rtol=rtol)
 
 
 def test_chunks_do_not_keep_full_logits(tiny_llama_dir):
@@ -230,3 +267,79 @@ def test_attn_implementation_must_match_model(tiny_llama_dir):
         packed_hidden_states(model, input_ids, position_ids, SEQ_LENS, attn_implementation="eager")
     with pytest.raises(NotImplementedError):
         packed_attention_mask(SEQ_LENS, "flash_attention_2", device="cpu")
+
+
+# DeepSpeed ZeRO-3 ------------------------------------------------------------------------------------
+
+_ZERO3_WORKER = r'''
+"""token_losses under a ZeRO-3 engine (CPU, gloo, one rank) must equal plain torch: losses and full grads."""
+import json, sys
+import torch
+import deepspeed
+from deepspeed.utils import safe_get_full_grad
+from transformers import AutoModelForCausalLM
+from transformers.integrations import HfDeepSpeedConfig
+from train.forward import token_losses
+
+model_dir, seed = sys.argv[1], int(sys.argv[2])
+lens = [9, 14, 6, 11]
+g = torch.Generator().manual_seed(seed)
+ids = torch.randint(0, 49152, (sum(lens),), generator=g)
+pos = torch.cat([torch.arange(n) for n in lens])
+mask = (torch.rand(sum(lens), generator=g) < 0.6) & (pos != 0)
+
+ref_model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32)
+ref = token_losses(ref_model, ids, pos, lens, mask, chunk_size=3)
+ref.sum().backward()
+ref_grads = {k: p.grad for k, p in ref_model.named_parameters()}
+
+cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+       "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+keep = HfDeepSpeedConfig(cfg)  # partition at load time, as training does
+deepspeed.init_distributed(dist_backend="gloo")
+model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa", dtype=torch.float32)
+engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=0.0), config=cfg)
+out = token_losses(engine.module, ids, pos, lens, mask, chunk_size=3)
+engine.backward(out.sum())
+errs = {k: (safe_get_full_grad(p) - ref_grads[k]).abs().max().item() for k, p in engine.module.named_parameters()}
+engine.step()
+print("RESULT " + json.dumps({
+    "lm_head_local_numel": engine.module.lm_head.weight.numel(),
+    "loss_err": (out.detach() - ref.detach()).abs().max().item(),
+    "grad_err": max(errs.values()),
+}))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_token_losses_under_deepspeed_zero3(tmp_path, smol_tokenizer_dir, tiny_llama_dir, tie):
+    """lm_head partitioned by ZeRO-3 (local numel 0): chunked, checkpointed CE still matches plain torch."""
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("deepspeed")
+    from tests.conftest import make_tiny_llama
+
+    model_dir = tiny_llama_dir if tie else make_tiny_llama(tmp_path / "untied", smol_tokenizer_dir, seed=3, tie=False)
+    script = tmp_path / "zero3_worker.py"
+    script.write_text(_ZERO3_WORKER, encoding="utf-8")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(script), str(model_dir), "0"], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert result["lm_head_local_numel"] == 0  # really partitioned: only hooks can gather it
+    assert result["loss_err"] <= 1e-6
+    assert result["grad_err"] <= 1e-5

@@ -1,0 +1,413 @@
+"""train.config: defaults <- YAML <- CLI, type checks, value checks naming the option, data checks, saving."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.train.conftest import make_examples, write_annotated_dir
+from train.config import (
+    ConfigError,
+    TrainConfig,
+    config_from_dict,
+    deepspeed_dict,
+    format_config,
+    help_text,
+    load_config,
+    loss_options,
+    save_config,
+    to_dict,
+    validate,
+    validate_against_data,
+)
+from train.losses import build_loss
+
+CONFIGS = Path(__file__).resolve().parents[2] / "train" / "configs"
+SHIPPED = sorted(CONFIGS.glob("*.yaml"))
+
+
+def write_yaml(path: Path, data: dict | str) -> str:
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data), encoding="utf-8")
+    return str(path)
+
+
+def valid(**overrides) -> TrainConfig:
+    """A config that passes validate(): defaults plus data.train, then dotted overrides."""
+    return load_config(["data.train=shards/x", *(f"{k}={v}" for k, v in overrides.items())])
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+
+def test_defaults_are_the_dataclass_defaults():
+    config = load_config([])
+    assert config == TrainConfig()
+    assert config.loss.lambda_ == 0.9 and config.importance.rho == 0.7 and config.optim.betas == (0.9, 0.95)
+    assert config.report_to == ["jsonl", "tensorboard"]
+
+
+def test_yaml_then_cli_precedence(tmp_path):
+    first = write_yaml(tmp_path / "a.yaml", {"optim": {"lr": "2e-5", "eps": 1e-6}, "seed": 3, "data": {"train": "d1"}})
+    second = write_yaml(tmp_path / "b.yaml", {"optim": {"lr": 3.0e-5}, "data": {"validation": "v"}})
+    config = load_config(["--config", first, f"--config={second}", "optim.lr=4e-5", "--seed=5", "--train.epochs", "3"])
+    assert config.optim.lr == 4e-5  # CLI beats both files
+    assert config.optim.eps == 1e-6  # first file, untouched later
+    assert config.seed == 5 and config.train.epochs == 3
+    assert config.data.train == "d1" and config.data.validation == "v"  # both files merge per key
+    assert config.optim.weight_decay == 0.1  # default
+    # Later overrides of the same key win, in order.
+    assert load_config(["seed=1", "seed=2"]).seed == 2
+
+
+def test_value_types_are_coerced(tmp_path):
+    config = load_config([
+        "optim.lr=1e-4",  # YAML 1.1 reads 1e-4 as a string
+        "data.micro_batch_tokens=8e3",
+        "data.shuffle=false",
+        "optim.betas=[0.8, 0.99]",
+        "report_to=jsonl",
+        "loss.rho1_rho=0.5",
+        "data.train=0123",  # string options take the text as written
+        "model=1.50",
+    ])
+    assert config.optim.lr == 1e-4 and isinstance(config.optim.lr, float)
+    assert config.data.micro_batch_tokens == 8000 and isinstance(config.data.micro_batch_tokens, int)
+    assert config.data.shuffle is False
+    assert config.optim.betas == (0.8, 0.99)
+    assert config.report_to == ["jsonl"]
+    assert config.loss.rho1_rho == 0.5
+    assert config.data.train == "0123" and config.model == "1.50"
+    assert load_config(["loss.rho1_rho=0.5", "loss.rho1_rho=null"]).loss.rho1_rho is None
+    assert load_config(["report_to=[]"]).report_to == []
+    assert load_config(["optim.betas=0.5,0.6"]).optim.betas == (0.5, 0.6)
+    assert load_config(["optim={lr: 3.0e-4, eps: 1.0e-6}"]).optim.lr == 3e-4  # a whole section
+
+
+@pytest.mark.parametrize(
+    "arg, needle",
+    [
+        ("data.micro_batch_tokens=abc", "data.micro_batch_tokens: expected an integer"),
+        ("data.micro_batch_tokens=1.5", "data.micro_batch_tokens: expected an integer"),
+        ("data.shuffle=maybe", "data.shuffle: expected true or false"),
+        ("optim.lr=fast", "optim.lr: expected a number"),
+        ("optim.betas=[0.9]", "optim.betas: expected 2 values"),
+        ("train.epochs=true", "train.epochs: expected an integer"),
+        ("optim.lr.peak=1", "optim.lr is an option, not a section"),
+        ("optim=3", "optim: expected a mapping"),
+        ("novalue", "'novalue' is not KEY=VALUE"),
+    ],
+)
+def test_bad_cli_values_name_the_option(arg, needle):
+    with pytest.raises(ConfigError, match="command line") as info:
+        load_config([arg])
+    assert needle in str(info.value)
+
+
+def test_bad_yaml_value_names_the_file_and_option(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", {"optim": {"lr": [1]}, "model": 3.5})
+    with pytest.raises(ConfigError) as info:
+        load_config(["--config", path])
+    message = str(info.value)
+    assert f"{path}: optim.lr: expected a number" in message
+    assert f"{path}: model: expected a string" in message  # every problem, not only the first
+
+
+@pytest.mark.parametrize(
+    "key, suggestion",
+    [
+        ("loss.lamda", "loss.lambda"),
+        ("loss.lambda_", "loss.lambda"),
+        ("optim.learning_rate", None),
+        ("rho", "importance.rho"),
+        ("lr", "optim.lr"),
+        ("importance.scorrer", "importance.scorer"),
+    ],
+)
+def test_unknown_key_in_yaml_names_file_and_suggests(tmp_path, key, suggestion):
+    section, _, leaf = key.rpartition(".")
+    data = {section: {leaf: 1}} if section else {leaf: 1}
+    path = write_yaml(tmp_path / "u.yaml", data)
+    with pytest.raises(ConfigError) as info:
+        load_config(["--config", path])
+    message = str(info.value)
+    assert f"{path}: unknown key {key!r}" in message
+    if suggestion:
+        assert f"did you mean {suggestion}" in message
+
+
+def test_unknown_section_in_yaml_suggests(tmp_path):
+    path = write_yaml(tmp_path / "s.yaml", {"trian": {"epochs": 2}})
+    with pytest.raises(ConfigError, match=r"unknown key 'trian' \(did you mean train\?\)"):
+        load_config(["--config", path])
+
+
+def test_unknown_key_on_cli_suggests():
+    with pytest.raises(ConfigError, match=r"command line: unknown key 'optim.weight_decy' \(did you mean optim.weight_decay\?\)"):
+        load_config(["optim.weight_decy=0.1"])
+    with pytest.raises(ConfigError, match=r"unknown key 'trian.epochs' \(did you mean train.epochs\?\)"):
+        load_config(["trian.epochs=2"])
+
+
+def test_missing_or_broken_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(["--config", str(tmp_path / "nope.yaml")])
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(["--config", write_yaml(tmp_path / "list.yaml", "- a\n- b\n")])
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(["--config", write_yaml(tmp_path / "bad.yaml", "a: [\n")])
+    assert load_config(["--config", write_yaml(tmp_path / "empty.yaml", "")]) == TrainConfig()
+
+
+def test_lambda_key_maps_both_ways(tmp_path):
+    config = load_config(["--config", write_yaml(tmp_path / "l.yaml", {"loss": {"lambda": 0.25}})])
+    assert config.loss.lambda_ == 0.25
+    assert load_config(["loss.lambda=0.3"]).loss.lambda_ == 0.3
+    saved = to_dict(config)
+    assert saved["loss"]["lambda"] == 0.25 and "lambda_" not in saved["loss"]
+    assert "loss.lambda " in help_text() and not re.search(r"lambda_(?!\w)", help_text())
+    assert "lambda: 0.25" in format_config(config)
+
+
+def test_help_lists_every_key_with_default_and_description(capsys):
+    with pytest.raises(SystemExit) as info:
+        load_config(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for key in ["model", "data.train", "data.micro_batch_tokens", "importance.scope", "loss.lambda", "loss.rho1_rho",
+                "optim.betas", "optim.min_lr_ratio", "train.ce_chunk", "checkpoint.resume", "eval.max_batches", "report_to"]:
+        line = next(l for l in out.splitlines() if l.strip().startswith(key + " "))
+        assert "=" in line and len(line.split("=", 1)[1].split()) >= 2, line  # a default and a description
+    assert "4096" in out and "smollm2-135m-instruct" in out
+
+
+# --- validate -----------------------------------------------------------------------------------
+
+
+def test_defaults_with_train_data_validate():
+    validate(valid())
+
+
+@pytest.mark.parametrize(
+    "overrides, option",
+    [
+        ({"loss.lambda": 1.5}, "loss.lambda:"),
+        ({"loss.lambda": -0.1}, "loss.lambda:"),
+        ({"loss.lambda_max": 1.1}, "loss.lambda_max:"),
+        ({"loss.lambda_min": -1}, "loss.lambda_min:"),
+        ({"loss.lambda_min": 0.5, "loss.lambda_max": 0.4}, "loss.lambda_min: 0.5 must be <= loss.lambda_max"),
+        ({"loss.lambda_schedule": "cosine"}, "loss.lambda_schedule:"),
+        ({"loss.name": "focal"}, "loss.name: 'focal' is not one of"),
+        ({"loss.infosft_p": 1.0}, "loss.infosft_p:"),
+        ({"loss.infosft_p": 0.3}, "loss.infosft_p:"),
+        ({"loss.rho1_rho": 1.0}, "loss.rho1_rho:"),
+        ({"importance.rho": 1.0}, "importance.rho:"),
+        ({"importance.rho": -0.2}, "importance.rho:"),
+        ({"importance.rho": ".nan"}, "importance.rho:"),
+        ({"importance.scope": "global"}, "importance.scope:"),
+        ({"importance.scorer": "score_tfidf"}, "importance.scorer:"),
+        ({"importance.scorer": "''"}, "importance.scorer:"),
+        ({"data.train": "''"}, "data.train: required"),
+        ({"data.micro_batch_tokens": 0}, "data.micro_batch_tokens:"),
+        ({"data.num_workers": -1}, "data.num_workers:"),
+        ({"train.grad_accum": 0}, "train.grad_accum:"),
+        ({"train.epochs": 0}, "train.epochs:"),
+        ({"train.max_steps": -1}, "train.max_steps:"),
+        ({"train.dtype": "float16"}, "train.dtype:"),
+        ({"train.attn_implementation": "flash"}, "train.attn_implementation:"),
+        ({"train.ce_chunk": 0}, "train.ce_chunk:"),
+        ({"train.log_every": 0}, "train.log_every:"),
+        ({"optim.lr": 0}, "optim.lr:"),
+        ({"optim.lr": -1e-5}, "optim.lr:"),
+        ({"optim.weight_decay": -0.1}, "optim.weight_decay:"),
+        ({"optim.betas": "[0.9,1.0]"}, "optim.betas:"),
+        ({"optim.eps": 0}, "optim.eps:"),
+        ({"optim.schedule": "step"}, "optim.schedule:"),
+        ({"optim.warmup_ratio": 1.0}, "optim.warmup_ratio:"),
+        ({"optim.warmup_steps": -1}, "optim.warmup_steps:"),
+        ({"optim.warmup_steps": 5, "optim.warmup_ratio": 0.1}, "set one"),
+        ({"optim.min_lr_ratio": 2}, "optim.min_lr_ratio:"),
+        ({"optim.grad_clip": -1}, "optim.grad_clip:"),
+        ({"checkpoint.every": -1}, "checkpoint.every:"),
+        ({"checkpoint.keep": 0}, "checkpoint.keep:"),
+        ({"checkpoint.resume": "/no/such/checkpoint"}, "checkpoint.resume: /no/such/checkpoint does not exist"),
+        ({"eval.every": 5}, "eval.every: 5 needs data.validation"),
+        ({"eval.max_batches": -1}, "eval.max_batches:"),
+        ({"report_to": "wandb"}, "report_to:"),
+        ({"seed": -1}, "seed:"),
+        ({"model": "''"}, "model: required"),
+        ({"deepspeed_config": "missing/zero3.json"}, "deepspeed_config: missing/zero3.json does not exist"),
+    ],
+)
+def test_invalid_values_name_the_option(overrides, option):
+    config = valid(**overrides)
+    with pytest.raises(ConfigError) as info:
+        validate(config)
+    assert option in str(info.value)
+
+
+def test_validate_lists_every_problem():
+    with pytest.raises(ConfigError) as info:
+        validate(valid(**{"loss.lambda": 2, "optim.lr": 0, "importance.scope": "x"}))
+    message = str(info.value)
+    assert "loss.lambda:" in message and "optim.lr:" in message and "importance.scope:" in message
+
+
+def test_deepspeed_config_with_optimizer_section_is_refused(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3}, "optimizer": {"type": "AdamW"}}))
+    with pytest.raises(ConfigError, match="deepspeed_config: .* has a 'optimizer' section"):
+        validate(valid(deepspeed_config=str(path)))
+
+
+def test_boundary_values_are_valid():
+    validate(valid(**{"loss.lambda": 0, "loss.lambda_min": 0, "loss.lambda_max": 1, "importance.rho": 0,
+                      "loss.rho1_rho": 0.0, "optim.grad_clip": 0, "optim.min_lr_ratio": 1, "report_to": "[]"}))
+
+
+# --- shipped configs ----------------------------------------------------------------------------
+
+
+def test_expected_configs_are_shipped():
+    names = {p.name for p in SHIPPED}
+    assert {"demo_cpu.yaml", "lima_sftgo.yaml", "lima_sft.yaml", "lima_rho1.yaml", "lima_llmlingua2.yaml",
+            "alpaca_sftgo.yaml", "alpaca_sft.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_config_loads_and_validates(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default deepspeed_config resolves against the repository too
+    config = load_config(["--config", str(path)])
+    validate(config)  # data paths are not opened here
+    build_loss(config.loss.name, **loss_options(config))  # the loss accepts the options
+
+
+def test_shipped_paper_settings():
+    lima = load_config(["--config", str(CONFIGS / "lima_sftgo.yaml")])
+    assert (lima.optim.lr, lima.optim.weight_decay, lima.optim.schedule, lima.train.epochs) == (1e-5, 0.1, "cosine", 15)
+    assert (lima.importance.scorer, lima.importance.rho, lima.loss.lambda_) == ("tfidf", 0.9, 0.9)
+    assert lima.optim.warmup_steps == 0 and lima.optim.warmup_ratio == 0
+    ling = load_config(["--config", str(CONFIGS / "lima_llmlingua2.yaml")])
+    assert (ling.importance.scorer, ling.importance.rho, ling.loss.lambda_schedule) == ("llmlingua2", 0.7, "linear")
+    assert (ling.loss.lambda_max, ling.loss.lambda_min) == (0.9, 0.07)
+    rho1 = load_config(["--config", str(CONFIGS / "lima_rho1.yaml")])
+    assert rho1.loss.name == "rho1" and loss_options(rho1) == {"rho": 0.55}
+    alpaca = load_config(["--config", str(CONFIGS / "alpaca_sftgo.yaml")])
+    assert (alpaca.optim.weight_decay, alpaca.optim.warmup_ratio, alpaca.train.epochs) == (0.05, 0.07, 1)
+    assert (alpaca.importance.scorer, alpaca.importance.rho) == ("tfidf", 0.7)
+    demo = load_config(["--config", str(CONFIGS / "demo_cpu.yaml")])
+    assert demo.model == "smollm2-135m-instruct" and demo.data.micro_batch_tokens == 2048
+    assert demo.train.max_steps == 8 and not demo.train.gradient_checkpointing
+
+
+def test_zero3_json_has_no_optimizer_and_fills_auto():
+    raw = json.loads((CONFIGS / "zero3.json").read_text())
+    assert "optimizer" not in raw and "scheduler" not in raw
+    assert raw["zero_optimization"]["stage"] == 3
+    assert raw["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    config = valid(**{"train.grad_accum": 4, "optim.grad_clip": 0.5})
+    filled = deepspeed_dict(config, world_size=2, dtype="bfloat16")
+    assert filled["gradient_accumulation_steps"] == 4 and filled["gradient_clipping"] == 0.5
+    assert filled["bf16"]["enabled"] is True and filled["train_micro_batch_size_per_gpu"] == 1
+    assert "auto" not in json.dumps(filled)
+    assert deepspeed_dict(config, world_size=1, dtype="float32")["bf16"]["enabled"] is False
+
+
+def test_unknown_auto_in_deepspeed_json_is_refused(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}))
+    with pytest.raises(ConfigError, match="zero_optimization.reduce_bucket_size is \"auto\""):
+        deepspeed_dict(valid(deepspeed_config=str(path)), world_size=1, dtype="float32")
+
+
+# --- loss options ------------------------------------------------------------------------------
+
+
+def test_loss_options_map_to_build_loss():
+    assert loss_options(valid(**{"loss.name": "rho1", "importance.rho": 0.4})) == {"rho": 0.4}
+    assert loss_options(valid(**{"loss.name": "rho1", "loss.rho1_rho": 0.6})) == {"rho": 0.6}
+    assert loss_options(valid(**{"loss.name": "infosft", "loss.infosft_p": 0.9})) == {"p": 0.9}
+    assert loss_options(valid(**{"loss.name": "dft"})) == {}
+    sftgo = build_loss("sftgo", **loss_options(valid(**{"loss.lambda_schedule": "linear", "loss.lambda_min": 0.07})))
+    assert sftgo.lambda_at(1.0) == pytest.approx(0.07)
+
+
+# --- against data ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tfidf_dir(tmp_path):
+    out = tmp_path / "tfidf_only"
+    manifest = write_annotated_dir(out, make_examples(6, ["tfidf", "llmlingua2"]), ["tfidf", "llmlingua2"])
+    return out, manifest
+
+
+@pytest.fixture
+def loss_dir(tmp_path):
+    out = tmp_path / "losses"
+    scorers = ["tfidf", "base_loss", "ref_loss"]
+    manifest = write_annotated_dir(out, make_examples(6, scorers), scorers)
+    return out, manifest
+
+
+def test_data_check_accepts_a_stored_scorer(tfidf_dir):
+    out, manifest = tfidf_dir
+    validate_against_data(valid(**{"data.train": str(out), "importance.scorer": "llmlingua2"}), manifest)
+    validate_against_data(valid(**{"data.train": str(out), "importance.scope": "corpus"}), manifest)
+
+
+def test_data_check_missing_scorer_lists_the_offer(tfidf_dir):
+    out, manifest = tfidf_dir
+    with pytest.raises(ConfigError) as info:
+        validate_against_data(valid(**{"data.train": str(out), "importance.scorer": "ref_loss"}), manifest)
+    message = str(info.value)
+    assert "importance.scorer: 'ref_loss'" in message and str(out) in message
+    assert "['tfidf', 'llmlingua2']" in message
+    with pytest.raises(ConfigError, match="excess_loss needs both base_loss and ref_loss"):
+        validate_against_data(valid(**{"data.train": str(out), "importance.scorer": "excess_loss"}), manifest)
+
+
+def test_data_check_names_the_given_directory(tfidf_dir):
+    out, manifest = tfidf_dir
+    with pytest.raises(ConfigError, match="is not in held-out/dir"):
+        validate_against_data(valid(**{"importance.scorer": "nope"}), manifest, uri="held-out/dir")
+
+
+def test_data_check_excess_loss_and_rho1(loss_dir, tfidf_dir):
+    out, manifest = loss_dir
+    validate_against_data(valid(**{"data.train": str(out), "importance.scorer": "excess_loss",
+                                   "importance.scope": "corpus"}), manifest)
+    validate_against_data(valid(**{"data.train": str(out), "loss.name": "rho1"}), manifest)
+    other, no_ref = tfidf_dir
+    with pytest.raises(ConfigError, match="loss.name: rho1 needs stored ref_loss"):
+        validate_against_data(valid(**{"data.train": str(other), "loss.name": "rho1"}), no_ref)
+
+
+def test_data_check_corpus_scope_needs_score_stats(tfidf_dir):
+    out, manifest = tfidf_dir
+    manifest.score_stats.pop("tfidf")
+    with pytest.raises(ConfigError, match="importance.scope: corpus needs score_stats for 'tfidf'"):
+        validate_against_data(valid(**{"data.train": str(out), "importance.scope": "corpus"}), manifest)
+    validate_against_data(valid(**{"data.train": str(out), "importance.scope": "batch"}), manifest)
+
+
+# --- saving ------------------------------------------------------------------------------------
+
+
+def test_save_config_round_trip(tmp_path):
+    config = valid(**{"loss.lambda": 0.3, "optim.betas": "[0.8,0.9]", "loss.rho1_rho": 0.2, "report_to": "tensorboard",
+                      "data.train": "s3://bucket/dir", "train.dtype": "bfloat16"})
+    path = save_config(config, tmp_path / "run" / "config.yaml")
+    text = path.read_text()
+    assert "lambda: 0.3" in text and not re.search(r"lambda_(?!\w)", text)
+    assert load_config(["--config", str(path)]) == config
+    assert config_from_dict(yaml.safe_load(text)) == config
+    assert yaml.safe_load(text) == to_dict(config)
+
+
+def test_config_from_dict_rejects_unknown_keys():
+    with pytest.raises(ConfigError, match=r"checkpoint: unknown key 'optim.l_r'"):
+        config_from_dict({"optim": {"l_r": 1}}, source="checkpoint")
