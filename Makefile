@@ -27,8 +27,19 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest tests -m "not slow"
 
+# The embedded default, end to end on CPU: annotate a LIMA slice (and an Alpaca slice held out for
+# evaluation) with SmolLM2-135M-Instruct, then train SFT-GO and SFT from the same shards.
+SHARED ?= ../shared
 demo: setup
-	$(PY) -m annotate.demo
+	$(PY) annotate/run.py --input $(SHARED)/data/lima/train.jsonl --format lima --limit 64 --shard-size 32 \
+		--scorers tfidf --output shards/demo
+	$(PY) annotate/run.py --input $(SHARED)/data/alpaca/alpaca_en_demo.json --format alpaca --limit 32 \
+		--scorers tfidf --output shards/demo_val
+	$(PY) train/main.py --config train/configs/demo_cpu.yaml output_dir=runs/demo_sftgo
+	$(PY) train/main.py --config train/configs/demo_cpu.yaml loss.name=sft output_dir=runs/demo_sft
+	@echo
+	@echo "shards:  shards/demo (train), shards/demo_val (held out): manifest.json, rejects.jsonl, shard-*.parquet"
+	@echo "runs:    runs/demo_sftgo, runs/demo_sft: config.yaml, metrics.jsonl, tensorboard/, checkpoints/, model/ (Hugging Face folder)"
 
 clean:
 	rm -rf $(VENV) runs shards .pytest_cache

@@ -127,9 +127,10 @@ def init_ray(address: str) -> None:
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address or None)  # a cluster (or a submitted job): its own resources
         return
-    # A fresh local Ray: workers must import this repo even when it is not pip-installed.
+    # A new local Ray (or the one `ray start` left on this machine, which ray.init() finds by itself):
+    # workers must import this repo even when it is not pip-installed.
     path = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)
-    ray.init(include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}})
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}})
 
 
 class TokenizeActor:

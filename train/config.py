@@ -119,7 +119,7 @@ class LoopConfig:
     gradient_checkpointing: bool = _opt(True, "recompute activations in backward (less memory, ~30% slower)")
     dtype: str = _opt("auto", "auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16")
     attn_implementation: str = _opt("sdpa", "attention kernel: sdpa | eager | flex_attention (packed masks for each)")
-    ce_chunk: int = _opt(4096, "target tokens per lm_head + cross-entropy chunk (bounds logits memory)")
+    ce_chunk: int = _opt(1024, "target tokens per lm_head + cross-entropy chunk: bounds fp32 logits memory (bench/ce_memory.py: 1024 cuts the extra peak ~3x vs 4096 at seq 4096)")
     log_every: int = _opt(1, "optimizer steps between log lines")
 
 
@@ -365,7 +365,11 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
         if arg in ("-h", "--help"):
             print(help_text())
             raise SystemExit(0)
-        if arg == "--config" or arg.startswith("--config="):
+        if arg.startswith(("--local_rank", "--local-rank")):
+            # The deepspeed launcher appends --local_rank=N; the rank also comes from LOCAL_RANK.
+            if "=" not in arg and i + 1 < len(argv) and argv[i + 1].isdigit():
+                i += 1
+        elif arg == "--config" or arg.startswith("--config="):
             if "=" in arg:
                 files.append(arg.split("=", 1)[1])
             elif i + 1 < len(argv):

@@ -13,7 +13,11 @@ One packed row holds several examples back to back. Two things make this module 
    - ``eager``: the same mask as an *additive* float mask (0 / dtype min). Llama's eager attention does
      ``scores + mask``; a boolean mask would be added as 0/1 and isolate nothing (measured);
    - ``flex_attention``: a ``BlockMask`` from ``torch.nn.attention.flex_attention.create_block_mask``
-     with a document mask, which skips fully masked blocks (the efficient choice for long packs).
+     with a document mask, which skips fully masked blocks (the efficient choice for long packs on GPU;
+     the sdpa/eager masks are dense T x T). On CPU (torch 2.13) flex is forward-only (no backward), a
+     second distinct row length triggers a dynamic-shape recompile that fails to compile, and head_dim
+     16 gave wrong values: train on CPU with sdpa. transformers compiles flex once per process, so
+     fixed-length rows also avoid recompiles on GPU.
 
    transformers returns any 4D tensor or ``BlockMask`` given as ``attention_mask`` unchanged
    (``_preprocess_mask_arguments`` early exit), so what we build is exactly what the kernel sees.

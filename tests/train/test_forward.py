@@ -24,7 +24,8 @@ IMPLS = ["sdpa", "eager"]
 # but (a) backward raises NotImplementedError("FlexAttention does not support backward on CPU"),
 # (b) a second distinct sequence length triggers a dynamic-shape recompile whose generated C++ does not
 # compile ("cur_qSplitSize8 was not declared"), and (c) with head_dim 16 (the shared tiny Llama) the
-# compiled kernel returns wrong values / NaN for some lengths (8, 24, 40, ...); head_dim 32/64 are right.
+# compiled kernel returns wrong values / NaN for some lengths (8, 24, 40, 56, 104 seen, not reproducibly);
+# head_dim 64 (SmolLM2's) was right at every length tried (8..264).
 # So the flex case runs forward-only, on a head_dim-64 model, at one static shape.
 FLEX_CPU_BACKWARD = "FlexAttention does not support backward on CPU (torch 2.13: NotImplementedError)"
 
