@@ -299,8 +299,8 @@ def test_shipped_paper_settings():
     assert (alpaca.optim.weight_decay, alpaca.optim.warmup_ratio, alpaca.train.epochs) == (0.05, 0.07, 1)
     assert (alpaca.importance.scorer, alpaca.importance.rho) == ("tfidf", 0.7)
     demo = load_config(["--config", str(CONFIGS / "demo_cpu.yaml")])
-    assert demo.model == "smollm2-135m-instruct" and demo.data.micro_batch_tokens == 2048
-    assert demo.train.max_steps == 8 and not demo.train.gradient_checkpointing
+    assert demo.model == "smollm2-135m-instruct" and demo.data.micro_batch_tokens == 1024
+    assert demo.train.max_steps == 6 and not demo.train.gradient_checkpointing
 
 
 def test_zero3_json_has_no_optimizer_and_fills_auto():

@@ -41,7 +41,7 @@ def _config(tmp_path, tiny_llama_dir, shards, **overrides) -> Path:
         "data.train": str(shards / "train"), "data.validation": str(shards / "val"), "data.micro_batch_tokens": 96,
         "importance.scorer": "tfidf", "importance.rho": 0.7, "loss.name": "sftgo", "optim.lr": 1e-3,
         "optim.warmup_steps": 1, "train.max_steps": 6, "train.grad_accum": 2, "train.gradient_checkpointing": True,
-        "checkpoint.every": 2, "eval.every": 3, "eval.max_batches": 2,
+        "train.epochs": 10, "checkpoint.every": 2, "eval.every": 3, "eval.max_batches": 2,
     }
     lines.update(overrides)
     return [f"{k}={v}" for k, v in lines.items()]
