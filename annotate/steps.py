@@ -38,7 +38,6 @@ from schemas.shard import (
     ID,
     INPUT_IDS,
     LOSS_MASK,
-    MANIFEST_NAME,
     REJECTS_NAME,
     SCHEMA_VERSION,
     SHARD_GLOB,

@@ -8,6 +8,7 @@ Exit status 0 when the directory is valid, 1 when it is not (each problem on its
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from dataclasses import dataclass, field
@@ -19,7 +20,6 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from schemas.shard import (
-    BASE_COLUMNS,
     ID,
     INPUT_IDS,
     LOSS_MASK,
@@ -29,7 +29,6 @@ from schemas.shard import (
     Manifest,
     ShardMetadata,
     arrow_schema,
-    file_sha256,
     score_column,
 )
 
@@ -56,94 +55,105 @@ class Report:
         return not self.problems
 
 
+def _join(base: str, name: str) -> str:
+    return f"{str(base).rstrip('/')}/{name}"
+
+
 def validate_directory(directory: str | Path, deep: bool = True, tokenizer_sha256: str | None = None) -> Report:
-    """Validate a local annotated directory.
+    """Validate an annotated directory: a local path or any fsspec URI (``file://``, ``s3://``, ``gs://``).
 
     Always checks the manifest, every shard's schema, metadata and footer row count. With
-    ``deep`` it also reads the data: checksums, list lengths, finite scores, token counts, unique ids.
+    ``deep`` it also reads the data, one shard at a time: checksums, list lengths, finite scores,
+    token counts, unique ids. Messages name files as the caller named the directory.
     """
-    directory = Path(directory)
-    report = Report(str(directory))
+    import fsspec
+
+    shown_root = str(directory)
+    report = Report(shown_root)
     problems = report.problems
-    manifest_path = directory / MANIFEST_NAME
-    if not directory.is_dir():
-        problems.append(f"{directory}: no such directory")
+    fs, root = fsspec.core.url_to_fs(shown_root)
+    manifest_shown = _join(shown_root, MANIFEST_NAME)
+    if not fs.isdir(root):
+        problems.append(f"{shown_root}: no such directory")
         return report
-    if not manifest_path.exists():
-        problems.append(f"{manifest_path}: missing (an annotate job that has not finished leaves no manifest)")
+    if not fs.exists(_join(root, MANIFEST_NAME)):
+        problems.append(f"{manifest_shown}: missing (an annotate job that has not finished leaves no manifest)")
         return report
     try:
-        manifest = Manifest.load(directory)
+        with fs.open(_join(root, MANIFEST_NAME), "r", encoding="utf-8") as f:
+            manifest = Manifest.from_dict(json.load(f))
     except (json.JSONDecodeError, TypeError, KeyError, UnicodeDecodeError) as exc:
-        problems.append(f"{manifest_path}: not a v{SCHEMA_VERSION} manifest ({type(exc).__name__}: {exc})")
+        problems.append(f"{manifest_shown}: not a v{SCHEMA_VERSION} manifest ({type(exc).__name__}: {exc})")
         return report
     report.manifest = manifest
     if manifest.schema_version != SCHEMA_VERSION:
-        problems.append(f"{manifest_path}: schema_version {manifest.schema_version}, this code reads {SCHEMA_VERSION}")
+        problems.append(f"{manifest_shown}: schema_version {manifest.schema_version}, this code reads {SCHEMA_VERSION}")
         return report
     if tokenizer_sha256 is not None and manifest.tokenizer.get("sha256") != tokenizer_sha256:
         problems.append(
-            f"{manifest_path}: tokenizer fingerprint {manifest.tokenizer.get('name')}:{manifest.tokenizer.get('sha256', '')[:12]} "
+            f"{manifest_shown}: tokenizer fingerprint {manifest.tokenizer.get('name')}:{manifest.tokenizer.get('sha256', '')[:12]} "
             f"differs from the model's tokenizer ({tokenizer_sha256[:12]}); re-annotate with this model's tokenizer"
         )
     if not manifest.shards:
-        problems.append(f"{manifest_path}: lists no shards")
+        problems.append(f"{manifest_shown}: lists no shards")
 
     scorers = manifest.scorer_names
     expected_schema = arrow_schema(scorers)
     listed = {entry.path for entry in manifest.shards}
-    for path in sorted(directory.glob(SHARD_GLOB)):
-        if path.name not in listed:
-            problems.append(f"{path}: shard file not listed in {MANIFEST_NAME}")
+    for found in sorted(fs.glob(_join(root, SHARD_GLOB))):
+        name = str(found).rsplit("/", 1)[-1]
+        if name not in listed:
+            problems.append(f"{_join(shown_root, name)}: shard file not listed in {MANIFEST_NAME}")
 
     seen_ids: dict[str, str] = {}
     totals = {"rows": 0, "tokens": 0, "trainable_tokens": 0}
     for entry in manifest.shards:
-        path = directory / entry.path
-        if not path.exists():
-            problems.append(f"{path}: listed in {MANIFEST_NAME} but missing")
+        path, shown = _join(root, entry.path), _join(shown_root, entry.path)
+        if not fs.exists(path):
+            problems.append(f"{shown}: listed in {MANIFEST_NAME} but missing")
             continue
         try:
-            parquet = pq.ParquetFile(path)
+            with fs.open(path, "rb") as f:
+                parquet = pq.ParquetFile(f)
+                schema, num_rows = parquet.schema_arrow, parquet.metadata.num_rows
+                table = parquet.read() if deep else None
         except (pa.ArrowInvalid, OSError) as exc:
-            problems.append(f"{path}: not a readable Parquet file ({exc})")
+            problems.append(f"{shown}: not a readable Parquet file ({exc})")
             continue
-        schema = parquet.schema_arrow
         if not schema.remove_metadata().equals(expected_schema):
-            problems.append(f"{path}: columns {schema.names} / types differ from shard schema v{SCHEMA_VERSION} with scorers {scorers}")
+            problems.append(f"{shown}: columns {schema.names} / types differ from shard schema v{SCHEMA_VERSION} with scorers {scorers}")
             continue
         try:
             meta = ShardMetadata.from_schema(schema)
         except (KeyError, json.JSONDecodeError, TypeError) as exc:
-            problems.append(f"{path}: bad file metadata ({exc})")
+            problems.append(f"{shown}: bad file metadata ({exc})")
             continue
         if meta.schema_version != SCHEMA_VERSION:
-            problems.append(f"{path}: schema_version {meta.schema_version}, expected {SCHEMA_VERSION}")
+            problems.append(f"{shown}: schema_version {meta.schema_version}, expected {SCHEMA_VERSION}")
         if meta.tokenizer != manifest.tokenizer:
-            problems.append(f"{path}: tokenizer fingerprint {meta.tokenizer} differs from the manifest's {manifest.tokenizer}")
+            problems.append(f"{shown}: tokenizer fingerprint {meta.tokenizer} differs from the manifest's {manifest.tokenizer}")
         if [s.name for s in meta.scorers] != scorers:
-            problems.append(f"{path}: scorers {[s.name for s in meta.scorers]} differ from the manifest's {scorers}")
-        if parquet.metadata.num_rows != entry.rows:
-            problems.append(f"{path}: {parquet.metadata.num_rows} rows, manifest says {entry.rows}")
-        if not deep:
+            problems.append(f"{shown}: scorers {[s.name for s in meta.scorers]} differ from the manifest's {scorers}")
+        if num_rows != entry.rows:
+            problems.append(f"{shown}: {num_rows} rows, manifest says {entry.rows}")
+        if table is None:
             continue
-        if file_sha256(path) != entry.sha256:
-            problems.append(f"{path}: sha256 differs from the manifest (file changed after annotation)")
-        try:
-            table = parquet.read()
-        except (pa.ArrowInvalid, OSError) as exc:
-            problems.append(f"{path}: corrupt data ({exc})")
-            continue
-        problems.extend(_check_rows(path, table, scorers, entry, seen_ids, totals))
+        digest = hashlib.sha256()
+        with fs.open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                digest.update(block)
+        if digest.hexdigest() != entry.sha256:
+            problems.append(f"{shown}: sha256 differs from the manifest (file changed after annotation)")
+        problems.extend(_check_rows(shown, table, scorers, entry, seen_ids, totals))
 
     if deep:
         for key, value in totals.items():
             if manifest.totals.get(key) != value:
-                problems.append(f"{manifest_path}: totals.{key} = {manifest.totals.get(key)}, shards hold {value}")
+                problems.append(f"{manifest_shown}: totals.{key} = {manifest.totals.get(key)}, shards hold {value}")
     return report
 
 
-def _check_rows(path: Path, table: pa.Table, scorers: list[str], entry, seen_ids: dict[str, str], totals: dict[str, int]) -> list[str]:
+def _check_rows(path: str, table: pa.Table, scorers: list[str], entry, seen_ids: dict[str, str], totals: dict[str, int]) -> list[str]:
     problems: list[str] = []
     lengths = pc.list_value_length(table[INPUT_IDS]).to_numpy(zero_copy_only=False)
     for column in (LOSS_MASK, *[score_column(s) for s in scorers]):
@@ -160,7 +170,7 @@ def _check_rows(path: Path, table: pa.Table, scorers: list[str], entry, seen_ids
     for row, example_id in enumerate(table[ID].to_pylist()):
         if example_id in seen_ids:
             problems.append(f"{path}: row {row}: id {example_id} also in {seen_ids[example_id]}")
-        seen_ids[example_id] = f"{path.name} row {row}"
+        seen_ids[example_id] = f"{path.rsplit('/', 1)[-1]} row {row}"
     tokens = int(lengths.sum())
     trainable = int(pc.sum(pc.list_flatten(table[LOSS_MASK]).cast(pa.int64())).as_py() or 0)
     if tokens != entry.tokens:

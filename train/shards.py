@@ -25,9 +25,7 @@ worker ``w`` plays role ``(next_role + w) % num_workers``: the DataLoader's roun
 from __future__ import annotations
 
 import copy
-import hashlib
 import itertools
-import json
 from typing import Any, Iterable, Iterator
 
 import fsspec
@@ -47,16 +45,12 @@ from schemas.shard import (
     INPUT_IDS,
     LOSS_MASK,
     MANIFEST_NAME,
-    SCHEMA_VERSION,
-    SHARD_GLOB,
     Manifest,
-    ShardMetadata,
-    arrow_schema,
     quantile_from_summary,
     score_column,
     score_names,
 )
-from schemas.validate import ShardValidationError, _check_rows, check_directory
+from schemas.validate import check_directory
 
 STATE_VERSION = 1
 BASE_LOSS, REF_LOSS = EXCESS_LOSS_PARTS  # excess_loss = base_loss - ref_loss (scorer names)
@@ -69,102 +63,8 @@ __all__ = ["open_annotated", "corpus_threshold", "pack", "ShardStream", "STATE_V
 # ---------------------------------------------------------------------------------------------
 
 
-def _is_local(uri: str) -> bool:
-    """A plain path (no scheme) is checked with schemas.validate; a URI (file://, s3://, gs://) via fsspec."""
-    return "://" not in str(uri)
-
-
 def _join(base: str, name: str) -> str:
     return f"{str(base).rstrip('/')}/{name}"
-
-
-class _ShownPath(str):
-    """A URI that quacks like the ``Path`` schemas.validate._check_rows formats into its messages."""
-
-    @property
-    def name(self) -> str:
-        return self.rsplit("/", 1)[-1]
-
-
-def _check_remote(uri: str, deep: bool, tokenizer_sha256: str | None) -> Manifest:
-    """Footer-level checks of a directory behind an fsspec URI (the local validator needs a real path).
-
-    Mirrors schemas.validate: manifest, every shard's schema, metadata and footer row count; with
-    ``deep`` also checksums and every row (reusing the validator's row checks), reading one shard
-    at a time.
-    """
-    fs, root = fsspec.core.url_to_fs(uri)
-    manifest_uri = _join(uri, MANIFEST_NAME)
-    problems: list[str] = []
-    if not fs.exists(_join(root, MANIFEST_NAME)):
-        raise ShardValidationError(uri, [f"{manifest_uri}: missing (an annotate job that has not finished leaves no manifest)"])
-    try:
-        with fs.open(_join(root, MANIFEST_NAME), "r", encoding="utf-8") as f:
-            manifest = Manifest.from_dict(json.load(f))
-    except (json.JSONDecodeError, TypeError, KeyError, UnicodeDecodeError) as exc:
-        raise ShardValidationError(uri, [f"{manifest_uri}: not a v{SCHEMA_VERSION} manifest ({type(exc).__name__}: {exc})"]) from exc
-    if manifest.schema_version != SCHEMA_VERSION:
-        raise ShardValidationError(uri, [f"{manifest_uri}: schema_version {manifest.schema_version}, this code reads {SCHEMA_VERSION}"])
-    if tokenizer_sha256 is not None and manifest.tokenizer.get("sha256") != tokenizer_sha256:
-        problems.append(
-            f"{manifest_uri}: tokenizer fingerprint {manifest.tokenizer.get('name')}:{manifest.tokenizer.get('sha256', '')[:12]} "
-            f"differs from the model's tokenizer ({tokenizer_sha256[:12]}); re-annotate with this model's tokenizer"
-        )
-    if not manifest.shards:
-        problems.append(f"{manifest_uri}: lists no shards")
-    scorers = manifest.scorer_names
-    expected_schema = arrow_schema(scorers)
-    listed = {entry.path for entry in manifest.shards}
-    for found in sorted(fs.glob(_join(root, SHARD_GLOB))):
-        name = str(found).rsplit("/", 1)[-1]
-        if name not in listed:
-            problems.append(f"{_join(uri, name)}: shard file not listed in {MANIFEST_NAME}")
-    seen_ids: dict[str, str] = {}
-    totals = {"rows": 0, "tokens": 0, "trainable_tokens": 0}
-    for entry in manifest.shards:
-        path, shown = _join(root, entry.path), _ShownPath(_join(uri, entry.path))
-        if not fs.exists(path):
-            problems.append(f"{shown}: listed in {MANIFEST_NAME} but missing")
-            continue
-        try:
-            with fs.open(path, "rb") as f:
-                parquet = pq.ParquetFile(f)
-                schema, num_rows = parquet.schema_arrow, parquet.metadata.num_rows
-                table = parquet.read() if deep else None
-        except (pa.ArrowInvalid, OSError) as exc:
-            problems.append(f"{shown}: not a readable Parquet file ({exc})")
-            continue
-        if not schema.remove_metadata().equals(expected_schema):
-            problems.append(f"{shown}: columns {schema.names} / types differ from shard schema v{SCHEMA_VERSION} with scorers {scorers}")
-            continue
-        try:
-            meta = ShardMetadata.from_schema(schema)
-        except (KeyError, json.JSONDecodeError, TypeError) as exc:
-            problems.append(f"{shown}: bad file metadata ({exc})")
-            continue
-        if meta.schema_version != SCHEMA_VERSION:
-            problems.append(f"{shown}: schema_version {meta.schema_version}, expected {SCHEMA_VERSION}")
-        if meta.tokenizer != manifest.tokenizer:
-            problems.append(f"{shown}: tokenizer fingerprint {meta.tokenizer} differs from the manifest's {manifest.tokenizer}")
-        if [s.name for s in meta.scorers] != scorers:
-            problems.append(f"{shown}: scorers {[s.name for s in meta.scorers]} differ from the manifest's {scorers}")
-        if num_rows != entry.rows:
-            problems.append(f"{shown}: {num_rows} rows, manifest says {entry.rows}")
-        if deep and table is not None:
-            digest = hashlib.sha256()
-            with fs.open(path, "rb") as f:
-                while block := f.read(1 << 20):
-                    digest.update(block)
-            if digest.hexdigest() != entry.sha256:
-                problems.append(f"{shown}: sha256 differs from the manifest (file changed after annotation)")
-            problems.extend(_check_rows(shown, table, scorers, entry, seen_ids, totals))  # type: ignore[arg-type]
-    if deep:
-        for key, value in totals.items():
-            if manifest.totals.get(key) != value:
-                problems.append(f"{manifest_uri}: totals.{key} = {manifest.totals.get(key)}, shards hold {value}")
-    if problems:
-        raise ShardValidationError(uri, problems)
-    return manifest
 
 
 def open_annotated(uri: str, tokenizer_sha256: str | None, score: str, *, deep: bool = False) -> Manifest:
@@ -185,10 +85,7 @@ def open_annotated(uri: str, tokenizer_sha256: str | None, score: str, *, deep: 
         ValueError: ``score`` is not available, or the dataset holds no rows / no trainable token.
     """
     uri = str(uri)
-    if _is_local(uri):
-        manifest = check_directory(uri, deep=deep, tokenizer_sha256=tokenizer_sha256)
-    else:
-        manifest = _check_remote(uri, deep, tokenizer_sha256)
+    manifest = check_directory(uri, deep=deep, tokenizer_sha256=tokenizer_sha256)  # local path or fsspec URI
     where = _join(uri, MANIFEST_NAME)
     available = score_names(manifest.scorer_names)
     if score not in available:

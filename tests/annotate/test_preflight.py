@@ -1,6 +1,5 @@
 """Unknown scorers, unreadable models, unwritable outputs and bad options fail before Ray starts."""
 
-import os
 
 import pytest
 

@@ -53,8 +53,8 @@ def _env():
     return env
 
 
-def _launch(args, ranks: int, log: Path) -> subprocess.Popen:
-    if ranks == 1:
+def _launch(args, ranks: int, log: Path, launcher: str = "deepspeed") -> subprocess.Popen:
+    if launcher == "python":
         cmd = [sys.executable, str(REPO / "train" / "main.py"), *args]
     else:
         port = str(29500 + os.getpid() % 1000)
@@ -63,8 +63,8 @@ def _launch(args, ranks: int, log: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _run(args, ranks: int, log: Path, timeout: int = 600) -> None:
-    proc = _launch(args, ranks, log)
+def _run(args, ranks: int, log: Path, timeout: int = 600, launcher: str = "deepspeed") -> None:
+    proc = _launch(args, ranks, log, launcher)
     try:
         assert proc.wait(timeout=timeout) == 0, log.read_text()[-3000:]
     finally:
@@ -92,9 +92,11 @@ def _cleanup_shm():
 
 @pytest.mark.parametrize("ranks", [1, 2])
 def test_train_kill_resume_export(tmp_path, tiny_llama_dir, shards, ranks):
+    """Through the `deepspeed` launcher; the uninterrupted reference run uses plain `python` with 1 rank."""
     try:
         reference = tmp_path / "reference"
-        _run(_config(reference, tiny_llama_dir, shards), ranks, tmp_path / "reference.log")
+        _run(_config(reference, tiny_llama_dir, shards), ranks, tmp_path / "reference.log",
+             launcher="python" if ranks == 1 else "deepspeed")
         ref_metrics = _metrics(reference / "run")
         assert sorted(ref_metrics) == [1, 2, 3, 4, 5, 6]
         assert all(r["trainable_tokens"] > 0 and r["loss"] > 0 for r in ref_metrics.values())
@@ -135,10 +137,20 @@ def test_train_kill_resume_export(tmp_path, tiny_llama_dir, shards, ranks):
 
 def test_bad_input_fails_before_training(tmp_path, tiny_llama_dir, shards):
     log = tmp_path / "bad.log"
-    proc = _launch(_config(tmp_path, tiny_llama_dir, shards, **{"importance.scorer": "llmlingua2"}), 1, log)
+    proc = _launch(_config(tmp_path, tiny_llama_dir, shards, **{"importance.scorer": "llmlingua2"}), 1, log, "python")
     assert proc.wait(timeout=300) == 2
     assert "llmlingua2" in log.read_text() and "tfidf" in log.read_text()
-    proc = _launch(_config(tmp_path, tiny_llama_dir, shards, **{"loss.lambda": 1.5}), 1, log)
+    proc = _launch(_config(tmp_path, tiny_llama_dir, shards, **{"loss.lambda": 1.5}), 1, log, "python")
     assert proc.wait(timeout=300) == 2
     assert "loss.lambda" in log.read_text()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+    # NaN scores are found by the validation that runs before step 1 (data.deep_validate, on by default).
+    fp = json.loads((shards / "train" / "manifest.json").read_text())["tokenizer"]
+    examples = make_examples(8, ["tfidf"], min_len=8, max_len=20)
+    examples[3]["scores"]["tfidf"][-1] = float("nan")
+    write_annotated_dir(tmp_path / "nan", examples, ["tfidf"], tokenizer_fp=fp)
+    proc = _launch(_config(tmp_path, tiny_llama_dir, shards, **{"data.train": str(tmp_path / "nan")}), 1, log, "python")
+    assert proc.wait(timeout=300) == 2
+    assert "shard-00000.parquet: row 3: score_tfidf holds NaN" in log.read_text()
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
