@@ -137,12 +137,12 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from train import config as train_config
     from train.losses import build_loss
     from train.main import (
+        build_engine,
         group_masks,
         next_step_batches,
         run_micro_batch,
         setup_distributed,
     )
-    from train.schedule import make_scheduler
     from train.shards import ShardStream, open_annotated
 
     rss_start = _rss_peak_bytes()
@@ -182,7 +182,6 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     np.random.seed(cfg.seed)
     dtype_name = train_config.resolve_dtype(cfg, cuda=device.type == "cuda")
     ds_config = train_config.deepspeed_dict(cfg, world_size=world_size, dtype=dtype_name)
-    import deepspeed
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -197,16 +196,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
 
-    def is_matrix(name: str, param: torch.nn.Parameter) -> bool:
-        return len(getattr(param, "ds_shape", param.shape)) >= 2 and "norm" not in name
-
-    params = list(model.named_parameters())
-    groups = [{"params": [p for n, p in params if is_matrix(n, p)], "weight_decay": cfg.optim.weight_decay},
-              {"params": [p for n, p in params if not is_matrix(n, p)], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds_config,
-        lr_scheduler=lambda wrapped: make_scheduler(wrapped, n_steps, cfg.optim))
+    engine, _ = build_engine(model, cfg, ds_config, n_steps)  # exactly the trainer's engine and optimizer
     loss_fn = build_loss(cfg.loss.name, **train_config.loss_options(cfg))
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
 

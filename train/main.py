@@ -200,6 +200,26 @@ def export_model(engine: Any, tokenizer: Any, out: Path, rank: int) -> None:
     dist.barrier()
 
 
+def build_engine(model: torch.nn.Module, cfg: Any, ds_config: dict[str, Any], total_steps: int) -> tuple[Any, Any]:
+    """The ZeRO-3 engine around ``model`` with a client AdamW (nothing to compile) and the LR schedule."""
+    import deepspeed
+
+    # Weight decay on matrices only; ZeRO-3 has already partitioned the parameters (p.shape is empty),
+    # so read the full shape from ds_shape.
+    def is_matrix(name: str, param: torch.nn.Parameter) -> bool:
+        return len(getattr(param, "ds_shape", param.shape)) >= 2 and "norm" not in name
+
+    params = list(model.named_parameters())
+    groups = [{"params": [p for n, p in params if is_matrix(n, p)], "weight_decay": cfg.optim.weight_decay},
+              {"params": [p for n, p in params if not is_matrix(n, p)], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    # The scheduler is built on DeepSpeed's wrapped optimizer (a callable), so their param groups agree.
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config,
+        lr_scheduler=lambda wrapped: make_scheduler(wrapped, total_steps, cfg.optim))
+    return engine, scheduler
+
+
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
@@ -255,7 +275,6 @@ def main(argv: list[str] | None = None) -> int:
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * manifest.totals["tokens"] / tokens_per_step))
 
     # -- model, partitioned at load (ZeRO-3) -------------------------------------------------------
-    import deepspeed
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
 
@@ -265,19 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    # Weight decay on matrices only; ZeRO-3 has already partitioned the parameters (p.shape is empty),
-    # so read the full shape from ds_shape.
-    def is_matrix(name: str, param: torch.nn.Parameter) -> bool:
-        return len(getattr(param, "ds_shape", param.shape)) >= 2 and "norm" not in name
-
-    params = list(model.named_parameters())
-    groups = [{"params": [p for n, p in params if is_matrix(n, p)], "weight_decay": cfg.optim.weight_decay},
-              {"params": [p for n, p in params if not is_matrix(n, p)], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-    # The scheduler is built on DeepSpeed's wrapped optimizer (a callable), so their param groups agree.
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, config=ds_config,
-        lr_scheduler=lambda wrapped: make_scheduler(wrapped, total_steps, cfg.optim))
+    engine, scheduler = build_engine(model, cfg, ds_config, total_steps)
     loss_fn = build_loss(cfg.loss.name, **train_config.loss_options(cfg))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
