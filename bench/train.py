@@ -138,10 +138,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from train.losses import build_loss
     from train.main import (
         build_engine,
-        group_masks,
         next_step_batches,
-        run_micro_batch,
         setup_distributed,
+        train_step,
     )
     from train.shards import ShardStream, open_annotated
 
@@ -208,7 +207,6 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     rss_after_build = _rss_peak_bytes()
 
     engine.module.train()
-    scale = float(world_size * cfg.train.grad_accum)
     feed = iter(batches)
     records = []
     for step in range(n_steps):
@@ -216,14 +214,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize()
         started = time.perf_counter()
-        counts = torch.tensor([float(sum(int(b["loss_mask"].sum()) for b in micro)),
-                               float(sum(len(b["input_ids"]) for b in micro if not b.get("empty")))], device=device)
-        dist.all_reduce(counts)
-        step_tokens, seen_tokens = int(counts[0].item()), int(counts[1].item())
-        masks = group_masks(micro, cfg, None)
-        progress = step / max(1, n_steps - 1)
-        parts = [run_micro_batch(engine, b, m, loss_fn, step_tokens, progress, cfg, device, scale, train=True)
-                 for b, m in zip(micro, masks)]
+        parts, step_tokens, seen_tokens = train_step(engine, micro, loss_fn, cfg, None, step / max(1, n_steps - 1), device)
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - started

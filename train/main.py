@@ -140,6 +140,21 @@ def run_micro_batch(engine: Any, batch: dict[str, Any], important: torch.Tensor,
     return metrics
 
 
+def train_step(engine: Any, micro: list[dict[str, Any]], loss_fn: Any, cfg: Any, threshold: float | None,
+               progress: float, device: torch.device) -> tuple[list[dict[str, float]], int, int]:
+    """One optimizer step over its micro-batches: returns their metrics, the step's trainable tokens
+    (all ranks: every loss normalises by it) and the tokens seen (all ranks, for tokens/s)."""
+    counts = torch.tensor([float(sum(int(b["loss_mask"].sum()) for b in micro)),
+                           float(sum(len(b["input_ids"]) for b in micro if not b.get("empty")))], device=device)
+    dist.all_reduce(counts)
+    step_tokens, seen_tokens = int(counts[0].item()), int(counts[1].item())
+    masks = group_masks(micro, cfg, threshold)
+    scale = float(dist.get_world_size() * cfg.train.grad_accum)
+    parts = [run_micro_batch(engine, b, m, loss_fn, step_tokens, progress, cfg, device, scale, train=True)
+             for b, m in zip(micro, masks)]
+    return parts, step_tokens, seen_tokens
+
+
 def evaluate(engine: Any, stream: ShardStream, cfg: Any, threshold: float | None, device: torch.device, pad_id: int) -> dict[str, float]:
     """Held-out CE and per-group losses over the validation shards (sums all-reduced over ranks)."""
     engine.module.eval()
@@ -335,20 +350,12 @@ def main(argv: list[str] | None = None) -> int:
     batches = stream.micro_batches(cfg.data.micro_batch_tokens, num_workers=cfg.data.num_workers)
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
     engine.module.train()
-    scale = float(world_size * cfg.train.grad_accum)
     while step < total_steps:
         started = time.perf_counter()
         micro = next_step_batches(batches, cfg.train.grad_accum, pad_id, device)
         if micro is None:
             break  # every rank is out of data: the epochs are done
-        counts = torch.tensor([float(sum(int(b["loss_mask"].sum()) for b in micro)),
-                               float(sum(len(b["input_ids"]) for b in micro if not b.get("empty")))], device=device)
-        dist.all_reduce(counts)
-        step_tokens, seen_tokens = int(counts[0].item()), int(counts[1].item())
-        masks = group_masks(micro, cfg, threshold)
-        progress = step / max(1, total_steps - 1)
-        parts = [run_micro_batch(engine, b, m, loss_fn, step_tokens, progress, cfg, device, scale, train=True)
-                 for b, m in zip(micro, masks)]
+        parts, step_tokens, seen_tokens = train_step(engine, micro, loss_fn, cfg, threshold, step / max(1, total_steps - 1), device)
         step += 1
         seconds = time.perf_counter() - started
         total_loss = torch.tensor([sum(p["loss"] for p in parts)], device=device, dtype=torch.float64)
