@@ -78,8 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python annotate/run.py",
         description="Tokenize instruction corpora with a model's chat template and write Parquet shards "
-        "of token ids, loss masks and per-token importance scores (shard schema v1).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "of token ids, loss masks and per-token importance scores (shard schema v1). "
+        "Every option is also a YAML key (--max-length is max_length); CLI flags override --config.",
+        epilog="examples:\n"
+        "  python annotate/run.py --input ../shared/data/lima/train.jsonl --format lima --scorers tfidf,base_loss --output shards/lima\n"
+        "  python annotate/run.py --output shards/lima --add-scorers ref_loss --scorer-option ref_loss.model=/path/to/reference\n"
+        "  ray job submit --working-dir . -- python annotate/run.py --config my_annotate.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     d = AnnotateConfig()
     p.add_argument("--config", help="YAML file with any of the keys below (CLI flags override it)")
@@ -87,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="annotated directory to write")
     p.add_argument("--format", help=f"corpus format: auto or one of {', '.join(FORMATS)} (default {d.format})")
     p.add_argument("--model", help=f"HF id, local folder, or an embedded name (default {d.model})")
-    p.add_argument("--scorers", type=_split_list, help="comma-separated scorers (default tfidf); see --list-scorers")
+    p.add_argument("--scorers", type=_split_list, help=f"comma-separated scorers (default {','.join(d.scorers)}); see --list-scorers")
     p.add_argument("--scorer-option", action="append", default=[], metavar="SCORER.KEY=VALUE",
                    help="a scorer option, e.g. ref_loss.model=/path or tfidf.term=word (repeatable)")
     p.add_argument("--add-scorers", type=_split_list,
@@ -95,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, help=f"tokens per example (default {d.max_length})")
     p.add_argument("--overlength", choices=["truncate", "drop"], help=f"what to do past --max-length (default {d.overlength})")
     p.add_argument("--shard-size", type=int, help=f"input records per shard (default {d.shard_size})")
-    p.add_argument("--limit", type=int, help="only the first N records of each input file (default all)")
-    p.add_argument("--strict", action="store_true", default=None, help="stop at the first bad record")
+    p.add_argument("--limit", type=int, help="only the first N records of each input file (default 0 = all)")
+    p.add_argument("--strict", action="store_true", default=None, help="stop at the first bad record instead of rejecting it (default off)")
     p.add_argument("--tokenize-actors", type=int, help="tokenizer actors (default auto)")
     p.add_argument("--scorer-actors", type=int, help="actors per scorer (default auto)")
     p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")

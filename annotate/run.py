@@ -15,7 +15,10 @@ import json
 import sys
 from pathlib import Path
 
-# Runnable as a script (python annotate/run.py, ray job submit) without installing the repo.
+# Runnable as a script (python annotate/run.py, ray job submit) without installing the repo. The
+# script's own folder leaves sys.path: its modules (inspect.py, evaluate.py, config.py) would
+# otherwise shadow the standard library's and other packages' modules of the same name.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import yaml  # noqa: E402
@@ -33,8 +36,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.list_scorers:
+        import dataclasses
+
         for name in registry.available():
-            print(f"{name:<12} {(registry.get(name).__doc__ or '').strip().splitlines()[0]}")
+            scorer = registry.get(name)
+            print(f"{name:<12} {((scorer.__doc__ or '').strip().splitlines() or [''])[0]}")
+            for option in dataclasses.fields(scorer.Options):
+                print(f"{'':<12}   --scorer-option {name}.{option.name}={option.default!r}")
         return 0
     try:
         job = prepare(config)  # every check that can fail, before Ray starts

@@ -406,6 +406,24 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
     return config
 
 
+def _reference() -> list[tuple[str, str, list[tuple[str, str, str, str]]]]:
+    """(section, title, [(key, type, default, help)]) from the dataclasses: one source for --help and the README."""
+    leaves = _leaves()
+    groups: dict[str, list[tuple[str, dataclasses.Field, Any]]] = {"": []}
+    for leaf in leaves:  # top-level options first, then one block per section
+        groups.setdefault(leaf[0].split(".", 1)[0] if "." in leaf[0] else "", []).append(leaf)
+    sections = []
+    for head, members in groups.items():
+        title = _fields(TrainConfig)[head][0].metadata.get("help", "") if head else "run"
+        rows = []
+        for dotted, f, tp in members:
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            shown = yaml.safe_dump(_plain(default), default_flow_style=True).strip().removesuffix("...").strip()
+            rows.append((dotted, _type_name(tp), shown, f.metadata.get("help", "")))
+        sections.append((head or "top level", title, rows))
+    return sections
+
+
 def help_text() -> str:
     """Usage plus every key with its type, default and description, generated from the dataclasses."""
     lines = [
@@ -415,18 +433,21 @@ def help_text() -> str:
         "Values are YAML (optim.betas=[0.9,0.95], loss.rho1_rho=null); string options take the text as written.",
         "",
     ]
-    leaves = _leaves()
-    width = max(len(k) for k, _, _ in leaves)
-    groups: dict[str, list[tuple[str, dataclasses.Field, Any]]] = {"": []}
-    for leaf in leaves:  # top-level options first, then one block per section
-        groups.setdefault(leaf[0].split(".", 1)[0] if "." in leaf[0] else "", []).append(leaf)
-    for head, members in groups.items():
-        title = _fields(TrainConfig)[head][0].metadata.get("help", "") if head else "run"
-        lines.append(f"{head or 'top level'}: {title}")
-        for dotted, f, tp in members:
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            shown = yaml.safe_dump(_plain(default), default_flow_style=True).strip().removesuffix("...").strip()
-            lines.append(f"  {dotted:<{width}}  {_type_name(tp):<19} = {shown:<24} {f.metadata.get('help', '')}")
+    sections = _reference()
+    width = max(len(row[0]) for _, _, rows in sections for row in rows)
+    for head, title, rows in sections:
+        lines.append(f"{head}: {title}")
+        lines.extend(f"  {key:<{width}}  {tp:<19} = {shown:<24} {text}" for key, tp, shown, text in rows)
+    return "\n".join(lines)
+
+
+def markdown_reference() -> str:
+    """The README's train configuration table: the same keys, defaults and help as ``--help``."""
+    lines = ["| key | type | default | what it does |", "|---|---|---|---|"]
+    for head, title, rows in _reference():
+        lines.append(f"| **{head}** | | | {title} |")
+        for key, tp, shown, text in rows:
+            lines.append(f"| `{key}` | {tp.replace('|', 'or')} | `{shown}` | {text.replace('|', '/')} |")
     return "\n".join(lines)
 
 

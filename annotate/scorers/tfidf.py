@@ -26,6 +26,8 @@ _WORD = re.compile(r"\w+", re.UNICODE)
 
 @register
 class TfidfScorer:
+    """TF-IDF of each token (or word) in its example, IDF over the whole corpus (higher = more important)."""
+
     name = "tfidf"
     uses_gpu = False
 

@@ -1,0 +1,175 @@
+"""train.report: the HTML page and its plots, checked as data and rendered in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.train.conftest import make_examples, write_annotated_dir
+from train import config as train_config
+from train import report
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def write_run(path: Path, *, loss: str, shards: Path, model: Path, steps: int = 6, resumed: bool = False,
+              evaluation: dict | None = None) -> Path:
+    """A run directory as train/main.py leaves it: resolved config.yaml, metrics.jsonl (+ evaluation.json)."""
+    cfg = train_config.load_config([f"model={model}", f"output_dir={path}", f"data.train={shards}", f"data.validation={shards}",
+                                    f"loss.name={loss}", "importance.scorer=tfidf", "importance.rho=0.7"])
+    train_config.save_config(cfg, path / "config.yaml")
+    lines = []
+    for step in range(1, steps + 1):
+        lam = 0.0 if loss == "sft" else 0.9
+        imp, unimp = 3.0 - 0.1 * step, 2.0 - 0.05 * step
+        lines.append({"step": step, "loss": (1 - lam) * 2.5 + lam * max(imp, unimp), "ce": 2.5 - 0.07 * step,
+                      "important_loss": imp, "unimportant_loss": unimp, "lambda": lam, "worse_group": 1.0, "lr": 1e-5})
+        if step % 3 == 0:
+            lines.append({**lines[-1], "eval_ce": 2.6 - 0.05 * step, "eval_important_loss": 3.1 - 0.05 * step,
+                          "eval_unimportant_loss": 2.1 - 0.02 * step, "eval_worse_group": 1, "eval_tokens": 100})
+    if resumed:  # a kill after step 4's checkpoint: steps 5-6 logged twice, the later value must win
+        lines.insert(5, {**lines[5], "ce": 99.0})
+    with open(path / "metrics.jsonl", "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(line) + "\n" for line in lines))
+    if evaluation is not None:
+        (path / "evaluation.json").write_text(json.dumps(evaluation))
+    return path
+
+
+@pytest.fixture(scope="module")
+def report_inputs(tmp_path_factory, smol_tokenizer, smol_tokenizer_dir):
+    root = tmp_path_factory.mktemp("report")
+    examples = make_examples(12, scorers=["tfidf", "base_loss", "ref_loss"], seed=3, min_len=6, max_len=30)
+    # Real SmolLM2 token ids that decode to markup: the page must show it as text, never run it.
+    markup = smol_tokenizer("<script>window.__xss = 1</script> & <b>", add_special_tokens=False)["input_ids"]
+    ids = markup + [int(x) for x in examples[0]["input_ids"]]
+    examples[0] = {"id": "markup", "input_ids": ids, "loss_mask": [i > 0 for i in range(len(ids))],
+                   "scores": {k: [float(i % 7) for i in range(len(ids))] for k in ("tfidf", "base_loss", "ref_loss")}}
+    shards = root / "shards"
+    write_annotated_dir(shards, examples, ["tfidf", "base_loss", "ref_loss"], rows_per_shard=5)
+    evaluation = lambda run: {  # noqa: E731 - a tiny record factory
+        "run": run, "model": f"{run}/model",
+        "benchmarks": [{"task": "arc_challenge", "split": "dev", "num_fewshot": 0, "n": 4, "acc": 0.25, "acc_stderr": 0.25,
+                        "acc_norm": 0.5, "acc_norm_stderr": 0.2887}],
+        "heldout": [{"dir": str(shards), "scorer": "tfidf", "rho": 0.7, "scope": "sequence", "ce": 2.0,
+                     "important_loss": 2.5, "unimportant_loss": 1.8, "worse_group": "important", "tokens": 50}],
+        "generations": [{"prompt": "Name a colour.", "answer": f"answer of {run} <i>not markup</i>"}],
+    }
+    sft = write_run(root / "sft", loss="sft", shards=shards, model=smol_tokenizer_dir, evaluation=evaluation("sft"))
+    sftgo = write_run(root / "sftgo", loss="sftgo", shards=shards, model=smol_tokenizer_dir, resumed=True, evaluation=evaluation("sftgo"))
+    out = root / "out"
+    html_path = report.build_report([str(sft), str(sftgo)], str(out), examples=12)  # every example, the markup one too
+    return {"root": root, "shards": shards, "sft": sft, "sftgo": sftgo, "out": out, "html": html_path}
+
+
+class _Collector(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+def test_report_files_and_content(report_inputs):
+    out, page = report_inputs["out"], report_inputs["html"].read_text(encoding="utf-8")
+    for name in ("loss_curves.png", "lambda.png", "heldout.png", "agreement_0.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000, name
+    collector = _Collector()
+    collector.feed(page)
+    images = [attrs for tag, attrs in collector.tags if tag == "img"]
+    assert len(images) == 4 and all(a["src"].startswith("data:image/png;base64,") for a in images)  # self-contained
+    assert not [a for t, a in collector.tags if t in ("script", "link") and (a.get("src") or a.get("href"))]  # nothing external
+    assert "<script>window.__xss" not in page and "&lt;i&gt;not markup&lt;/i&gt;" in page
+    # Benchmarks, per-group held-out loss and generations of both runs.
+    assert page.count("0.2500 ± 0.2500") == 2 and "answer of sft" in page and "answer of sftgo" in page
+    assert "token-viewer" in page and "agreement" in page
+
+
+def test_report_reads_metrics_like_the_trainer_wrote_them(report_inputs):
+    run = report.load_run(report_inputs["sftgo"])
+    assert [r["step"] for r in run.steps] == [1, 2, 3, 4, 5, 6]
+    assert all(r["ce"] != 99.0 for r in run.steps)  # the re-logged (later) line wins after a resume
+    assert [e["step"] for e in run.evals] == [3, 6]
+    assert math.isclose(run.evals[-1]["eval_ce"], 2.6 - 0.3)
+    assert run.setting("importance.rho") == 0.7 and run.setting("loss.name") == "sftgo"
+
+
+def test_report_bad_input_names_the_file(tmp_path, report_inputs, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(report_inputs["sft"], broken)
+    with open(broken / "metrics.jsonl", "a") as f:
+        f.write("{not json\n")
+        f.write(json.dumps({"step": 7, "loss": 1.0}) + "\n")
+    assert report.main([str(broken), "--output", str(tmp_path / "o")]) == 2
+    assert f"{broken / 'metrics.jsonl'}:" in capsys.readouterr().err
+    assert report.main([str(tmp_path / "missing"), "--output", str(tmp_path / "o")]) == 2
+    assert "missing: not a directory" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert report.main([str(tmp_path / "empty"), "--output", str(tmp_path / "o")]) == 2
+    assert "config.yaml: missing" in capsys.readouterr().err
+
+
+def test_report_cli_help_and_run(report_inputs, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "train.report", str(report_inputs["sft"]), "--output", str(tmp_path / "r"),
+                             "--examples", "2"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"report: {tmp_path / 'r' / 'report.html'}" in result.stdout
+    assert (tmp_path / "r" / "loss_curves.png").is_file()
+
+
+def _chromium():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync", "--window-size=1300,2000"):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+def test_report_renders_in_headless_chromium(report_inputs):
+    assert Path(CHROMIUM).exists() and Path(CHROMEDRIVER).exists(), (
+        "Debian's chromium and chromium-driver are needed (make setup installs them)")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    driver = _chromium()
+    try:
+        driver.get(report_inputs["html"].as_uri())
+        assert driver.title == "sftgo report"
+        images = driver.find_elements(By.CSS_SELECTOR, "img.plot")
+        assert len(images) == 4
+        for image in images:  # decoded and laid out: a broken data URI has naturalWidth 0
+            assert driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image) > 200
+            assert image.size["width"] > 100 and image.size["height"] > 100
+        tokens = driver.find_elements(By.CSS_SELECTOR, "section.token-viewer span.tok")
+        assert len(tokens) > 20 and all(t.is_displayed() for t in tokens[:5])
+        assert driver.execute_script("return window.__xss") is None  # the markup token stayed text
+        important = driver.find_elements(By.CSS_SELECTOR, "section.token-viewer span.tok[data-group-tfidf='1']")
+        assert important, "no token marked important at rho"
+        # Shading follows the chosen score: switching the selector repaints the tokens.
+        select = Select(driver.find_element(By.CSS_SELECTOR, "section.token-viewer select.score-select"))
+        names = [o.get_attribute("value") for o in select.options]
+        assert {"tfidf", "base_loss", "ref_loss", "excess_loss"} <= set(names)
+        shading = lambda: [t.value_of_css_property("background-color") for t in tokens[:40]]  # noqa: E731
+        before = shading()
+        select.select_by_value("excess_loss" if names[0] != "excess_loss" else "tfidf")
+        assert shading() != before
+        table = driver.find_element(By.CSS_SELECTOR, "table.agreement")
+        assert table.is_displayed() and "excess_loss" in table.text
+        assert driver.find_element(By.CSS_SELECTOR, "section.generations").is_displayed()
+        driver.save_screenshot(str(report_inputs["out"] / "screenshot.png"))
+    finally:
+        driver.quit()

@@ -1,0 +1,464 @@
+"""One self-contained HTML report (plus PNG plots) for one or more training runs.
+
+    python -m train.report runs/sft runs/sftgo --output runs/report
+
+Per run it reads ``config.yaml`` and ``metrics.jsonl`` (written by ``train/main.py``) and, when
+present, ``evaluation.json`` (written by ``python -m train.evaluate``). The page shows:
+
+- training loss curves per run: CE with the important and unimportant group losses (as the SFT-GO
+  paper's Figure 2) and the optimised loss;
+- lambda over steps, all runs on one axis;
+- held-out CE and group losses side by side across runs (the trainer's periodic evaluation);
+- benchmark accuracies, per-group held-out losses and sample generations from ``train.evaluate``;
+- a token viewer over examples of the runs' shards: tokens shaded by each scorer's score and marked
+  by group at the run's rho and scope (the same grouping code as training);
+- agreement between scorers: overlap of their important sets at rho.
+
+Shards are read with Polars lazy scans (``data/viewer.py``), so the report works on directories
+larger than memory. Every plot is also written as a PNG next to ``report.html`` and embedded in the
+page as a data URI, so the HTML file alone is the whole report (no network, no external files).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from schemas.shard import atomic_write_text
+
+GROUP_COLORS = {"ce": "#333333", "important_loss": "#d62728", "unimportant_loss": "#1f77b4", "loss": "#9467bd"}
+GROUP_LABELS = {"ce": "CE (all trainable tokens)", "important_loss": "important group", "unimportant_loss": "unimportant group",
+                "loss": "optimised loss"}
+EVAL_KEYS = ("eval_ce", "eval_important_loss", "eval_unimportant_loss")
+
+
+class ReportError(ValueError):
+    """A run directory or option the report cannot use; the message names it."""
+
+
+@dataclass
+class Run:
+    """What the report needs of one run directory."""
+
+    name: str
+    path: Path
+    config: dict[str, Any]
+    steps: list[dict[str, Any]]  # training records, one per step (the last one logged wins after a resume)
+    evals: list[dict[str, Any]]  # held-out evaluation records (trainer), in step order
+    evaluation: dict[str, Any] | None = None  # train.evaluate's evaluation.json
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def setting(self, dotted: str, default: Any = None) -> Any:
+        """A config value by dotted key (``importance.rho``)."""
+        node: Any = self.config
+        for part in dotted.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return default
+            node = node[part]
+        return node
+
+    @property
+    def label(self) -> str:
+        loss = self.setting("loss.name", "?")
+        if loss in ("sft", "dft"):
+            return f"{self.name} ({loss})"
+        return f"{self.name} ({loss}, {self.setting('importance.scorer')}, rho {self.setting('importance.rho')})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading run directories
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                # A run killed mid-write can leave a torn last line: skip only that one, loudly.
+                if not f.read().strip():
+                    print(f"warning: {path}:{number}: incomplete last line skipped ({exc.msg})", file=sys.stderr)
+                    break
+                raise ReportError(f"{path}:{number}: not JSON ({exc.msg})") from exc
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ReportError(f"{path}:{number}: expected an object with an integer 'step'")
+            records.append(record)
+    return records
+
+
+def load_run(path: str | Path, name: str | None = None) -> Run:
+    """Read one run directory; raises :class:`ReportError` naming the missing or bad file."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ReportError(f"{path}: not a directory (expected a training run: config.yaml, metrics.jsonl)")
+    config_path, metrics_path = path / "config.yaml", path / "metrics.jsonl"
+    for needed in (config_path, metrics_path):
+        if not needed.is_file():
+            raise ReportError(f"{needed}: missing; is {path} a run directory of train/main.py?")
+    try:
+        config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ReportError(f"{config_path}: not valid YAML ({exc})") from exc
+    if not isinstance(config, dict):
+        raise ReportError(f"{config_path}: expected a mapping of config keys")
+    by_step: dict[int, dict[str, Any]] = {}
+    evals_by_step: dict[int, dict[str, Any]] = {}
+    for record in _read_jsonl(metrics_path):
+        # After a resume the steps past the checkpoint are logged again: the later line wins.
+        if "loss" in record:
+            by_step[record["step"]] = record
+        if "eval_ce" in record:
+            evals_by_step[record["step"]] = {k: record[k] for k in record if k == "step" or k.startswith("eval_")}
+    if not by_step:
+        raise ReportError(f"{metrics_path}: no training steps logged yet")
+    evaluation = None
+    eval_path = path / "evaluation.json"
+    if eval_path.is_file():
+        try:
+            evaluation = json.loads(eval_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ReportError(f"{eval_path}: not JSON ({exc.msg})") from exc
+    summary_path = path / "train_summary.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.is_file() else {}
+    return Run(name=name or path.resolve().name, path=path, config=config, steps=[by_step[s] for s in sorted(by_step)],
+               evals=[evals_by_step[s] for s in sorted(evals_by_step)], evaluation=evaluation, summary=summary)
+
+
+def _unique_names(paths: list[Path]) -> list[str]:
+    """Run names for the legend: the folder name, with its parent when two runs share it."""
+    names = [p.resolve().name for p in paths]
+    return [f"{p.resolve().parent.name}/{n}" if names.count(n) > 1 else n for p, n in zip(paths, names)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots (matplotlib, headless)
+# ---------------------------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; must precede pyplot's import
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, out: Path) -> Path:
+    tmp = out.with_name(out.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    tmp.replace(out)
+    _pyplot().close(fig)
+    return out
+
+
+def plot_loss_curves(runs: list[Run], out: Path) -> Path:
+    """One panel per run: CE and the important / unimportant group losses over steps (Figure 2)."""
+    plt = _pyplot()
+    cols = min(3, len(runs))
+    rows = math.ceil(len(runs) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False, sharey=True)
+    for ax, run in zip(axes.flat, runs):
+        steps = [r["step"] for r in run.steps]
+        for key in ("important_loss", "unimportant_loss", "ce"):
+            ax.plot(steps, [r.get(key, float("nan")) for r in run.steps], color=GROUP_COLORS[key], label=GROUP_LABELS[key],
+                    linestyle="--" if key == "ce" else "-", marker="." if len(steps) < 30 else None)
+        if run.setting("loss.name") not in ("sft", None):
+            ax.plot(steps, [r.get("loss", float("nan")) for r in run.steps], color=GROUP_COLORS["loss"], alpha=0.6,
+                    label=GROUP_LABELS["loss"], linestyle=":")
+        ax.set_title(run.label, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(runs):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("loss (nats / token)")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Training loss by token group", fontsize=11)
+    return _save(fig, out)
+
+
+def plot_lambda(runs: list[Run], out: Path) -> Path:
+    """lambda (the weight of the worse group's loss) over steps, every run on one axis."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    for run in runs:
+        ax.plot([r["step"] for r in run.steps], [r.get("lambda", 0.0) for r in run.steps], label=run.label,
+                marker="." if len(run.steps) < 30 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("lambda")
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("lambda over steps", fontsize=11)
+    return _save(fig, out)
+
+
+def plot_heldout(runs: list[Run], out: Path) -> Path | None:
+    """Held-out CE and group losses: final values side by side (bars) and CE over steps (lines)."""
+    with_evals = [run for run in runs if run.evals]
+    if not with_evals:
+        return None
+    plt = _pyplot()
+    fig, (bars, lines) = plt.subplots(1, 2, figsize=(11, 3.8))
+    width = 0.8 / len(with_evals)
+    for index, run in enumerate(with_evals):
+        final = run.evals[-1]
+        xs = [k + (index - (len(with_evals) - 1) / 2) * width for k in range(len(EVAL_KEYS))]
+        values = [final.get(key, float("nan")) for key in EVAL_KEYS]
+        drawn = bars.bar(xs, values, width=width, label=run.label)
+        bars.bar_label(drawn, fmt="%.3f", fontsize=7)
+        lines.plot([e["step"] for e in run.evals], [e.get("eval_ce", float("nan")) for e in run.evals], marker="o", label=run.label)
+    bars.set_xticks(range(len(EVAL_KEYS)), ["CE", "important group", "unimportant group"])
+    bars.set_ylabel("held-out loss (nats / token)")
+    bars.set_title("held-out losses at the last evaluation", fontsize=10)
+    bars.legend(fontsize=7)
+    lines.set_xlabel("step")
+    lines.set_ylabel("held-out CE")
+    lines.set_title("held-out CE over steps", fontsize=10)
+    lines.grid(alpha=0.3)
+    return _save(fig, out)
+
+
+def plot_agreement(agreement: dict[str, Any], out: Path) -> Path | None:
+    """Heatmap of the overlap (Jaccard) of the scorers' important sets."""
+    names = agreement.get("scores") or []
+    if len(names) < 2:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2.2, 1.0 * len(names) + 1.4))
+    image = ax.imshow(agreement["overlap"], vmin=0.0, vmax=1.0, cmap="viridis")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    for i, row in enumerate(agreement["overlap"]):
+        for j, value in enumerate(row):
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=8)
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    ax.set_title(f"important-set overlap at rho {agreement.get('rho')}", fontsize=10)
+    return _save(fig, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML
+# ---------------------------------------------------------------------------------------------
+
+STYLE = """
+body { font: 14px/1.45 system-ui, -apple-system, Segoe UI, sans-serif; margin: 24px auto; max-width: 1200px; color: #222; padding: 0 16px; }
+h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 32px; border-bottom: 1px solid #ddd; }
+table.data { border-collapse: collapse; margin: 8px 0; font-size: 13px; }
+table.data th, table.data td { border: 1px solid #ddd; padding: 3px 8px; text-align: right; }
+table.data th:first-child, table.data td:first-child { text-align: left; }
+img.plot { max-width: 100%; border: 1px solid #eee; }
+.note { color: #666; font-size: 12px; }
+.gen { display: grid; gap: 8px; } .gen pre { white-space: pre-wrap; background: #f7f7f7; padding: 6px; margin: 0; }
+"""
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if isinstance(value, float):
+        return "—" if math.isnan(value) else f"{value:.{digits}f}"
+    return html.escape(str(value)) if value is not None else "—"
+
+
+def _table(header: list[str], rows: list[list[Any]], cls: str = "data") -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>" for row in rows)
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _img(path: Path | None, alt: str) -> str:
+    if path is None:
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<figure><img class="plot" alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption class="note">{html.escape(path.name)}</figcaption></figure>'
+
+
+def runs_table(runs: list[Run]) -> str:
+    """One row per run: its setting and its last training / held-out numbers."""
+    rows = []
+    for run in runs:
+        last = run.steps[-1]
+        final_eval = run.evals[-1] if run.evals else {}
+        rows.append([run.name, run.setting("loss.name"), run.setting("importance.scorer"), run.setting("importance.rho"),
+                     run.setting("importance.scope"), run.setting("loss.lambda"), last["step"], float(last.get("loss", math.nan)),
+                     float(last.get("ce", math.nan)), float(final_eval.get("eval_ce", math.nan)),
+                     float(final_eval.get("eval_important_loss", math.nan)), float(final_eval.get("eval_unimportant_loss", math.nan))])
+    return _table(["run", "loss", "scorer", "rho", "scope", "lambda", "steps", "last loss", "last CE", "held-out CE",
+                   "held-out important", "held-out unimportant"], rows)
+
+
+def evaluation_section(runs: list[Run]) -> str:
+    """train.evaluate's results across runs: benchmarks, per-group held-out loss, generations."""
+    evaluated = [run for run in runs if run.evaluation]
+    if not evaluated:
+        return ('<p class="note">No <code>evaluation.json</code> in these runs; '
+                '<code>python -m train.evaluate RUN_DIR ...</code> adds benchmarks, per-group held-out loss and generations here.</p>')
+    parts = []
+    bench_rows = []
+    for run in evaluated:
+        for record in run.evaluation.get("benchmarks", []):
+            bench_rows.append([run.name, record.get("task"), record.get("split"), record.get("num_fewshot"), record.get("n"),
+                               _pm(record.get("acc"), record.get("acc_stderr")), _pm(record.get("acc_norm"), record.get("acc_norm_stderr"))])
+    if bench_rows:
+        parts.append("<h3>Benchmarks</h3>" + _table(["run", "task", "split", "shots", "n", "acc ± stderr", "acc_norm ± stderr"], bench_rows))
+    held_rows = []
+    for run in evaluated:
+        for record in run.evaluation.get("heldout", []):
+            held_rows.append([run.name, record.get("dir"), record.get("scorer"), record.get("rho"), record.get("scope"),
+                              record.get("ce"), record.get("important_loss"), record.get("unimportant_loss"),
+                              record.get("worse_group"), record.get("tokens")])
+    if held_rows:
+        parts.append("<h3>Per-group held-out loss</h3>"
+                     + _table(["run", "shards", "scorer", "rho", "scope", "CE", "important", "unimportant", "worse group", "tokens"], held_rows))
+    prompts: dict[str, dict[str, str]] = {}
+    for run in evaluated:
+        for item in run.evaluation.get("generations", []):
+            prompts.setdefault(item.get("prompt", ""), {})[run.name] = item.get("answer", "")
+    if prompts:
+        blocks = []
+        for prompt, answers in prompts.items():
+            cells = "".join(f"<div><b>{html.escape(name)}</b><pre>{html.escape(text)}</pre></div>" for name, text in answers.items())
+            blocks.append(f'<div class="gen-item"><p><b>Prompt:</b> {html.escape(prompt)}</p>'
+                          f'<div class="gen" style="grid-template-columns: repeat({len(answers)}, 1fr)">{cells}</div></div>')
+        parts.append('<h3>Sample generations (greedy)</h3><section class="generations">' + "".join(blocks) + "</section>")
+    return "".join(parts)
+
+
+def _pm(value: Any, stderr: Any) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.4f} ± {stderr:.4f}" if isinstance(stderr, (int, float)) else f"{value:.4f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Token viewer and scorer agreement over the runs' shards
+# ---------------------------------------------------------------------------------------------
+
+
+def _tokenizer_for(run: Run) -> Any:
+    from data.models import load_tokenizer, resolve_model
+
+    exported = run.path / "model"
+    source = str(exported) if (exported / "tokenizer_config.json").is_file() else resolve_model(str(run.setting("model")))
+    return load_tokenizer(source)
+
+
+def shards_section(runs: list[Run], shards: str | None, examples: int, seed: int, out: Path,
+                   agreement_examples: int) -> str:
+    """Token viewer and scorer agreement for each distinct (shards, rho, scope) among the runs."""
+    from data import viewer
+
+    settings: dict[tuple[str, float, str], Run] = {}
+    for run in runs:
+        directory = shards or run.setting("data.validation") or run.setting("data.train")
+        if not directory or run.setting("importance.rho") is None:
+            continue
+        key = (str(directory), float(run.setting("importance.rho")), str(run.setting("importance.scope", "sequence")))
+        settings.setdefault(key, run)
+    if not settings:
+        return '<p class="note">The runs name no shards (data.validation / data.train); pass --shards DIR.</p>'
+    parts = []
+    for index, ((directory, rho, scope), run) in enumerate(settings.items()):
+        if not Path(directory).exists() and "://" not in directory:
+            parts.append(f'<p class="note">{html.escape(directory)}: not found here; pass --shards DIR to show its tokens.</p>')
+            continue
+        thresholds = viewer.corpus_thresholds(directory, rho) if scope == "corpus" else None
+        sample = viewer.sample_examples(directory, n=examples, seed=seed)
+        tokenizer = _tokenizer_for(run)
+        title = f"{directory}: tokens at rho {rho}, scope {scope} (used by {', '.join(r.name for r in runs if r.setting('importance.rho') == rho)})"
+        parts.append(viewer.token_viewer_html(sample, tokenizer, rho, scope=scope, thresholds=thresholds, title=title))
+        agreement = viewer.scorer_agreement(directory, rho, max_examples=agreement_examples, scope=scope)
+        png = plot_agreement(agreement, out / f"agreement_{index}.png")
+        parts.append(f"<h3>Scorer agreement: {html.escape(directory)}</h3>" + viewer.agreement_html(agreement) + _img(png, "scorer agreement"))
+    return "".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def build_report(run_dirs: list[str], output: str, *, shards: str | None = None, examples: int = 6, seed: int = 0,
+                 agreement_examples: int = 2000, title: str = "sftgo report") -> Path:
+    """Write ``OUTPUT/report.html`` and its PNG plots for ``run_dirs``; returns the HTML path."""
+    if not run_dirs:
+        raise ReportError("no run directories given")
+    paths = [Path(p) for p in run_dirs]
+    runs = [load_run(path, name) for path, name in zip(paths, _unique_names(paths))]
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+
+    loss_png = plot_loss_curves(runs, out / "loss_curves.png")
+    lambda_png = plot_lambda(runs, out / "lambda.png")
+    heldout_png = plot_heldout(runs, out / "heldout.png")
+    sections = [
+        f"<h1>{html.escape(title)}</h1>",
+        '<p class="note">Runs: ' + ", ".join(f"<code>{html.escape(str(r.path))}</code>" for r in runs) + "</p>",
+        "<h2>Runs</h2>", runs_table(runs),
+        "<h2>Training loss by token group</h2>",
+        ('<p class="note">CE over all trainable tokens (dashed), the important group and the unimportant group at each '
+         "run's rho; SFT-GO optimises (1 - lambda) CE + lambda max(group losses).</p>"),
+        _img(loss_png, "training loss curves"),
+        "<h2>lambda over steps</h2>", _img(lambda_png, "lambda over steps"),
+        "<h2>Held-out loss</h2>",
+        _img(heldout_png, "held-out losses") if heldout_png else '<p class="note">No held-out evaluation logged (data.validation, eval.every).</p>',
+        "<h2>Evaluation</h2>", evaluation_section(runs),
+        "<h2>Tokens and groups</h2>", shards_section(runs, shards, examples, seed, out, agreement_examples),
+    ]
+    page = ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>\n" + "\n".join(sections) + "\n</body></html>\n")
+    report = out / "report.html"
+    atomic_write_text(report, page)
+    return report
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m train.report",
+        description="Write one self-contained HTML report (plus PNG plots) for training runs: loss curves by token "
+                    "group, lambda, held-out losses, train.evaluate results, a token viewer and scorer agreement.",
+        epilog="example: python -m train.report runs/demo_sft runs/demo_sftgo --output runs/demo_report",
+    )
+    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training run directories (config.yaml, metrics.jsonl)")
+    parser.add_argument("--output", default="report", help="folder for report.html and the PNG plots (default: report)")
+    parser.add_argument("--shards", default=None,
+                        help="annotated directory for the token viewer and scorer agreement (default: each run's data.validation, else data.train)")
+    parser.add_argument("--examples", type=int, default=6, help="examples shown in the token viewer (default: 6)")
+    parser.add_argument("--agreement-examples", type=int, default=2000,
+                        help="examples read to measure scorer agreement (default: 2000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the token viewer's example sample (default: 0)")
+    parser.add_argument("--title", default="sftgo report", help="page title (default: sftgo report)")
+    args = parser.parse_args(argv)
+    if args.examples < 0 or args.agreement_examples < 1:
+        parser.error("--examples must be >= 0 and --agreement-examples >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        report = build_report(args.runs, args.output, shards=args.shards, examples=args.examples, seed=args.seed,
+                              agreement_examples=args.agreement_examples, title=args.title)
+    except (ValueError, OSError) as exc:  # ReportError and the shard readers' errors name the file
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"report: {report}")
+    for png in sorted(report.parent.glob("*.png")):
+        print(f"plot:   {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
