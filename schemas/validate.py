@@ -192,12 +192,17 @@ def check_directory(directory: str | Path, deep: bool = True, tokenizer_sha256: 
     return report.manifest
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m schemas.validate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("directory", help="annotated directory (holds manifest.json and shard-*.parquet)")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m schemas.validate", description=__doc__.split("\n\n")[0],
+                                     epilog="example: python -m schemas.validate shards/lima --quick")
+    parser.add_argument("directory", help="annotated directory or fsspec URI (holds manifest.json and shard-*.parquet)")
     parser.add_argument("--quick", action="store_true", help="check manifest, schemas and footers only; skip reading the data")
     parser.add_argument("--tokenizer-sha256", default=None, help="also require this tokenizer fingerprint")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     report = validate_directory(args.directory, deep=not args.quick, tokenizer_sha256=args.tokenizer_sha256)
     if report.ok:
         m = report.manifest

@@ -22,7 +22,11 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a script
+# Runnable as a script (python train/main.py, deepspeed train/main.py) without installing the repo. The
+# script's own folder leaves sys.path: its modules (inspect.py, evaluate.py, config.py) would
+# otherwise shadow the standard library's and other packages' modules of the same name.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -157,8 +161,10 @@ def train_step(engine: Any, micro: list[dict[str, Any]], loss_fn: Any, cfg: Any,
 
 def evaluate(engine: Any, stream: ShardStream, cfg: Any, threshold: float | None, device: torch.device, pad_id: int) -> dict[str, float]:
     """Held-out CE and per-group losses over the validation shards (sums all-reduced over ranks)."""
+    from train.heldout import GROUP_SUM_NAMES, group_loss_sums, summarize_group_sums
+
     engine.module.eval()
-    sums = torch.zeros(6, dtype=torch.float64, device=device)  # ce_sum, n, imp_sum, imp_n, unimp_sum, unimp_n
+    sums = torch.zeros(len(GROUP_SUM_NAMES), dtype=torch.float64, device=device)  # ce_sum, n, imp_sum, imp_n, unimp_sum, unimp_n
     batches = stream.micro_batches(cfg.data.micro_batch_tokens)
     count = 0
     with torch.no_grad():
@@ -166,22 +172,16 @@ def evaluate(engine: Any, stream: ShardStream, cfg: Any, threshold: float | None
             step = next_step_batches(batches, 1, pad_id, device)
             if step is None or (cfg.eval.max_batches and count >= cfg.eval.max_batches):
                 break
-            batch = step[0]
             important = group_masks(step, cfg, threshold)[0]
-            mask = batch["loss_mask"].to(device)
-            token_loss = token_losses(engine.module, batch["input_ids"].to(device), batch["position_ids"].to(device),
-                                      list(batch["seq_lens"]), mask, chunk_size=cfg.train.ce_chunk).double()
-            imp = important[batch["loss_mask"]].to(device)
-            sums += torch.stack([token_loss.sum(), torch.tensor(float(token_loss.numel()), device=device, dtype=torch.float64),
-                                 token_loss[imp].sum(), imp.sum().double(), token_loss[~imp].sum(), (~imp).sum().double()])
+            sums += group_loss_sums(engine.module, step[0], important, device, chunk_size=cfg.train.ce_chunk)
             count += 1
     dist.all_reduce(sums)
     engine.module.train()
-    ce_sum, n, imp_sum, imp_n, un_sum, un_n = sums.tolist()
-    imp_loss = imp_sum / imp_n if imp_n else 0.0
-    un_loss = un_sum / un_n if un_n else 0.0
-    return {"eval_ce": ce_sum / n if n else 0.0, "eval_important_loss": imp_loss, "eval_unimportant_loss": un_loss,
-            "eval_worse_group": 1 if imp_loss >= un_loss else 0, "eval_tokens": n}
+    # The same sums -> losses as python -m train.evaluate (train/heldout.py).
+    summary = summarize_group_sums(sums)
+    return {"eval_ce": summary["ce"], "eval_important_loss": summary["important_loss"],
+            "eval_unimportant_loss": summary["unimportant_loss"],
+            "eval_worse_group": 1 if summary["worse_group"] == "important" else 0, "eval_tokens": float(summary["tokens"])}
 
 
 def save_checkpoint(engine: Any, stream: ShardStream, root: Path, step: int, rank: int, keep: int, extra: dict[str, Any]) -> Path:

@@ -424,7 +424,7 @@ def build_report(run_dirs: list[str], output: str, *, shards: str | None = None,
     return report
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m train.report",
         description="Write one self-contained HTML report (plus PNG plots) for training runs: loss curves by token "
@@ -440,6 +440,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="examples read to measure scorer agreement (default: 2000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the token viewer's example sample (default: 0)")
     parser.add_argument("--title", default="sftgo report", help="page title (default: sftgo report)")
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.examples < 0 or args.agreement_examples < 1:
         parser.error("--examples must be >= 0 and --agreement-examples >= 1")

@@ -1,0 +1,125 @@
+"""Held-out loss per token group: the same grouping and loss code as training, for any plain model.
+
+    manifest, threshold = open_heldout("shards/lima_val", tokenizer_sha256, "tfidf", rho=0.7, scope="sequence")
+    summary = heldout_losses(model, "shards/lima_val", manifest, "tfidf", 0.7, "sequence", threshold)
+    summary["ce"], summary["important_loss"], summary["unimportant_loss"], summary["worse_group"]
+
+Two pieces are shared with the trainer's in-training evaluation (``train/main.py: evaluate``):
+:func:`group_loss_sums` (one packed micro-batch -> six float64 sums) and :func:`summarize_group_sums`
+(sums -> losses). The trainer all-reduces the sums over ranks in between; :func:`heldout_losses` is the
+single-process loop used by ``python -m train.evaluate`` (no DeepSpeed, no torch.distributed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from train.forward import token_losses
+from train.grouping import SCOPES, batch_important_masks, important_mask_packed
+from train.shards import ShardStream, corpus_threshold, open_annotated
+
+__all__ = ["GROUP_SUM_NAMES", "group_loss_sums", "summarize_group_sums", "micro_batch_important", "open_heldout", "heldout_losses"]
+
+#: The order of the six sums of :func:`group_loss_sums`.
+GROUP_SUM_NAMES = ("ce_sum", "n", "imp_sum", "imp_n", "unimp_sum", "unimp_n")
+
+
+def group_loss_sums(model: nn.Module, batch: dict[str, Any], important: Tensor, device: torch.device,
+                    chunk_size: int = 1024) -> Tensor:
+    """Per-token CE of one packed micro-batch reduced to the six float64 sums of :data:`GROUP_SUM_NAMES`.
+
+    Args:
+        model: a ``*ForCausalLM`` (or the module inside a DeepSpeed engine); called without autograd
+            by the callers (``torch.no_grad``).
+        batch: a micro-batch of :meth:`train.shards.ShardStream.micro_batches`.
+        important: bool mask over the batch's tokens (``batch["loss_mask"]``'s shape), from the grouping code.
+        device: where the model runs.
+        chunk_size: target tokens per lm_head + cross-entropy chunk (``train.ce_chunk``).
+    """
+    mask = batch["loss_mask"].to(device)
+    token_loss = token_losses(model, batch["input_ids"].to(device), batch["position_ids"].to(device),
+                              list(batch["seq_lens"]), mask, chunk_size=chunk_size).double()
+    imp = important[batch["loss_mask"]].to(device)
+    return torch.stack([token_loss.sum(), torch.tensor(float(token_loss.numel()), device=device, dtype=torch.float64),
+                        token_loss[imp].sum(), imp.sum().double(), token_loss[~imp].sum(), (~imp).sum().double()])
+
+
+def summarize_group_sums(sums: Tensor) -> dict[str, Any]:
+    """Mean CE over all trainable tokens and over each group, from (possibly all-reduced) sums.
+
+    Returns ``ce``, ``important_loss``, ``unimportant_loss`` (0.0 for an empty group, as the trainer
+    logs it), ``worse_group`` (``"important"`` when its loss is >= the other's, ties included, as the
+    trainer's ``eval_worse_group`` = 1), ``tokens`` and ``important_tokens``.
+    """
+    ce_sum, n, imp_sum, imp_n, un_sum, un_n = sums.tolist()
+    imp_loss = imp_sum / imp_n if imp_n else 0.0
+    un_loss = un_sum / un_n if un_n else 0.0
+    return {"ce": ce_sum / n if n else 0.0, "important_loss": imp_loss, "unimportant_loss": un_loss,
+            "worse_group": "important" if imp_loss >= un_loss else "unimportant",
+            "tokens": int(round(n)), "important_tokens": int(round(imp_n))}
+
+
+def micro_batch_important(batch: dict[str, Any], rho: float, scope: str, threshold: float | None) -> Tensor:
+    """Important-token mask of one micro-batch evaluated on its own, as the trainer's evaluation does.
+
+    The trainer evaluates one micro-batch per step (``grad_accum`` 1), so scope ``batch`` ranks the
+    micro-batch's trainable tokens (across ranks there; single-process here), ``sequence`` each
+    example, and ``corpus`` compares with the manifest's threshold.
+    """
+    if scope == "batch":
+        return batch_important_masks([batch["score"]], [batch["loss_mask"]], rho)[0]
+    return important_mask_packed(batch["score"], batch["loss_mask"], batch["seq_lens"], rho, scope, threshold=threshold)
+
+
+def open_heldout(uri: str, tokenizer_sha256: str | None, scorer: str, rho: float, scope: str) -> tuple[Any, float | None]:
+    """Check an annotated directory for a held-out evaluation; return its manifest and corpus threshold.
+
+    Raises ``ValueError`` (naming the directory) on a tokenizer fingerprint mismatch, a broken
+    directory, a scorer it does not hold, a scope unknown or (``corpus``) without score statistics,
+    and rho outside [0, 1). No model is needed.
+    """
+    if not 0.0 <= rho < 1.0:
+        raise ValueError(f"rho must be in [0, 1), got {rho}")
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; expected one of {list(SCOPES)}")
+    manifest = open_annotated(uri, tokenizer_sha256, scorer)
+    threshold = None
+    if scope == "corpus":
+        try:
+            threshold = corpus_threshold(manifest, scorer, rho)
+        except ValueError as exc:
+            raise ValueError(f"{uri}: {exc}") from None
+    return manifest, threshold
+
+
+def heldout_losses(model: nn.Module, uri: str, manifest: Any, scorer: str, rho: float, scope: str,
+                   threshold: float | None, micro_batch_tokens: int = 4096, device: torch.device | str = "cpu",
+                   chunk_size: int = 1024, progress: bool = True) -> dict[str, Any]:
+    """Held-out CE and per-group losses of ``model`` over a whole annotated directory, in file order.
+
+    Packs with ``ShardStream.micro_batches(micro_batch_tokens)`` like the trainer (scope ``batch``
+    depends on the packing: use the training run's ``data.micro_batch_tokens`` to reproduce its groups).
+    Returns :func:`summarize_group_sums` plus ``examples`` and ``micro_batches``.
+    """
+    from tqdm import tqdm
+
+    device = torch.device(device)
+    stream = ShardStream(uri, manifest, scorer, rank=0, world_size=1, shuffle=False, epochs=1)
+    sums = torch.zeros(len(GROUP_SUM_NAMES), dtype=torch.float64, device=device)
+    examples = batches = 0
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=stream.num_examples, desc=f"held-out {uri}", unit="ex", disable=not progress, dynamic_ncols=True)
+    with torch.no_grad():
+        for batch in stream.micro_batches(micro_batch_tokens):
+            important = micro_batch_important(batch, rho, scope, threshold)
+            sums += group_loss_sums(model, batch, important, device, chunk_size)
+            examples += len(batch["seq_lens"])
+            batches += 1
+            bar.update(len(batch["seq_lens"]))
+    bar.close()
+    model.train(was_training)
+    return {**summarize_group_sums(sums), "examples": examples, "micro_batches": batches}
