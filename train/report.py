@@ -166,7 +166,8 @@ def _save(fig: Any, out: Path) -> Path:
 
 
 def plot_loss_curves(runs: list[Run], out: Path) -> Path:
-    """One panel per run: CE and the important / unimportant group losses over steps (Figure 2)."""
+    """One panel per run: CE and the important / unimportant group losses over steps (Figure 2), with
+    train.evaluate's held-out group losses of the final model as diamonds after the last step."""
     plt = _pyplot()
     cols = min(3, len(runs))
     rows = math.ceil(len(runs) / cols)
@@ -179,6 +180,13 @@ def plot_loss_curves(runs: list[Run], out: Path) -> Path:
         if run.setting("loss.name") not in ("sft", None):
             ax.plot(steps, [r.get("loss", float("nan")) for r in run.steps], color=GROUP_COLORS["loss"], alpha=0.6,
                     label=GROUP_LABELS["loss"], linestyle=":")
+        # train.evaluate's per-group held-out losses of the final model, beside the curves they end.
+        for record in (run.evaluation or {}).get("heldout", [])[:1]:
+            for key in ("important_loss", "unimportant_loss", "ce"):
+                if isinstance(record.get(key), (int, float)):
+                    ax.scatter([steps[-1] + 0.04 * max(1, steps[-1])], [record[key]], marker="D", s=28,
+                               color=GROUP_COLORS[key], edgecolors="white", zorder=3,
+                               label="held-out (train.evaluate)" if key == "important_loss" else None)
         ax.set_title(run.label, fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -238,12 +246,16 @@ def plot_agreement(agreement: dict[str, Any], out: Path) -> Path | None:
     if len(names) < 2:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(1.2 * len(names) + 2.2, 1.0 * len(names) + 1.4))
-    image = ax.imshow(agreement["overlap"], vmin=0.0, vmax=1.0, cmap="viridis")
+    fig, ax = plt.subplots(figsize=(0.9 * len(names) + 2.0, 0.75 * len(names) + 1.2))
+    # None = no example had trainable tokens for both scores: shown blank, not as 0.
+    overlap = [[math.nan if value is None else value for value in row] for row in agreement["overlap"]]
+    image = ax.imshow(overlap, vmin=0.0, vmax=1.0, cmap="viridis")
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_yticks(range(len(names)), names)
-    for i, row in enumerate(agreement["overlap"]):
+    for i, row in enumerate(overlap):
         for j, value in enumerate(row):
+            if math.isnan(value):
+                continue
             ax.text(j, i, f"{value:.2f}", ha="center", va="center", color="white" if value < 0.6 else "black", fontsize=8)
     fig.colorbar(image, ax=ax, fraction=0.046)
     ax.set_title(f"important-set overlap at rho {agreement.get('rho')}", fontsize=10)
@@ -409,7 +421,8 @@ def build_report(run_dirs: list[str], output: str, *, shards: str | None = None,
         "<h2>Runs</h2>", runs_table(runs),
         "<h2>Training loss by token group</h2>",
         ('<p class="note">CE over all trainable tokens (dashed), the important group and the unimportant group at each '
-         "run's rho; SFT-GO optimises (1 - lambda) CE + lambda max(group losses).</p>"),
+         "run's rho; SFT-GO optimises (1 - lambda) CE + lambda max(group losses). Diamonds after the last step: "
+         "the final model's held-out losses from train.evaluate, when the run has them.</p>"),
         _img(loss_png, "training loss curves"),
         "<h2>lambda over steps</h2>", _img(lambda_png, "lambda over steps"),
         "<h2>Held-out loss</h2>",

@@ -173,3 +173,10 @@ def test_report_renders_in_headless_chromium(report_inputs):
         driver.save_screenshot(str(report_inputs["out"] / "screenshot.png"))
     finally:
         driver.quit()
+
+
+def test_agreement_plot_leaves_unmeasured_pairs_blank(tmp_path):
+    agreement = {"scores": ["tfidf", "ref_loss"], "overlap": [[1.0, None], [None, 1.0]], "rho": 0.7}
+    png = report.plot_agreement(agreement, tmp_path / "a.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    assert report.plot_agreement({"scores": ["tfidf"], "overlap": [[1.0]], "rho": 0.7}, tmp_path / "b.png") is None
