@@ -41,7 +41,7 @@ test-fast: setup browser
 # LLMLINGUA2_MODEL=/path/to/llmlingua-2-xlm-roberta-large-meetingbank adds the llmlingua2 scorer.
 SHARED ?= ../shared
 DEMO_EXAMPLES ?= 64
-DEMO_EVAL_LIMIT ?= 4
+DEMO_EVAL_LIMIT ?= 3
 LLMLINGUA2_MODEL ?=
 comma := ,
 DEMO_SCORERS := tfidf$(comma)base_loss$(if $(LLMLINGUA2_MODEL),$(comma)llmlingua2)
@@ -57,7 +57,8 @@ demo: setup
 		$(PY) annotate/run.py --output $$dir --add-scorers ref_loss --scorer-option ref_loss.model=runs/demo_sft/model || exit 1; done
 	$(PY) train/main.py --config train/configs/demo_cpu.yaml output_dir=runs/demo_sftgo
 	$(PY) -m train.evaluate runs/demo_sft runs/demo_sftgo --tasks mmlu,arc_challenge --data-dir $(SHARED)/data/eval \
-		--limit $(DEMO_EVAL_LIMIT) --heldout shards/demo_val --scorer tfidf --rho 0.7 --output runs/demo_evaluation.json
+		--limit $(DEMO_EVAL_LIMIT) --heldout shards/demo_val --scorer tfidf --rho 0.7 --micro-batch-tokens 1024 \
+		--output runs/demo_evaluation.json
 	$(PY) -m train.report runs/demo_sft runs/demo_sftgo --output runs/demo_report
 	@echo
 	@echo "shards:  shards/demo (train), shards/demo_val (held out): manifest.json, rejects.jsonl, shard-*.parquet"
