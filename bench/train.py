@@ -94,9 +94,9 @@ def prepare_model(args: argparse.Namespace, work: Path) -> str:
         from tests.conftest import make_tiny_llama
 
         tok_dir = smol_tokenizer(work / "tokenizer")
-        out = work / "tiny_llama"
+        out = work / f"tiny_llama_{args.tiny_layers}x{args.tiny_vocab}"
         out.mkdir(parents=True, exist_ok=True)
-        return str(make_tiny_llama(out, tok_dir, seed=args.seed))
+        return str(make_tiny_llama(out, tok_dir, seed=args.seed, layers=args.tiny_layers, vocab=args.tiny_vocab))
     from data.models import resolve_model
 
     return resolve_model(args.model)
@@ -109,9 +109,11 @@ def prepare_shards(args: argparse.Namespace, model_path: str, work: Path) -> str
     from schemas.shard import tokenizer_fingerprint
     from tests.train.conftest import make_examples, write_annotated_dir
 
+    from transformers import AutoConfig
+
     tokenizer = load_tokenizer(model_path)
     fp = tokenizer_fingerprint(tokenizer)
-    vocab = len(tokenizer)
+    vocab = AutoConfig.from_pretrained(model_path).vocab_size  # a tiny model's vocabulary may be smaller than the tokenizer's
     lo, hi = args.example_len
     examples = make_examples(args.examples, SCORERS, seed=args.seed, min_len=lo, max_len=hi)
     rng = __import__("numpy").random.default_rng(args.seed)
@@ -127,6 +129,37 @@ def prepare_shards(args: argparse.Namespace, model_path: str, work: Path) -> str
 # ---------------------------------------------------------------------------------------------
 
 
+def plain_step(model: Any, optimizer: Any, micro: list[dict[str, Any]], grad_clip: float, row_multiple: int,
+               device: Any) -> float:
+    """The baseline: a plain PyTorch step on the same packed micro-batches and the same isolating mask:
+    full logits, F.cross_entropy over the trainable targets (sum / the step's trainable tokens),
+    backward, clipping, AdamW. Returns the step's loss."""
+    import torch
+    import torch.nn.functional as F
+
+    from train.forward import packed_attention_mask, pad_packed_row
+
+    impl = model.config._attn_implementation
+    dtype = next(model.parameters()).dtype
+    step_tokens = sum(int(b["loss_mask"].sum()) for b in micro)
+    total = torch.zeros((), device=device)
+    for b in micro:
+        ids, pos, lens = b["input_ids"].to(device), b["position_ids"].to(device), list(b["seq_lens"])
+        targets = b["loss_mask"].to(device).nonzero().reshape(-1)
+        if impl == "flex_attention":
+            ids, pos, lens = pad_packed_row(ids, pos, lens, row_multiple)
+        mask = packed_attention_mask(lens, impl, device=device, dtype=dtype)
+        logits = model(input_ids=ids[None], position_ids=pos[None], attention_mask=mask, use_cache=False).logits[0]
+        loss = F.cross_entropy(logits[targets - 1].float(), ids[targets], reduction="sum") / max(1, step_tokens)
+        loss.backward()
+        total += loss.detach()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(total)
+
+
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     import numpy as np
     import torch
@@ -135,10 +168,13 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.device == "cpu":
         os.environ["DS_ACCELERATOR"] = "cpu"
     from train import config as train_config
+    from train.forward import resolve_attn_implementation
     from train.losses import build_loss
     from train.main import (
         build_engine,
+        load_model,
         next_step_batches,
+        resolve_zero_stage,
         setup_distributed,
         train_step,
     )
@@ -146,12 +182,15 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
     rss_start = _rss_peak_bytes()
     _, world_size, device = setup_distributed()
-    overrides = [f"model={args.model_path}", f"data.train={args.shards_path}", f"loss.name={args.worker}",
+    loss_name, _, variant = args.worker.partition("@")
+    variant_sets = dict(v.split(":", 1) for v in args.variant).get(variant, "") if variant else ""
+    overrides = [f"model={args.model_path}", f"data.train={args.shards_path}", f"loss.name={loss_name}",
                  f"data.micro_batch_tokens={args.micro_batch_tokens}", f"train.grad_accum={args.grad_accum}",
                  f"importance.scorer={args.scorer}", f"importance.rho={args.rho}", f"seed={args.seed}",
                  f"train.gradient_checkpointing={str(args.gradient_checkpointing).lower()}",
                  f"train.dtype={args.dtype}", f"train.attn_implementation={args.attn}", f"train.ce_chunk={args.ce_chunk}",
-                 "optim.lr=1e-4", "optim.warmup_steps=0", "data.shuffle=true", *args.set]
+                 "optim.lr=1e-4", "optim.warmup_steps=0", "data.shuffle=true", *args.set,
+                 *[kv for kv in variant_sets.split(",") if kv]]
     cfg = train_config.load_config(overrides)
     train_config.validate(cfg)
     from data.models import load_tokenizer
@@ -176,25 +215,35 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         batches.append(b)
     del it, stream
 
+    dtype_name = train_config.resolve_dtype(cfg, cuda=device.type == "cuda")
+    dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
+    attn = resolve_attn_implementation(cfg.train.attn_implementation, device.type)
+    zero_stage, zero_why = resolve_zero_stage(cfg, cfg.model, world_size, device, dtype_name)
+    ds_config = train_config.deepspeed_dict(cfg, world_size=world_size, dtype=dtype_name, zero_stage=zero_stage)
+
+    plain = None
+    if args.baseline == "plain":
+        # Built before the DeepSpeed model (ZeRO-3 partitions whatever loads under its config), from the
+        # same seed, so both start from the same weights.
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        torch.manual_seed(cfg.seed)
+        if args.random_weights:
+            plain = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model), dtype=dtype, attn_implementation=attn)
+        else:
+            plain = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, attn_implementation=attn)
+        plain.to(device)
+        if cfg.train.gradient_checkpointing:
+            plain.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        plain.config.use_cache = False
+        plain.train()
+        plain_opt = torch.optim.AdamW(plain.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                      weight_decay=cfg.optim.weight_decay, **({"fused": True} if device.type == "cuda" else {}))
+
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    dtype_name = train_config.resolve_dtype(cfg, cuda=device.type == "cuda")
-    ds_config = train_config.deepspeed_dict(cfg, world_size=world_size, dtype=dtype_name)
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.integrations import HfDeepSpeedConfig
-
-    hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841 - alive while the model loads (ZeRO-3 partitions at load)
-    dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
-    if args.random_weights:
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cfg.model), dtype=dtype,
-                                                 attn_implementation=cfg.train.attn_implementation)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=dtype, attn_implementation=cfg.train.attn_implementation)
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-
+    model = load_model(cfg, cfg.model, ds_config, dtype, attn, random_weights=args.random_weights)
     engine, _ = build_engine(model, cfg, ds_config, n_steps)  # exactly the trainer's engine and optimizer
     loss_fn = build_loss(cfg.loss.name, **train_config.loss_options(cfg))
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
@@ -205,43 +254,66 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         mem_after_build = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     rss_after_build = _rss_peak_bytes()
+    peaks = {"project": 0, "plain": 0}
+
+    def timed(fn: Any, phase: str) -> tuple[Any, float]:
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        out = fn()
+        if cuda:
+            torch.cuda.synchronize()
+            peaks[phase] = max(peaks[phase], torch.cuda.max_memory_allocated())
+        return out, time.perf_counter() - t0
 
     engine.module.train()
-    feed = iter(batches)
     records = []
     for step in range(n_steps):
-        micro = next_step_batches(feed, cfg.train.grad_accum, pad_id, device)
-        if cuda:
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        parts, step_tokens, seen_tokens = train_step(engine, micro, loss_fn, cfg, None, step / max(1, n_steps - 1), device)
-        if cuda:
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - started
-        records.append({"step": step, "seconds": seconds, "tokens": seen_tokens, "trainable_tokens": step_tokens,
-                        "loss": float(sum(p["loss"] for p in parts)), "timed": step >= args.warmup})
+        micro = batches[step * cfg.train.grad_accum:(step + 1) * cfg.train.grad_accum]
+        micro = next_step_batches(iter(micro), cfg.train.grad_accum, pad_id, device)
+        (parts, step_tokens, seen_tokens), seconds = timed(
+            lambda: train_step(engine, micro, loss_fn, cfg, None, step / max(1, n_steps - 1), device), "project")
+        record = {"step": step, "seconds": seconds, "tokens": seen_tokens, "trainable_tokens": step_tokens,
+                  "loss": float(sum(p["loss"] for p in parts)), "timed": step >= args.warmup}
+        if plain is not None:  # interleaved step by step: both see the same machine load
+            record["plain_loss"], record["plain_seconds"] = timed(
+                lambda: plain_step(plain, plain_opt, micro, cfg.optim.grad_clip, cfg.data.micro_batch_tokens, device), "plain")
+        records.append(record)
 
-    timed = [r for r in records if r["timed"]]
-    seconds = sum(r["seconds"] for r in timed)
-    tokens = sum(r["tokens"] for r in timed)
+    timed_records = [r for r in records if r["timed"]]
+    seconds = sum(r["seconds"] for r in timed_records)
+    tokens = sum(r["tokens"] for r in timed_records)
     result: dict[str, Any] = {
-        "loss": cfg.loss.name, "params": n_params, "dtype": dtype_name, "world_size": world_size,
-        "timed_steps": len(timed), "timed_tokens": tokens, "timed_seconds": seconds,
-        "step_seconds_mean": seconds / len(timed), "step_seconds_median": statistics.median(r["seconds"] for r in timed),
+        "loss": cfg.loss.name, "variant": variant or None, "variant_overrides": variant_sets or None, "params": n_params, "dtype": dtype_name, "world_size": world_size,
+        "zero_stage": zero_stage, "zero_stage_reason": zero_why, "attn_implementation": attn,
+        "zero3_leaf_modules": cfg.train.zero3_leaf_modules if zero_stage == 3 else None,
+        "timed_steps": len(timed_records), "timed_tokens": tokens, "timed_seconds": seconds,
+        "step_seconds_mean": seconds / len(timed_records),
+        "step_seconds_median": statistics.median(r["seconds"] for r in timed_records),
         "tokens_per_s": tokens / seconds, "tokens_hash": sum(int(b["input_ids"].sum()) for b in batches),
         "steps": records,
     }
+    if plain is not None:
+        plain_seconds = sum(r["plain_seconds"] for r in timed_records)
+        result["plain"] = {"step_seconds_median": statistics.median(r["plain_seconds"] for r in timed_records),
+                           "tokens_per_s": tokens / plain_seconds}
+        # Per-step ratio, then the median: robust to load that changes between steps.
+        result["ratio_to_plain_step_seconds"] = statistics.median(r["seconds"] / r["plain_seconds"] for r in timed_records)
     if cuda:
         result["gpu_mem_after_build_mib"] = mem_after_build / MiB
-        result["peak_mem_mib"] = torch.cuda.max_memory_allocated() / MiB
-        result["peak_mem_method"] = "torch.cuda.max_memory_allocated (reset after engine build)"
+        result["peak_mem_mib"] = peaks["project"] / MiB
+        result["peak_mem_method"] = "torch.cuda.max_memory_allocated over the project's steps (reset before each step)"
         result["gpu_max_reserved_mib"] = torch.cuda.max_memory_reserved() / MiB
+        if plain is not None:
+            result["plain"]["peak_mem_mib"] = peaks["plain"] / MiB
         if args.peak_flops:
             result["mfu"] = 6 * n_params * result["tokens_per_s"] / (args.peak_flops * world_size)
     else:
         peak = _rss_peak_bytes()
         result["peak_mem_mib"] = peak / MiB
-        result["peak_mem_method"] = "ru_maxrss of a fresh process per loss (absolute)"
+        result["peak_mem_method"] = ("ru_maxrss of a fresh process per loss (absolute)"
+                                     + ("; includes the plain baseline's model in the same process" if plain is not None else ""))
         result["rss_peak_after_build_mib"] = rss_after_build / MiB
         result["rss_peak_at_start_mib"] = rss_start / MiB
         result["peak_mem_growth_in_training_mib"] = (peak - rss_after_build) / MiB
@@ -278,7 +350,10 @@ def environment(device: str) -> dict[str, Any]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="tiny", help="'tiny' (random 2-layer Llama, SmolLM2 tokenizer), a folder, or an embedded name (smollm2-135m-instruct)")
+    ap.add_argument("--model", default="tiny", help="'tiny' (random Llama of width 64, SmolLM2 tokenizer), a folder, or an embedded name (smollm2-135m-instruct)")
+    ap.add_argument("--tiny-layers", type=int, default=2, help="model tiny: decoder layers (30 = SmolLM2's depth: shows per-layer host overhead)")
+    ap.add_argument("--tiny-vocab", type=int, default=49152, help="model tiny: vocabulary size (a small one, e.g. 1024, keeps lm_head + CE from dominating)")
+    ap.add_argument("--baseline", default="", choices=["", "plain"], help="plain: also run a plain PyTorch loop (same model, micro-batches and mask; F.cross_entropy, backward, clipping, AdamW) step by step interleaved with each loss's steps; ratios '<loss>/plain'")
     ap.add_argument("--random-weights", action="store_true", help="build the model from --model's config with random weights (no weights file needed)")
     ap.add_argument("--shards", default="", help="annotated directory to read; default: a synthetic one (scorers tfidf, base_loss, ref_loss)")
     ap.add_argument("--examples", type=int, default=64, help="synthetic data: number of examples")
@@ -293,13 +368,16 @@ def main() -> int:
     ap.add_argument("--scorer", default="tfidf")
     ap.add_argument("--rho", type=float, default=0.7)
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--attn", default="sdpa")
+    ap.add_argument("--attn", default="auto", help="train.attn_implementation (auto: flex_attention on CUDA, sdpa on CPU)")
     ap.add_argument("--ce-chunk", type=int, default=1024)
     ap.add_argument("--no-gradient-checkpointing", dest="gradient_checkpointing", action="store_false")
     ap.add_argument("--peak-flops", type=float, default=989e12, help="per-GPU peak FLOP/s for MFU (H100 dense bf16: 989e12)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads in the workers (0 = torch's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", action="append", default=[], help="extra train-config override KEY=VALUE (repeatable)")
+    ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE...]",
+                    help="also run every loss with these train-config overrides, in the same rotation (repeatable); "
+                         "ratios 'LOSS@NAME/LOSS' compare it with the default config, e.g. zero3:train.zero_stage=3")
     ap.add_argument("--out", default="bench/results/train.json")
     ap.add_argument("--work", default="", help="folder for the tiny model and synthetic data (default: a temporary one)")
     # internal
@@ -324,6 +402,10 @@ def main() -> int:
 
     started = time.time()
     losses = [x.strip() for x in args.losses.split(",") if x.strip()]
+    bad = [v for v in args.variant if ":" not in v or not v.split(":", 1)[0]]
+    if bad:
+        raise SystemExit(f"--variant {bad[0]!r}: expected NAME:KEY=VALUE[,KEY=VALUE...]")
+    losses += [f"{loss}@{v.split(':', 1)[0]}" for v in args.variant for loss in list(losses)]
     tmp = tempfile.TemporaryDirectory(prefix="bench_train_") if not args.work else None
     work = Path(args.work or tmp.name)
     work.mkdir(parents=True, exist_ok=True)
@@ -356,7 +438,9 @@ def main() -> int:
             runs[name].append(res)
             order_log.append(name)
             print(f"round {r} {name}: {res['tokens_per_s']:.0f} tokens/s, step {res['step_seconds_median']*1e3:.1f} ms, "
-                  f"peak {res['peak_mem_mib']:.1f} MiB" + (f", mfu {res['mfu']:.3f}" if "mfu" in res else ""), flush=True)
+                  f"peak {res['peak_mem_mib']:.1f} MiB" + (f", mfu {res['mfu']:.3f}" if "mfu" in res else "")
+                  + (f", x{res['ratio_to_plain_step_seconds']:.3f} plain ({res['plain']['step_seconds_median']*1e3:.1f} ms)"
+                     if "plain" in res else "") + f" [zero {res['zero_stage']}]", flush=True)
 
     hashes = {name: {r["tokens_hash"] for r in rs} for name, rs in runs.items()}
     same_data = len(set().union(*hashes.values())) == 1
@@ -370,13 +454,29 @@ def main() -> int:
         if "peak_mem_growth_in_training_mib" in rs[0]:
             s["peak_mem_growth_in_training_mib"] = statistics.median(r["peak_mem_growth_in_training_mib"] for r in rs)
         summary[name] = s
+    for name, rs in runs.items():
+        if "ratio_to_plain_step_seconds" in rs[0]:
+            summary[name]["plain_step_seconds"] = statistics.median(r["plain"]["step_seconds_median"] for r in rs)
+            summary[name]["plain_tokens_per_s"] = statistics.median(r["plain"]["tokens_per_s"] for r in rs)
+            summary[name]["zero_stage"] = rs[0]["zero_stage"]
     ratios: dict[str, Any] = {}
+    for name, rs in runs.items():
+        if "ratio_to_plain_step_seconds" in rs[0]:
+            ratios[f"{name}/plain"] = {"step_seconds": statistics.median(r["ratio_to_plain_step_seconds"] for r in rs)}
+            if "peak_mem_mib" in rs[0].get("plain", {}):
+                ratios[f"{name}/plain"]["peak_mem_mib"] = statistics.median(r["peak_mem_mib"] / r["plain"]["peak_mem_mib"] for r in rs)
+    for name in summary:
+        if "@" in name and name.split("@")[0] in summary:
+            base = summary[name.split("@")[0]]
+            ratios[f"{name}/{name.split('@')[0]}"] = {k: summary[name][k] / base[k] for k in ("tokens_per_s", "step_seconds", "peak_mem_mib")
+                                                      if base.get(k) and k in summary[name]}
     if "sft" in summary:
         base = summary["sft"]
         for name in summary:
-            if name == "sft":
+            if name == "sft" or "@" in name:
                 continue
-            ratios[f"{name}/sft"] = {k: summary[name][k] / base[k] for k in summary[name] if base.get(k)}
+            ratios[f"{name}/sft"] = {k: summary[name][k] / base[k] for k in ("tokens_per_s", "step_seconds", "peak_mem_mib", "mfu",
+                                                                             "peak_mem_growth_in_training_mib") if base.get(k) and k in summary[name]}
     target = None
     if "sftgo/sft" in ratios:
         rr = ratios["sftgo/sft"]

@@ -47,8 +47,10 @@ def smol_tokenizer(smol_tokenizer_dir):
     return AutoTokenizer.from_pretrained(smol_tokenizer_dir)
 
 
-def make_tiny_llama(out: Path, tokenizer_dir: Path, seed: int = 0, tie: bool = True) -> Path:
-    """A randomly initialised 2-layer Llama with SmolLM2's vocabulary and tokenizer, saved at ``out``."""
+def make_tiny_llama(out: Path, tokenizer_dir: Path, seed: int = 0, tie: bool = True, layers: int = 2,
+                    vocab: int = 49152) -> Path:
+    """A randomly initialised Llama (2 layers, SmolLM2's vocabulary by default) with SmolLM2's tokenizer, saved
+    at ``out``. A smaller ``vocab`` (benchmarks) needs token ids below it."""
     import shutil
 
     import torch
@@ -56,7 +58,7 @@ def make_tiny_llama(out: Path, tokenizer_dir: Path, seed: int = 0, tie: bool = T
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=tie,
         bos_token_id=1, eos_token_id=2, pad_token_id=2,
     )

@@ -21,10 +21,11 @@ sections (the trainer passes a client ``torch.optim.AdamW`` and a LambdaLR built
 Values written as the string ``"auto"`` are filled from this config by :func:`deepspeed_dict`:
 
     gradient_accumulation_steps  <- train.grad_accum
-    gradient_clipping            <- optim.grad_clip
+    gradient_clipping            <- optim.grad_clip (0 where the trainer clips: :func:`trainer_clips_gradients`)
     bf16.enabled                 <- the resolved train.dtype == "bfloat16"
     train_micro_batch_size_per_gpu <- 1 (one packed row of up to data.micro_batch_tokens tokens)
     train_batch_size             <- grad_accum * world_size (packed rows per optimizer step)
+    zero_optimization.stage      <- train.zero_stage, resolved (``auto``: :func:`train.main.choose_zero_stage`)
 
 Any other "auto" is an error, so a new placeholder cannot pass silently.
 """
@@ -53,6 +54,7 @@ REPORTERS = ("jsonl", "tensorboard")
 LR_SCHEDULES = SCHEDULES  # train.schedule owns the names
 DTYPES = ("auto", "float32", "bfloat16")
 RESUME_MODES = ("auto", "never")
+ZERO_STAGES = ("auto", "0", "1", "2", "3")
 REF_LOSS = EXCESS_LOSS_PARTS[1]
 
 
@@ -118,7 +120,9 @@ class LoopConfig:
     grad_accum: int = _opt(1, "micro-batches per optimizer step, per rank")
     gradient_checkpointing: bool = _opt(True, "recompute activations in backward (less memory, ~30% slower)")
     dtype: str = _opt("auto", "auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16")
-    attn_implementation: str = _opt("sdpa", "attention kernel: sdpa | eager | flex_attention (packed masks for each)")
+    zero_stage: str = _opt("auto", "DeepSpeed ZeRO stage: 0 | 1 | 2 | 3 | auto (3 only when model + optimizer states would not fit on one device, else 0 on one device and 2 on several; the log says which and why)")
+    zero3_leaf_modules: bool = _opt(True, "ZeRO-3: gather each decoder layer whole (DeepSpeed set_z3_leaf_modules on the model's _no_split_modules class): ~2x fewer hook calls per step; false = per-submodule gathers")
+    attn_implementation: str = _opt("auto", "attention kernel: auto (flash_attention_2 on CUDA when flash-attn is installed, else flex_attention on CUDA, sdpa on CPU) | sdpa | eager | flex_attention | flash_attention_2; packed examples are isolated on every path")
     ce_chunk: int = _opt(1024, "target tokens per lm_head + cross-entropy chunk: bounds fp32 logits memory (bench/ce_memory.py: 1024 cuts the extra peak ~3x vs 4096 at seq 4096)")
     log_every: int = _opt(1, "optimizer steps between log lines")
 
@@ -140,7 +144,7 @@ class EvalConfig:
 class TrainConfig:
     model: str = _opt("smollm2-135m-instruct", "model: HF id, local folder or embedded name (data.models.resolve_model)")
     output_dir: str = _opt("runs/demo", "run directory: checkpoints, logs, the resolved config")
-    deepspeed_config: str = _opt("train/configs/zero3.json", "DeepSpeed JSON (no optimizer/scheduler sections; 'auto' values are filled from this config); relative paths: cwd, then the repo")
+    deepspeed_config: str = _opt("train/configs/deepspeed.json", "DeepSpeed JSON (no optimizer/scheduler sections; 'auto' values are filled from this config); relative paths: cwd, then the repo")
     seed: int = _opt(0, "seed for model init noise, data order and dropout")
     data: DataConfig = _opt(factory=DataConfig, help="training and validation data")
     importance: ImportanceConfig = _opt(factory=ImportanceConfig, help="token grouping at load time")
@@ -503,7 +507,7 @@ def deepspeed_config_path(config: TrainConfig) -> Path:
 def _check_deepspeed_file(config: TrainConfig, problems: list[str]) -> None:
     path = deepspeed_config_path(config)
     if not config.deepspeed_config:
-        problems.append("deepspeed_config: required (a DeepSpeed JSON, e.g. train/configs/zero3.json)")
+        problems.append("deepspeed_config: required (a DeepSpeed JSON, e.g. train/configs/deepspeed.json)")
         return
     if not path.is_file():
         problems.append(f"deepspeed_config: {config.deepspeed_config} does not exist (looked in the cwd and in {REPO})")
@@ -587,8 +591,9 @@ def validate(config: TrainConfig) -> None:
     need(t.max_steps >= 0, f"train.max_steps: {t.max_steps} must be >= 0 (0 = epochs decide)")
     need(t.grad_accum >= 1, f"train.grad_accum: {t.grad_accum} must be >= 1")
     need(t.dtype in DTYPES, f"train.dtype: {t.dtype!r} is not one of {list(DTYPES)}")
-    need(t.attn_implementation in SUPPORTED_ATTN_IMPLEMENTATIONS,
-         f"train.attn_implementation: {t.attn_implementation!r} is not one of {list(SUPPORTED_ATTN_IMPLEMENTATIONS)}")
+    need(t.attn_implementation in ("auto", *SUPPORTED_ATTN_IMPLEMENTATIONS),
+         f"train.attn_implementation: {t.attn_implementation!r} is not one of {['auto', *SUPPORTED_ATTN_IMPLEMENTATIONS]}")
+    need(t.zero_stage in ZERO_STAGES, f"train.zero_stage: {t.zero_stage!r} is not one of {list(ZERO_STAGES)}")
     need(t.ce_chunk > 0, f"train.ce_chunk: {t.ce_chunk} must be > 0")
     need(t.log_every >= 1, f"train.log_every: {t.log_every} must be >= 1")
 
@@ -663,13 +668,33 @@ def resolve_dtype(config: TrainConfig, cuda: bool) -> str:
     return config.train.dtype
 
 
-def deepspeed_dict(config: TrainConfig, *, world_size: int, dtype: str) -> dict[str, Any]:
-    """The DeepSpeed JSON with its "auto" values filled (see the module docstring); ``dtype`` resolved."""
+def trainer_clips_gradients(zero_stage: int, dtype: str) -> bool:
+    """Stage 0 in fp32: DeepSpeed would clip without reporting the norm, so the trainer clips (and
+    logs the norm) and DeepSpeed's gradient_clipping is 0. Elsewhere DeepSpeed clips and reports it."""
+    return zero_stage == 0 and dtype != "bfloat16"
+
+
+def json_zero_stage(config: TrainConfig) -> int | None:
+    """The stage written in the DeepSpeed JSON, or None when it says "auto" (or nothing)."""
+    raw = json.loads(deepspeed_config_path(config).read_text(encoding="utf-8"))
+    stage = (raw.get("zero_optimization") or {}).get("stage", "auto")
+    return None if stage == "auto" else int(stage)
+
+
+def deepspeed_dict(config: TrainConfig, *, world_size: int, dtype: str, zero_stage: int = 3) -> dict[str, Any]:
+    """The DeepSpeed JSON with its "auto" values filled (see the module docstring); ``dtype`` and
+    ``zero_stage`` resolved. A stage written in the JSON must agree with ``zero_stage``."""
     path = deepspeed_config_path(config)
     raw = json.loads(path.read_text(encoding="utf-8"))
+    written = (raw.get("zero_optimization") or {}).get("stage", "auto")
+    if written != "auto" and int(written) != zero_stage:
+        raise ConfigError(f"deepspeed_config: {path}: zero_optimization.stage is {written} but train.zero_stage "
+                          f"resolved to {zero_stage}; write \"auto\" there or set train.zero_stage={written}")
+    raw.setdefault("zero_optimization", {})["stage"] = "auto"
     fills = {
+        ("zero_optimization", "stage"): zero_stage,
         ("gradient_accumulation_steps",): config.train.grad_accum,
-        ("gradient_clipping",): config.optim.grad_clip,
+        ("gradient_clipping",): 0.0 if trainer_clips_gradients(zero_stage, dtype) else config.optim.grad_clip,
         ("bf16", "enabled"): dtype == "bfloat16",
         ("train_micro_batch_size_per_gpu",): 1,
         ("train_batch_size",): config.train.grad_accum * world_size,

@@ -14,10 +14,14 @@ One packed row holds several examples back to back. Two things make this module 
      ``scores + mask``; a boolean mask would be added as 0/1 and isolate nothing (measured);
    - ``flex_attention``: a ``BlockMask`` from ``torch.nn.attention.flex_attention.create_block_mask``
      with a document mask, which skips fully masked blocks (the efficient choice for long packs on GPU;
-     the sdpa/eager masks are dense T x T). On CPU (torch 2.13) flex is forward-only (no backward), a
+     the sdpa/eager masks are dense T x T). Rows are padded to a multiple of ``row_multiple`` (the
+     trainer passes ``data.micro_batch_tokens``) with one padding "document" that no real token sees,
+     so the kernel and mask compile once. On CPU (torch 2.13) flex is forward-only (no backward), a
      second distinct row length triggers a dynamic-shape recompile that fails to compile, and head_dim
-     16 gave wrong values: train on CPU with sdpa. transformers compiles flex once per process, so
-     fixed-length rows also avoid recompiles on GPU.
+     16 gave wrong values: train on CPU with sdpa.
+   - ``flash_attention_2``: no mask; transformers reads the restarting ``position_ids`` of a batch of
+     one row as packed sequences and calls flash-attn's varlen kernel (``cu_seqlens``), which isolates
+     them. Used when the ``flash-attn`` package is installed (``resolve_attn_implementation``).
 
    transformers returns any 4D tensor or ``BlockMask`` given as ``attention_mask`` unchanged
    (``_preprocess_mask_arguments`` early exit), so what we build is exactly what the kernel sees.
@@ -60,13 +64,27 @@ __all__ = [
     "document_ids",
     "packed_attention_mask",
     "packed_hidden_states",
+    "pad_packed_row",
+    "resolve_attn_implementation",
     "target_positions",
     "token_losses",
     "token_probs",
 ]
 
-#: Attention implementations for which we know how to build an isolating mask.
-SUPPORTED_ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
+#: Attention implementations for which we know how to isolate packed examples.
+SUPPORTED_ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2")
+
+
+def resolve_attn_implementation(requested: str, device_type: str) -> str:
+    """``train.attn_implementation`` with ``auto`` resolved: on CUDA flash-attn's varlen kernel when the
+    package is installed, else FlexAttention with a document BlockMask; sdpa with a dense mask on CPU."""
+    if requested != "auto":
+        return requested
+    if device_type == "cuda":
+        import importlib.util
+
+        return "flash_attention_2" if importlib.util.find_spec("flash_attn") is not None else "flex_attention"
+    return "sdpa"
 
 
 def _check_seq_lens(seq_lens: Sequence[int], total: int) -> list[int]:
@@ -101,9 +119,12 @@ def packed_attention_mask(
         dtype: dtype of the additive mask for ``eager`` (the model's compute dtype); ignored otherwise.
 
     Returns:
-        ``[1, 1, T, T]`` tensor or a ``BlockMask`` of shape ``(1, 1, T, T)``.
+        ``[1, 1, T, T]`` tensor, a ``BlockMask`` of shape ``(1, 1, T, T)``, or None for
+        ``flash_attention_2`` (isolation comes from the restarting position ids).
     """
     lens = [int(n) for n in seq_lens]
+    if attn_implementation == "flash_attention_2":
+        return None
     total = sum(lens)
     doc = document_ids(lens, device=device)
     if attn_implementation == "flex_attention":
@@ -179,6 +200,7 @@ def packed_hidden_states(
     position_ids: Tensor,
     seq_lens: Sequence[int],
     attn_implementation: str | None = None,
+    row_multiple: int | None = None,
 ) -> Tensor:
     """Final hidden states ``[T, H]`` of one packed row, with examples isolated from each other.
 
@@ -190,9 +212,13 @@ def packed_hidden_states(
         attn_implementation: mask format to build; defaults to ``model.config._attn_implementation``.
             It must be the implementation the model actually runs (its attention layers read the
             config), otherwise the mask would be misread; a mismatch raises ``ValueError``.
+        row_multiple: flex_attention only: pad the row to a multiple of this many tokens (one extra
+            document, cut off again from the result) so that every row has the same compiled shape.
     """
     input_ids = input_ids.reshape(-1)
-    lens = _check_seq_lens(seq_lens, input_ids.numel())
+    position_ids = position_ids.reshape(-1).to(input_ids.device)
+    total = input_ids.numel()
+    lens = _check_seq_lens(seq_lens, total)
     model_impl = _model_attn_implementation(model)
     impl = attn_implementation or model_impl
     if impl != model_impl:
@@ -200,15 +226,28 @@ def packed_hidden_states(
             f"attn_implementation={impl!r} but the model runs {model_impl!r}; load the model with "
             f"attn_implementation={impl!r} (or call model.set_attn_implementation) so mask and kernel agree"
         )
+    if impl == "flex_attention" and row_multiple:
+        input_ids, position_ids, lens = pad_packed_row(input_ids, position_ids, lens, row_multiple)
     mask = packed_attention_mask(lens, impl, device=input_ids.device, dtype=_model_dtype(model))
     out = _backbone(model)(
         input_ids=input_ids[None],
-        position_ids=position_ids.reshape(1, -1).to(input_ids.device),
+        position_ids=position_ids[None],
         attention_mask=mask,
         # No KV cache in training: it would only hold K/V that autograd keeps anyway.
         use_cache=False,
     )
-    return out.last_hidden_state[0]
+    return out.last_hidden_state[0, :total]
+
+
+def pad_packed_row(input_ids: Tensor, position_ids: Tensor, seq_lens: list[int], row_multiple: int) -> tuple[Tensor, Tensor, list[int]]:
+    """Pad a packed row to a multiple of ``row_multiple`` tokens with one extra document (token 0,
+    positions from 0), which no real token attends to: fixed shapes for compiled attention kernels."""
+    pad = (-input_ids.numel()) % row_multiple
+    if not pad:
+        return input_ids, position_ids, list(seq_lens)
+    input_ids = torch.cat([input_ids, input_ids.new_zeros(pad)])
+    position_ids = torch.cat([position_ids, torch.arange(pad, device=position_ids.device, dtype=position_ids.dtype)])
+    return input_ids, position_ids, [*seq_lens, pad]
 
 
 def _chunk_ce(lm_head: nn.Module, softcap: float | None, hidden: Tensor, src: Tensor, labels: Tensor) -> Tensor:
@@ -272,6 +311,7 @@ def token_losses(
     loss_mask: Tensor,
     chunk_size: int = 4096,
     attn_implementation: str | None = None,
+    row_multiple: int | None = None,
 ) -> Tensor:
     """Per-token cross-entropy l_t = -log p(y_t | y_<t) of the trainable tokens of one packed row.
 
@@ -283,13 +323,14 @@ def token_losses(
         loss_mask: BoolTensor[T], True at trainable target tokens; never True at an example's first token.
         chunk_size: number of target positions whose logits are materialised at once.
         attn_implementation: defaults to ``model.config._attn_implementation``; one of
-            ``"sdpa"``, ``"eager"``, ``"flex_attention"``.
+            ``"sdpa"``, ``"eager"``, ``"flex_attention"``, ``"flash_attention_2"``.
+        row_multiple: flex_attention pads the row to a multiple of this (see :func:`packed_hidden_states`).
 
     Returns:
         Tensor[n] float32 (float64 for a float64 model) with n = ``loss_mask.sum()``: the losses of the trainable tokens in packed order;
         differentiable w.r.t. the model's parameters.
     """
-    hidden = packed_hidden_states(model, input_ids, position_ids, seq_lens, attn_implementation)
+    hidden = packed_hidden_states(model, input_ids, position_ids, seq_lens, attn_implementation, row_multiple)
     return chunked_token_ce(model, hidden, input_ids, seq_lens, loss_mask, chunk_size=chunk_size)
 
 

@@ -28,7 +28,7 @@ GROUP_SUM_NAMES = ("ce_sum", "n", "imp_sum", "imp_n", "unimp_sum", "unimp_n")
 
 
 def group_loss_sums(model: nn.Module, batch: dict[str, Any], important: Tensor, device: torch.device,
-                    chunk_size: int = 1024) -> Tensor:
+                    chunk_size: int = 1024, row_multiple: int | None = None) -> Tensor:
     """Per-token CE of one packed micro-batch reduced to the six float64 sums of :data:`GROUP_SUM_NAMES`.
 
     Args:
@@ -38,10 +38,11 @@ def group_loss_sums(model: nn.Module, batch: dict[str, Any], important: Tensor, 
         important: bool mask over the batch's tokens (``batch["loss_mask"]``'s shape), from the grouping code.
         device: where the model runs.
         chunk_size: target tokens per lm_head + cross-entropy chunk (``train.ce_chunk``).
+        row_multiple: flex_attention pads the row to a multiple of this (the packing budget).
     """
     mask = batch["loss_mask"].to(device)
     token_loss = token_losses(model, batch["input_ids"].to(device), batch["position_ids"].to(device),
-                              list(batch["seq_lens"]), mask, chunk_size=chunk_size).double()
+                              list(batch["seq_lens"]), mask, chunk_size=chunk_size, row_multiple=row_multiple).double()
     imp = important[batch["loss_mask"]].to(device)
     return torch.stack([token_loss.sum(), torch.tensor(float(token_loss.numel()), device=device, dtype=torch.float64),
                         token_loss[imp].sum(), imp.sum().double(), token_loss[~imp].sum(), (~imp).sum().double()])

@@ -11,6 +11,7 @@ Face folder). Token groups are computed here, at load time, from the stored scor
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -33,13 +34,15 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from train import config as train_config  # noqa: E402
-from train.forward import token_losses  # noqa: E402
+from train.forward import resolve_attn_implementation, token_losses  # noqa: E402
 from train.grouping import batch_important_masks, important_mask_packed  # noqa: E402
 from train.losses import build_loss  # noqa: E402
+from schemas.shard import atomic_write_text  # noqa: E402
 from train.schedule import make_scheduler  # noqa: E402
 from train.shards import ShardStream, corpus_threshold, open_annotated  # noqa: E402
 
 COMPLETED = "COMPLETED"  # a checkpoint counts only once this marker is written after it
+TRAINER_STATE = "trainer_state.json"  # step, ZeRO stage and world size of a checkpoint
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,6 +96,127 @@ def resume_path(cfg: Any, root: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def _encode_tensor(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _decode_tensor(text: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8).clone()
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch (and CUDA) RNG states as plain JSON: nothing executable in a checkpoint of ours."""
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(mt), gauss], "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+            "torch": _encode_tensor(torch.get_rng_state()),
+            "cuda": [_encode_tensor(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(_decode_tensor(state["torch"]))
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_decode_tensor(s) for s in state["cuda"]])
+
+
+# ---------------------------------------------------------------------------------------------
+# ZeRO stage, model
+# ---------------------------------------------------------------------------------------------
+
+# Bytes per parameter of model + optimizer state on one device without partitioning: weights and
+# gradients in the compute dtype, AdamW's two fp32 moments, and (bf16) DeepSpeed's fp32 master copy.
+STATE_BYTES_PER_PARAM = {"float32": 4 + 4 + 8, "bfloat16": 2 + 4 + 4 + 8}
+# States may take at most this share of a device: activations, logits chunks and the allocator need the rest.
+STATE_FRACTION = 0.5
+_HF_DS_CONFIG: Any = None  # transformers' HfDeepSpeedConfig of a ZeRO-3 run (load_model)
+
+
+def count_parameters(model_path: str) -> int:
+    """Parameters of the model at ``model_path``, counted on the meta device (no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    return sum(p.numel() for p in model.parameters())  # tied weights count once
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """Memory of one device for one rank: the GPU's, or this host's RAM shared by its local ranks."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, local_ranks)
+
+
+def choose_zero_stage(requested: str, json_stage: int | None, n_params: int, dtype: str, world_size: int,
+                      device_bytes: int) -> tuple[int, str]:
+    """The ZeRO stage to run and why: an explicit ``train.zero_stage`` (or a stage written in the
+    DeepSpeed JSON) wins; ``auto`` takes 3 only when unpartitioned states would not fit one device."""
+    if requested != "auto":
+        return int(requested), f"train.zero_stage={requested}"
+    if json_stage is not None:
+        return json_stage, f"zero_optimization.stage={json_stage} in deepspeed_config"
+    need = n_params * STATE_BYTES_PER_PARAM[dtype]
+    budget = STATE_FRACTION * device_bytes
+    sizes = (f"model + optimizer states ~{need / 2**30:.2f} GiB ({n_params / 1e6:.1f}M params x "
+             f"{STATE_BYTES_PER_PARAM[dtype]} B, {dtype}) vs {STATE_FRACTION:.0%} of {device_bytes / 2**30:.1f} GiB per device")
+    if need > budget:
+        return 3, f"auto: {sizes}: do not fit, so ZeRO-3 partitions them over {world_size} rank(s)"
+    if world_size == 1:
+        return 0, f"auto: {sizes}: fit, one rank, so no partitioning (stage 0)"
+    return 2, f"auto: {sizes}: fit, {world_size} ranks, so stage 2 shards gradients and optimizer states"
+
+
+def resolve_zero_stage(cfg: Any, model_path: str, world_size: int, device: torch.device, dtype: str) -> tuple[int, str]:
+    """:func:`choose_zero_stage` for this config, model and device."""
+    return choose_zero_stage(cfg.train.zero_stage, train_config.json_zero_stage(cfg), count_parameters(model_path), dtype,
+                             world_size, device_memory_bytes(device))
+
+
+def decoder_layer_classes(model: torch.nn.Module) -> list[type]:
+    """The model's decoder-layer classes (transformers' ``_no_split_modules``) that it really contains."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return sorted({type(m) for m in model.modules() if type(m).__name__ in names}, key=lambda c: c.__name__)
+
+
+def load_model(cfg: Any, model_path: str, ds_config: dict[str, Any], dtype: torch.dtype, attn_implementation: str,
+               random_weights: bool = False) -> torch.nn.Module:
+    """The causal LM for training: partitioned at load under ZeRO-3, decoder layers marked as ZeRO-3
+    leaf modules (``train.zero3_leaf_modules``), gradient checkpointing as configured, no KV cache."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    global _HF_DS_CONFIG
+    stage = ds_config["zero_optimization"]["stage"]
+    # While this object lives, from_pretrained partitions the weights as it loads them (zero.Init);
+    # it stays alive for the process, as transformers' DeepSpeed integration expects.
+    _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config) if stage == 3 else None
+    if random_weights:  # benchmarks: the same compute without a weights file
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path), dtype=dtype,
+                                                 attn_implementation=attn_implementation)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn_implementation)
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    if stage == 3 and cfg.train.zero3_leaf_modules:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        classes = decoder_layer_classes(model)
+        if classes:
+            # One gather per layer instead of one per projection/norm: the per-module hooks are the cost.
+            set_z3_leaf_modules(model, classes)
+            log0(f"zero3 leaf modules: {', '.join(c.__name__ for c in classes)}")
+        else:
+            log0(f"zero3 leaf modules: {type(model).__name__} names no decoder-layer class (_no_split_modules); per-module gathers")
+    return model
+
+
 # ---------------------------------------------------------------------------------------------
 # Steps
 # ---------------------------------------------------------------------------------------------
@@ -128,19 +252,30 @@ def group_masks(step: list[dict[str, Any]], cfg: Any, threshold: float | None) -
 
 
 def run_micro_batch(engine: Any, batch: dict[str, Any], important: torch.Tensor, loss_fn: Any, step_tokens: int,
-                    progress: float, cfg: Any, device: torch.device, scale: float, train: bool) -> dict[str, float]:
-    """Forward (and backward when ``train``) of one packed micro-batch; returns its metrics."""
-    mask = batch["loss_mask"].to(device)
+                    progress: float, cfg: Any, device: torch.device, scale: float) -> dict[str, float]:
+    """Forward, backward and (at the step's last micro-batch) optimizer step of one packed micro-batch."""
+    # DeepSpeed (0.19) advances ZeRO's micro-step counter in engine.forward(); we call the module's
+    # backbone and lm_head ourselves, so advance it here. Without this, ZeRO-3 copies each
+    # micro-batch's gradient over the last one instead of accumulating: only the step's last
+    # micro-batch would train (measured: step-1 grad norm = the last micro-batch's alone).
+    if hasattr(engine.optimizer, "clear_backward_seen_flag"):
+        engine.optimizer.clear_backward_seen_flag()
+    # row_multiple: flex_attention pads rows to a fixed length so its kernel and BlockMask compile once.
     token_loss = token_losses(engine.module, batch["input_ids"].to(device), batch["position_ids"].to(device),
-                              list(batch["seq_lens"]), mask, chunk_size=cfg.train.ce_chunk)
+                              list(batch["seq_lens"]), batch["loss_mask"].to(device), chunk_size=cfg.train.ce_chunk,
+                              row_multiple=cfg.data.micro_batch_tokens)
     trainable = batch["loss_mask"]
     ref = batch["ref_loss"][trainable].to(device) if batch.get("ref_loss") is not None else None
     loss, metrics = loss_fn(token_loss, important[trainable].to(device), ref, step_tokens, progress)
-    if train:
-        # The loss is this rank's exact share of the global objective; DeepSpeed averages gradients
-        # over ranks and divides by grad_accum, so scale both back.
-        engine.backward(loss * scale)
-        engine.step()
+    # The loss is this rank's exact share of the global objective; DeepSpeed averages gradients
+    # over ranks and divides by grad_accum, so scale both back.
+    engine.backward(loss * scale)
+    dtype = "bfloat16" if engine.bfloat16_enabled() else "float32"
+    if engine.is_gradient_accumulation_boundary() and train_config.trainer_clips_gradients(engine.zero_optimization_stage(), dtype):
+        # Gradients are already averaged over ranks here (stage 0 all-reduces in backward).
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(engine.module.parameters(), max_norm))
+    engine.step()
     return metrics
 
 
@@ -154,7 +289,7 @@ def train_step(engine: Any, micro: list[dict[str, Any]], loss_fn: Any, cfg: Any,
     step_tokens, seen_tokens = int(counts[0].item()), int(counts[1].item())
     masks = group_masks(micro, cfg, threshold)
     scale = float(dist.get_world_size() * cfg.train.grad_accum)
-    parts = [run_micro_batch(engine, b, m, loss_fn, step_tokens, progress, cfg, device, scale, train=True)
+    parts = [run_micro_batch(engine, b, m, loss_fn, step_tokens, progress, cfg, device, scale)
              for b, m in zip(micro, masks)]
     return parts, step_tokens, seen_tokens
 
@@ -173,7 +308,8 @@ def evaluate(engine: Any, stream: ShardStream, cfg: Any, threshold: float | None
             if step is None or (cfg.eval.max_batches and count >= cfg.eval.max_batches):
                 break
             important = group_masks(step, cfg, threshold)[0]
-            sums += group_loss_sums(engine.module, step[0], important, device, chunk_size=cfg.train.ce_chunk)
+            sums += group_loss_sums(engine.module, step[0], important, device, chunk_size=cfg.train.ce_chunk,
+                                    row_multiple=cfg.data.micro_batch_tokens)
             count += 1
     dist.all_reduce(sums)
     engine.module.train()
@@ -185,25 +321,52 @@ def evaluate(engine: Any, stream: ShardStream, cfg: Any, threshold: float | None
 
 
 def save_checkpoint(engine: Any, stream: ShardStream, root: Path, step: int, rank: int, keep: int, extra: dict[str, Any]) -> Path:
-    """Model, optimizer, scheduler (DeepSpeed), plus per-rank data position and RNG; COMPLETED last."""
+    """Model, optimizer, scheduler (DeepSpeed), plus per-rank data position and RNG (JSON); COMPLETED last."""
     tag = f"step_{step}"
     path = root / tag
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, **extra})
-    (path / f"data_rank{rank}.json").write_text(json.dumps(stream.state_dict()))
-    torch.save({"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}, path / f"rng_rank{rank}.pt")
+    atomic_write_text(path / f"data_rank{rank}.json", json.dumps(stream.state_dict()))
+    atomic_write_text(path / f"rng_rank{rank}.json", json.dumps(rng_state()))
     dist.barrier()
     if rank == 0:
-        (path / COMPLETED).write_text(json.dumps({"step": step}))
+        state = {"step": step, "zero_stage": engine.zero_optimization_stage(), "world_size": dist.get_world_size()}
+        atomic_write_text(path / TRAINER_STATE, json.dumps(state))
+        atomic_write_text(path / COMPLETED, json.dumps({"step": step}))
         for old in _checkpoints(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
     return path
 
 
+def check_resumable(path: Path, zero_stage: int, world_size: int) -> None:
+    """Refuse (ValueError) a checkpoint written at another ZeRO stage or world size: DeepSpeed's
+    files differ by stage and its optimizer shards by rank count."""
+    if not (path / "rng_rank0.json").exists():
+        raise ValueError(f"checkpoint {path} was written by an older sftgo (its RNG state is a pickle, which is no "
+                         f"longer loaded); set checkpoint.resume=never to start over")
+    state_file = path / TRAINER_STATE
+    state = json.loads(state_file.read_text()) if state_file.exists() else {"zero_stage": 3}  # older checkpoints: ZeRO-3 only
+    saved_stage, saved_world = state.get("zero_stage"), state.get("world_size", world_size)
+    if saved_stage != zero_stage or saved_world != world_size:
+        raise ValueError(f"checkpoint {path} was written at ZeRO stage {saved_stage} on {saved_world} rank(s); this run "
+                         f"is stage {zero_stage} on {world_size}: set train.zero_stage={saved_stage} and the same ranks "
+                         f"to resume it, or checkpoint.resume=never to start over")
+
+
+def load_checkpoint(engine: Any, stream: ShardStream, path: Path, rank: int) -> int:
+    """Restore what :func:`save_checkpoint` wrote (engine, data position, RNG); returns the step."""
+    _, client = engine.load_checkpoint(str(path.parent), tag=path.name)
+    stream.load_state_dict(json.loads((path / f"data_rank{rank}.json").read_text()))
+    set_rng_state(json.loads((path / f"rng_rank{rank}.json").read_text()))
+    return int(client["step"])
+
+
 def export_model(engine: Any, tokenizer: Any, out: Path, rank: int) -> None:
     """A standard Hugging Face folder (safetensors, config, tokenizer) that from_pretrained loads."""
-    state = engine._zero3_consolidated_16bit_state_dict()  # gathers ZeRO-3 partitions on rank 0
+    if engine.zero_optimization_stage() == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()  # gathers ZeRO-3 partitions on rank 0
+    else:
+        state = engine.module.state_dict()  # stages 0-2 keep whole weights on every rank
     if rank == 0:
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -216,7 +379,7 @@ def export_model(engine: Any, tokenizer: Any, out: Path, rank: int) -> None:
 
 
 def build_engine(model: torch.nn.Module, cfg: Any, ds_config: dict[str, Any], total_steps: int) -> tuple[Any, Any]:
-    """The ZeRO-3 engine around ``model`` with a client AdamW (nothing to compile) and the LR schedule."""
+    """The DeepSpeed engine (any ZeRO stage) around ``model`` with a client AdamW (nothing to compile) and the LR schedule."""
     import deepspeed
 
     # Weight decay on matrices only; ZeRO-3 has already partitioned the parameters (p.shape is empty),
@@ -278,8 +441,16 @@ def main(argv: list[str] | None = None) -> int:
     np.random.seed(cfg.seed)
 
     dtype_name = train_config.resolve_dtype(cfg, cuda=device.type == "cuda")
-    use_bf16 = dtype_name == "bfloat16"
-    ds_config = train_config.deepspeed_dict(cfg, world_size=world_size, dtype=dtype_name)
+    try:
+        zero_stage, why = resolve_zero_stage(cfg, model_path, world_size, device, dtype_name)
+        ds_config = train_config.deepspeed_dict(cfg, world_size=world_size, dtype=dtype_name, zero_stage=zero_stage)
+    except ValueError as exc:
+        log0(f"error: {exc}")
+        dist.destroy_process_group()
+        return 2
+    log0(f"zero stage {zero_stage}: {why}")
+    attn_implementation = resolve_attn_implementation(cfg.train.attn_implementation, device.type)
+    log0(f"attention: {attn_implementation}")
     rho1 = cfg.loss.name == "rho1"
     stream = ShardStream(cfg.data.train, manifest, cfg.importance.scorer, seed=cfg.seed, shuffle=cfg.data.shuffle,
                          with_ref_loss=rho1, epochs=cfg.train.epochs)
@@ -289,33 +460,25 @@ def main(argv: list[str] | None = None) -> int:
     tokens_per_step = cfg.data.micro_batch_tokens * cfg.train.grad_accum * world_size
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * manifest.totals["tokens"] / tokens_per_step))
 
-    # -- model, partitioned at load (ZeRO-3) -------------------------------------------------------
-    from transformers import AutoModelForCausalLM
-    from transformers.integrations import HfDeepSpeedConfig
-
-    hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841 - must stay alive while the model loads
-    dtype = torch.bfloat16 if use_bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=cfg.train.attn_implementation)
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
+    # -- model and engine -------------------------------------------------------------------------------
+    step = 0
+    resume = resume_path(cfg, ckpt_root)
+    if resume is not None:  # before any model loads: a checkpoint of another stage or world cannot resume
+        try:
+            check_resumable(resume, zero_stage, world_size)
+        except ValueError as exc:
+            log0(f"error: {exc}")
+            dist.destroy_process_group()
+            return 2
+    dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
+    model = load_model(cfg, model_path, ds_config, dtype, attn_implementation)
     engine, scheduler = build_engine(model, cfg, ds_config, total_steps)
     loss_fn = build_loss(cfg.loss.name, **train_config.loss_options(cfg))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
     # -- resume ---------------------------------------------------------------------------------------
-    step = 0
-    resume = resume_path(cfg, ckpt_root)
     if resume is not None:
-        _, client = engine.load_checkpoint(str(resume.parent), tag=resume.name)
-        step = int(client["step"])
-        stream.load_state_dict(json.loads((resume / f"data_rank{rank}.json").read_text()))
-        rng = torch.load(resume / f"rng_rank{rank}.pt", weights_only=False)  # our own file: Python RNG tuples
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        step = load_checkpoint(engine, stream, resume, rank)
         log0(f"resumed from {resume} at step {step}")
 
     val_stream = (ShardStream(cfg.data.validation, val_manifest, cfg.importance.scorer, shuffle=False, epochs=1)
@@ -370,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
             "step": step, "loss": float(total_loss.item()), "ce": mean("ce"), "important_loss": mean("important_loss"),
             "unimportant_loss": mean("unimportant_loss"), "worse_group": mean("worse_group"), "lambda": parts[-1]["lambda"],
             "important_fraction": mean("important_fraction"), "lr": scheduler.get_last_lr()[0],
-            "grad_norm": float(engine.get_global_grad_norm() or 0.0), "tokens_per_s": seen_tokens / seconds,
+            "grad_norm": parts[-1].get("grad_norm", float(engine.get_global_grad_norm() or 0.0)), "tokens_per_s": seen_tokens / seconds,
             "trainable_tokens": step_tokens, "epoch": stream.epoch, "skipped_no_trainable": stream.skipped_no_trainable,
         }
         if peak_flops:

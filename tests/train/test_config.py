@@ -239,7 +239,7 @@ def test_defaults_with_train_data_validate():
         ({"report_to": "wandb"}, "report_to:"),
         ({"seed": -1}, "seed:"),
         ({"model": "''"}, "model: required"),
-        ({"deepspeed_config": "missing/zero3.json"}, "deepspeed_config: missing/zero3.json does not exist"),
+        ({"deepspeed_config": "missing/ds.json"}, "deepspeed_config: missing/ds.json does not exist"),
     ],
 )
 def test_invalid_values_name_the_option(overrides, option):
@@ -286,6 +286,9 @@ def test_shipped_config_loads_and_validates(path, tmp_path, monkeypatch):
 
 
 def test_shipped_paper_settings():
+    for name in ("lima_sftgo", "lima_sft", "lima_rho1", "lima_llmlingua2", "alpaca_sftgo", "alpaca_sft"):
+        assert load_config(["--config", str(CONFIGS / f"{name}.yaml")]).train.zero_stage == "3", name  # 3B-8B models
+    assert load_config(["--config", str(CONFIGS / "demo_cpu.yaml")]).train.zero_stage == "auto"
     lima = load_config(["--config", str(CONFIGS / "lima_sftgo.yaml")])
     assert (lima.optim.lr, lima.optim.weight_decay, lima.optim.schedule, lima.train.epochs) == (1e-5, 0.1, "cosine", 15)
     assert (lima.importance.scorer, lima.importance.rho, lima.loss.lambda_) == ("tfidf", 0.9, 0.9)
@@ -303,24 +306,49 @@ def test_shipped_paper_settings():
     assert demo.train.max_steps == 6 and not demo.train.gradient_checkpointing
 
 
-def test_zero3_json_has_no_optimizer_and_fills_auto():
-    raw = json.loads((CONFIGS / "zero3.json").read_text())
+def test_deepspeed_json_has_no_optimizer_and_fills_auto():
+    raw = json.loads((CONFIGS / "deepspeed.json").read_text())
     assert "optimizer" not in raw and "scheduler" not in raw
-    assert raw["zero_optimization"]["stage"] == 3
+    assert raw["zero_optimization"]["stage"] == "auto"  # train.zero_stage decides
     assert raw["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
     config = valid(**{"train.grad_accum": 4, "optim.grad_clip": 0.5})
-    filled = deepspeed_dict(config, world_size=2, dtype="bfloat16")
+    filled = deepspeed_dict(config, world_size=2, dtype="bfloat16", zero_stage=3)
     assert filled["gradient_accumulation_steps"] == 4 and filled["gradient_clipping"] == 0.5
     assert filled["bf16"]["enabled"] is True and filled["train_micro_batch_size_per_gpu"] == 1
+    assert filled["zero_optimization"]["stage"] == 3
     assert "auto" not in json.dumps(filled)
-    assert deepspeed_dict(config, world_size=1, dtype="float32")["bf16"]["enabled"] is False
+    assert deepspeed_dict(config, world_size=1, dtype="float32", zero_stage=2)["bf16"]["enabled"] is False
+    # Stage 0 in fp32: the trainer clips (and logs the norm), so DeepSpeed must not clip a second time.
+    stage0 = deepspeed_dict(config, world_size=1, dtype="float32", zero_stage=0)
+    assert stage0["zero_optimization"]["stage"] == 0 and stage0["gradient_clipping"] == 0.0
+    assert deepspeed_dict(config, world_size=1, dtype="bfloat16", zero_stage=0)["gradient_clipping"] == 0.5
+
+
+def test_zero_stage_key_and_a_stage_written_in_the_json(tmp_path):
+    for stage in ("auto", "0", "1", "2", "3"):
+        validate(valid(**{"train.zero_stage": stage}))
+    assert load_config(["data.train=x", "train.zero_stage=3"]).train.zero_stage == "3"
+    path = tmp_path / "zero3.yaml"
+    path.write_text("data:\n  train: x\ntrain:\n  zero_stage: 3\n")  # a YAML integer is accepted
+    assert load_config(["--config", str(path)]).train.zero_stage == "3"
+    with pytest.raises(ConfigError, match=r"train.zero_stage: '4' is not one of \['auto', '0', '1', '2', '3'\]"):
+        validate(valid(**{"train.zero_stage": 4}))
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    config = valid(deepspeed_config=str(ds))
+    from train.config import json_zero_stage
+
+    assert json_zero_stage(config) == 3
+    assert deepspeed_dict(config, world_size=1, dtype="float32", zero_stage=3)["zero_optimization"]["stage"] == 3
+    with pytest.raises(ConfigError, match="zero_optimization.stage is 3 but train.zero_stage resolved to 0"):
+        deepspeed_dict(config, world_size=1, dtype="float32", zero_stage=0)
 
 
 def test_unknown_auto_in_deepspeed_json_is_refused(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto"}}))
     with pytest.raises(ConfigError, match="zero_optimization.reduce_bucket_size is \"auto\""):
-        deepspeed_dict(valid(deepspeed_config=str(path)), world_size=1, dtype="float32")
+        deepspeed_dict(valid(deepspeed_config=str(path)), world_size=1, dtype="float32", zero_stage=3)
 
 
 # --- loss options ------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
-"""End-to-end: train/main.py with DeepSpeed ZeRO-3 on CPU, through `python` and the `deepspeed` launcher.
+"""End-to-end: train/main.py with DeepSpeed on CPU, through `python` and the `deepspeed` launcher.
 
-Train a few steps, checkpoint, kill -9, resume, finish, export, reload; with 1 rank and with 2 ranks.
+Train a few steps, checkpoint, kill -9, resume, finish, export, reload; with 1 rank and with 2 ranks, at
+every ZeRO stage. Every stage computes the same step as plain torch (gradient accumulation included).
 """
 
 import glob
@@ -90,13 +91,18 @@ def _cleanup_shm():
             pass
 
 
-@pytest.mark.parametrize("ranks", [1, 2])
-def test_train_kill_resume_export(tmp_path, tiny_llama_dir, shards, ranks):
+# (ranks, train.zero_stage, the stage it must resolve to): auto is 0 on one rank and 2 on two.
+STAGES = [(1, "auto", 0), (1, "3", 3), (2, "auto", 2), (2, "1", 1), (2, "3", 3)]
+
+
+@pytest.mark.parametrize("ranks,zero_stage,resolved", STAGES, ids=[f"{r}rank-zero{z}" for r, z, _ in STAGES])
+def test_train_kill_resume_export(tmp_path, tiny_llama_dir, shards, ranks, zero_stage, resolved):
     """Through the `deepspeed` launcher; the uninterrupted reference run uses plain `python` with 1 rank."""
     try:
         reference = tmp_path / "reference"
-        _run(_config(reference, tiny_llama_dir, shards), ranks, tmp_path / "reference.log",
-             launcher="python" if ranks == 1 else "deepspeed")
+        _run(_config(reference, tiny_llama_dir, shards, **{"train.zero_stage": zero_stage}), ranks,
+             tmp_path / "reference.log", launcher="python" if ranks == 1 else "deepspeed")
+        assert f"zero stage {resolved}:" in (tmp_path / "reference.log").read_text()
         ref_metrics = _metrics(reference / "run")
         assert sorted(ref_metrics) == [1, 2, 3, 4, 5, 6]
         assert all(r["trainable_tokens"] > 0 and r["loss"] > 0 for r in ref_metrics.values())
@@ -104,7 +110,7 @@ def test_train_kill_resume_export(tmp_path, tiny_llama_dir, shards, ranks):
 
         # Kill -9 once the step-4 checkpoint is complete, then rerun the same command: it resumes.
         interrupted = tmp_path / "interrupted"
-        args = _config(interrupted, tiny_llama_dir, shards)
+        args = _config(interrupted, tiny_llama_dir, shards, **{"train.zero_stage": zero_stage})
         proc = _launch(args, ranks, tmp_path / "first.log")
         marker = interrupted / "run" / "checkpoints" / "step_4" / "COMPLETED"
         deadline = time.time() + 600
@@ -133,6 +139,54 @@ def test_train_kill_resume_export(tmp_path, tiny_llama_dir, shards, ranks):
         assert "rho: 0.7" in saved and "name: sftgo" in saved
     finally:
         _cleanup_shm()
+
+
+def _plain_step1_grad_norm(tiny_llama_dir, shards, micro_batches: int) -> tuple[float, float]:
+    """Step 1 by hand: the trainer's first ``micro_batches`` packed micro-batches, the same loss, plain
+    torch autograd accumulating over them; returns (loss, gradient norm before clipping)."""
+    from data.models import load_tokenizer
+    from train import config as train_config
+    from train.forward import token_losses
+    from train.losses import build_loss
+    from train.main import group_masks
+    from train.shards import ShardStream, open_annotated
+
+    cfg = train_config.load_config(_config(Path("unused"), tiny_llama_dir, shards))
+    manifest = open_annotated(cfg.data.train, tokenizer_fingerprint(load_tokenizer(cfg.model))["sha256"], "tfidf")
+    batches = ShardStream(cfg.data.train, manifest, "tfidf", seed=cfg.seed, shuffle=True, epochs=1).micro_batches(cfg.data.micro_batch_tokens)
+    micro = [next(batches) for _ in range(micro_batches)]
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, attn_implementation="sdpa")
+    loss_fn = build_loss("sftgo", **train_config.loss_options(cfg))
+    step_tokens = sum(int(b["loss_mask"].sum()) for b in micro)
+    total = 0.0
+    for batch, important in zip(micro, group_masks(micro, cfg, None)):
+        token_loss = token_losses(model, batch["input_ids"], batch["position_ids"], list(batch["seq_lens"]), batch["loss_mask"])
+        loss, _ = loss_fn(token_loss, important[batch["loss_mask"]], None, step_tokens, 0.0)
+        loss.backward()
+        total += loss.item()
+    return total, float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))
+
+
+def test_every_zero_stage_trains_the_same_steps(tmp_path, tiny_llama_dir, shards):
+    """grad_accum 2: each stage's first steps (loss, pre-clip gradient norm, the losses after updates) equal
+    stage 0's, and stage 0's step 1 equals plain torch accumulating the same micro-batches. (DeepSpeed 0.19's
+    ZeRO-3 advances its micro-step only in engine.forward(); without the trainer doing it, ZeRO-3 overwrote
+    the accumulated gradient with the last micro-batch's: this test failed then.)"""
+    overrides = {"train.max_steps": 3, "checkpoint.every": 0, "eval.every": 0, "data.validation": "''"}
+    runs = {}
+    for stage in ("0", "1", "2", "3"):
+        out = tmp_path / f"zero{stage}"
+        _run(_config(out, tiny_llama_dir, shards, **overrides, **{"train.zero_stage": stage}), 1, tmp_path / f"zero{stage}.log",
+             launcher="python")
+        runs[stage] = _metrics(out / "run")
+    loss, grad_norm = _plain_step1_grad_norm(tiny_llama_dir, shards, micro_batches=2)
+    assert runs["0"][1]["loss"] == pytest.approx(loss, rel=1e-5)
+    assert runs["0"][1]["grad_norm"] == pytest.approx(grad_norm, rel=1e-4)
+    for stage in ("1", "2", "3"):
+        for step in (1, 2, 3):
+            for key in ("loss", "grad_norm", "trainable_tokens"):
+                assert runs[stage][step][key] == pytest.approx(runs["0"][step][key], rel=1e-4), (stage, step, key)
 
 
 def test_bad_input_fails_before_training(tmp_path, tiny_llama_dir, shards):

@@ -1,0 +1,620 @@
+"""The evidence study: annotate a fixed LIMA slice, train SFT / SFT-GO / Rho-1 / InfoSFT / DFT on it from
+the same shards, evaluate every run and the base model, and write what held and what did not.
+
+    python bench/study.py --config bench/study/lima_small.yaml           # the whole study, resumable
+    python bench/study.py --config bench/study/lima_small.yaml --smoke   # 2 steps a run, tiny slices
+
+Steps, each skipped when its output is already there (so a killed study reruns with the same command,
+and the trainer resumes a killed run from its last checkpoint):
+1. slices of the corpora (``data.*``: [start, start + count) in file order) under ``work``/data;
+2. annotate train and held-out with tfidf + base_loss, the reference slice with tfidf, and TF-IDF
+   variants of the train slice (``tfidf_variants``);
+3. the reference model: SmolLM2 SFT-trained on the reference slice; ``--add-scorers ref_loss`` with it
+   on train and held-out, so ``excess_loss = base_loss - ref_loss`` (Rho-1's) is defined;
+4. every run of ``runs`` (``train`` keys shared, the run's own on top), then its evaluation: MMLU val and
+   ARC-Challenge dev through ``train.evaluate``, greedy generations, and held-out losses of the
+   important and the unimportant group under EVERY grouping of ``groupings`` (not only the run's);
+   the base model is evaluated the same way;
+5. ``results``/study.json (every number), report.md and the curves (PNG), rewritten after each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import yaml  # noqa: E402
+
+from schemas.shard import atomic_write_text  # noqa: E402
+
+SCHEMA = "sftgo-study/1"
+TOP_TOKENS = 30
+
+
+class StudyError(RuntimeError):
+    """A step of the study failed; the message names the step and its log file."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+REQUIRED = ("model", "results", "work", "data", "train", "reference_train", "groupings", "runs", "evaluate", "tfidf_variants")
+
+
+def load_study(path: Path, smoke: bool, model: str | None, results: str | None, work: str | None) -> dict[str, Any]:
+    """The study config, checked; ``--smoke`` shrinks it to 2 steps a run on 8-example slices."""
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise StudyError(f"--config {path}: {exc}") from None
+    if not isinstance(cfg, dict):
+        raise StudyError(f"--config {path}: expected a mapping of keys")
+    missing = [k for k in REQUIRED if k not in cfg]
+    unknown = sorted(set(cfg) - set(REQUIRED))
+    if missing or unknown:
+        raise StudyError(f"--config {path}: missing keys {missing}, unknown keys {unknown}")
+    for name in ("train", "reference", "heldout"):
+        spec = cfg["data"].get(name)
+        if not isinstance(spec, dict) or not {"input", "format", "start", "count"} <= set(spec):
+            raise StudyError(f"--config {path}: data.{name} needs input, format, start and count")
+    for key in ("tfidf", "excess_loss"):
+        if key not in cfg["groupings"]:
+            raise StudyError(f"--config {path}: groupings needs {key} (the held-out groupings compared)")
+    if model:
+        cfg["model"] = model
+    if results:
+        cfg["results"] = results
+    if work:
+        cfg["work"] = work
+    if smoke:
+        for name in ("train", "reference", "heldout"):
+            cfg["data"][name]["count"] = 8
+        cfg["train"].update({"train.max_steps": 2, "checkpoint.every": 1})
+        cfg["reference_train"]["train.max_steps"] = 2
+        cfg["evaluate"].update(mmlu_limit=1, arc_limit=2, max_new_tokens=4, prompts=cfg["evaluate"]["prompts"][:1])
+    cfg["smoke"] = smoke
+    return cfg
+
+
+def _resolve(base: Path, value: str) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base / path
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+# ---------------------------------------------------------------------------------------------
+
+
+class Study:
+    def __init__(self, cfg: dict[str, Any], config_path: Path) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.work = _resolve(REPO, cfg["work"])
+        self.results = _resolve(REPO, cfg["results"])
+        self.logs = self.work / "logs"
+        for folder in (self.work / "data", self.logs, self.work / "eval", self.results):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+                        PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        self.timings: dict[str, float] = {}
+        timings_file = self.work / "timings.json"
+        if timings_file.exists():
+            self.timings = json.loads(timings_file.read_text())
+
+    # -- plumbing -------------------------------------------------------------------------------------
+
+    def sh(self, name: str, cmd: list[str]) -> None:
+        """Run one step's command, its output in logs/NAME.log; raise naming the log on failure."""
+        log = self.logs / f"{name}.log"
+        print(f"[study] {name}: {' '.join(cmd)}", flush=True)
+        started = time.time()
+        with open(log, "a", encoding="utf-8") as out:
+            out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n")
+            out.flush()
+            code = subprocess.run(cmd, cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT, check=False).returncode
+        if code != 0:
+            tail = "\n".join(log.read_text(encoding="utf-8", errors="replace").splitlines()[-25:])
+            raise StudyError(f"step {name} failed (exit {code}); log: {log}\n{tail}")
+        self.timings[name] = self.timings.get(name, 0.0) + time.time() - started
+        atomic_write_text(self.work / "timings.json", json.dumps(self.timings, indent=2))
+
+    def shards(self, name: str) -> Path:
+        return self.work / "shards" / name
+
+    def run_dir(self, name: str) -> Path:
+        return self.work / "runs" / name
+
+    # -- 1. data slices -------------------------------------------------------------------------------
+
+    def slice_corpus(self, name: str) -> Path:
+        spec = self.cfg["data"][name]
+        source = _resolve(REPO, spec["input"])
+        start, count = int(spec["start"]), int(spec["count"])
+        text = source.read_text(encoding="utf-8")
+        if source.suffix == ".json":
+            records = json.loads(text)[start:start + count]
+            body, out = json.dumps(records, ensure_ascii=False, indent=1) + "\n", self.work / "data" / f"{name}.json"
+        else:
+            lines = [line for line in text.splitlines() if line.strip()][start:start + count]
+            body, out = "\n".join(lines) + "\n", self.work / "data" / f"{name}.jsonl"
+        if len(body.splitlines()) < 1 or (out.exists() and out.read_text(encoding="utf-8") == body):
+            return out  # unchanged: annotate recognises its own finished job
+        atomic_write_text(out, body)
+        return out
+
+    # -- 2./3. annotate, reference model, ref_loss ---------------------------------------------------
+
+    def _manifest(self, folder: Path) -> dict[str, Any] | None:
+        path = folder / "manifest.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def _has_scorer(self, folder: Path, scorer: str) -> bool:
+        manifest = self._manifest(folder)
+        return manifest is not None and scorer in [s["name"] for s in manifest.get("scorers", [])]
+
+    def annotate(self, name: str, corpus: Path, data: str, scorers: str, options: dict[str, Any] | None = None) -> None:
+        folder = self.shards(name)
+        if all(self._has_scorer(folder, s) for s in scorers.split(",")):
+            return
+        cmd = [sys.executable, "annotate/run.py", "--input", str(corpus), "--format", self.cfg["data"][data]["format"],
+               "--model", self.cfg["model"], "--max-length", str(self.cfg["data"]["max_length"]), "--scorers", scorers,
+               "--output", str(folder)]
+        for key, value in (options or {}).items():
+            cmd += ["--scorer-option", f"{key}={json.dumps(value) if isinstance(value, bool) else value}"]
+        self.sh(f"annotate_{name}", cmd)
+
+    def add_ref_loss(self, name: str, reference: Path) -> None:
+        folder = self.shards(name)
+        if self._has_scorer(folder, "ref_loss"):
+            return
+        self.sh(f"ref_loss_{name}", [sys.executable, "annotate/run.py", "--output", str(folder), "--add-scorers", "ref_loss",
+                                     "--scorer-option", f"ref_loss.model={reference}"])
+
+    def train(self, name: str, shards: Path, overrides: dict[str, Any]) -> Path:
+        out = self.run_dir(name)
+        if (out / "train_summary.json").exists() and (out / "model" / "config.json").exists():
+            return out
+        keys = {"model": self.cfg["model"], "output_dir": str(out), "data.train": str(shards), "data.validation": "",
+                **overrides}
+        self.sh(f"train_{name}", [sys.executable, "train/main.py", *[f"{k}={_cli(v)}" for k, v in keys.items()]])
+        return out
+
+    # -- 4. evaluation ----------------------------------------------------------------------------------
+
+    def evaluate(self, name: str, model: str) -> dict[str, Any]:
+        """Benchmarks, generations and held-out group losses under every grouping, cached in work/eval."""
+        ev = self.cfg["evaluate"]
+        settings = {"model": model, "mmlu_limit": ev["mmlu_limit"], "arc_limit": ev["arc_limit"], "groupings": self.cfg["groupings"],
+                    "prompts": ev["prompts"], "max_new_tokens": ev["max_new_tokens"], "heldout": str(self.shards("heldout"))}
+        out = self.work / "eval" / f"{name}.json"
+        if out.exists():
+            cached = json.loads(out.read_text())
+            if cached.get("settings") == settings:
+                return cached
+        prompts = self.work / "data" / "prompts.txt"
+        atomic_write_text(prompts, "\n".join(ev["prompts"]) + "\n")
+        parts = {}
+        for task, limit, extra in (("mmlu", ev["mmlu_limit"], ["--no-generate"]),
+                                   ("arc_challenge", ev["arc_limit"], ["--prompts", str(prompts), "--max-new-tokens", str(ev["max_new_tokens"])])):
+            part = self.work / "eval" / f"{name}.{task}.json"
+            self.sh(f"evaluate_{name}_{task}", [sys.executable, "-m", "train.evaluate", model, "--tasks", task,
+                                                "--data-dir", str(_resolve(REPO, ev["data_dir"])), "--limit", str(limit),
+                                                "--output", str(part), *extra])
+            parts[task] = json.loads(part.read_text())["runs"][0]
+        started = time.time()
+        result = {"settings": settings, "benchmarks": parts["mmlu"]["benchmarks"] + parts["arc_challenge"]["benchmarks"],
+                  "generations": parts["arc_challenge"]["generations"], "heldout": self.heldout_groups(model)}
+        self.timings[f"heldout_{name}"] = time.time() - started
+        atomic_write_text(out, json.dumps(result, indent=2))
+        return result
+
+    def heldout_groups(self, model_path: str) -> dict[str, Any]:
+        """Held-out CE and group losses under each grouping of ``groupings`` (scope sequence): one forward
+        pass per micro-batch, the same per-token losses summed under every grouping (train/heldout.py's sums)."""
+        import torch
+
+        from data.models import load_tokenizer
+        from schemas.shard import tokenizer_fingerprint
+        from train.evaluate import CE_CHUNK, load_model
+        from train.forward import token_losses
+        from train.heldout import GROUP_SUM_NAMES, micro_batch_important, open_heldout, summarize_group_sums
+        from train.shards import ShardStream
+
+        uri = str(self.shards("heldout"))
+        sha = tokenizer_fingerprint(load_tokenizer(model_path))["sha256"]
+        model = load_model(model_path, torch.device("cpu"))
+        groupings = {scorer: (float(rho), *open_heldout(uri, sha, scorer, float(rho), "sequence"))
+                     for scorer, rho in self.cfg["groupings"].items()}
+        packing = self.cfg["evaluate"]["micro_batch_tokens"]
+        streams = [ShardStream(uri, manifest, scorer, rank=0, world_size=1, shuffle=False, epochs=1).micro_batches(packing)
+                   for scorer, (_, manifest, _) in groupings.items()]
+        sums = {scorer: torch.zeros(len(GROUP_SUM_NAMES), dtype=torch.float64) for scorer in groupings}
+        with torch.no_grad():
+            for batches in zip(*streams):  # the same rows in the same packing; only the score differs
+                first = batches[0]
+                assert all(torch.equal(b["input_ids"], first["input_ids"]) for b in batches)
+                loss = token_losses(model, first["input_ids"], first["position_ids"], list(first["seq_lens"]),
+                                    first["loss_mask"], chunk_size=CE_CHUNK).double()
+                n = torch.tensor(float(loss.numel()), dtype=torch.float64)
+                for (scorer, (rho, _, threshold)), batch in zip(groupings.items(), batches):
+                    imp = micro_batch_important(batch, rho, "sequence", threshold)[batch["loss_mask"]]
+                    sums[scorer] += torch.stack([loss.sum(), n, loss[imp].sum(), imp.sum().double(), loss[~imp].sum(),
+                                                 (~imp).sum().double()])
+        return {scorer: {"rho": groupings[scorer][0], **summarize_group_sums(total)} for scorer, total in sums.items()}
+
+    # -- the whole study --------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        from data.models import resolve_model
+
+        base_model = resolve_model(self.cfg["model"])
+        corpora = {name: self.slice_corpus(name) for name in ("train", "reference", "heldout")}
+        self.annotate("train", corpora["train"], "train", "tfidf,base_loss")
+        self.annotate("heldout", corpora["heldout"], "heldout", "tfidf,base_loss")
+        self.annotate("reference", corpora["reference"], "reference", "tfidf")
+        for variant, options in self.cfg["tfidf_variants"].items():
+            if options:  # the default variant is the train directory itself
+                self.annotate(f"train_tfidf_{variant}", corpora["train"], "train", "tfidf", options)
+        reference = self.train("reference", self.shards("reference"), {**self.cfg["train"], **self.cfg["reference_train"]})
+        for name in ("train", "heldout"):
+            self.add_ref_loss(name, reference / "model")
+        evaluations = {"base": self.evaluate("base", base_model)}
+        self.write(evaluations)
+        for name, overrides in self.cfg["runs"].items():
+            run = self.train(name, self.shards("train"), {**self.cfg["train"], **overrides})
+            evaluations[name] = self.evaluate(name, str(run / "model"))
+            shutil.rmtree(run / "checkpoints", ignore_errors=True)  # ~1.6 GB a run; the exported model stays
+            self.write(evaluations)
+        return self.write(evaluations, final=True)
+
+    # -- 5. results ----------------------------------------------------------------------------------------
+
+    def write(self, evaluations: dict[str, dict[str, Any]], final: bool = False) -> dict[str, Any]:
+        results = collect(self, evaluations)
+        results["complete"] = final
+        atomic_write_text(self.results / "study.json", json.dumps(results, indent=2) + "\n")
+        write_report(self, results)
+        print(f"[study] wrote {self.results / 'study.json'} and report.md ({len(evaluations) - 1} of {len(self.cfg['runs'])} runs)",
+              flush=True)
+        return results
+
+
+def _cli(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value == "":
+        return "''"
+    return str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Collecting the numbers
+# ---------------------------------------------------------------------------------------------
+
+
+def read_curves(run: Path) -> list[dict[str, Any]]:
+    """The training records of metrics.jsonl, the last line per step winning (a resumed run relogs)."""
+    path = run / "metrics.jsonl"
+    records: dict[int, dict[str, Any]] = {}
+    if not path.exists():
+        return []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line of a killed run
+        if "loss" in record:
+            records[record["step"]] = {k: record[k] for k in ("step", "loss", "ce", "important_loss", "unimportant_loss",
+                                                              "important_fraction", "lambda", "tokens_per_s", "epoch") if k in record}
+    return [records[s] for s in sorted(records)]
+
+
+def tfidf_top_tokens(study: Study) -> dict[str, Any]:
+    """For each TF-IDF variant: the tokens most often marked important at groupings.tfidf (scope sequence)."""
+    import glob
+
+    import pyarrow.parquet as pq
+    import torch
+
+    from data.models import load_tokenizer
+    from train.grouping import important_mask_sequence
+
+    tokenizer = load_tokenizer(study.cfg["model"])
+    rho = float(study.cfg["groupings"]["tfidf"])
+    out = {}
+    for variant, options in study.cfg["tfidf_variants"].items():
+        folder = study.shards("train" if not options else f"train_tfidf_{variant}")
+        files = sorted(glob.glob(str(folder / "shard-*.parquet")))
+        if not files:
+            continue
+        counts: dict[int, int] = {}
+        trainable = important_total = 0
+        for file in files:
+            table = pq.read_table(file, columns=["input_ids", "loss_mask", "score_tfidf"])
+            for ids, mask, score in zip(*(table.column(c).to_pylist() for c in ("input_ids", "loss_mask", "score_tfidf"))):
+                loss_mask = torch.tensor(mask)
+                important = important_mask_sequence(torch.tensor(score), loss_mask, rho)
+                trainable += int(loss_mask.sum())
+                for token in torch.tensor(ids)[important].tolist():
+                    counts[token] = counts.get(token, 0) + 1
+                    important_total += 1
+        top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_TOKENS]
+        rows = [{"token_id": t, "text": tokenizer.decode([t]), "count": c} for t, c in top]
+        out[variant] = {"options": options, "rho": rho, "important_tokens": important_total, "trainable_tokens": trainable,
+                        "top": rows, "top_share_function_or_punct": _function_share(rows)}
+    return out
+
+
+# A small closed class list: articles, pronouns, auxiliaries, prepositions, conjunctions.
+FUNCTION_WORDS = set("""a an the i you he she it we they me him her us them my your his its our their this that these those
+is are was were be been being am do does did have has had will would can could shall should may might must
+of in on at to for from by with about as into like through after over between out against during without before under
+around among and or but nor so yet if then than because while although though not no""".split())
+
+
+def _function_share(rows: list[dict[str, Any]]) -> float:
+    """Share of the listed occurrences that are punctuation, whitespace, digits or function words."""
+    total = sum(r["count"] for r in rows) or 1
+    dull = sum(r["count"] for r in rows if not any(ch.isalpha() for ch in r["text"]) or r["text"].strip().lower() in FUNCTION_WORDS)
+    return dull / total
+
+
+def _bench(ev: dict[str, Any], task: str) -> dict[str, Any] | None:
+    for record in ev.get("benchmarks", []):
+        if record["task"] == task:
+            return {"acc": record["acc"], "acc_stderr": record["acc_stderr"], "n": record["n"]}
+    return None
+
+
+def collect(study: Study, evaluations: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Every number of the study in one JSON object, with the comparisons the report states."""
+    cfg = study.cfg
+    runs: dict[str, Any] = {}
+    for name, ev in evaluations.items():
+        entry: dict[str, Any] = {"overrides": cfg["runs"].get(name, {}), "benchmarks": {}, "heldout": {},
+                                 "generations": ev.get("generations", [])}
+        for task in ("mmlu", "arc_challenge"):
+            entry["benchmarks"][task] = _bench(ev, task)
+        for scorer, h in ev.get("heldout", {}).items():
+            entry["heldout"][scorer] = {"rho": h["rho"], "ce": h["ce"], "important_loss": h["important_loss"],
+                                        "unimportant_loss": h["unimportant_loss"], "worse_group": h["worse_group"],
+                                        "worst_group_loss": max(h["important_loss"], h["unimportant_loss"]),
+                                        "tokens": h["tokens"], "important_tokens": h.get("important_tokens")}
+        if name != "base":
+            run = study.run_dir(name)
+            entry["curves"] = read_curves(run)
+            summary = run / "train_summary.json"
+            entry["train_summary"] = json.loads(summary.read_text()) if summary.exists() else None
+        runs[name] = entry
+
+    comparisons: dict[str, Any] = {}
+    groupings = list(cfg["groupings"])
+
+    def worst(name: str, scorer: str) -> float | None:
+        h = runs.get(name, {}).get("heldout", {}).get(scorer)
+        return h["worst_group_loss"] if h else None
+
+    pairs = [("sft_s0", "sft_s1"), ("sftgo_tfidf_s0", "sftgo_tfidf_s1")]
+    for scorer in groupings:
+        spreads = [abs(worst(a, scorer) - worst(b, scorer)) for a, b in pairs if worst(a, scorer) is not None and worst(b, scorer) is not None]
+        sft = [w for w in (worst("sft_s0", scorer), worst("sft_s1", scorer)) if w is not None]
+        noise = max(spreads) if spreads else None
+        rows = {}
+        for name in runs:
+            if name in ("base", "sft_s0", "sft_s1") or worst(name, scorer) is None or not sft:
+                continue
+            delta = worst(name, scorer) - statistics.mean(sft)
+            rows[name] = {"worst_group_loss": worst(name, scorer), "sft_mean": statistics.mean(sft), "delta_vs_sft": delta,
+                          "lower_or_equal": delta <= 0, "beyond_seed_noise": None if noise is None else abs(delta) > noise}
+        comparisons[scorer] = {"seed_noise": noise, "seed_noise_definition":
+                               "largest |seed 0 - seed 1| held-out worst-group loss among the sft and sftgo_tfidf pairs",
+                               "runs": rows}
+    bench_deltas: dict[str, Any] = {}
+    for task in ("mmlu", "arc_challenge"):
+        base = runs.get("base", {}).get("benchmarks", {}).get(task)
+        if not base:
+            continue
+        bench_deltas[task] = {}
+        for name, entry in runs.items():
+            b = entry["benchmarks"].get(task)
+            if name == "base" or not b:
+                continue
+            stderr = math.sqrt((b["acc_stderr"] or 0) ** 2 + (base["acc_stderr"] or 0) ** 2)
+            bench_deltas[task][name] = {"acc": b["acc"], "delta_vs_base": b["acc"] - base["acc"], "stderr_of_delta": stderr}
+    tokens = {}
+    for name in ("train", "heldout", "reference"):
+        manifest = study._manifest(study.shards(name))
+        if manifest:
+            tokens[name] = manifest.get("totals", {})
+    return {"schema": SCHEMA, "config": {k: v for k, v in cfg.items()}, "config_file": str(study.config_path),
+            "data_totals": tokens, "reference_model": "SmolLM2-135M-Instruct SFT-trained (sft, reference_train keys) on data.reference",
+            "runs": runs, "worst_group_vs_sft": comparisons, "benchmark_deltas": bench_deltas,
+            "tfidf_top_tokens": tfidf_top_tokens(study), "step_seconds": study.timings,
+            "generated_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+# ---------------------------------------------------------------------------------------------
+
+
+def plot_curves(results: dict[str, Any], path: Path) -> bool:
+    """Figure 2 style: overall, important and unimportant training loss per step, one panel per run."""
+    runs = {n: r for n, r in results["runs"].items() if r.get("curves")}
+    if not runs:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 4
+    rows = math.ceil(len(runs) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False, sharey=True)
+    for ax, (name, run) in zip(axes.flat, runs.items()):
+        steps = [c["step"] for c in run["curves"]]
+        for key, label, color in (("ce", "all tokens", "tab:blue"), ("important_loss", "important", "tab:orange"),
+                                  ("unimportant_loss", "unimportant", "tab:green")):
+            ax.plot(steps, [c.get(key) for c in run["curves"]], label=label, color=color)
+        scorer = run["overrides"].get("importance.scorer", "tfidf")
+        ax.set_title(f"{name} ({scorer} groups)", fontsize=9)
+        ax.set_xlabel("step")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    for ax in list(axes.flat)[len(runs):]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("training loss (nats)")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
+def _f(value: Any, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def write_report(study: Study, results: dict[str, Any]) -> None:
+    cfg = results["config"]
+    runs = results["runs"]
+    groupings = list(cfg["groupings"])
+    lines = [f"# SFT-GO evidence study: `{study.config_path.name}`{' (smoke)' if cfg.get('smoke') else ''}", "",
+             f"Generated {results['generated_at']} by `python bench/study.py --config {study.config_path.relative_to(REPO) if study.config_path.is_relative_to(REPO) else study.config_path}"
+             f"{' --smoke' if cfg.get('smoke') else ''}`. "
+             + ("All runs finished." if results.get("complete") else f"**In progress**: {len(runs) - 1} of {len(cfg['runs'])} runs evaluated."), ""]
+    d = cfg["data"]
+    lines += ["## Setup", "",
+              f"- Model: `{cfg['model']}`. Train: {d['train']['input']} records [{d['train']['start']}, {d['train']['start'] + d['train']['count']}); "
+              f"held-out: {d['heldout']['input']} records [{d['heldout']['start']}, {d['heldout']['start'] + d['heldout']['count']}); "
+              f"max_length {d['max_length']}.",
+              f"- Reference model for excess loss (Rho-1): {results['reference_model']}, records "
+              f"[{d['reference']['start']}, {d['reference']['start'] + d['reference']['count']}) of {d['reference']['input']}, disjoint from the train slice.",
+              f"- Shared train keys: `{json.dumps(cfg['train'])}`.",
+              f"- Groupings (METHOD.md, LIMA, the paper's 3B values): {', '.join(f'{k} rho {v}' for k, v in cfg['groupings'].items())}; scope sequence.",
+              f"- Data: {json.dumps(results['data_totals'])}", ""]
+    lines += ["## Runs", "", "| run | loss and options | steps | held-out CE | " + " | ".join(
+        f"{g}: important / unimportant (worst)" for g in groupings) + " | MMLU acc | ARC acc |",
+              "|---|---|---:|---:|" + "---|" * len(groupings) + "---:|---:|"]
+    for name, run in runs.items():
+        h = run["heldout"]
+        first = h.get(groupings[0], {})
+        cells = []
+        for g in groupings:
+            x = h.get(g)
+            cells.append("-" if not x else f"{_f(x['important_loss'])} / {_f(x['unimportant_loss'])} ({x['worse_group'][:5]})")
+        bench = [run["benchmarks"].get(t) for t in ("mmlu", "arc_challenge")]
+        opts = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in run["overrides"].items() if k != "seed") or "(base model)"
+        steps = (run.get("train_summary") or {}).get("steps", "-")
+        lines.append(f"| {name} | {opts} | {steps} | {_f(first.get('ce'))} | " + " | ".join(cells) + " | "
+                     + " | ".join("-" if not b else f"{_f(b['acc'], 3)} ± {_f(b['acc_stderr'], 3)} (n={b['n']})" for b in bench) + " |")
+    lines += ["", "Held-out numbers: `train.heldout.heldout_losses` over the whole held-out directory (packed at "
+              f"{cfg['evaluate']['micro_batch_tokens']} tokens, scope sequence), after training. Benchmarks: `train.evaluate` "
+              f"(lm-eval) on MMLU val ({cfg['evaluate']['mmlu_limit']} per subject) and ARC-Challenge dev (first {cfg['evaluate']['arc_limit']}), 0-shot.", ""]
+    lines += ["## Does SFT-GO lower the held-out worst-group loss (Proposition 1)?", ""]
+    for g, comp in results["worst_group_vs_sft"].items():
+        noise = comp["seed_noise"]
+        lines.append(f"Under the **{g}** grouping (seed noise: {_f(noise)} nats, {comp['seed_noise_definition']}):")
+        lines.append("")
+        lines.append("| run | worst-group loss | sft mean | delta | <= sft | beyond seed noise |")
+        lines.append("|---|---:|---:|---:|---|---|")
+        for name, row in comp["runs"].items():
+            lines.append(f"| {name} | {_f(row['worst_group_loss'])} | {_f(row['sft_mean'])} | {row['delta_vs_sft']:+.4f} | "
+                         f"{'yes' if row['lower_or_equal'] else 'no'} | {'-' if row['beyond_seed_noise'] is None else ('yes' if row['beyond_seed_noise'] else 'no')} |")
+        lines.append("")
+    lines += verdict_lines(results)
+    lines += ["## Benchmarks against the base model", "", "| run | MMLU acc (delta ± stderr) | ARC acc (delta ± stderr) |", "|---|---|---|"]
+    deltas = results["benchmark_deltas"]
+    for name in runs:
+        if name == "base":
+            continue
+        cells = []
+        for task in ("mmlu", "arc_challenge"):
+            x = deltas.get(task, {}).get(name)
+            cells.append("-" if not x else f"{_f(x['acc'], 3)} ({x['delta_vs_base']:+.3f} ± {x['stderr_of_delta']:.3f})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "stderr of a delta: sqrt(se_run^2 + se_base^2) (unpaired, conservative; the same questions are asked of every model).", ""]
+    if plot_curves(results, study.results / "curves.png"):
+        lines += ["## Training curves (Figure 2 style)", "", "![curves](curves.png)", "",
+                  "Each panel: mean training loss per optimizer step over all trainable tokens, the important and the unimportant "
+                  "group of the run's own grouping (sft, rho1, infosft and dft runs are grouped by tfidf for the plot only).", ""]
+    lines += ["## TF-IDF, looked at", ""]
+    for variant, top in results["tfidf_top_tokens"].items():
+        listing = ", ".join(f"`{r['text']!r}` {r['count']}" for r in top["top"])
+        lines += [f"- **{variant}** ({json.dumps(top['options'])}): {top['important_tokens']:,} of {top['trainable_tokens']:,} trainable "
+                  f"tokens important at rho {top['rho']}; of the 30 most frequent, {top['top_share_function_or_punct']:.0%} of occurrences are "
+                  f"punctuation, digits, whitespace or function words: {listing}", ""]
+    lines += ["## Generations (greedy)", ""]
+    prompts = cfg["evaluate"]["prompts"]
+    for i, prompt in enumerate(prompts):
+        lines.append(f"**{prompt}**")
+        lines.append("")
+        for name, run in runs.items():
+            gens = run.get("generations") or []
+            if i < len(gens):
+                answer = gens[i]["answer"].replace("\n", " ")
+                lines.append(f"- {name}: {answer[:300]}")
+        lines.append("")
+    lines += ["## Time", "", "| step | seconds |", "|---|---:|"]
+    lines += [f"| {k} | {v:.0f} |" for k, v in results["step_seconds"].items()]
+    lines.append(f"| total | {sum(results['step_seconds'].values()):.0f} |")
+    atomic_write_text(study.results / "report.md", "\n".join(lines) + "\n")
+
+
+def verdict_lines(results: dict[str, Any]) -> list[str]:
+    """What held and what did not, in words, from the comparison tables."""
+    out = ["### What held", ""]
+    for g, comp in results["worst_group_vs_sft"].items():
+        for name, row in comp["runs"].items():
+            if not name.startswith("sftgo"):
+                continue
+            own = ("tfidf" in name and g == "tfidf") or ("excess" in name and g == "excess_loss")
+            if not own:
+                continue
+            held = row["lower_or_equal"]
+            beyond = row["beyond_seed_noise"]
+            out.append(f"- {name} under its own grouping ({g}): held-out worst-group loss {'<=' if held else '>'} SFT's "
+                       f"({row['delta_vs_sft']:+.4f} nats); "
+                       + ("the difference is within seed noise." if beyond is False else
+                          "the difference exceeds seed noise." if beyond else "seed noise not measured yet."))
+    if len(out) == 2:
+        out.append("- (no SFT-GO run evaluated yet)")
+    out.append("")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True, help="study YAML (bench/study/lima_small.yaml)")
+    ap.add_argument("--smoke", action="store_true", help="2 steps a run on 8-example slices, tiny evaluation (the test suite's run)")
+    ap.add_argument("--model", default=None, help="override the config's model (a folder or an embedded name)")
+    ap.add_argument("--results", default=None, help="override the config's results folder")
+    ap.add_argument("--work", default=None, help="override the config's work folder (shards, runs, models)")
+    args = ap.parse_args(argv)
+    config_path = Path(args.config).resolve()
+    try:
+        cfg = load_study(config_path, args.smoke, args.model, args.results, args.work)
+        Study(cfg, config_path).run()
+    except StudyError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
