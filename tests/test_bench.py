@@ -1,0 +1,106 @@
+"""bench/train.py's plain baseline and variants, and bench/study.py's smoke run (the study's own command)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def test_train_bench_plain_baseline_and_variant(tmp_path):
+    out = tmp_path / "train.json"
+    cmd = [sys.executable, "bench/train.py", "--device", "cpu", "--model", "tiny", "--tiny-layers", "3", "--tiny-vocab", "1024",
+           "--losses", "sft,sftgo", "--baseline", "plain", "--steps", "2", "--warmup", "1", "--threads", "1",
+           "--variant", "zero3:train.zero_stage=3", "--work", str(tmp_path / "work"), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["same_data_all_losses"]
+    for key in ("sft/plain", "sftgo/plain", "sft@zero3/plain", "sft@zero3/sft"):
+        assert report["ratios"][key]["step_seconds"] > 0, key
+    assert "step_seconds_via_plain" in report["ratios"]["sftgo/sft"]
+    sft = report["runs"]["sft"][0]
+    assert sft["zero_stage"] == 0 and report["runs"]["sft@zero3"][0]["zero_stage"] == 3
+    assert report["runs"]["sft@zero3"][0]["variant_overrides"] == "train.zero_stage=3"
+    # The plain loop is the same computation: same weights, same micro-batches, so the same first loss.
+    first = sft["steps"][0]
+    assert first["plain_loss"] == pytest.approx(first["loss"], rel=1e-5)
+    tiny = next((tmp_path / "work").glob("tiny_llama_3x1024"))
+    assert json.loads((tiny / "config.json").read_text())["num_hidden_layers"] == 3
+
+
+def test_train_bench_trl_baseline(tmp_path):
+    pytest.importorskip("trl", reason="TRL is the bench's own extra: pip install trl to run this comparison")
+    out = tmp_path / "trl.json"
+    cmd = [sys.executable, "bench/train.py", "--device", "cpu", "--model", "tiny", "--tiny-layers", "2", "--tiny-vocab", "1024",
+           "--losses", "sft", "--baseline", "trl", "--steps", "2", "--warmup", "1", "--threads", "1",
+           "--work", str(tmp_path / "work"), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    trl_run = report["runs"]["trl"][0]
+    assert trl_run["timed_steps"] == 2 and trl_run["timed_tokens"] > 0
+    assert report["ratios"]["sft/trl"]["tokens_per_s"] > 0
+
+
+def test_study_smoke_runs_resumes_and_reports(tmp_path, tiny_llama_dir):
+    results, work = tmp_path / "results", tmp_path / "work"
+    cmd = [sys.executable, "bench/study.py", "--config", "bench/study/lima_small.yaml", "--smoke", "--model", str(tiny_llama_dir),
+           "--results", str(results), "--work", str(work)]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    study = json.loads((results / "study.json").read_text())
+    assert study["complete"] and set(study["runs"]) == {"base", "sft_s0", "sft_s1", "sftgo_tfidf_s0", "sftgo_tfidf_s1",
+                                                         "sftgo_excess_s0", "rho1_s0", "infosft_s0", "dft_s0"}
+    for name, run in study["runs"].items():
+        assert set(run["heldout"]) == {"tfidf", "excess_loss"}, name  # every grouping for every run
+        assert run["benchmarks"]["mmlu"]["n"] == 57 and run["benchmarks"]["arc_challenge"]["n"] == 2
+        assert len(run["generations"]) == 1
+        if name != "base":
+            assert [c["step"] for c in run["curves"]] == [1, 2]
+            assert run["train_summary"]["steps"] == 2
+            assert not (work / "runs" / name / "checkpoints").exists()  # removed once evaluated
+    assert set(study["worst_group_vs_sft"]) == {"tfidf", "excess_loss"}
+    assert set(study["tfidf_top_tokens"]) == {"default", "sublinear_tf", "word"}
+    report = (results / "report.md").read_text()
+    for heading in ("## Runs", "Proposition 1", "## Benchmarks against the base model", "## TF-IDF, looked at", "![curves](curves.png)"):
+        assert heading in report
+    assert (results / "curves.png").stat().st_size > 10_000
+
+    # The single-forward held-out pass equals train.heldout's one-grouping-at-a-time numbers.
+    import torch
+
+    from train.evaluate import load_model
+    from train.heldout import heldout_losses, open_heldout
+
+    model = load_model(str(tiny_llama_dir), torch.device("cpu"))
+    uri = str(work / "shards" / "heldout")
+    for scorer, rho in (("tfidf", 0.9), ("excess_loss", 0.55)):
+        manifest, threshold = open_heldout(uri, None, scorer, rho, "sequence")
+        expected = heldout_losses(model, uri, manifest, scorer, rho, "sequence", threshold, micro_batch_tokens=1024, progress=False)
+        got = study["runs"]["base"]["heldout"][scorer]
+        for key in ("ce", "important_loss", "unimportant_loss"):
+            assert got[key] == pytest.approx(expected[key], abs=1e-9), (scorer, key)
+
+    # Rerunning the same command redoes nothing: every step is found done.
+    started = time.time()
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[study] annotate_" not in proc.stdout and "[study] train_" not in proc.stdout and "[study] evaluate_" not in proc.stdout
+    assert time.time() - started < 120
