@@ -21,6 +21,7 @@ and the trainer resumes a killed run from its last checkpoint):
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -198,8 +199,11 @@ class Study:
     def evaluate(self, name: str, model: str) -> dict[str, Any]:
         """Benchmarks, generations and held-out group losses under every grouping, cached in work/eval."""
         ev = self.cfg["evaluate"]
+        # The held-out manifest's digest: re-annotated shards (other scores) must not reuse an old evaluation.
+        heldout_manifest = hashlib.sha256((self.shards("heldout") / "manifest.json").read_bytes()).hexdigest()
         settings = {"model": model, "mmlu_limit": ev["mmlu_limit"], "arc_limit": ev["arc_limit"], "groupings": self.cfg["groupings"],
-                    "prompts": ev["prompts"], "max_new_tokens": ev["max_new_tokens"], "heldout": str(self.shards("heldout"))}
+                    "prompts": ev["prompts"], "max_new_tokens": ev["max_new_tokens"], "heldout": str(self.shards("heldout")),
+                    "heldout_manifest_sha256": heldout_manifest}
         out = self.work / "eval" / f"{name}.json"
         if out.exists():
             cached = json.loads(out.read_text())

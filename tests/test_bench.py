@@ -77,7 +77,7 @@ def test_study_smoke_runs_resumes_and_reports(tmp_path, tiny_llama_dir):
             assert run["train_summary"]["steps"] == 2
             assert not (work / "runs" / name / "checkpoints").exists()  # removed once evaluated
     assert set(study["worst_group_vs_sft"]) == {"tfidf", "excess_loss"}
-    assert set(study["tfidf_top_tokens"]) == {"default", "sublinear_tf", "word"}
+    assert set(study["tfidf_top_tokens"]) == {"default", "raw_tf", "word"}
     report = (results / "report.md").read_text()
     for heading in ("## Runs", "Proposition 1", "## Benchmarks against the base model", "## TF-IDF, looked at", "![curves](curves.png)"):
         assert heading in report

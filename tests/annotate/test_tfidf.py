@@ -2,6 +2,7 @@
 
 import numpy as np
 import pyarrow as pa
+import pytest
 from sklearn.feature_extraction.text import TfidfVectorizer
 
 from annotate import scorers as registry
@@ -30,16 +31,18 @@ def _scorer(tokenizer_dir, **options):
     return scorer
 
 
-def test_token_tfidf_equals_sklearn_whole_corpus_fit(smol_tokenizer, smol_tokenizer_dir):
+@pytest.mark.parametrize("sublinear_tf", [True, False], ids=["sublinear_tf(default)", "raw_tf"])
+def test_token_tfidf_equals_sklearn_whole_corpus_fit(smol_tokenizer, smol_tokenizer_dir, sublinear_tf):
     table = _corpus_table(smol_tokenizer)
-    scorer = _scorer(smol_tokenizer_dir)
+    scorer = _scorer(smol_tokenizer_dir) if sublinear_tf else _scorer(smol_tokenizer_dir, sublinear_tf=False)
+    assert scorer.options.sublinear_tf is sublinear_tf
     # The corpus pass in three uneven parts (as three workers would) ...
     parts = [scorer.collect(table.slice(0, 5)), scorer.collect(table.slice(5, 1)), scorer.collect(table.slice(6))]
     scorer.fit(type(scorer).combine(parts))
     scores = scorer.score(table.slice(3, 4))  # ... and scoring one batch of it.
 
     docs = [list(map(str, ids)) for ids in table[INPUT_IDS].to_pylist()]
-    reference = TfidfVectorizer(analyzer=lambda d: d, norm="l2", smooth_idf=True)
+    reference = TfidfVectorizer(analyzer=lambda d: d, norm="l2", smooth_idf=True, sublinear_tf=sublinear_tf)
     matrix = reference.fit_transform(docs)
     for k, doc_scores in enumerate(scores):
         doc = 3 + k
