@@ -34,6 +34,7 @@ class AnnotateConfig:
     tokenize_actors: int = 0  # 0 = auto (one per two CPUs, at least one)
     scorer_actors: int = 0  # per scorer; 0 = auto (one per GPU when the cluster has GPUs, else one)
     ray_address: str = ""  # "" = RAY_ADDRESS or a new local Ray; "auto" = an existing cluster
+    trust_remote_code: bool = False  # allow a --model folder that asks for its own code (auto_map)
 
     def validate(self) -> None:
         """Check option values; raise ValueError naming the option."""
@@ -105,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenize-actors", type=int, help="tokenizer actors (default auto)")
     p.add_argument("--scorer-actors", type=int, help="actors per scorer (default auto)")
     p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--trust-remote-code", action="store_true", default=None,
+                   help="allow a --model folder whose config asks for code shipped with it (auto_map); off: such a model is refused (default off)")
     p.add_argument("--list-scorers", action="store_true", help="print the registered scorers and exit")
     return p
 

@@ -62,10 +62,11 @@ def prepare(config: AnnotateConfig) -> Job:
     if unknown:
         raise ValueError(f"scorer_options for {unknown}, which this run does not compute ({names})")
     model_path = check_model(config.model)
-    tokenizer = load_tokenizer(model_path)
+    tokenizer = load_tokenizer(model_path, config.trust_remote_code, option="--trust-remote-code")
     fp = tokenizer_fingerprint(tokenizer)
     fp["name"] = os.path.basename(config.model.rstrip("/")) or fp["name"]
-    context = ScorerContext(model=config.model, device="cpu")  # the name as given: recorded in metadata
+    # The model name as given: recorded in metadata.
+    context = ScorerContext(model=config.model, device="cpu", trust_remote_code=config.trust_remote_code)
     options = {name: registry.build_options(name, config.scorer_options.get(name)) for name in names}
     # Constructing a scorer checks its options (model paths, names) without loading any model.
     infos = [registry.get(name)(options[name], context).info() for name in names]
@@ -136,8 +137,8 @@ def init_ray(address: str) -> None:
 class TokenizeActor:
     """Renders and tokenizes whole shards; loads the tokenizer once."""
 
-    def __init__(self, model_path: str, max_length: int, overlength: str, strict: bool):
-        self.tokenizer = load_tokenizer(model_path)
+    def __init__(self, model_path: str, max_length: int, overlength: str, strict: bool, trust_remote_code: bool = False):
+        self.tokenizer = load_tokenizer(model_path, trust_remote_code)
         self.max_length, self.overlength, self.strict = max_length, overlength, strict
 
     def run(self, plan: steps.ShardPlan, out: str) -> dict[str, Any]:
@@ -283,7 +284,8 @@ def run(job: Job) -> dict[str, Any]:
         if to_tokenize:
             n_actors = cfg.tokenize_actors or max(1, min(len(to_tokenize), cpus // 2 or 1))
             actor_cls = ray.remote(num_cpus=0.5)(TokenizeActor)
-            actors = [actor_cls.remote(job.model_path, cfg.max_length, cfg.overlength, cfg.strict) for _ in range(n_actors)]
+            actors = [actor_cls.remote(job.model_path, cfg.max_length, cfg.overlength, cfg.strict, cfg.trust_remote_code)
+                      for _ in range(n_actors)]
             turn = iter(range(1 << 62))
             _run_bounded(to_tokenize, lambda p: actors[next(turn) % n_actors].run.remote(p, str(out)), 2 * n_actors,
                          "tokenize", lambda p, r: timer.add(r["rows"], r["tokens"], r["seconds"]))
@@ -304,7 +306,7 @@ def run(job: Job) -> dict[str, Any]:
         on_gpu = name in gpu_names
         n_actors = cfg.scorer_actors or (gpus if on_gpu else 1)
         actor_cls = ray.remote(num_cpus=0.5, num_gpus=(1.0 / len(gpu_names)) if on_gpu else 0)(ScoreActor)
-        context = ScorerContext(model=cfg.model, device="cuda" if on_gpu else "cpu")
+        context = ScorerContext(model=cfg.model, device="cuda" if on_gpu else "cpu", trust_remote_code=cfg.trust_remote_code)
         pools[name] = [actor_cls.remote(name, job.scorer_options[name], context) for _ in range(n_actors)]
 
     def load(index: int):

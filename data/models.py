@@ -105,8 +105,29 @@ def model_revision(name_or_path: str) -> str:
     return "unknown"
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    """Load the tokenizer of a (resolved) model name or path."""
+def refuse_remote_code(name_or_path: str, option: str) -> None:
+    """ValueError when a local model folder asks for code shipped with it (``auto_map`` in config.json or
+    tokenizer_config.json): a folder from someone else must not run code here unless ``option`` allows it."""
+    path = Path(resolve_model(name_or_path))
+    if not path.is_dir():
+        return  # a hub id: transformers itself refuses remote code without trust_remote_code
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            raw = json.loads((path / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(raw, dict) and raw.get("auto_map"):
+            auto_map = raw["auto_map"]
+            keys = sorted(auto_map) if isinstance(auto_map, dict) else auto_map
+            raise ValueError(f"{path / name} asks for code shipped with the model (auto_map: {keys}); it is not run "
+                             f"unless you set {option}")
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, option: str = "trust_remote_code"):
+    """Load the tokenizer of a (resolved) model name or path; a folder asking for its own code is refused
+    (:func:`refuse_remote_code`, naming ``option``) unless ``trust_remote_code``."""
     from transformers import AutoTokenizer
 
+    if not trust_remote_code:
+        refuse_remote_code(name_or_path, option)
     return AutoTokenizer.from_pretrained(resolve_model(name_or_path), trust_remote_code=trust_remote_code)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +38,8 @@ METADATA_KEY = b"sftgo"  # Parquet key-value metadata: JSON of ShardMetadata
 MANIFEST_NAME = "manifest.json"
 REJECTS_NAME = "rejects.jsonl"
 SHARD_GLOB = "shard-*.parquet"
+# A manifest names its shards by plain file name inside the directory (shard_name()); nothing else is read.
+SHARD_FILE_NAME = re.compile(r"shard-[0-9]{5,}\.parquet")
 
 # Quantile sketch resolution: the manifest stores score quantiles at p = i / QUANTILE_POINTS.
 QUANTILE_POINTS = 1000
@@ -253,9 +256,12 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "Manifest":
+        """Parse a manifest; ValueError (naming the entry) for a shard path that is not a plain shard
+        file name inside the directory: a manifest from elsewhere must not point readers outside it."""
         raw = dict(raw)
         raw["scorers"] = [ScorerInfo(**s) for s in raw.get("scorers", [])]
         raw["shards"] = [ShardEntry(**s) for s in raw.get("shards", [])]
+        check_shard_paths([entry.path for entry in raw["shards"]])
         return cls(**raw)
 
     @classmethod
@@ -272,6 +278,19 @@ class Manifest:
     @property
     def scorer_names(self) -> list[str]:
         return [s.name for s in self.scorers]
+
+
+def check_shard_paths(paths: list[Any]) -> None:
+    """Refuse (ValueError) shard paths other than unique ``shard-NNNNN.parquet`` names: no ``..``, no
+    absolute paths, no sub-folders, no URI schemes, no duplicates."""
+    seen: dict[str, int] = {}
+    for index, path in enumerate(paths):
+        if not isinstance(path, str) or not SHARD_FILE_NAME.fullmatch(path):
+            raise ValueError(f"manifest shards[{index}].path {path!r}: not a shard file name inside the directory "
+                             f"(expected shard-NNNNN.parquet; '..', absolute paths, sub-folders and URI schemes are refused)")
+        if path in seen:
+            raise ValueError(f"manifest shards[{index}].path {path!r}: listed twice (also shards[{seen[path]}])")
+        seen[path] = index
 
 
 def score_names(scorers: Iterable[str]) -> list[str]:

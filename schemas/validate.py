@@ -82,7 +82,13 @@ def validate_directory(directory: str | Path, deep: bool = True, tokenizer_sha25
     try:
         with fs.open(_join(root, MANIFEST_NAME), "r", encoding="utf-8") as f:
             manifest = Manifest.from_dict(json.load(f))
-    except (json.JSONDecodeError, TypeError, KeyError, UnicodeDecodeError) as exc:
+    except ValueError as exc:  # a shard path that leaves the directory (before JSONDecodeError, its subclass)
+        if isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError)):
+            problems.append(f"{manifest_shown}: not a v{SCHEMA_VERSION} manifest ({type(exc).__name__}: {exc})")
+        else:
+            problems.append(f"{manifest_shown}: {exc}")
+        return report
+    except (TypeError, KeyError, AttributeError) as exc:
         problems.append(f"{manifest_shown}: not a v{SCHEMA_VERSION} manifest ({type(exc).__name__}: {exc})")
         return report
     report.manifest = manifest

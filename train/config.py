@@ -146,6 +146,7 @@ class TrainConfig:
     output_dir: str = _opt("runs/demo", "run directory: checkpoints, logs, the resolved config")
     deepspeed_config: str = _opt("train/configs/deepspeed.json", "DeepSpeed JSON (no optimizer/scheduler sections; 'auto' values are filled from this config); relative paths: cwd, then the repo")
     seed: int = _opt(0, "seed for model init noise, data order and dropout")
+    trust_remote_code: bool = _opt(False, "allow a model folder whose config asks for code shipped with it (auto_map); false: such a model is refused before loading")
     data: DataConfig = _opt(factory=DataConfig, help="training and validation data")
     importance: ImportanceConfig = _opt(factory=ImportanceConfig, help="token grouping at load time")
     loss: LossConfig = _opt(factory=LossConfig, help="training objective")

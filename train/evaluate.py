@@ -290,7 +290,8 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[Run], list[str], Benchm
 
     for run in runs:  # tokenizers only (the embedded model is converted once, on first use)
         run.model = resolve_model(run.model)
-        run.tokenizer = load_tokenizer(run.model)
+        # Before any model loads: a folder asking for its own code is refused unless --trust-remote-code.
+        run.tokenizer = load_tokenizer(run.model, args.trust_remote_code, option="--trust-remote-code")
         if args.heldout:
             sha = tokenizer_fingerprint(run.tokenizer)["sha256"]
             for uri in args.heldout:
@@ -307,12 +308,13 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[Run], list[str], Benchm
 # ---------------------------------------------------------------------------------------------
 
 
-def load_model(path: str, device: torch.device) -> Any:
+def load_model(path: str, device: torch.device, trust_remote_code: bool = False) -> Any:
     """A causal LM from safetensors on ``device``: bf16 on CUDA, fp32 on CPU; sdpa (packing needs its mask)."""
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", use_safetensors=True,
+                                                 trust_remote_code=trust_remote_code)
     return model.to(device).eval()
 
 
@@ -421,7 +423,7 @@ def evaluate_run(run: Run, args: argparse.Namespace, tasks: list[str], bench: Be
     from train.heldout import heldout_losses
 
     print(f"== {run.name}: {run.model} on {device}", flush=True)
-    model = load_model(run.model, device)
+    model = load_model(run.model, device, args.trust_remote_code)
     result: dict[str, Any] = {"run": run.name, "model": run.model, "benchmarks": [], "heldout": [], "generations": []}
     if bench is not None:
         result["benchmarks"] = run_benchmarks(model, run.tokenizer, bench, tasks, run, args.num_fewshot, args.limit, args.batch_size)
@@ -550,6 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompts", default=None, metavar="FILE",
                         help="prompts file: one prompt a line, or JSONL with \"prompt\" (default: 4 built-in prompts)")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per answer (default: %(default)s)")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a model folder whose config asks for code shipped with it (auto_map); off: such a model is refused (default: off)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda (bf16) when available, else cpu (fp32) (default: %(default)s)")
     parser.add_argument("--output", default="evaluation.json",
                         help="combined JSON of all runs; each run directory also gets RUN_DIR/evaluation.json (default: %(default)s)")

@@ -136,12 +136,13 @@ STATE_FRACTION = 0.5
 _HF_DS_CONFIG: Any = None  # transformers' HfDeepSpeedConfig of a ZeRO-3 run (load_model)
 
 
-def count_parameters(model_path: str) -> int:
+def count_parameters(model_path: str, trust_remote_code: bool = False) -> int:
     """Parameters of the model at ``model_path``, counted on the meta device (no weights read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     return sum(p.numel() for p in model.parameters())  # tied weights count once
 
 
@@ -174,7 +175,7 @@ def choose_zero_stage(requested: str, json_stage: int | None, n_params: int, dty
 
 def resolve_zero_stage(cfg: Any, model_path: str, world_size: int, device: torch.device, dtype: str) -> tuple[int, str]:
     """:func:`choose_zero_stage` for this config, model and device."""
-    return choose_zero_stage(cfg.train.zero_stage, train_config.json_zero_stage(cfg), count_parameters(model_path), dtype,
+    return choose_zero_stage(cfg.train.zero_stage, train_config.json_zero_stage(cfg), count_parameters(model_path, cfg.trust_remote_code), dtype,
                              world_size, device_memory_bytes(device))
 
 
@@ -196,11 +197,13 @@ def load_model(cfg: Any, model_path: str, ds_config: dict[str, Any], dtype: torc
     # While this object lives, from_pretrained partitions the weights as it loads them (zero.Init);
     # it stays alive for the process, as transformers' DeepSpeed integration expects.
     _HF_DS_CONFIG = HfDeepSpeedConfig(ds_config) if stage == 3 else None
+    trust = cfg.trust_remote_code
     if random_weights:  # benchmarks: the same compute without a weights file
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path), dtype=dtype,
-                                                 attn_implementation=attn_implementation)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path, trust_remote_code=trust), dtype=dtype,
+                                                 attn_implementation=attn_implementation, trust_remote_code=trust)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn_implementation)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn_implementation,
+                                                     trust_remote_code=trust)
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -417,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         model_path = resolve_model(cfg.model)
-        tokenizer = load_tokenizer(model_path)
+        tokenizer = load_tokenizer(model_path, cfg.trust_remote_code, option="trust_remote_code=true")
         fingerprint = tokenizer_fingerprint(tokenizer)["sha256"]
         manifest = open_annotated(cfg.data.train, fingerprint, cfg.importance.scorer, deep=cfg.data.deep_validate)
         train_config.validate_against_data(cfg, manifest)

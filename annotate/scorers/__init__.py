@@ -30,6 +30,7 @@ class ScorerContext:
 
     model: str  # name or path of the LM (its tokenizer produced input_ids; base model for base_loss)
     device: str = "cpu"  # "cuda" when the actor holds a GPU
+    trust_remote_code: bool = False  # the job's --trust-remote-code: its model may ship its own code
 
 
 @runtime_checkable

@@ -267,7 +267,7 @@ class LLMLingua2Scorer:
         boundary = TokenClfDataset([], tokenizer=self.tokenizer, max_len=self.options.max_chunk_tokens)
         self._cls, self._sep, self._pad = boundary.cls_token, boundary.sep_token, boundary.pad_token
         self._special_words = set(self.compressor.special_tokens)  # skipped when merging into words
-        self.lm_tokenizer = load_tokenizer(self.context.model)
+        self.lm_tokenizer = load_tokenizer(self.context.model, self.context.trust_remote_code)
         self._lm_special_ids = np.asarray(sorted(set(self.lm_tokenizer.all_special_ids)), dtype=np.int64)
 
     # ------------------------------------------------------------------ words

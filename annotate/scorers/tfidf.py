@@ -56,7 +56,7 @@ class TfidfScorer:
         if self.options.term == "word":
             from data.models import load_tokenizer
 
-            self.tokenizer = load_tokenizer(self.context.model)
+            self.tokenizer = load_tokenizer(self.context.model, self.context.trust_remote_code)
             self.special_ids = np.asarray(self.tokenizer.all_special_ids, dtype=np.int64)
 
     def info(self) -> ScorerInfo:

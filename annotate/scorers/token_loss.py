@@ -33,7 +33,7 @@ class TokenLossScorer:
         trust_remote_code: bool = False
 
     def __init__(self, options: Options, context: ScorerContext):
-        from data.models import check_model
+        from data.models import check_model, refuse_remote_code
 
         if options.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"{self.name}.dtype: {options.dtype!r} is not auto, float32 or bfloat16")
@@ -43,6 +43,8 @@ class TokenLossScorer:
         self.context = context
         self.model_name = options.model or context.model
         self.model_path = check_model(self.model_name)  # fail before Ray starts on a bad path
+        if not options.trust_remote_code:  # nor on a model folder that would run its own code
+            refuse_remote_code(self.model_path, f"--scorer-option {self.name}.trust_remote_code=true")
         self.model: Any = None
 
     def setup(self) -> None:

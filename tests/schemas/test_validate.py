@@ -3,6 +3,7 @@
 import json
 
 import pyarrow as pa
+import pytest
 import pyarrow.parquet as pq
 
 from schemas.shard import MANIFEST_NAME, score_column
@@ -59,3 +60,40 @@ def test_tokenizer_mismatch_and_corrupt_file(tmp_path):
     assert any("tokenizer fingerprint" in p for p in validate_directory(path, tokenizer_sha256="other").problems)
     (path / "shard-00000.parquet").write_bytes(b"not parquet")
     assert any("shard-00000.parquet: not a readable Parquet file" in p for p in validate_directory(path, deep=False).problems)
+
+
+BAD_PATHS = ["../outside/shard-00000.parquet", "/etc/shard-00000.parquet", "s3://bucket/shard-00000.parquet",
+             "sub/shard-00000.parquet", "shard-00000.parquet.bak", "evil.parquet", 7]
+
+
+@pytest.mark.parametrize("bad", BAD_PATHS, ids=[str(p) for p in BAD_PATHS])
+def test_manifest_shard_paths_stay_inside_the_directory(tmp_path, bad, capsys):
+    """A manifest from someone else cannot make validate, train, inspect or --add-scorers read outside it."""
+    from annotate.pipeline import _existing_annotation
+    from data.viewer import summarize
+    from train.shards import open_annotated
+
+    path = _dir(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "shard-00000.parquet").write_bytes((path / "shard-00000.parquet").read_bytes())
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    manifest["shards"][0]["path"] = bad
+    (path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    problems = validate_directory(path).problems
+    assert len(problems) == 1 and f"manifest shards[0].path {bad!r}: not a shard file name" in problems[0]
+    assert main([str(path)]) == 1
+    assert "shards[0].path" in capsys.readouterr().err
+    for reader in (lambda: open_annotated(str(path), None, "tfidf"), lambda: summarize(str(path)),
+                   lambda: _existing_annotation(path)):
+        with pytest.raises(ValueError, match=r"shards\[0\]\.path"):
+            reader()
+
+
+def test_manifest_duplicate_shard_is_refused(tmp_path):
+    path = _dir(tmp_path)
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    manifest["shards"][2]["path"] = manifest["shards"][0]["path"]
+    (path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    problems = validate_directory(path).problems
+    assert problems == [f"{path / MANIFEST_NAME}: manifest shards[2].path 'shard-00000.parquet': listed twice (also shards[0])"]
