@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from data.formats import FORMATS
+from data.formats import DEFAULT_MAX_RECORD_BYTES, FORMATS
 from data.models import DEFAULT_MODEL
 
 
@@ -31,6 +31,7 @@ class AnnotateConfig:
     shard_size: int = 1000  # input records per shard (the unit of work, of resume and of files)
     limit: int = 0  # read only the first N records of each input file (0 = all)
     strict: bool = False  # stop at the first bad record instead of rejecting it
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES  # a longer JSONL line / array item is rejected unread
     tokenize_actors: int = 0  # 0 = auto (one per two CPUs, at least one)
     scorer_actors: int = 0  # per scorer; 0 = auto (one per GPU when the cluster has GPUs, else one)
     ray_address: str = ""  # "" = RAY_ADDRESS or a new local Ray; "auto" = an existing cluster
@@ -52,6 +53,8 @@ class AnnotateConfig:
             problems.append(f"max_length: {self.max_length} must be at least 2")
         if self.shard_size < 1:
             problems.append(f"shard_size: {self.shard_size} must be at least 1")
+        if self.max_record_bytes < 1:
+            problems.append(f"max_record_bytes: {self.max_record_bytes} must be at least 1")
         if self.limit < 0:
             problems.append(f"limit: {self.limit} must be >= 0")
         names = self.add_scorers if adding else self.scorers
@@ -103,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-size", type=int, help=f"input records per shard (default {d.shard_size})")
     p.add_argument("--limit", type=int, help="only the first N records of each input file (default 0 = all)")
     p.add_argument("--strict", action="store_true", default=None, help="stop at the first bad record instead of rejecting it (default off)")
+    p.add_argument("--max-record-bytes", type=int,
+                   help=f"reject a record (JSONL line or JSON array item) longer than this without reading it whole (default {d.max_record_bytes:,})")
     p.add_argument("--tokenize-actors", type=int, help="tokenizer actors (default auto)")
     p.add_argument("--scorer-actors", type=int, help="actors per scorer (default auto)")
     p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")

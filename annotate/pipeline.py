@@ -262,7 +262,7 @@ def run(job: Job) -> dict[str, Any]:
         duplicates: dict[int, list[int]] = {}
         plan_keys: dict[int, dict] = {}
     else:
-        plans = steps.plan_shards(cfg.input, cfg.format, cfg.shard_size, cfg.limit)
+        plans = steps.plan_shards(cfg.input, cfg.format, cfg.shard_size, cfg.limit, cfg.max_record_bytes)
         if not plans:
             raise ValueError(f"no records in {cfg.input}")
         job_key = {"tokenizer": job.tokenizer_fp["sha256"], "max_length": cfg.max_length, "overlength": cfg.overlength}

@@ -30,7 +30,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from data.formats import RecordError, Rejected, detect_format, is_json_array, iter_raw_records, parse_record, source_name
+from data.formats import (
+    DEFAULT_MAX_RECORD_BYTES,
+    OversizedRecord,
+    RecordError,
+    Rejected,
+    detect_format,
+    is_json_array,
+    iter_raw_records,
+    parse_record,
+    read_lines,
+    source_name,
+)
 from data.render import render
 from schemas.shard import (
     EXCESS_LOSS,
@@ -81,6 +92,7 @@ class ShardPlan:
     byte_range: tuple[int, int] | None = None  # JSONL: where the records lie in the file
     items: list[tuple[int, Any]] | None = None  # JSON array: the records themselves
     records: int = 0
+    max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES  # longer records are rejected unread (like strict, not in key())
 
     def key(self, job: dict[str, Any]) -> dict[str, Any]:
         """What a finished shard on disk must match to count as this shard (stored in its metadata)."""
@@ -88,47 +100,59 @@ class ShardPlan:
                 "records": self.records, "sha256": self.sha256, **job}
 
 
-def _detect_file_format(path: str, requested: str) -> str:
+def _detect_file_format(path: str, requested: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> str:
     if requested != "auto":
         return requested
-    for _, raw in iter_raw_records(path):
+    for _, raw in iter_raw_records(path, max_record_bytes):
+        if isinstance(raw, OversizedRecord):
+            continue
         try:
             record = json.loads(raw) if isinstance(raw, bytes) else raw
             return detect_format(record)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             continue
     raise ValueError(f"{path}: cannot detect the corpus format (no readable record); pass --format")
 
 
-def plan_shards(inputs: list[str], fmt: str, shard_size: int, limit: int = 0) -> list[ShardPlan]:
+def plan_shards(inputs: list[str], fmt: str, shard_size: int, limit: int = 0,
+                max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> list[ShardPlan]:
     """Split every input file into shards of ``shard_size`` records, numbered across files."""
+    plans = _plan_files(inputs, fmt, shard_size, limit, max_record_bytes)
+    for plan in plans:
+        plan.max_record_bytes = max_record_bytes
+    return plans
+
+
+def _plan_files(inputs: list[str], fmt: str, shard_size: int, limit: int, max_record_bytes: int) -> list[ShardPlan]:
     plans: list[ShardPlan] = []
     for path in inputs:
-        file_format = _detect_file_format(path, fmt)
+        file_format = _detect_file_format(path, fmt, max_record_bytes)
         if is_json_array(path):
-            items = list(iter_raw_records(path))
+            items = list(iter_raw_records(path, max_record_bytes))
             if limit:
                 items = items[:limit]
             for start in range(0, len(items), shard_size):
                 chunk = items[start:start + shard_size]
-                digest = hashlib.sha256(json.dumps(chunk, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+                digest = hashlib.sha256(json.dumps(chunk, sort_keys=True, ensure_ascii=False, default=repr).encode()).hexdigest()
                 plans.append(ShardPlan(len(plans), path, file_format, chunk[0][0], chunk[-1][0], digest, items=chunk, records=len(chunk)))
             continue
         # JSONL: one pass over bytes to find record boundaries; the records are read by the tokenize step.
         with open(path, "rb") as f:
             offset, number, count = 0, 0, 0
             chunk_start, chunk_first, chunk_count, digest = None, 0, 0, hashlib.sha256()
-            for line in f:
+            for line, size in read_lines(f, max_record_bytes):
                 number += 1
-                line_start, offset = offset, offset + len(line)
-                if not line.strip():
+                line_start, offset = offset, offset + size
+                oversized = isinstance(line, OversizedRecord)
+                if not oversized and not line.strip():
                     continue
                 if limit and count >= limit:
                     break
                 count += 1
                 if chunk_start is None:
                     chunk_start, chunk_first, chunk_count, digest = line_start, number, 0, hashlib.sha256()
-                digest.update(line)
+                # An oversized line is never read whole: its size stands for it (it is rejected either way).
+                digest.update(f"<{size} bytes>\n".encode() if oversized else line)
                 chunk_count += 1
                 chunk_last, chunk_end = number, offset
                 if chunk_count == shard_size:
@@ -149,12 +173,14 @@ def _plan_records(plan: ShardPlan) -> Iterable[tuple[int, Any]]:
     start, end = plan.byte_range
     with open(plan.file, "rb") as f:
         f.seek(start)
-        data = f.read(end - start)
-    number = plan.first_line
-    for line in data.splitlines(keepends=True):
-        if line.strip():
-            yield number, line
-        number += 1
+        number, offset = plan.first_line, start
+        for line, size in read_lines(f, plan.max_record_bytes):
+            if offset >= end:
+                break
+            if isinstance(line, OversizedRecord) or line.strip():
+                yield number, line
+            number += 1
+            offset += size
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,10 +17,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 Messages = list[dict[str, str]]
 FORMATS = ("alpaca", "lima", "messages", "sharegpt", "text")
+#: A JSONL line (or JSON array item) longer than this is rejected as ``record_too_large``, unread.
+DEFAULT_MAX_RECORD_BYTES = 8 << 20
+_SKIP_CHUNK = 1 << 20
 
 
 class RecordError(ValueError):
@@ -30,6 +33,33 @@ class RecordError(ValueError):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+
+
+@dataclass
+class OversizedRecord:
+    """Stands in for a record longer than the limit: only its size was read, never its bytes whole."""
+
+    size: int
+    limit: int
+
+
+def read_lines(f: BinaryIO, max_bytes: int) -> Iterator[tuple[bytes | OversizedRecord, int]]:
+    """``(line, size in bytes)`` for each line of a binary file. A line longer than ``max_bytes`` is
+    skipped in 1 MiB chunks and yielded as :class:`OversizedRecord`, so memory stays bounded."""
+    while True:
+        line = f.readline(max_bytes + 1)
+        if not line:
+            return
+        if len(line) <= max_bytes or line.endswith(b"\n") and len(line) == max_bytes + 1:
+            yield line, len(line)
+            continue
+        size = len(line)
+        while not line.endswith(b"\n"):
+            line = f.readline(_SKIP_CHUNK)
+            if not line:
+                break
+            size += len(line)
+        yield OversizedRecord(size, max_bytes), size
 
 
 @dataclass
@@ -108,7 +138,7 @@ def _read_turns(record: dict, key: str, role_key: str, content_key: str, roles: 
         if not isinstance(turn, dict):
             raise RecordError("wrong_type", f"{key}[{i}] is {type(turn).__name__}, expected object")
         role, content = turn.get(role_key), turn.get(content_key)
-        if role not in roles:
+        if not isinstance(role, str) or role not in roles:  # (a list or dict role is not even hashable)
             raise RecordError("unknown_role", f"{key}[{i}].{role_key} = {role!r}; expected one of {sorted(roles)}")
         if not isinstance(content, str):
             raise RecordError("wrong_type", f"{key}[{i}].{content_key} must be a string")
@@ -157,6 +187,9 @@ def detect_format(record: Any) -> str:
 
 def parse_record(raw: bytes | str | dict, fmt: str) -> tuple[Messages, dict]:
     """Decode (bytes), parse (JSON text) and read one record; raise RecordError when it is bad."""
+    if isinstance(raw, OversizedRecord):
+        raise RecordError("record_too_large", f"{raw.size:,} bytes > max_record_bytes {raw.limit:,} (not read; "
+                                              f"raise --max-record-bytes to read it)")
     if isinstance(raw, bytes):
         try:
             raw = raw.decode("utf-8")
@@ -167,9 +200,18 @@ def parse_record(raw: bytes | str | dict, fmt: str) -> tuple[Messages, dict]:
             raw = json.loads(raw)
         except json.JSONDecodeError as exc:
             raise RecordError("malformed_json", f"{exc.msg} at column {exc.colno}") from None
+        except RecursionError:  # deeply nested arrays/objects
+            raise RecordError("malformed_json", "nested too deeply to parse") from None
     if not isinstance(raw, dict):
         raise RecordError("wrong_type", f"record is {type(raw).__name__}, expected a JSON object")
-    return READERS[fmt](raw), raw
+    messages = READERS[fmt](raw)
+    for i, message in enumerate(messages):
+        try:  # JSON's "\ud800" escapes decode to lone surrogates: not text, and tokenizers raise on them
+            message["content"].encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise RecordError("invalid_unicode", f"turn {i} ({message['role']}): lone surrogate "
+                                                 f"U+{ord(message['content'][exc.start]):04X} at character {exc.start}") from None
+    return messages, raw
 
 
 def is_json_array(path: str) -> bool:
@@ -179,24 +221,28 @@ def is_json_array(path: str) -> bool:
     return head.startswith(b"[")
 
 
-def iter_raw_records(path: str) -> Iterator[tuple[int, bytes | dict]]:
-    """Yield ``(line, raw)`` for every record: JSONL lines as bytes, or JSON array items as dicts.
+def iter_raw_records(path: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Iterator[tuple[int, bytes | dict | OversizedRecord]]:
+    """Yield ``(line, raw)`` for every record: JSONL lines as bytes, or JSON array items as dicts; a
+    record over ``max_record_bytes`` as an :class:`OversizedRecord` (``parse_record`` rejects it).
 
     Blank lines are skipped (they hold no record). A JSON array that does not parse is a file-level
-    error (ValueError naming the file), since no record boundary can be recovered from it.
+    error (ValueError naming the file), since no record boundary can be recovered from it; a JSON array
+    is parsed whole, so keep huge corpora in JSON lines.
     """
     if is_json_array(path):
         with open(path, "rb") as f:
             try:
                 items = json.loads(f.read().decode("utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise ValueError(f"{path}: not a valid JSON array ({exc}); use JSON lines for per-record error handling") from None
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+                raise ValueError(f"{path}: not a valid JSON array ({type(exc).__name__}: {exc}); use JSON lines for "
+                                 f"per-record error handling") from None
         for i, item in enumerate(items):
-            yield i + 1, item
+            size = len(json.dumps(item, ensure_ascii=False).encode()) if isinstance(item, (dict, list, str)) else 0
+            yield i + 1, (OversizedRecord(size, max_record_bytes) if size > max_record_bytes else item)
         return
     with open(path, "rb") as f:
-        for number, line in enumerate(f, start=1):
-            if line.strip():
+        for number, (line, _) in enumerate(read_lines(f, max_record_bytes), start=1):
+            if isinstance(line, OversizedRecord) or line.strip():
                 yield number, line
 
 

@@ -131,8 +131,12 @@ class ShardMetadata:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "ShardMetadata":
+        """Parse footer metadata; TypeError (or ValueError for bad JSON) when it is not a v1 object."""
         raw = json.loads(text)
-        raw["scorers"] = [ScorerInfo(**s) for s in raw.get("scorers", [])]
+        scorers = raw.get("scorers", []) if isinstance(raw, dict) else None
+        if not isinstance(scorers, list) or not all(isinstance(s, dict) for s in scorers):
+            raise TypeError(f"footer metadata is not an object with a list of scorer objects: {str(raw)[:60]!r}")
+        raw["scorers"] = [ScorerInfo(**s) for s in scorers]
         return cls(**raw)
 
     @classmethod

@@ -11,6 +11,7 @@ import argparse
 import hashlib
 import json
 import sys
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,7 +82,12 @@ def validate_directory(directory: str | Path, deep: bool = True, tokenizer_sha25
         return report
     try:
         with fs.open(_join(root, MANIFEST_NAME), "r", encoding="utf-8") as f:
-            manifest = Manifest.from_dict(json.load(f))
+            raw = json.load(f)
+        typing_problems = manifest_type_problems(raw)
+        if typing_problems:
+            problems.extend(f"{manifest_shown}: {p}" for p in typing_problems)
+            return report
+        manifest = Manifest.from_dict(raw)
     except ValueError as exc:  # a shard path that leaves the directory (before JSONDecodeError, its subclass)
         if isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError)):
             problems.append(f"{manifest_shown}: not a v{SCHEMA_VERSION} manifest ({type(exc).__name__}: {exc})")
@@ -131,8 +137,8 @@ def validate_directory(directory: str | Path, deep: bool = True, tokenizer_sha25
             continue
         try:
             meta = ShardMetadata.from_schema(schema)
-        except (KeyError, json.JSONDecodeError, TypeError) as exc:
-            problems.append(f"{shown}: bad file metadata ({exc})")
+        except (KeyError, ValueError, TypeError) as exc:  # (json.JSONDecodeError is a ValueError)
+            problems.append(f"{shown}: bad file metadata ({type(exc).__name__}: {exc})")
             continue
         if meta.schema_version != SCHEMA_VERSION:
             problems.append(f"{shown}: schema_version {meta.schema_version}, expected {SCHEMA_VERSION}")
@@ -157,6 +163,49 @@ def validate_directory(directory: str | Path, deep: bool = True, tokenizer_sha25
             if manifest.totals.get(key) != value:
                 problems.append(f"{manifest_shown}: totals.{key} = {manifest.totals.get(key)}, shards hold {value}")
     return report
+
+
+_MANIFEST_FIELDS = {"schema_version": int, "tokenizer": dict, "scorers": list, "shards": list, "totals": dict,
+                    "rejected": dict, "score_stats": dict, "config": dict, "created_by": str}
+_OPTIONAL_FIELDS = {"config", "created_by"}
+_SHARD_FIELDS = {"path": str, "rows": int, "tokens": int, "trainable_tokens": int, "sha256": str}
+
+
+def _type_ok(value: Any, kind: type) -> bool:
+    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+
+
+def manifest_type_problems(raw: Any) -> list[str]:
+    """Missing or mistyped manifest fields, each named (``shards[2].rows: expected int, got 'x'``); [] if none."""
+    if not isinstance(raw, dict):
+        return [f"expected a JSON object, got {type(raw).__name__}"]
+    out = []
+    for key, kind in _MANIFEST_FIELDS.items():
+        if key not in raw:
+            if key not in _OPTIONAL_FIELDS:
+                out.append(f"missing field {key!r}")
+        elif not _type_ok(raw[key], kind):
+            out.append(f"{key}: expected {kind.__name__}, got {raw[key]!r:.60}")
+    out += [f"unknown field {key!r}" for key in sorted(set(raw) - set(_MANIFEST_FIELDS))]
+    for i, entry in enumerate(raw.get("shards") if isinstance(raw.get("shards"), list) else []):
+        if not isinstance(entry, dict):
+            out.append(f"shards[{i}]: expected an object, got {entry!r:.60}")
+            continue
+        for key, kind in _SHARD_FIELDS.items():
+            if key not in entry:
+                out.append(f"shards[{i}]: missing field {key!r}")
+            elif not _type_ok(entry[key], kind) or (kind is int and entry[key] < 0):
+                out.append(f"shards[{i}].{key}: expected {'a count' if kind is int else kind.__name__}, got {entry[key]!r:.60}")
+        out += [f"shards[{i}]: unknown field {key!r}" for key in sorted(set(entry) - set(_SHARD_FIELDS))]
+    for i, scorer in enumerate(raw.get("scorers") if isinstance(raw.get("scorers"), list) else []):
+        if not isinstance(scorer, dict) or not isinstance(scorer.get("name"), str):
+            out.append(f"scorers[{i}]: expected an object with a string 'name', got {scorer!r:.60}")
+    for section in ("tokenizer", "totals", "rejected"):
+        value = raw.get(section)
+        if isinstance(value, dict):
+            kind = str if section == "tokenizer" else int
+            out += [f"{section}.{k}: expected {kind.__name__}, got {v!r:.60}" for k, v in value.items() if not _type_ok(v, kind)]
+    return out
 
 
 def _check_rows(path: str, table: pa.Table, scorers: list[str], entry, seen_ids: dict[str, str], totals: dict[str, int]) -> list[str]:
