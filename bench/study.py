@@ -3,6 +3,7 @@ the same shards, evaluate every run and the base model, and write what held and 
 
     python bench/study.py --config bench/study/lima_small.yaml           # the whole study, resumable
     python bench/study.py --config bench/study/lima_small.yaml --smoke   # 2 steps a run, tiny slices
+    python bench/study.py --config bench/study/lima_gpu.yaml             # the whole LIMA set, on a GPU
 
 Steps, each skipped when its output is already there (so a killed study reruns with the same command,
 and the trainer resumes a killed run from its last checkpoint):
@@ -240,7 +241,8 @@ class Study:
 
         uri = str(self.shards("heldout"))
         sha = tokenizer_fingerprint(load_tokenizer(model_path))["sha256"]
-        model = load_model(model_path, torch.device("cpu"))
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model = load_model(model_path, device)
         groupings = {scorer: (float(rho), *open_heldout(uri, sha, scorer, float(rho), "sequence"))
                      for scorer, rho in self.cfg["groupings"].items()}
         packing = self.cfg["evaluate"]["micro_batch_tokens"]
@@ -251,8 +253,8 @@ class Study:
             for batches in zip(*streams):  # the same rows in the same packing; only the score differs
                 first = batches[0]
                 assert all(torch.equal(b["input_ids"], first["input_ids"]) for b in batches)
-                loss = token_losses(model, first["input_ids"], first["position_ids"], list(first["seq_lens"]),
-                                    first["loss_mask"], chunk_size=CE_CHUNK).double()
+                loss = token_losses(model, first["input_ids"].to(device), first["position_ids"].to(device), list(first["seq_lens"]),
+                                    first["loss_mask"].to(device), chunk_size=CE_CHUNK).double().cpu()
                 n = torch.tensor(float(loss.numel()), dtype=torch.float64)
                 for (scorer, (rho, _, threshold)), batch in zip(groupings.items(), batches):
                     imp = micro_batch_important(batch, rho, "sequence", threshold)[batch["loss_mask"]]
