@@ -324,15 +324,16 @@ def evaluate(engine: Any, stream: ShardStream, cfg: Any, threshold: float | None
 
 
 def save_checkpoint(engine: Any, stream: ShardStream, root: Path, step: int, rank: int, keep: int, extra: dict[str, Any]) -> Path:
-    """Model, optimizer, scheduler (DeepSpeed), plus per-rank data position and RNG (JSON); COMPLETED last."""
+    """Model, optimizer, scheduler (DeepSpeed's files), plus our own state as JSON (never pickled): per-rank
+    data position and RNG, and trainer_state.json (step, ZeRO stage, world size, ``extra``); COMPLETED last."""
     tag = f"step_{step}"
     path = root / tag
-    engine.save_checkpoint(str(root), tag=tag, client_state={"step": step, **extra})
+    engine.save_checkpoint(str(root), tag=tag)
     atomic_write_text(path / f"data_rank{rank}.json", json.dumps(stream.state_dict()))
     atomic_write_text(path / f"rng_rank{rank}.json", json.dumps(rng_state()))
     dist.barrier()
     if rank == 0:
-        state = {"step": step, "zero_stage": engine.zero_optimization_stage(), "world_size": dist.get_world_size()}
+        state = {"step": step, "zero_stage": engine.zero_optimization_stage(), "world_size": dist.get_world_size(), **extra}
         atomic_write_text(path / TRAINER_STATE, json.dumps(state))
         atomic_write_text(path / COMPLETED, json.dumps({"step": step}))
         for old in _checkpoints(root)[:-keep] if keep > 0 else []:
@@ -344,11 +345,11 @@ def save_checkpoint(engine: Any, stream: ShardStream, root: Path, step: int, ran
 def check_resumable(path: Path, zero_stage: int, world_size: int) -> None:
     """Refuse (ValueError) a checkpoint written at another ZeRO stage or world size: DeepSpeed's
     files differ by stage and its optimizer shards by rank count."""
-    if not (path / "rng_rank0.json").exists():
+    if not (path / "rng_rank0.json").exists() or not (path / TRAINER_STATE).exists():
         raise ValueError(f"checkpoint {path} was written by an older sftgo (its RNG state is a pickle, which is no "
                          f"longer loaded); set checkpoint.resume=never to start over")
     state_file = path / TRAINER_STATE
-    state = json.loads(state_file.read_text()) if state_file.exists() else {"zero_stage": 3}  # older checkpoints: ZeRO-3 only
+    state = json.loads(state_file.read_text())
     saved_stage, saved_world = state.get("zero_stage"), state.get("world_size", world_size)
     if saved_stage != zero_stage or saved_world != world_size:
         raise ValueError(f"checkpoint {path} was written at ZeRO stage {saved_stage} on {saved_world} rank(s); this run "
@@ -358,10 +359,10 @@ def check_resumable(path: Path, zero_stage: int, world_size: int) -> None:
 
 def load_checkpoint(engine: Any, stream: ShardStream, path: Path, rank: int) -> int:
     """Restore what :func:`save_checkpoint` wrote (engine, data position, RNG); returns the step."""
-    _, client = engine.load_checkpoint(str(path.parent), tag=path.name)
+    engine.load_checkpoint(str(path.parent), tag=path.name)  # DeepSpeed's own files: pickles (README: trust them)
     stream.load_state_dict(json.loads((path / f"data_rank{rank}.json").read_text()))
     set_rng_state(json.loads((path / f"rng_rank{rank}.json").read_text()))
-    return int(client["step"])
+    return int(json.loads((path / TRAINER_STATE).read_text())["step"])
 
 
 def export_model(engine: Any, tokenizer: Any, out: Path, rank: int) -> None:
