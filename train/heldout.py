@@ -86,7 +86,7 @@ def open_heldout(uri: str, tokenizer_sha256: str | None, scorer: str, rho: float
         raise ValueError(f"rho must be in [0, 1), got {rho}")
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; expected one of {list(SCOPES)}")
-    manifest = open_annotated(uri, tokenizer_sha256, scorer)
+    manifest = open_annotated(uri, tokenizer_sha256, scorer, option="--scorer")
     threshold = None
     if scope == "corpus":
         try:

@@ -67,7 +67,8 @@ def _join(base: str, name: str) -> str:
     return f"{str(base).rstrip('/')}/{name}"
 
 
-def open_annotated(uri: str, tokenizer_sha256: str | None, score: str, *, deep: bool = False) -> Manifest:
+def open_annotated(uri: str, tokenizer_sha256: str | None, score: str, *, deep: bool = False,
+                   option: str = "importance.scorer") -> Manifest:
     """Check an annotated directory for training on ``score`` and return its manifest.
 
     Args:
@@ -76,6 +77,7 @@ def open_annotated(uri: str, tokenizer_sha256: str | None, score: str, *, deep: 
             the check (tests, or a deliberate override).
         score: a stored scorer's name (``tfidf``, ``ref_loss`` ...) or ``excess_loss`` when both
             ``base_loss`` and ``ref_loss`` are stored.
+        option: the option that named ``score``, for the error message (``--scorer`` in train.evaluate).
         deep: also read every byte (checksums, list lengths, finite scores, unique ids). Off by
             default: it reads the whole dataset once; the stream still refuses a NaN score it meets.
 
@@ -94,7 +96,7 @@ def open_annotated(uri: str, tokenizer_sha256: str | None, score: str, *, deep: 
             hint = f"; {EXCESS_LOSS} needs both {BASE_LOSS} and {REF_LOSS} annotated"
         elif score.startswith("score_"):
             hint = f"; name the scorer, not its column (e.g. {score[len('score_'):]!r})"
-        raise ValueError(f"{where}: score {score!r} (train option `score`) is not in this directory; it offers {available}{hint}")
+        raise ValueError(f"{where}: score {score!r} ({option}) is not in this directory; it offers {available}{hint}")
     rows = sum(entry.rows for entry in manifest.shards)
     if rows == 0:
         raise ValueError(f"{where}: empty dataset (0 rows in {len(manifest.shards)} shards); nothing to train on")

@@ -317,7 +317,9 @@ def test_missing_score_is_refused(tmp_path, scheme):
     with pytest.raises(ValueError) as err:
         open_annotated(f"{scheme}{tmp_path}", "x", "llmlingua2")
     message = str(err.value)
-    assert f"{tmp_path}/{MANIFEST_NAME}" in message and "`score`" in message and "'llmlingua2'" in message
+    assert f"{tmp_path}/{MANIFEST_NAME}" in message and "'llmlingua2' (importance.scorer)" in message  # the option's own key
+    with pytest.raises(ValueError, match=r"'llmlingua2' \(--scorer\)"):  # as train.evaluate names it
+        open_annotated(f"{scheme}{tmp_path}", "x", "llmlingua2", option="--scorer")
     assert "['tfidf', 'base_loss']" in message  # what it does offer
     with pytest.raises(ValueError, match="needs both base_loss and ref_loss"):
         open_annotated(f"{scheme}{tmp_path}", "x", "excess_loss")
