@@ -326,7 +326,6 @@ def trl_worker(args: argparse.Namespace) -> dict[str, Any]:
     unpacked): bfd packing into rows of ``--micro-batch-tokens`` (padding-free), completion-only loss,
     ``--grad-accum`` rows per step. Step times come from a callback; TRL runs its own loop, so it cannot
     be interleaved with ours. TRL is not a dependency of sftgo: install it in the bench's environment."""
-    import numpy as np
     import torch
 
     try:
@@ -397,7 +396,6 @@ def trl_worker(args: argparse.Namespace) -> dict[str, Any]:
                               "tokens_per_s": tokens / seconds, "steps": [{"seconds": t, "tokens": n} for t, n in zip(times, step_tokens)],
                               "tokens_hash": None, "zero_stage": None}
     result["peak_mem_mib"] = (torch.cuda.max_memory_allocated() if cuda else _rss_peak_bytes()) / MiB
-    del np
     return result
 
 
