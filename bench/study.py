@@ -17,6 +17,12 @@ and the trainer resumes a killed run from its last checkpoint):
    important and the unimportant group under EVERY grouping of ``groupings`` (not only the run's);
    the base model is evaluated the same way;
 5. ``results``/study.json (every number), report.md and the curves (PNG), rewritten after each run.
+
+A fresh checkout has no ``work`` folder, only the committed ``results``. Runs already in
+``results``/study.json are then reused, not retrained, when the study's config is unchanged and the
+base model's held-out group losses, recomputed on the freshly annotated shards, equal the recorded
+ones (so the groupings, the reference model's ref_loss included, are the same); otherwise, or with
+``--no-reuse``, everything is recomputed.
 """
 
 from __future__ import annotations
@@ -47,6 +53,24 @@ TOP_TOKENS = 30
 
 class StudyError(RuntimeError):
     """A step of the study failed; the message names the step and its log file."""
+
+
+# Config keys whose values decide every number of a run; a recorded run is reused only if they are unchanged.
+RESULT_KEYS = ("model", "data", "train", "reference_train", "groupings", "evaluate", "smoke")
+
+
+def same_heldout(recorded: dict[str, Any], now: dict[str, Any], rel_tol: float = 1e-7) -> bool:
+    """True when two held-out group summaries (``collect``'s per-grouping entries) agree: the same token
+    counts and the same losses, to float summation-order noise."""
+    if set(recorded) != set(now):
+        return False
+    for scorer, a in recorded.items():
+        b = now[scorer]
+        if (a["tokens"], a.get("important_tokens"), a["worse_group"]) != (b["tokens"], b.get("important_tokens"), b["worse_group"]):
+            return False
+        if not all(math.isclose(a[k], b[k], rel_tol=rel_tol) for k in ("ce", "important_loss", "unimportant_loss")):
+            return False
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,6 +140,12 @@ class Study:
         timings_file = self.work / "timings.json"
         if timings_file.exists():
             self.timings = json.loads(timings_file.read_text())
+        self.previous: dict[str, Any] | None = None  # the committed study.json, read before it is rewritten
+        previous_file = self.results / "study.json"
+        if previous_file.exists():
+            previous = json.loads(previous_file.read_text())
+            if previous.get("schema") == SCHEMA:
+                self.previous = previous
 
     # -- plumbing -------------------------------------------------------------------------------------
 
@@ -278,14 +308,48 @@ class Study:
         reference = self.train("reference", self.shards("reference"), {**self.cfg["train"], **self.cfg["reference_train"]})
         for name in ("train", "heldout"):
             self.add_ref_loss(name, reference / "model")
-        evaluations = {"base": self.evaluate("base", base_model)}
+        evaluations: dict[str, dict[str, Any]] = self.reusable(base_model) if self.cfg.get("reuse", True) else {}
+        if "base" not in evaluations:
+            evaluations["base"] = self.evaluate("base", base_model)
         self.write(evaluations)
         for name, overrides in self.cfg["runs"].items():
+            if name in evaluations:
+                continue
             run = self.train(name, self.shards("train"), {**self.cfg["train"], **overrides})
             evaluations[name] = self.evaluate(name, str(run / "model"))
             shutil.rmtree(run / "checkpoints", ignore_errors=True)  # ~1.6 GB a run; the exported model stays
             self.write(evaluations)
         return self.write(evaluations, final=True)
+
+    def reusable(self, base_model: str) -> dict[str, dict[str, Any]]:
+        """The recorded runs (and base) of the previous study.json that need no recomputation, as
+        ``{"reused": entry}`` evaluations; empty unless the config is unchanged and the base model's
+        held-out groups, recomputed now, equal the recorded ones."""
+        prev = self.previous
+        if not prev or "base" not in prev.get("runs", {}):
+            return {}
+        changed = [k for k in RESULT_KEYS if prev["config"].get(k) != self.cfg.get(k)]
+        if changed:
+            print(f"[study] not reusing {self.results / 'study.json'}: config keys {changed} changed", flush=True)
+            return {}
+        names = [n for n in prev["runs"] if n == "base" or prev["config"]["runs"].get(n) == self.cfg["runs"].get(n)]
+        if all((self.work / "eval" / f"{n}.json").exists() for n in names):
+            return {}  # every recorded run is still evaluated in work: the ordinary cache serves them
+        started = time.time()
+        now = self.heldout_groups(base_model)
+        self.timings["heldout_base_reuse_check"] = time.time() - started
+        recorded = prev["runs"]["base"]["heldout"]
+        if not same_heldout(recorded, now):
+            print(f"[study] not reusing {self.results / 'study.json'}: the base model's held-out group losses differ "
+                  f"(recorded {json.dumps(recorded)}, now {json.dumps(now)})", flush=True)
+            return {}
+        for key, seconds in prev.get("step_seconds", {}).items():
+            if any(key.endswith(f"_{n}") or f"_{n}_" in key for n in names):
+                self.timings.setdefault(key, seconds)
+        print(f"[study] reusing {len(names) - 1} recorded runs of {self.results / 'study.json'} "
+              f"({prev.get('generated_at')}): {', '.join(n for n in names if n != 'base')}; the base model's held-out "
+              f"group losses recomputed now equal the recorded ones", flush=True)
+        return {n: {"reused": prev["runs"][n], "reused_from": prev.get("generated_at")} for n in names}
 
     # -- 5. results ----------------------------------------------------------------------------------------
 
@@ -391,6 +455,9 @@ def collect(study: Study, evaluations: dict[str, dict[str, Any]]) -> dict[str, A
     cfg = study.cfg
     runs: dict[str, Any] = {}
     for name, ev in evaluations.items():
+        if "reused" in ev:  # recorded by an earlier invocation; its run folder may be gone
+            runs[name] = {**ev["reused"], "reused_from": ev["reused"].get("reused_from", ev["reused_from"])}
+            continue
         entry: dict[str, Any] = {"overrides": cfg["runs"].get(name, {}), "benchmarks": {}, "heldout": {},
                                  "generations": ev.get("generations", [])}
         for task in ("mmlu", "arc_challenge"):
@@ -529,6 +596,11 @@ def write_report(study: Study, results: dict[str, Any]) -> None:
         steps = (run.get("train_summary") or {}).get("steps", "-")
         lines.append(f"| {name} | {opts} | {steps} | {_f(first.get('ce'))} | " + " | ".join(cells) + " | "
                      + " | ".join("-" if not b else f"{_f(b['acc'], 3)} ± {_f(b['acc_stderr'], 3)} (n={b['n']})" for b in bench) + " |")
+    reused = {name: run["reused_from"] for name, run in runs.items() if run.get("reused_from")}
+    if reused:
+        lines += ["", "Recorded by an earlier invocation of the same study and reused (see the module docstring: the config was "
+                  "unchanged and the base model's held-out group losses, recomputed on the re-annotated shards, were equal): "
+                  + ", ".join(f"{n} ({when})" for n, when in reused.items()) + "."]
     lines += ["", "Held-out numbers: `train.heldout.heldout_losses` over the whole held-out directory (packed at "
               f"{cfg['evaluate']['micro_batch_tokens']} tokens, scope sequence), after training. Benchmarks: `train.evaluate` "
               f"(lm-eval) on MMLU val ({cfg['evaluate']['mmlu_limit']} per subject) and ARC-Challenge dev (first {cfg['evaluate']['arc_limit']}), 0-shot.", ""]
@@ -611,10 +683,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="override the config's model (a folder or an embedded name)")
     ap.add_argument("--results", default=None, help="override the config's results folder")
     ap.add_argument("--work", default=None, help="override the config's work folder (shards, runs, models)")
+    ap.add_argument("--no-reuse", action="store_true", help="recompute runs already recorded in the results' study.json")
     args = ap.parse_args(argv)
     config_path = Path(args.config).resolve()
     try:
         cfg = load_study(config_path, args.smoke, args.model, args.results, args.work)
+        cfg["reuse"] = not args.no_reuse
         Study(cfg, config_path).run()
     except StudyError as exc:
         print(f"error: {exc}", file=sys.stderr)
