@@ -268,11 +268,27 @@ def run(job: Job) -> dict[str, Any]:
         job_key = {"tokenizer": job.tokenizer_fp["sha256"], "max_length": cfg.max_length, "overlength": cfg.overlength}
         plan_keys = {p.index: p.key(job_key) for p in plans}
         indices = [p.index for p in plans]
-        done = _finished_shards(out, plan_keys, job.scorer_infos)
+        done, shard_infos = _finished_shards(out, plan_keys, job.scorer_infos)
+        added = _common_prefix(list(shard_infos.values()))[len(job.scorer_infos):] if len(done) == len(plans) else []
         if (out / MANIFEST_NAME).exists() and len(done) == len(plans):
-            print(f"{out}: already complete ({len(plans)} shards); nothing to do")
+            extra = f"; it also has {[s.name for s in added]}, added by --add-scorers" if added else ""
+            print(f"{out}: already complete ({len(plans)} shards){extra}; nothing to do")
             manifest = Manifest.load(out)
             return {"already_complete": True, "totals": manifest.totals, "rejected": manifest.rejected}
+        if added:
+            # Every shard is this job's, extended by an --add-scorers run that stopped before its manifest:
+            # finish the manifest with the columns all shards have; a rerun of that --add-scorers adds the rest.
+            print(f"{out}: all {len(plans)} shards finished earlier, with {[s.name for s in added]} added by --add-scorers; "
+                  f"writing the manifest")
+            config = cfg.to_dict()
+            config["scorers"] = [s.name for s in job.scorer_infos + added]
+            config["scorer_options"] = {**{s.name: s.params for s in added}, **cfg.scorer_options}
+            manifest = steps.finalize(out, config, job.tokenizer_fp, job.scorer_infos + added, expected_shards=indices)
+            return {"already_complete": True, "totals": manifest.totals, "rejected": manifest.rejected}
+        partial = sorted({s.name for infos in shard_infos.values() for s in infos[len(job.scorer_infos):]})
+        if partial:
+            print(f"note: {out}: some shards also have {partial}, from an --add-scorers run that was interrupted; the "
+                  f"manifest lists only the columns every shard has. Rerun that --add-scorers command to finish it.")
         (out / MANIFEST_NAME).unlink(missing_ok=True)
         (out / steps.WORK_DIR).mkdir(parents=True, exist_ok=True)
         to_tokenize = [p for p in plans if p.index not in done and not steps.staging_path(out, p.index).exists()]
@@ -385,22 +401,38 @@ def run(job: Job) -> dict[str, Any]:
     return summary
 
 
-def _finished_shards(out: Path, plan_keys: dict[int, dict], infos: list[ScorerInfo]) -> set[int]:
-    """Shards already on disk for exactly this plan and these scorers; a foreign shard is an error."""
-    done = set()
+def _finished_shards(out: Path, plan_keys: dict[int, dict], infos: list[ScorerInfo]) -> tuple[set[int], dict[int, list[ScorerInfo]]]:
+    """Shards already on disk for exactly this plan and these scorers, and each one's scorers: this
+    job's, possibly followed by columns a later --add-scorers appended. A foreign shard is an error."""
+    done, shard_infos = set(), {}
+    wanted = [vars(s) for s in infos]
     for index, key in plan_keys.items():
         path = out / steps.shard_name(index)
         if not path.exists():
             continue
         meta = steps.read_shard_metadata(path)
         same_plan = meta is not None and all(meta.plan.get(k) == v for k, v in key.items())
-        if not same_plan or [vars(s) for s in meta.scorers] != [vars(s) for s in infos]:
+        if not same_plan or [vars(s) for s in meta.scorers][:len(wanted)] != wanted:
             raise ValueError(
                 f"{path} was written by a different job (other input, model, max_length or scorers); "
                 f"use a new --output, or --add-scorers to add score columns"
             )
         done.add(index)
-    return done
+        shard_infos[index] = meta.scorers
+    return done, shard_infos
+
+
+def _common_prefix(lists: list[list[ScorerInfo]]) -> list[ScorerInfo]:
+    """The scorers every shard has, in column order (the longest common prefix)."""
+    if not lists:
+        return []
+    common = lists[0]
+    for infos in lists[1:]:
+        n = 0
+        while n < min(len(common), len(infos)) and vars(common[n]) == vars(infos[n]):
+            n += 1
+        common = common[:n]
+    return list(common)
 
 
 def print_summary(summary: dict[str, Any]) -> None:

@@ -253,7 +253,7 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[Run], list[str], Benchm
 
     if not 0.0 <= args.rho < 1.0:
         raise ValueError(f"--rho {args.rho}: must be in [0, 1)")
-    for option, value, low in (("--num-fewshot", args.num_fewshot, 0), ("--limit", args.limit, 1), ("--batch-size", args.batch_size, 1),
+    for option, value, low in (("--num-fewshot", args.num_fewshot, 0), ("--limit", args.limit, 1), ("--batch-size", args.batch_size, 1), ("--row-tokens", args.row_tokens, 1),
                                ("--micro-batch-tokens", args.micro_batch_tokens, 1), ("--max-new-tokens", args.max_new_tokens, 1)):
         if value is not None and value < low:
             raise ValueError(f"{option} {value}: must be >= {low}")
@@ -365,14 +365,24 @@ def _number(value: Any) -> float | None:
 
 
 def run_benchmarks(model: Any, tokenizer: Any, bench: Benchmarks, tasks: list[str], run: Run, num_fewshot: int,
-                   limit: int | None, batch_size: int) -> list[dict[str, Any]]:
-    """``lm_eval.simple_evaluate`` on the loaded model; one record per task."""
+                   limit: int | None, batch_size: int, loglikelihood: str = "packed",
+                   row_tokens: int = 512) -> list[dict[str, Any]]:
+    """``lm_eval.simple_evaluate`` on the loaded model; one record per task.
+
+    ``loglikelihood`` picks the harness model: ``packed`` (:class:`train.packed_lm.PackedLM`: the same
+    answers, packed rows of ``row_tokens``, LM head only where it is read) or ``hf`` (the harness's
+    ``HFLM``, ``batch_size`` padded requests a forward)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    from train.packed_lm import PackedLM
+
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # one warning per MMLU subject otherwise
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    if loglikelihood == "packed":
+        lm = PackedLM(model, tokenizer, micro_batch_tokens=row_tokens)
+    else:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     results = lm_eval.simple_evaluate(model=lm, tasks=_task_objects(bench), task_manager=TaskManager(include_defaults=False),
                                       num_fewshot=num_fewshot, limit=limit, log_samples=False)
     table = results["results"]
@@ -380,7 +390,7 @@ def run_benchmarks(model: Any, tokenizer: Any, bench: Benchmarks, tasks: list[st
     for task in tasks:
         metrics = table[task]
         record = {"run": run.name, "model": run.model, "task": task, "split": bench.split, "data_dir": str(bench.data_dir),
-                  "num_fewshot": num_fewshot, "limit": limit,
+                  "num_fewshot": num_fewshot, "limit": limit, "loglikelihood": loglikelihood,
                   "acc": _number(metrics.get("acc,none")), "acc_stderr": _number(metrics.get("acc_stderr,none")),
                   "acc_norm": _number(metrics.get("acc_norm,none")), "acc_norm_stderr": _number(metrics.get("acc_norm_stderr,none")),
                   "n": int(metrics["sample_len"])}
@@ -417,6 +427,45 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tok
     return answers
 
 
+def evaluation_request(run: Run, args: argparse.Namespace, tasks: list[str], bench: Benchmarks | None, prompts: list[str],
+                       device: torch.device) -> dict[str, Any]:
+    """Everything that decides a run's evaluation numbers: the weights (by digest), tasks and their docs,
+    limits, held-out directories (by manifest digest), grouping and prompts. An earlier evaluation with
+    an equal request is reused instead of recomputed."""
+    import hashlib
+
+    from schemas.shard import file_sha256
+
+    model = Path(run.model)
+    weights = {p.name: file_sha256(p) for p in sorted(model.glob("*.safetensors")) + [model / "config.json"] if p.is_file()}
+    docs = None
+    if bench is not None:
+        docs = hashlib.sha256(json.dumps({"mmlu": bench.mmlu, "arc": bench.arc}, sort_keys=True, default=str).encode()).hexdigest()
+    return {"weights": weights, "tasks": tasks, "split": args.split, "benchmark_docs_sha256": docs, "num_fewshot": args.num_fewshot,
+            "limit": args.limit, "loglikelihood": args.loglikelihood,
+            "loglikelihood_batch": args.row_tokens if args.loglikelihood == "packed" else args.batch_size,
+            "heldout": [{"dir": str(Path(uri).resolve()), "manifest_sha256": file_sha256(Path(uri) / "manifest.json")}
+                        for uri, _, _ in run.heldout],
+            "scorer": args.scorer if run.heldout else None, "rho": args.rho if run.heldout else None,
+            "scope": args.scope if run.heldout else None, "micro_batch_tokens": args.micro_batch_tokens if run.heldout else None,
+            "prompts": prompts, "max_new_tokens": args.max_new_tokens if prompts else None, "device": device.type}
+
+
+def earlier_evaluation(run: Run, request: dict[str, Any], output: Path) -> dict[str, Any] | None:
+    """A finished evaluation of the same request: RUN_DIR/evaluation.json, or a run of the --output file."""
+    candidates: list[dict[str, Any]] = []
+    for path in ([run.run_dir / "evaluation.json"] if run.run_dir is not None else []) + [output]:
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        candidates += saved.get("runs", []) if "runs" in saved else [saved]
+    for saved in candidates:
+        if isinstance(saved, dict) and saved.get("request") == request:
+            return {**saved, "run": run.name, "model": run.model}
+    return None
+
+
 def evaluate_run(run: Run, args: argparse.Namespace, tasks: list[str], bench: Benchmarks | None, prompts: list[str],
                  device: torch.device) -> dict[str, Any]:
     """Load one run's model and evaluate it; returns its ``evaluation.json`` object."""
@@ -426,7 +475,8 @@ def evaluate_run(run: Run, args: argparse.Namespace, tasks: list[str], bench: Be
     model = load_model(run.model, device, args.trust_remote_code)
     result: dict[str, Any] = {"run": run.name, "model": run.model, "benchmarks": [], "heldout": [], "generations": []}
     if bench is not None:
-        result["benchmarks"] = run_benchmarks(model, run.tokenizer, bench, tasks, run, args.num_fewshot, args.limit, args.batch_size)
+        result["benchmarks"] = run_benchmarks(model, run.tokenizer, bench, tasks, run, args.num_fewshot, args.limit, args.batch_size,
+                                              args.loglikelihood, args.row_tokens)
     for uri, manifest, threshold in run.heldout:
         summary = heldout_losses(model, uri, manifest, args.scorer, args.rho, args.scope, threshold,
                                  micro_batch_tokens=args.micro_batch_tokens, device=device, chunk_size=CE_CHUNK)
@@ -539,7 +589,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="examples in context: MMLU takes the first k of mmlu/dev (k <= 5); ARC draws k from "
                              "ARC-Challenge-Train.jsonl if present, else from the evaluated file minus the question asked (default: %(default)s)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples of each MMLU subject and of ARC, for quick runs (default: all)")
-    parser.add_argument("--batch-size", type=int, default=16, help="lm-eval loglikelihood requests per forward pass (default: %(default)s)")
+    parser.add_argument("--loglikelihood", default="packed", choices=["packed", "hf"],
+                        help="how the harness's loglikelihood requests run: packed (train/packed_lm.py: no padding, LM head only "
+                             "where read; the same answers) or hf (lm-eval's HFLM, --batch-size padded requests a forward) (default: %(default)s)")
+    parser.add_argument("--row-tokens", type=int, default=512,
+                        help="--loglikelihood packed: tokens a packed row holds (512 was fastest on 2 CPU cores; more on a GPU) (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=16, help="--loglikelihood hf: requests per forward pass (default: %(default)s)")
     parser.add_argument("--heldout", action="append", default=[], metavar="DIR",
                         help="annotated shard directory for per-group held-out loss (repeatable); its tokenizer must be the run's (default: none)")
     parser.add_argument("--scorer", default="tfidf", help="stored score that groups the held-out tokens: tfidf, llmlingua2, ref_loss, excess_loss, ... (default: %(default)s)")
@@ -555,6 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow a model folder whose config asks for code shipped with it (auto_map); off: such a model is refused (default: off)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda (bf16) when available, else cpu (fp32) (default: %(default)s)")
+    parser.add_argument("--force", action="store_true",
+                        help="recompute a run even when RUN_DIR/evaluation.json or --output holds an evaluation of the same request (default: reuse it)")
     parser.add_argument("--output", default="evaluation.json",
                         help="combined JSON of all runs; each run directory also gets RUN_DIR/evaluation.json (default: %(default)s)")
     return parser
@@ -572,7 +629,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     results, written = [], []
     for run in runs:
-        results.append(evaluate_run(run, args, tasks, bench, prompts, device))
+        request = evaluation_request(run, args, tasks, bench, prompts, device)
+        earlier = None if args.force else earlier_evaluation(run, request, Path(args.output))
+        if earlier is not None:
+            print(f"== {run.name}: an evaluation of the same weights, tasks, limits, held-out set and prompts is already "
+                  f"there; reused (--force recomputes)", flush=True)
+            results.append(earlier)
+        else:
+            results.append({**evaluate_run(run, args, tasks, bench, prompts, device), "request": request})
         if run.run_dir is not None:  # written as soon as the run is done: a later run's crash keeps it
             written.append(write_json(run.run_dir / "evaluation.json", results[-1]))
     print()

@@ -89,6 +89,45 @@ def test_add_scorers_and_tokenizer_mismatch(tmp_path, lima_slice, tiny_llama_dir
     assert main(["--output", str(out), "--model", str(other), "--add-scorers", "ref_loss"]) == 2
 
 
+def test_annotate_then_add_scorers_then_the_same_annotate_again(tmp_path, lima_slice, tiny_llama_dir, capsys):
+    """The demo's sequence: the first annotate rerun after --add-scorers (finished or interrupted) redoes nothing."""
+    out = tmp_path / "seq"
+    first = ["--input", str(lima_slice), "--model", str(tiny_llama_dir), "--scorers", "tfidf", "--output", str(out),
+             "--shard-size", "12"]
+    assert main(first) == 0
+    tfidf_only = out / "shard-00000.tfidf-only"
+    shutil.copy(out / "shard-00000.parquet", tfidf_only)
+    add = ["--output", str(out), "--model", str(tiny_llama_dir), "--add-scorers", "base_loss"]
+    assert main(add) == 0
+    complete = {p.name: p.read_bytes() for p in out.glob("shard-*.parquet")}
+    capsys.readouterr()
+
+    # 1. After a finished --add-scorers: nothing to do, the added column stays.
+    assert main(first) == 0
+    assert "already complete (2 shards); it also has ['base_loss'], added by --add-scorers; nothing to do" in capsys.readouterr().out
+    assert Manifest.load(out).scorer_names == ["tfidf", "base_loss"]
+    assert {p.name: p.read_bytes() for p in out.glob("shard-*.parquet")} == complete
+
+    # 2. --add-scorers killed after its last shard, before its manifest: the manifest is finished, with both.
+    (out / "manifest.json").unlink()
+    assert main(first) == 0
+    assert "with ['base_loss'] added by --add-scorers; writing the manifest" in capsys.readouterr().out
+    assert Manifest.load(out).scorer_names == ["tfidf", "base_loss"] and validate_directory(out).ok
+    assert {p.name: p.read_bytes() for p in out.glob("shard-*.parquet")} == complete
+
+    # 3. Killed half way (one shard extended, one not): the annotate rerun says so and lists the common column;
+    #    rerunning the --add-scorers then finishes it with exactly the uninterrupted bytes.
+    shutil.copy(tfidf_only, out / "shard-00000.parquet")
+    (out / "manifest.json").unlink()
+    assert main(first) == 0
+    printed = capsys.readouterr().out
+    assert "some shards also have ['base_loss'], from an --add-scorers run that was interrupted" in printed
+    assert Manifest.load(out).scorer_names == ["tfidf"]
+    assert main(add) == 0
+    assert Manifest.load(out).scorer_names == ["tfidf", "base_loss"] and validate_directory(out).ok
+    assert {p.name: p.read_bytes() for p in out.glob("shard-*.parquet")} == complete
+
+
 def test_bad_input_is_rejected_and_counted(tmp_path, tiny_llama_dir, capsys):
     corpus = tmp_path / "bad.jsonl"
     good = json.dumps({"conversations": ["Hello?", "Hi there."]})

@@ -152,6 +152,63 @@ def test_mmlu_zero_shot_is_the_micro_accuracy_of_recomputed_subjects(evaluated, 
     assert record["acc_stderr"] is None or record["acc_stderr"] >= 0.0
 
 
+def test_packed_loglikelihood_equals_the_harness_hflm(model, smol_tokenizer):
+    """train.packed_lm.PackedLM answers lm-eval's loglikelihood requests as its HFLM does: shared contexts
+    (one-token choices), multi-token continuations, an empty context, trailing spaces, rows split small."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from train.packed_lm import PackedLM
+
+    pairs = [("Question: what is two plus two?\nAnswer:", c) for c in (" A", " B", " C", " D")]
+    pairs += [("The capital of France is", " Paris, a city on the Seine."), ("The capital of France is ", "Lyon"),
+              ("", "An empty context scores from the prefix token."), ("Short", " x"), ("Short", " y z")]
+    requests = [Instance(request_type="loglikelihood", doc={}, arguments=pair, idx=i) for i, pair in enumerate(pairs)]
+    expected = HFLM(pretrained=model, tokenizer=smol_tokenizer, batch_size=3).loglikelihood(requests, disable_tqdm=True)
+    for row_tokens in (16, 4096):  # several rows (one input longer than a row) / everything in one row
+        got = PackedLM(model, smol_tokenizer, micro_batch_tokens=row_tokens, progress=False).loglikelihood(requests, disable_tqdm=True)
+        for (lp, greedy), (lp_hf, greedy_hf), pair in zip(got, expected, pairs):
+            assert lp == pytest.approx(lp_hf, abs=1e-4), (row_tokens, pair)
+            assert greedy == greedy_hf, (row_tokens, pair)
+
+
+def test_hf_loglikelihood_gives_the_same_records(evaluated, run_dir, data_dir, tmp_path):
+    out, run = tmp_path / "hf.json", tmp_path / "run"
+    shutil.copytree(run_dir, run)  # RUN_DIR/evaluation.json is rewritten: keep the fixture's
+    assert ev.main([str(run), "--tasks", "mmlu,arc_challenge", "--data-dir", str(data_dir), "--loglikelihood", "hf",
+                    "--no-generate", "--output", str(out)]) == 0
+    hf = {b["task"]: b for b in json.loads(out.read_text())["runs"][0]["benchmarks"]}
+    packed = {b["task"]: b for b in evaluated["runs"][0]["benchmarks"]}
+    for task in ("mmlu", "arc_challenge"):
+        assert (hf[task]["loglikelihood"], packed[task]["loglikelihood"]) == ("hf", "packed")
+        for key in ("acc", "acc_norm", "n"):
+            assert hf[task][key] == packed[task][key], (task, key)
+
+
+def test_an_evaluation_of_the_same_request_is_reused(run_dir, data_dir, heldout_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "evaluation.json").unlink(missing_ok=True)
+    base = [str(run), "--tasks", "arc_challenge", "--data-dir", str(data_dir), "--heldout", str(heldout_dir),
+            "--micro-batch-tokens", "64", "--max-new-tokens", "4", "--output", str(tmp_path / "combined.json")]
+    assert ev.main(base) == 0
+    first = json.loads((run / "evaluation.json").read_text())
+    assert first["request"]["limit"] is None and first["request"]["heldout"][0]["manifest_sha256"]
+    capsys.readouterr()
+    assert ev.main(base) == 0
+    assert "== run: an evaluation of the same weights, tasks, limits, held-out set and prompts is already there; reused" in capsys.readouterr().out
+    assert json.loads((run / "evaluation.json").read_text()) == first
+    # Another limit, --force, or other weights: computed again.
+    for extra in (["--limit", "2"], ["--force"]):
+        assert ev.main(base + extra) == 0
+        assert "reused" not in capsys.readouterr().out, extra
+    assert json.loads((run / "evaluation.json").read_text())["benchmarks"][0]["n"] == 4
+    config = json.loads((run / "model" / "config.json").read_text())
+    (run / "model" / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-3}))
+    assert ev.main(base) == 0
+    assert "reused" not in capsys.readouterr().out
+
+
 def test_fewshot_contexts_hold_dev_examples(data_dir, model, smol_tokenizer):
     """k-shot through the real harness: MMLU's first k dev rows, ARC's other questions, never the asked one."""
     import lm_eval
@@ -282,7 +339,7 @@ def test_generations_are_greedy_and_deterministic(model, smol_tokenizer, tmp_pat
 
 def test_json_files(evaluated, run_dir, tiny_llama_dir):
     per_run = json.loads((run_dir / "evaluation.json").read_text())
-    assert set(per_run) == {"run", "model", "benchmarks", "heldout", "generations"}
+    assert set(per_run) == {"run", "model", "benchmarks", "heldout", "generations", "request"}
     assert per_run == evaluated["runs"][0]
     assert per_run["run"] == "sftgo" and per_run["model"] == str(run_dir / "model")
     assert [b["task"] for b in per_run["benchmarks"]] == ["mmlu", "arc_challenge"]
