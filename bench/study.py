@@ -59,9 +59,10 @@ class StudyError(RuntimeError):
 RESULT_KEYS = ("model", "data", "train", "reference_train", "groupings", "evaluate", "smoke")
 
 
-def same_heldout(recorded: dict[str, Any], now: dict[str, Any], rel_tol: float = 1e-7) -> bool:
+def same_heldout(recorded: dict[str, Any], now: dict[str, Any], rel_tol: float = 1e-5) -> bool:
     """True when two held-out group summaries (``collect``'s per-grouping entries) agree: the same token
-    counts and the same losses, to float summation-order noise."""
+    counts and the same losses up to float32 noise (1e-7 relative measured between two annotations of
+    the same slice; a grouping change moves the token counts, and seed noise is ~3e-3 relative)."""
     if set(recorded) != set(now):
         return False
     for scorer, a in recorded.items():
