@@ -422,6 +422,22 @@ def _finished_shards(out: Path, plan_keys: dict[int, dict], infos: list[ScorerIn
     return done, shard_infos
 
 
+def finished_shards(job: Job) -> tuple[int, int | None]:
+    """(shards finished, shards planned or None when unknown) of this job's output, for the interrupt line:
+    a written shard file is finished (writes are atomic); under --add-scorers, one holding the new columns."""
+    paths = sorted(job.out.glob(SHARD_GLOB))
+    if job.existing is not None:
+        names = set(job.scorer_names)
+        done = sum(1 for p in paths if names <= {s.name for s in (steps.read_shard_metadata(p) or steps.ShardMetadata(1, {}, [], 0)).scorers})
+        return done, len(paths)
+    try:
+        total = len(steps.plan_shards(job.config.input, job.config.format, job.config.shard_size, job.config.limit,
+                                      job.config.max_record_bytes))
+    except Exception:  # noqa: BLE001 - only for the message
+        total = None
+    return len(paths), total
+
+
 def _common_prefix(lists: list[list[ScorerInfo]]) -> list[ScorerInfo]:
     """The scorers every shard has, in column order (the longest common prefix)."""
     if not lists:

@@ -12,8 +12,10 @@ kept); --add-scorers adds score columns to a finished directory without re-token
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
+from typing import Any
 
 # Runnable as a script (python annotate/run.py, ray job submit) without installing the repo. The
 # script's own folder leaves sys.path: its modules (inspect.py, evaluate.py, config.py) would
@@ -25,7 +27,7 @@ import yaml  # noqa: E402
 
 from annotate import scorers as registry  # noqa: E402
 from annotate.config import load_config  # noqa: E402
-from annotate.pipeline import init_ray, prepare, print_summary, run  # noqa: E402
+from annotate.pipeline import finished_shards, init_ray, prepare, print_summary, run  # noqa: E402
 from annotate.steps import StrictModeError  # noqa: E402
 
 
@@ -50,26 +52,70 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print("== annotate config ==")
-    print(yaml.safe_dump(config.to_dict(), sort_keys=False).rstrip())
-    init_ray(config.ray_address)
-    import ray
-
+    print(yaml.safe_dump(shown_config(job), sort_keys=False).rstrip())
+    previous = signal.getsignal(signal.SIGTERM)
     try:
+        init_ray(config.ray_address)
+        # After ray.init, which installs its own SIGTERM handling in the driver.
+        signal.signal(signal.SIGTERM, _raise_terminated)
         summary = run(job)
-    except ray.exceptions.RayTaskError as exc:
-        cause = exc.cause if hasattr(exc, "cause") else exc
-        if isinstance(cause, StrictModeError):
-            print(f"error: {cause}", file=sys.stderr)
-            return 1
-        raise
-    except (ValueError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except (KeyboardInterrupt, Terminated) as exc:
+        code, name = (143, "SIGTERM") if isinstance(exc, Terminated) else (130, "Ctrl-C")
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        import ray
+
+        ray.shutdown()  # stops the actors, so the count below is final (shard writes are atomic)
+        done, total = finished_shards(job)
+        what = f"scoring {', '.join(job.scorer_names)} into" if job.existing is not None else "writing"
+        left = f"the other {total - done}" if total is not None else "the rest"
+        print(f"\ninterrupted ({name}) {what} {job.out}: {done} of {total if total is not None else '?'} shards finished and kept; "
+              f"the same command resumes with {left}", file=sys.stderr, flush=True)
+        return code
+    except Exception as exc:  # noqa: BLE001 - Ray's task errors are sorted below
+        return _report_failure(exc)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print_summary(summary)
     if not summary.get("already_complete"):
         # Timings vary run to run, so they live beside the data, not in the manifest.
         (Path(config.output) / "annotate_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return 0
+
+
+class Terminated(Exception):
+    """SIGTERM, raised in the main thread as SIGINT raises KeyboardInterrupt."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def shown_config(job: Any) -> dict[str, Any]:
+    """The settings of this run as printed: for --add-scorers, the directory's own (input, model,
+    shard size, scorers) with the columns being added, not this command line's defaults."""
+    config = job.config.to_dict()
+    if job.existing is None or not job.existing.config:
+        return config
+    existing = job.existing.config
+    return {**existing, "output": config["output"], "add_scorers": config["add_scorers"],
+            "scorers": [s.name for s in job.scorer_infos],
+            "scorer_options": {**existing.get("scorer_options", {}), **config["scorer_options"]}}
+
+
+def _report_failure(exc: Exception) -> int:
+    import ray
+
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        cause = exc.cause if hasattr(exc, "cause") else exc
+        if isinstance(cause, StrictModeError):
+            print(f"error: {cause}", file=sys.stderr)
+            return 1
+        raise exc
+    if isinstance(exc, (ValueError, RuntimeError)):
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    raise exc
 
 
 if __name__ == "__main__":

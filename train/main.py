@@ -17,9 +17,11 @@ import math
 import os
 import random
 import shutil
+import signal
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -407,7 +409,53 @@ def build_engine(model: torch.nn.Module, cfg: Any, ds_config: dict[str, Any], to
 # ---------------------------------------------------------------------------------------------
 
 
+class Terminated(Exception):
+    """SIGTERM, raised in the main thread like SIGINT's KeyboardInterrupt."""
+
+
+@dataclass
+class Progress:
+    """Where the run is, for the one line printed when it is interrupted."""
+
+    step: int = 0
+    ckpt_root: Path | None = None
+    rank: int = 0
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Train; on Ctrl-C (exit 130) or SIGTERM (exit 143): one line saying where the same command resumes,
+    unfinished checkpoint folders removed, no traceback."""
+    progress = Progress()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        return run(argv, progress)
+    except (KeyboardInterrupt, Terminated) as exc:
+        code, name = (143, "SIGTERM") if isinstance(exc, Terminated) else (130, "Ctrl-C")
+        # Ignore a second signal while cleaning up: the line below must be printed whole.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        done = []
+        if progress.ckpt_root is not None:
+            for partial in progress.ckpt_root.glob("step_*"):
+                if not (partial / COMPLETED).exists() and progress.rank == 0:
+                    shutil.rmtree(partial, ignore_errors=True)  # a checkpoint cut off mid-write
+            done = _checkpoints(progress.ckpt_root)
+        where = f"from checkpoint step {done[-1].name.split('_')[1]}" if done else "from step 0 (no checkpoint was finished)"
+        if progress.rank == 0:
+            print(f"\ninterrupted ({name}) at step {progress.step}; the same command resumes {where}", file=sys.stderr, flush=True)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return code
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(argv: list[str] | None, progress: Progress) -> int:
+    """The whole run: setup, train, save."""
     # -- config: everything checked before any model loads ------------------------------------------
     try:
         cfg = train_config.load_config(argv)
@@ -436,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
 
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
+    progress.ckpt_root, progress.rank = ckpt_root, rank
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         train_config.save_config(cfg, out / "config.yaml")
@@ -483,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
     # -- resume ---------------------------------------------------------------------------------------
     if resume is not None:
         step = load_checkpoint(engine, stream, resume, rank)
+        progress.step = step
         log0(f"resumed from {resume} at step {step}")
 
     val_stream = (ShardStream(cfg.data.validation, val_manifest, cfg.importance.scorer, shuffle=False, epochs=1)
@@ -524,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
             break  # every rank is out of data: the epochs are done
         parts, step_tokens, seen_tokens = train_step(engine, micro, loss_fn, cfg, threshold, step / max(1, total_steps - 1), device)
         step += 1
+        progress.step = step
         seconds = time.perf_counter() - started
         total_loss = torch.tensor([sum(p["loss"] for p in parts)], device=device, dtype=torch.float64)
         dist.all_reduce(total_loss)

@@ -190,3 +190,36 @@ def test_kill_and_resume_gives_the_uninterrupted_output(tmp_path, lima_slice, ti
     assert ours.totals == theirs.totals
     assert _rows(out) == _rows(reference)
     assert main([*args, "--output", str(out)]) == 0  # a finished directory: nothing to do
+
+
+@pytest.mark.parametrize("sig,code,name", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_signal_stops_with_one_line_and_the_rerun_finishes(tmp_path, lima_slice, tiny_llama_dir, sig, code, name):
+    args = ["--input", str(lima_slice), "--model", str(tiny_llama_dir), "--scorers", "tfidf,base_loss",
+            "--shard-size", "3", "--scorer-option", "base_loss.max_batch_tokens=64"]
+    reference = tmp_path / "reference"
+    assert main([*args, "--output", str(reference)]) == 0
+    out, log = tmp_path / "stopped", tmp_path / "stopped.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, str(REPO / "annotate" / "run.py"), *args, "--output", str(out)], cwd=REPO,
+                                stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(list(out.glob("shard-*.parquet"))) < 2:
+        time.sleep(0.1)
+    # Ctrl-C as a terminal sends it, to the whole process group; SIGTERM as `kill PID` does, to the job.
+    os.killpg(proc.pid, sig) if sig == signal.SIGINT else os.kill(proc.pid, sig)
+    sent = time.time()
+    try:
+        assert proc.wait(timeout=60) == code, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert time.time() - sent < 30
+    text = log.read_text()
+    lines = [line for line in text.splitlines() if line.startswith("interrupted")]
+    assert len(lines) == 1 and "Traceback" not in text, text[-3000:]
+    done = len(list(out.glob("shard-*.parquet")))
+    assert lines[0] == (f"interrupted ({name}) writing {out}: {done} of 8 shards finished and kept; "
+                        f"the same command resumes with the other {8 - done}")
+    assert not (out / "manifest.json").exists() and not list(out.glob("*.tmp*"))
+    assert main([*args, "--output", str(out)]) == 0
+    assert _rows(out) == _rows(reference)

@@ -208,3 +208,39 @@ def test_bad_input_fails_before_training(tmp_path, tiny_llama_dir, shards):
     assert proc.wait(timeout=300) == 2
     assert "shard-00000.parquet: row 3: score_tfidf holds NaN" in log.read_text()
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("sig,code,name", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_signal_stops_with_one_line_and_resumes(tmp_path, tiny_llama_dir, shards, sig, code, name):
+    """Ctrl-C / SIGTERM: exit 130 / 143 within seconds, one line naming the resume point, no traceback,
+    no unfinished checkpoint left; the same command then resumes from that checkpoint."""
+    args = _config(tmp_path, tiny_llama_dir, shards, **{"train.max_steps": 400, "checkpoint.every": 2, "eval.every": 0})
+    log = tmp_path / "first.log"
+    proc = _launch(args, 1, log, launcher="python")
+    marker = tmp_path / "run" / "checkpoints" / "step_4" / "COMPLETED"
+    deadline = time.time() + 600
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert marker.exists(), log.read_text()[-3000:]
+    os.killpg(proc.pid, sig)  # the terminal sends Ctrl-C to the whole foreground group
+    sent = time.time()
+    try:
+        assert proc.wait(timeout=60) == code, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert time.time() - sent < 30
+    text = log.read_text()
+    lines = [line for line in text.splitlines() if line.startswith("interrupted")]
+    assert len(lines) == 1 and "Traceback" not in text, text[-3000:]
+    step, checkpoint = [int(word) for word in lines[0].replace(";", " ").split() if word.isdigit()]
+    assert lines[0] == f"interrupted ({name}) at step {step}; the same command resumes from checkpoint step {checkpoint}"
+    finished = sorted(int(p.name.split("_")[1]) for p in (tmp_path / "run" / "checkpoints").glob("step_*"))
+    assert checkpoint == finished[-1] and checkpoint <= step and step >= 4
+    assert all((tmp_path / "run" / "checkpoints" / f"step_{n}" / "COMPLETED").exists() for n in finished)
+    assert not (tmp_path / "run" / "model").exists()
+
+    args = _config(tmp_path, tiny_llama_dir, shards, **{"train.max_steps": checkpoint + 2, "checkpoint.every": 2, "eval.every": 0})
+    _run(args, 1, tmp_path / "resume.log", launcher="python")
+    assert f"at step {checkpoint}" in (tmp_path / "resume.log").read_text()
+    assert sorted(_metrics(tmp_path / "run"))[-1] == checkpoint + 2
