@@ -575,7 +575,8 @@ def validate(config: TrainConfig) -> None:
         unit("loss.rho1_rho", loss.rho1_rho, closed=False)
 
     o = c.optim
-    need(o.lr > 0 and math.isfinite(o.lr), f"optim.lr: {o.lr} must be > 0")
+    # lr 0 is allowed: the negative control (nothing may change; tests/train/test_main.py checks it).
+    need(o.lr >= 0 and math.isfinite(o.lr), f"optim.lr: {o.lr} must be >= 0 and finite")
     need(o.weight_decay >= 0, f"optim.weight_decay: {o.weight_decay} must be >= 0")
     need(all(0.0 <= b < 1.0 for b in o.betas), f"optim.betas: {list(o.betas)} must each be in [0, 1)")
     need(o.eps > 0, f"optim.eps: {o.eps} must be > 0")

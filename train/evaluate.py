@@ -23,10 +23,13 @@ with keys ``run``, ``model``, ``benchmarks``, ``heldout``, ``generations`` (read
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import io
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import textwrap
@@ -379,12 +382,20 @@ def run_benchmarks(model: Any, tokenizer: Any, bench: Benchmarks, tasks: list[st
     from train.packed_lm import PackedLM
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # one warning per MMLU subject otherwise
+    terminal = sys.stderr
     if loglikelihood == "packed":
-        lm = PackedLM(model, tokenizer, micro_batch_tokens=row_tokens)
+        lm = PackedLM(model, tokenizer, micro_batch_tokens=row_tokens, progress_file=terminal)
     else:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    results = lm_eval.simple_evaluate(model=lm, tasks=_task_objects(bench), task_manager=TaskManager(include_defaults=False),
-                                      num_fewshot=num_fewshot, limit=limit, log_samples=False)
+    # The harness draws an unlabelled progress bar per task while building requests (57 for MMLU):
+    # kept off the terminal; PackedLM's one labelled bar is drawn there, and any other text is passed on.
+    captured = io.StringIO()
+    with contextlib.redirect_stderr(captured):
+        results = lm_eval.simple_evaluate(model=lm, tasks=_task_objects(bench), task_manager=TaskManager(include_defaults=False),
+                                          num_fewshot=num_fewshot, limit=limit, log_samples=False)
+    for line in re.split(r"[\r\n]", captured.getvalue()):
+        if line.strip() and not (re.search(r"\d+%\|", line) or (loglikelihood == "hf" and "it/s]" in line)):
+            print(line, file=terminal)
     table = results["results"]
     records = []
     for task in tasks:

@@ -21,6 +21,7 @@ import signal
 import socket
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -42,6 +43,9 @@ from train.losses import build_loss  # noqa: E402
 from schemas.shard import atomic_write_text  # noqa: E402
 from train.schedule import make_scheduler  # noqa: E402
 from train.shards import ShardStream, corpus_threshold, open_annotated  # noqa: E402
+
+# DeepSpeed's ZeRO stages call this every step (3 warnings a step); nothing a user of this trainer can change.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.reduce_scatter_tensor` is deprecated", category=FutureWarning)
 
 COMPLETED = "COMPLETED"  # a checkpoint counts only once this marker is written after it
 TRAINER_STATE = "trainer_state.json"  # step, ZeRO stage and world size of a checkpoint

@@ -33,8 +33,10 @@ class PackedLM(TemplateLM):
 
     backend = "causal"
 
-    def __init__(self, model: Any, tokenizer: Any, micro_batch_tokens: int = 4096, progress: bool = True) -> None:
+    def __init__(self, model: Any, tokenizer: Any, micro_batch_tokens: int = 4096, progress: bool = True,
+                 progress_file: Any = None) -> None:
         super().__init__()
+        self.progress_file = progress_file  # where the progress bar goes (default: sys.stderr at the time)
         self.model = model
         self.tokenizer = tokenizer
         self.micro_batch_tokens = micro_batch_tokens
@@ -92,7 +94,8 @@ class PackedLM(TemplateLM):
 
         results: list[tuple[float, bool] | None] = [None] * len(wanted)
         lm_head = self.model.get_output_embeddings()
-        bar = tqdm(total=len(wanted), desc="loglikelihood (packed)", unit="request", disable=disable_tqdm or not self.progress)
+        bar = tqdm(total=len(wanted), desc="benchmark loglikelihoods", unit="request", disable=disable_tqdm or not self.progress,
+                   file=self.progress_file)
         with torch.no_grad():
             for row in rows:
                 lens = [len(sequences[i]) for i in row]

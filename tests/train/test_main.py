@@ -244,3 +244,25 @@ def test_signal_stops_with_one_line_and_resumes(tmp_path, tiny_llama_dir, shards
     _run(args, 1, tmp_path / "resume.log", launcher="python")
     assert f"at step {checkpoint}" in (tmp_path / "resume.log").read_text()
     assert sorted(_metrics(tmp_path / "run"))[-1] == checkpoint + 2
+
+
+def test_lr_zero_negative_control_exports_the_base_model_exactly(tmp_path, tiny_llama_dir, shards):
+    """Training at lr 0 must change nothing: the exported folder's logits equal the base model's bit for
+    bit and its greedy generations (through its own saved tokenizer and chat template) are the same."""
+    from train.evaluate import generate_answers, load_model
+    from data.models import load_tokenizer
+
+    args = _config(tmp_path, tiny_llama_dir, shards, **{"optim.lr": 0.0, "train.max_steps": 3, "eval.every": 0})
+    _run(args, 1, tmp_path / "train.log", launcher="python")
+    exported, base = tmp_path / "run" / "model", tiny_llama_dir
+    metrics = _metrics(tmp_path / "run")
+    assert sorted(metrics) == [1, 2, 3] and all(r["lr"] == 0.0 for r in metrics.values())
+    trained_model, base_model = load_model(str(exported), torch.device("cpu")), load_model(str(base), torch.device("cpu"))
+    ids = torch.randint(0, base_model.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(trained_model(input_ids=ids).logits, base_model(input_ids=ids).logits)
+    prompts = ["What is the capital of France?", "Write a haiku about autumn."]
+    trained_tok, base_tok = load_tokenizer(str(exported)), load_tokenizer(str(base))
+    assert trained_tok.chat_template == base_tok.chat_template
+    assert (generate_answers(trained_model, trained_tok, prompts, 8, torch.device("cpu"))
+            == generate_answers(base_model, base_tok, prompts, 8, torch.device("cpu")))
