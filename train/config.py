@@ -132,6 +132,7 @@ class CheckpointConfig:
     every: int = _opt(0, "optimizer steps between checkpoints; 0 = only at the end")
     keep: int = _opt(2, "completed checkpoints to keep (older ones are deleted)")
     resume: str = _opt("auto", "auto (latest completed checkpoint in output_dir, if any) | never | <checkpoint path>")
+    keep_final: bool = _opt(True, "keep the last checkpoint once model/ is exported; false deletes every checkpoint then (SmolLM2-135M: 1.6 GB each, two thirds of it optimizer state), so the finished run can be evaluated and reused but not resumed or extended")
 
 
 @dataclass

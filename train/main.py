@@ -12,6 +12,7 @@ Face folder). Token groups are computed here, at load time, from the stored scor
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import math
 import os
@@ -344,8 +345,31 @@ def save_checkpoint(engine: Any, stream: ShardStream, root: Path, step: int, ran
         atomic_write_text(path / COMPLETED, json.dumps({"step": step}))
         for old in _checkpoints(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
+        kept = _checkpoints(root)
+        log0(f"checkpoint step {step}: {_gib(_folder_bytes(path))} in {path} ({len(kept)} kept, "
+             f"{_gib(sum(_folder_bytes(k) for k in kept))} in all; checkpoint.keep={keep})")
     dist.barrier()
     return path
+
+
+def _folder_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def finished_run(out: Path, config_sha256: str) -> dict[str, Any] | None:
+    """train_summary.json of a run that finished (model exported) with exactly this config, else None."""
+    summary = out / "train_summary.json"
+    if not summary.is_file() or not (out / "model" / "config.json").is_file():
+        return None
+    try:
+        done = json.loads(summary.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+    return done if isinstance(done, dict) and done.get("config_sha256") == config_sha256 else None
 
 
 def check_resumable(path: Path, zero_stage: int, world_size: int) -> None:
@@ -489,6 +513,17 @@ def run(argv: list[str] | None, progress: Progress) -> int:
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
     progress.ckpt_root, progress.rank = ckpt_root, rank
+    # The config and what the data holds for this run (rows, tokens, tokenizer, the chosen score's
+    # statistics): columns added later by --add-scorers (ref_loss) do not make a finished run stale.
+    data_key = [{"totals": m.totals, "tokenizer": m.tokenizer.get("sha256"), "score": m.score_stats.get(cfg.importance.scorer)}
+                for m in (manifest, val_manifest) if m is not None]
+    config_sha256 = hashlib.sha256((train_config.format_config(cfg) + json.dumps(data_key, sort_keys=True, default=str)).encode()).hexdigest()
+    finished = finished_run(out, config_sha256)
+    if finished is not None:  # a rerun of a finished command (make demo twice): nothing to redo
+        log0(f"{out}: already trained with this config ({finished['steps']} steps); model in {out / 'model'}. "
+             "Nothing to do (another output_dir or any changed key trains again)")
+        dist.destroy_process_group()
+        return 0
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         train_config.save_config(cfg, out / "config.yaml")
@@ -621,9 +656,13 @@ def run(argv: list[str] | None, progress: Progress) -> int:
         metrics_file.close()
         if writer is not None:
             writer.close()
-        (out / "train_summary.json").write_text(json.dumps({"steps": step, "total_steps": total_steps,
-                                                             "skipped_no_trainable": stream.skipped_no_trainable}, indent=2))
-        log0(f"done: {step} steps; model in {out / 'model'}, metrics in {out / 'metrics.jsonl'}")
+        atomic_write_text(out / "train_summary.json", json.dumps({
+            "steps": step, "total_steps": total_steps, "skipped_no_trainable": stream.skipped_no_trainable,
+            "config_sha256": config_sha256}, indent=2))
+        if not cfg.checkpoint.keep_final:
+            shutil.rmtree(ckpt_root, ignore_errors=True)
+            log0(f"checkpoint.keep_final=false: deleted {ckpt_root}")
+        log0(f"done: {step} steps; model in {out / 'model'} ({_gib(_folder_bytes(out / 'model'))}), metrics in {out / 'metrics.jsonl'}")
     dist.barrier()
     dist.destroy_process_group()
     return 0

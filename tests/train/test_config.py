@@ -220,7 +220,7 @@ def test_defaults_with_train_data_validate():
         ({"train.attn_implementation": "flash"}, "train.attn_implementation:"),
         ({"train.ce_chunk": 0}, "train.ce_chunk:"),
         ({"train.log_every": 0}, "train.log_every:"),
-        ({"optim.lr": 0}, "optim.lr:"),
+        ({"optim.lr": float("nan")}, "optim.lr:"),
         ({"optim.lr": -1e-5}, "optim.lr:"),
         ({"optim.weight_decay": -0.1}, "optim.weight_decay:"),
         ({"optim.betas": "[0.9,1.0]"}, "optim.betas:"),
@@ -251,7 +251,7 @@ def test_invalid_values_name_the_option(overrides, option):
 
 def test_validate_lists_every_problem():
     with pytest.raises(ConfigError) as info:
-        validate(valid(**{"loss.lambda": 2, "optim.lr": 0, "importance.scope": "x"}))
+        validate(valid(**{"loss.lambda": 2, "optim.lr": -1.0, "importance.scope": "x"}))
     message = str(info.value)
     assert "loss.lambda:" in message and "optim.lr:" in message and "importance.scope:" in message
 

@@ -266,3 +266,18 @@ def test_lr_zero_negative_control_exports_the_base_model_exactly(tmp_path, tiny_
     assert trained_tok.chat_template == base_tok.chat_template
     assert (generate_answers(trained_model, trained_tok, prompts, 8, torch.device("cpu"))
             == generate_answers(base_model, base_tok, prompts, 8, torch.device("cpu")))
+
+
+def test_finished_run_is_not_redone_and_keep_final_false_leaves_only_the_model(tmp_path, tiny_llama_dir, shards):
+    args = _config(tmp_path, tiny_llama_dir, shards, **{"train.max_steps": 2, "checkpoint.every": 1, "checkpoint.keep": 1,
+                                                        "checkpoint.keep_final": "false", "eval.every": 0})
+    _run(args, 1, tmp_path / "first.log", launcher="python")
+    first = (tmp_path / "first.log").read_text()
+    assert "checkpoint step 1: " in first and "GiB in" in first and "(1 kept," in first
+    assert "checkpoint.keep_final=false: deleted" in first
+    run = tmp_path / "run"
+    assert not (run / "checkpoints").exists() and (run / "model" / "model.safetensors").is_file()
+    metrics = (run / "metrics.jsonl").read_text()
+    _run(args, 1, tmp_path / "again.log", launcher="python")  # the same command: nothing to redo
+    assert "already trained with this config (2 steps)" in (tmp_path / "again.log").read_text()
+    assert (run / "metrics.jsonl").read_text() == metrics
