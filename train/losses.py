@@ -172,6 +172,10 @@ class SftLoss:
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         self.group = group
 
+    def describe(self) -> str:
+        """The objective in one line, with its settings (reports and logs)."""
+        return "CE over every trainable token"
+
     def __call__(
         self, token_loss: Tensor, important: Tensor, ref_loss: Tensor | None, step_tokens: int, progress: float
     ) -> tuple[Tensor, dict[str, float]]:
@@ -224,6 +228,12 @@ class SftGoLoss:
         self.lambda_min = lambda_min
         self.group = group
 
+    def describe(self) -> str:
+        """The objective in one line, with its settings (reports and logs)."""
+        lam = (f"λ = {self.lambda_:g} (static)" if self.lambda_schedule == "static"
+               else f"λ linear {self.lambda_max:g} → {self.lambda_min:g}")
+        return f"(1 − λ)·CE + λ·(worse group's mean loss), {lam}"
+
     def lambda_at(self, progress: float) -> float:
         """lambda at training progress ``step / total_steps``."""
         if self.lambda_schedule == "static":
@@ -272,6 +282,10 @@ class Rho1Loss:
         self.rho = rho
         self.group = group
 
+    def describe(self) -> str:
+        """The objective in one line, with its settings (reports and logs)."""
+        return f"CE over the top {1 - self.rho:.0%} of tokens by excess loss (rho1 rho {self.rho:g})"
+
     def __call__(
         self, token_loss: Tensor, important: Tensor, ref_loss: Tensor | None, step_tokens: int, progress: float
     ) -> tuple[Tensor, dict[str, float]]:
@@ -311,6 +325,10 @@ class InfoSftLoss:
         self.logit_p = math.log(p / (1.0 - p))
         self.group = group
 
+    def describe(self) -> str:
+        """The objective in one line, with its settings (reports and logs)."""
+        return f"CE weighted by sg(q·max(0, 1 − logit q / logit P)), P = {self.p:g}"
+
     def weights(self, token_loss: Tensor) -> Tensor:
         """The stop-gradient weights w_t (float64, detached)."""
         loss = token_loss.detach().double()
@@ -337,6 +355,10 @@ class DftLoss:
 
     def __init__(self, group: dist.ProcessGroup | None = None) -> None:
         self.group = group
+
+    def describe(self) -> str:
+        """The objective in one line, with its settings (reports and logs)."""
+        return "CE weighted by sg(p(token)) (DFT)"
 
     def __call__(
         self, token_loss: Tensor, important: Tensor, ref_loss: Tensor | None, step_tokens: int, progress: float

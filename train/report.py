@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from schemas.shard import atomic_write_text
+from train import config as train_config
 
 GROUP_COLORS = {"ce": "#333333", "important_loss": "#d62728", "unimportant_loss": "#1f77b4", "loss": "#9467bd"}
 GROUP_LABELS = {"ce": "CE (all trainable tokens)", "important_loss": "important group", "unimportant_loss": "unimportant group",
@@ -157,7 +158,32 @@ def _pyplot():
     return plt
 
 
+def overlapping_texts(fig: Any) -> list[tuple[str, str]]:
+    """Pairs of visible text boxes of a drawn figure that overlap (titles, labels, tick and bar labels, legends)."""
+    from matplotlib.text import Text
+
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    # Tick labels exist for ticks outside the view too (stale positions, not drawn): only the drawn ones count.
+    all_ticks, drawn_ticks = set(), set()
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            all_ticks |= {id(t) for tick in axis.majorTicks + axis.minorTicks for t in (tick.label1, tick.label2)}
+            drawn_ticks |= {id(t) for tick in axis._update_ticks() for t in (tick.label1, tick.label2)}
+    boxes = []
+    for text in fig.findobj(Text):
+        if id(text) in all_ticks and id(text) not in drawn_ticks:
+            continue
+        if text.get_visible() and text.get_text().strip() and (text.axes is None or text.axes.get_visible()):
+            box = text.get_window_extent(renderer).padded(-1.0)  # touching is not overlapping
+            if box.width > 0 and box.height > 0:
+                boxes.append((text.get_text(), box))
+    return [(a, b) for i, (a, box_a) in enumerate(boxes) for b, box_b in boxes[i + 1:] if box_a.overlaps(box_b)]
+
+
 def _save(fig: Any, out: Path) -> Path:
+    for a, b in overlapping_texts(fig):  # a layout that does not fit: say so rather than ship it silently
+        print(f"warning: {out.name}: text {a!r} overlaps {b!r}", file=sys.stderr)
     tmp = out.with_name(out.name + ".tmp.png")
     fig.savefig(tmp, dpi=110, bbox_inches="tight")
     tmp.replace(out)
@@ -168,10 +194,14 @@ def _save(fig: Any, out: Path) -> Path:
 def plot_loss_curves(runs: list[Run], out: Path) -> Path:
     """One panel per run: CE and the important / unimportant group losses over steps (Figure 2), with
     train.evaluate's held-out group losses of the final model as diamonds after the last step."""
+    import textwrap
+
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
     cols = min(3, len(runs))
     rows = math.ceil(len(runs) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.9 * rows), squeeze=False, sharey=True, layout="constrained")
     for ax, run in zip(axes.flat, runs):
         steps = [r["step"] for r in run.steps]
         for key in ("important_loss", "unimportant_loss", "ce"):
@@ -187,29 +217,38 @@ def plot_loss_curves(runs: list[Run], out: Path) -> Path:
                     ax.scatter([steps[-1] + 0.04 * max(1, steps[-1])], [record[key]], marker="D", s=28,
                                color=GROUP_COLORS[key], edgecolors="white", zorder=3,
                                label="held-out (train.evaluate)" if key == "important_loss" else None)
-        ax.set_title(run.label, fontsize=9)
+        ax.set_title("\n".join(textwrap.wrap(run.label, 48)), fontsize=9)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(runs):]:
-        ax.axis("off")
-    axes[0][0].set_ylabel("loss (nats / token)")
-    axes[0][0].legend(fontsize=8)
+        ax.set_visible(False)
+    for row in axes:
+        row[0].set_ylabel("loss (nats / token)")
+    handles, labels = {}, {}
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(5, len(handles)), fontsize=8)
     fig.suptitle("Training loss by token group", fontsize=11)
     return _save(fig, out)
 
 
 def plot_lambda(runs: list[Run], out: Path) -> Path:
     """lambda (the weight of the worse group's loss) over steps, every run on one axis."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    fig, ax = plt.subplots(figsize=(9.5, 3.4), layout="constrained")
     for run in runs:
         ax.plot([r["step"] for r in run.steps], [r.get("lambda", 0.0) for r in run.steps], label=run.label,
                 marker="." if len(run.steps) < 30 else None)
     ax.set_xlabel("step")
     ax.set_ylabel("lambda")
     ax.set_ylim(-0.05, 1.05)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_title("lambda over steps", fontsize=11)
     return _save(fig, out)
 
@@ -219,20 +258,27 @@ def plot_heldout(runs: list[Run], out: Path) -> Path | None:
     with_evals = [run for run in runs if run.evals]
     if not with_evals:
         return None
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
-    fig, (bars, lines) = plt.subplots(1, 2, figsize=(11, 3.8))
+    fig, (bars, lines) = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
     width = 0.8 / len(with_evals)
+    top = 0.0
     for index, run in enumerate(with_evals):
         final = run.evals[-1]
         xs = [k + (index - (len(with_evals) - 1) / 2) * width for k in range(len(EVAL_KEYS))]
         values = [final.get(key, float("nan")) for key in EVAL_KEYS]
+        top = max([top] + [v for v in values if v == v])
         drawn = bars.bar(xs, values, width=width, label=run.label)
-        bars.bar_label(drawn, fmt="%.3f", fontsize=7)
+        # Vertical labels: side by side they never collide, however many runs there are.
+        bars.bar_label(drawn, fmt="%.3f", fontsize=7, rotation=90, padding=2)
         lines.plot([e["step"] for e in run.evals], [e.get("eval_ce", float("nan")) for e in run.evals], marker="o", label=run.label)
+    bars.set_ylim(0, top * 1.25 if top > 0 else 1.0)  # room for the labels above the tallest bar
     bars.set_xticks(range(len(EVAL_KEYS)), ["CE", "important group", "unimportant group"])
     bars.set_ylabel("held-out loss (nats / token)")
-    bars.set_title("held-out losses at the last evaluation", fontsize=10)
-    bars.legend(fontsize=7)
+    bars.set_title("trainer's held-out losses at its last evaluation", fontsize=10)
+    fig.legend(*bars.get_legend_handles_labels(), loc="outside lower center", ncols=min(3, len(with_evals)), fontsize=8)
+    lines.xaxis.set_major_locator(MaxNLocator(integer=True))
     lines.set_xlabel("step")
     lines.set_ylabel("held-out CE")
     lines.set_title("held-out CE over steps", fontsize=10)
@@ -297,23 +343,72 @@ def _img(path: Path | None, alt: str) -> str:
     return f'<figure><img class="plot" alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption class="note">{html.escape(path.name)}</figcaption></figure>'
 
 
+def objective(run: Run) -> str:
+    """The run's real objective in one line, from its saved config (train.losses' own description)."""
+    from train.losses import build_loss
+
+    try:
+        cfg = train_config.load_config(["--config", str(run.path / "config.yaml")])
+        return build_loss(cfg.loss.name, **train_config.loss_options(cfg)).describe()
+    except (ValueError, OSError, TypeError) as exc:
+        return f"{run.setting('loss.name')} (config not readable here: {exc})"
+
+
 def runs_table(runs: list[Run]) -> str:
-    """One row per run: its setting and its last training / held-out numbers."""
+    """One row per run: its objective, its grouping and its last training / trainer held-out numbers."""
     rows = []
     for run in runs:
         last = run.steps[-1]
         final_eval = run.evals[-1] if run.evals else {}
-        rows.append([run.name, run.setting("loss.name"), run.setting("importance.scorer"), run.setting("importance.rho"),
-                     run.setting("importance.scope"), run.setting("loss.lambda"), last["step"], float(last.get("loss", math.nan)),
-                     float(last.get("ce", math.nan)), float(final_eval.get("eval_ce", math.nan)),
-                     float(final_eval.get("eval_important_loss", math.nan)), float(final_eval.get("eval_unimportant_loss", math.nan))])
-    return _table(["run", "loss", "scorer", "rho", "scope", "lambda", "steps", "last loss", "last CE", "held-out CE",
-                   "held-out important", "held-out unimportant"], rows)
+        batches = run.setting("eval.max_batches")
+        rows.append([run.name, run.setting("loss.name"), objective(run),
+                     f"{run.setting('importance.scorer')} at rho {run.setting('importance.rho')}, {run.setting('importance.scope')}",
+                     last["step"], float(last.get("loss", math.nan)), float(last.get("ce", math.nan)),
+                     float(final_eval.get("eval_ce", math.nan)), float(final_eval.get("eval_important_loss", math.nan)),
+                     float(final_eval.get("eval_unimportant_loss", math.nan)),
+                     f"step {final_eval['step']}, {batches or 'all'} batches" if final_eval else "—"])
+    return (_table(["run", "loss", "objective", "groups (scorer, rho, scope)", "steps", "last loss", "last CE",
+                    "trainer held-out CE", "trainer held-out important", "trainer held-out unimportant", "trainer eval"], rows)
+            + '<p class="note">Trainer held-out numbers: the trainer\'s own evaluation on data.validation at the step shown, '
+              "over eval.max_batches micro-batches (not the whole set). The Evaluation section's held-out numbers come from "
+              "train.evaluate over every example of its directory, after training. Groups are computed for every run (the "
+              "curves show them); only SFT-GO optimises them.</p>")
 
 
-def evaluation_section(runs: list[Run]) -> str:
-    """train.evaluate's results across runs: benchmarks, per-group held-out loss, generations."""
-    evaluated = [run for run in runs if run.evaluation]
+@dataclass
+class Baseline:
+    """A model evaluated beside the runs but not trained by them (the base model): train.evaluate's record."""
+
+    name: str
+    evaluation: dict[str, Any]
+
+
+def load_baselines(path: str | None, runs: list[Run]) -> list[Baseline]:
+    """The runs of an evaluation JSON (``train.evaluate --output``, or one ``evaluation.json``) that are not
+    among the report's run directories, as baselines."""
+    if not path:
+        return []
+    try:
+        saved = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ReportError(f"--baseline {path}: {exc.strerror or exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ReportError(f"--baseline {path}: not JSON ({exc.msg})") from None
+    records = saved.get("runs", [saved]) if isinstance(saved, dict) else []
+    models = {str((run.path / "model").resolve()) for run in runs}
+    names = {run.name for run in runs}
+    baselines = [Baseline(f"{r['run']} (baseline)", r) for r in records
+                 if isinstance(r, dict) and "run" in r and r["run"] not in names and str(Path(str(r.get("model", ""))).resolve()) not in models]
+    if not baselines:
+        raise ReportError(f"--baseline {path}: no evaluated model other than the report's runs")
+    return baselines
+
+
+def evaluation_section(runs: list[Run], baselines: list[Baseline] | None = None) -> str:
+    """train.evaluate's results across runs, baselines (the base model) first: benchmarks, per-group
+    held-out loss, generations."""
+    evaluated = [Baseline(b.name, b.evaluation) for b in baselines or []]
+    evaluated += [Baseline(run.name, run.evaluation) for run in runs if run.evaluation]
     if not evaluated:
         return ('<p class="note">No <code>evaluation.json</code> in these runs; '
                 '<code>python -m train.evaluate RUN_DIR ...</code> adds benchmarks, per-group held-out loss and generations here.</p>')
@@ -332,7 +427,7 @@ def evaluation_section(runs: list[Run]) -> str:
                               record.get("ce"), record.get("important_loss"), record.get("unimportant_loss"),
                               record.get("worse_group"), record.get("tokens")])
     if held_rows:
-        parts.append("<h3>Per-group held-out loss</h3>"
+        parts.append("<h3>Per-group held-out loss (train.evaluate: every example of the directory, final model)</h3>"
                      + _table(["run", "shards", "scorer", "rho", "scope", "CE", "important", "unimportant", "worse group", "tokens"], held_rows))
     prompts: dict[str, dict[str, str]] = {}
     for run in evaluated:
@@ -403,12 +498,13 @@ def shards_section(runs: list[Run], shards: str | None, examples: int, seed: int
 
 
 def build_report(run_dirs: list[str], output: str, *, shards: str | None = None, examples: int = 6, seed: int = 0,
-                 agreement_examples: int = 2000, title: str = "sftgo report") -> Path:
+                 agreement_examples: int = 2000, title: str = "sftgo report", baseline: str | None = None) -> Path:
     """Write ``OUTPUT/report.html`` and its PNG plots for ``run_dirs``; returns the HTML path."""
     if not run_dirs:
         raise ReportError("no run directories given")
     paths = [Path(p) for p in run_dirs]
     runs = [load_run(path, name) for path, name in zip(paths, _unique_names(paths))]
+    baselines = load_baselines(baseline, runs)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -427,7 +523,7 @@ def build_report(run_dirs: list[str], output: str, *, shards: str | None = None,
         "<h2>lambda over steps</h2>", _img(lambda_png, "lambda over steps"),
         "<h2>Held-out loss</h2>",
         _img(heldout_png, "held-out losses") if heldout_png else '<p class="note">No held-out evaluation logged (data.validation, eval.every).</p>',
-        "<h2>Evaluation</h2>", evaluation_section(runs),
+        "<h2>Evaluation</h2>", evaluation_section(runs, baselines),
         "<h2>Tokens and groups</h2>", shards_section(runs, shards, examples, seed, out, agreement_examples),
     ]
     page = ("<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -452,6 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--agreement-examples", type=int, default=2000,
                         help="examples read to measure scorer agreement (default: 2000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the token viewer's example sample (default: 0)")
+    parser.add_argument("--baseline", default=None, metavar="EVALUATION_JSON",
+                        help="train.evaluate output whose other models (the base model) are shown first, as baselines, in the Evaluation section (default: none)")
     parser.add_argument("--title", default="sftgo report", help="page title (default: sftgo report)")
     return parser
 
@@ -468,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         report = build_report(args.runs, args.output, shards=args.shards, examples=args.examples, seed=args.seed,
-                              agreement_examples=args.agreement_examples, title=args.title)
+                              agreement_examples=args.agreement_examples, title=args.title, baseline=args.baseline)
     except (ValueError, OSError) as exc:  # ReportError and the shard readers' errors name the file
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -180,3 +180,76 @@ def test_agreement_plot_leaves_unmeasured_pairs_blank(tmp_path):
     png = report.plot_agreement(agreement, tmp_path / "a.png")
     assert png.read_bytes()[:4] == b"\x89PNG"
     assert report.plot_agreement({"scores": ["tfidf"], "overlap": [[1.0]], "rho": 0.7}, tmp_path / "b.png") is None
+
+
+LOSSES_6 = [("sft", {}), ("sftgo", {}), ("rho1", {"loss.rho1_rho": "0.55"}), ("infosft", {}), ("dft", {}),
+            ("sftgo", {"loss.lambda_schedule": "linear"})]
+
+
+def six_run_report(root: Path, shards: Path, model: Path) -> tuple[Path, list[Path]]:
+    evaluation = lambda run: {  # noqa: E731
+        "run": run, "model": str(root / run / "model"),
+        "benchmarks": [{"task": "mmlu", "split": "val", "num_fewshot": 0, "n": 57, "acc": 0.25, "acc_stderr": 0.05}],
+        "heldout": [{"dir": str(shards), "scorer": "tfidf", "rho": 0.7, "scope": "sequence", "ce": 2.0,
+                     "important_loss": 2.5, "unimportant_loss": 1.8, "worse_group": "important", "tokens": 50}],
+        "generations": [{"prompt": "What is the capital of France?", "answer": f"Paris, says {run}."}]}
+    runs = []
+    for index, (loss, extra) in enumerate(LOSSES_6):
+        name = f"run{index}_{loss}"
+        path = write_run(root / name, loss=loss, shards=shards, model=model, steps=2 if index == 0 else 6, evaluation=evaluation(name))
+        if extra:  # the loss's own settings, as train/main.py would have saved them
+            cfg = train_config.load_config(["--config", str(path / "config.yaml"), *[f"{k}={v}" for k, v in extra.items()]])
+            train_config.save_config(cfg, path / "config.yaml")
+        runs.append(path)
+    baseline = root / "evaluation.json"
+    baseline.write_text(json.dumps({"runs": [{**evaluation("smollm2-135m-instruct"), "model": "/models/base"}]
+                                    + [evaluation(p.name) for p in runs]}))
+    return baseline, runs
+
+
+def test_six_runs_objectives_baseline_and_plots_without_overlaps(tmp_path, report_inputs, smol_tokenizer_dir, capsys):
+    baseline, runs = six_run_report(tmp_path, report_inputs["shards"], smol_tokenizer_dir)
+    html_path = report.build_report([str(p) for p in runs], str(tmp_path / "out"), examples=2, baseline=str(baseline))
+    assert "overlaps" not in capsys.readouterr().err  # _save warns about any two text boxes that overlap
+    page = html_path.read_text()
+    assert "<td>CE over every trainable token</td>" in page  # sft: no lambda
+    assert "(1 − λ)·CE + λ·(worse group&#x27;s mean loss), λ = 0.9 (static)" in page
+    assert "λ linear 0.9 → 0.05" in page and "CE over the top 45% of tokens by excess loss (rho1 rho 0.55)" in page
+    assert "trainer held-out CE" in page and "train.evaluate: every example of the directory, final model" in page
+    # The base model leads each evaluation table and the generations.
+    evaluation = page[page.index("<h2>Evaluation</h2>"):]
+    assert evaluation.index("smollm2-135m-instruct (baseline)") < evaluation.index("run0_sft</td>")
+    assert page.count("(baseline)") >= 3
+
+
+def test_six_run_report_text_does_not_overlap_in_chromium(tmp_path, report_inputs, smol_tokenizer_dir):
+    from selenium.webdriver.common.by import By
+
+    baseline, runs = six_run_report(tmp_path, report_inputs["shards"], smol_tokenizer_dir)
+    html_path = report.build_report([str(p) for p in runs], str(tmp_path / "out"), examples=2, baseline=str(baseline))
+    driver = _chromium()
+    try:
+        driver.get(html_path.as_uri())
+        assert len(driver.find_elements(By.CSS_SELECTOR, "img.plot")) == 4
+        shown = driver.execute_script("""
+            return [...document.querySelectorAll('h1,h2,h3,p,th,td,figcaption,pre,b,code,img.plot')]
+              .filter(e => { const r = e.getBoundingClientRect(); return r.width > 0 && r.height > 0; }).length;
+        """)
+        nested = driver.execute_script("""
+            const els = [...document.querySelectorAll('h1,h2,h3,p,th,td,figcaption,pre,b,code,img.plot')].filter(e => !e.closest('section.token-viewer'))
+              .filter(e => { const r = e.getBoundingClientRect(); return r.width > 0 && r.height > 0; });
+            const pairs = [];
+            for (let i = 0; i < els.length; i++) for (let j = i + 1; j < els.length; j++) {
+              if (els[i].contains(els[j]) || els[j].contains(els[i])) continue;  // a <b> inside its <td>
+              // getClientRects: an inline element wrapped over two lines is two boxes, not their union.
+              const hit = [...els[i].getClientRects()].some(a => [...els[j].getClientRects()].some(b =>
+                a.left < b.right - 1 && b.left < a.right - 1 && a.top < b.bottom - 1 && b.top < a.bottom - 1));
+              if (hit)
+                pairs.push([els[i].tagName + ':' + (els[i].innerText || '').slice(0, 30), els[j].tagName + ':' + (els[j].innerText || '').slice(0, 30)]);
+            }
+            return pairs;
+        """)
+        assert shown > 50
+        assert nested == []
+    finally:
+        driver.quit()
