@@ -54,7 +54,8 @@ test-fast: setup browser
 # The embedded default, end to end on CPU (offline): annotate a LIMA slice (and an Alpaca slice held
 # out for evaluation) with SmolLM2-135M-Instruct; train SFT; add Rho-1's reference loss with the SFT
 # model as the reference (excess_loss = base_loss - ref_loss); train SFT-GO from the same shards;
-# evaluate both (benchmarks on a few dev questions, per-group held-out loss, generations); report.
+# evaluate both and the base model (benchmarks on a few dev questions, per-group held-out loss,
+# generations); report, the base model as the baseline. Every step skips what an earlier run finished.
 # LLMLINGUA2_MODEL=/path/to/llmlingua-2-xlm-roberta-large-meetingbank adds the llmlingua2 scorer.
 SHARED ?= ../shared
 DEMO_EXAMPLES ?= 64
@@ -69,14 +70,15 @@ demo: setup
 	$(PY) annotate/run.py --input $(SHARED)/data/alpaca/alpaca_en_demo.json --format alpaca --limit 32 \
 		--scorers $(DEMO_SCORERS) $(DEMO_SCORER_OPTIONS) --output shards/demo_val
 	$(PY) train/main.py --config train/configs/demo_cpu.yaml loss.name=sft output_dir=runs/demo_sft
-	# (a rerun of the demo finds ref_loss there already: --add-scorers would refuse a column twice)
-	for dir in shards/demo shards/demo_val; do grep -q '"score_ref_loss"\|"name": "ref_loss"' $$dir/manifest.json || \
+	# (a rerun of the demo finds ref_loss there already: --add-scorers would refuse a column twice; an
+	# interrupted --add-scorers has no manifest yet, and the same command finishes it)
+	for dir in shards/demo shards/demo_val; do grep -qs '"name": "ref_loss"' $$dir/manifest.json || \
 		$(PY) annotate/run.py --output $$dir --add-scorers ref_loss --scorer-option ref_loss.model=runs/demo_sft/model || exit 1; done
 	$(PY) train/main.py --config train/configs/demo_cpu.yaml output_dir=runs/demo_sftgo
-	$(PY) -m train.evaluate runs/demo_sft runs/demo_sftgo --tasks mmlu,arc_challenge --data-dir $(SHARED)/data/eval \
+	$(PY) -m train.evaluate smollm2-135m-instruct runs/demo_sft runs/demo_sftgo --tasks mmlu,arc_challenge --data-dir $(SHARED)/data/eval \
 		--limit $(DEMO_EVAL_LIMIT) --heldout shards/demo_val --scorer tfidf --rho 0.7 --micro-batch-tokens 1024 \
 		--output runs/demo_evaluation.json
-	$(PY) -m train.report runs/demo_sft runs/demo_sftgo --output runs/demo_report
+	$(PY) -m train.report runs/demo_sft runs/demo_sftgo --baseline runs/demo_evaluation.json --output runs/demo_report
 	@echo
 	@echo "shards:  shards/demo (train), shards/demo_val (held out): manifest.json, rejects.jsonl, shard-*.parquet"
 	@echo "         inspect with: $(PY) -m annotate.inspect shards/demo --viewer runs/demo_tokens.html"

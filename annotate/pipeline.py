@@ -12,6 +12,7 @@ the others on each GPU instead of waiting for a whole one).
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import Counter, deque
@@ -128,9 +129,10 @@ def init_ray(address: str) -> None:
     if address or os.environ.get("RAY_ADDRESS"):
         ray.init(address=address or None)  # a cluster (or a submitted job): its own resources
         return
-    # A new local Ray keeps Ray's default token authentication; saying so explicitly spares every run
-    # Ray's "token authentication is enabled ... set RAY_AUTH_MODE=disabled to opt out" warning.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # A new local Ray keeps Ray's default token authentication. Its warning on every run ("token
+    # authentication is enabled ... set RAY_AUTH_MODE=disabled to opt out") asks nothing of the user.
+    # (Setting RAY_AUTH_MODE=token here instead would be too late: Ray reads it when first imported.)
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     # A new local Ray (or the one `ray start` left on this machine, which ray.init() finds by itself):
     # workers must import this repo even when it is not pip-installed.
     path = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)
