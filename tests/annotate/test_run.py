@@ -98,9 +98,12 @@ def test_annotate_then_add_scorers_then_the_same_annotate_again(tmp_path, lima_s
     tfidf_only = out / "shard-00000.tfidf-only"
     shutil.copy(out / "shard-00000.parquet", tfidf_only)
     add = ["--output", str(out), "--model", str(tiny_llama_dir), "--add-scorers", "base_loss"]
-    assert main(add) == 0
-    complete = {p.name: p.read_bytes() for p in out.glob("shard-*.parquet")}
     capsys.readouterr()
+    assert main(add) == 0
+    echoed = capsys.readouterr().out.split("== annotate config ==")[1]
+    # --add-scorers prints the directory's own settings (its input, shard size, scorers), not this command's defaults.
+    assert f"- {lima_slice}" in echoed and "shard_size: 12" in echoed and "scorers:\n- tfidf\n- base_loss" in echoed
+    complete = {p.name: p.read_bytes() for p in out.glob("shard-*.parquet")}
 
     # 1. After a finished --add-scorers: nothing to do, the added column stays.
     assert main(first) == 0
