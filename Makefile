@@ -58,16 +58,19 @@ test-fast: setup browser
 # generations); report, the base model as the baseline. Every step skips what an earlier run finished.
 # LLMLINGUA2_MODEL=/path/to/llmlingua-2-xlm-roberta-large-meetingbank adds the llmlingua2 scorer.
 SHARED ?= ../shared
-DEMO_EXAMPLES ?= 64
-DEMO_EVAL_LIMIT ?= 3
+# Sized so make demo takes <= 10 min on 2 CPU cores (README); the scorers' forward passes dominate.
+DEMO_EXAMPLES ?= 32
+DEMO_HELDOUT ?= 16
+DEMO_MAX_LENGTH ?= 512
+DEMO_EVAL_LIMIT ?= 2
 LLMLINGUA2_MODEL ?=
 comma := ,
 DEMO_SCORERS := tfidf$(comma)base_loss$(if $(LLMLINGUA2_MODEL),$(comma)llmlingua2)
 DEMO_SCORER_OPTIONS := $(if $(LLMLINGUA2_MODEL),--scorer-option llmlingua2.model=$(LLMLINGUA2_MODEL))
 demo: setup
-	$(PY) annotate/run.py --input $(SHARED)/data/lima/train.jsonl --format lima --limit $(DEMO_EXAMPLES) --shard-size 32 \
+	$(PY) annotate/run.py --input $(SHARED)/data/lima/train.jsonl --format lima --limit $(DEMO_EXAMPLES) --shard-size 16 --max-length $(DEMO_MAX_LENGTH) \
 		--scorers $(DEMO_SCORERS) $(DEMO_SCORER_OPTIONS) --output shards/demo
-	$(PY) annotate/run.py --input $(SHARED)/data/alpaca/alpaca_en_demo.json --format alpaca --limit 32 \
+	$(PY) annotate/run.py --input $(SHARED)/data/alpaca/alpaca_en_demo.json --format alpaca --limit $(DEMO_HELDOUT) --max-length $(DEMO_MAX_LENGTH) \
 		--scorers $(DEMO_SCORERS) $(DEMO_SCORER_OPTIONS) --output shards/demo_val
 	$(PY) train/main.py --config train/configs/demo_cpu.yaml loss.name=sft output_dir=runs/demo_sft
 	# (a rerun of the demo finds ref_loss there already: --add-scorers would refuse a column twice; an

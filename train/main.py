@@ -82,8 +82,12 @@ def setup_distributed() -> tuple[int, int, torch.device]:
 
 
 def log0(*args: Any) -> None:
+    """Print on rank 0; through tqdm.write, so a line logged while the progress bar is drawn gets its own line."""
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print(*args, flush=True)
+        from tqdm import tqdm
+
+        tqdm.write(" ".join(str(a) for a in args), file=sys.stdout)
+        sys.stdout.flush()
 
 
 def _checkpoints(root: Path) -> list[Path]:
