@@ -237,7 +237,9 @@ def _run_bounded(items: list, submit: Callable[[Any], Any], max_in_flight: int, 
             while queue and len(pending) < max_in_flight:
                 item = queue.popleft()
                 pending[submit(item)] = item
-            done, _ = ray.wait(list(pending), num_returns=1)
+            # A timeout, so the main thread runs Python between waits: a SIGTERM handler cannot run inside
+            # an unbounded ray.wait whose raylet the same signal has already stopped (process-group kill).
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
             for ref in done:
                 item = pending.pop(ref)
                 on_done(item, ray.get(ref))

@@ -59,8 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         # After ray.init, which installs its own SIGTERM handling in the driver.
         signal.signal(signal.SIGTERM, _raise_terminated)
         summary = run(job)
-    except (KeyboardInterrupt, Terminated) as exc:
-        code, name = (143, "SIGTERM") if isinstance(exc, Terminated) else (130, "Ctrl-C")
+    except BaseException as exc:  # noqa: BLE001 - interrupts are told apart from failures below
+        interrupt = _interrupt(exc)
+        if interrupt is None:
+            if isinstance(exc, Exception):
+                return _report_failure(exc)
+            raise
+        code, name = (143, "SIGTERM") if isinstance(interrupt, Terminated) else (130, "Ctrl-C")
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         import ray
@@ -72,8 +77,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted ({name}) {what} {job.out}: {done} of {total if total is not None else '?'} shards finished and kept; "
               f"the same command resumes with {left}", file=sys.stderr, flush=True)
         return code
-    except Exception as exc:  # noqa: BLE001 - Ray's task errors are sorted below
-        return _report_failure(exc)
     finally:
         signal.signal(signal.SIGTERM, previous)
     print_summary(summary)
@@ -89,6 +92,18 @@ class Terminated(Exception):
 
 def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated()
+
+
+def _interrupt(exc: BaseException) -> BaseException | None:
+    """The Ctrl-C or SIGTERM behind ``exc``, if any. Raised inside Ray's compiled wait, the handler's
+    exception comes back as the ``__cause__`` of a SystemError ("returned a result with an exception set")."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, (KeyboardInterrupt, Terminated)):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def shown_config(job: Any) -> dict[str, Any]:

@@ -195,8 +195,13 @@ def test_kill_and_resume_gives_the_uninterrupted_output(tmp_path, lima_slice, ti
     assert main([*args, "--output", str(out)]) == 0  # a finished directory: nothing to do
 
 
-@pytest.mark.parametrize("sig,code,name", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")])
-def test_signal_stops_with_one_line_and_the_rerun_finishes(tmp_path, lima_slice, tiny_llama_dir, sig, code, name):
+# Ctrl-C as a terminal sends it, to the whole process group; SIGTERM as `kill PID` does, to the job alone,
+# and as `kill -TERM -PGID` (a supervisor stopping a job and everything it started) does, Ray's own
+# processes included.
+@pytest.mark.parametrize("sig,code,name,group", [(signal.SIGINT, 130, "Ctrl-C", True), (signal.SIGTERM, 143, "SIGTERM", False),
+                                                 (signal.SIGTERM, 143, "SIGTERM", True)],
+                         ids=["ctrl-c", "sigterm-job", "sigterm-group"])
+def test_signal_stops_with_one_line_and_the_rerun_finishes(tmp_path, lima_slice, tiny_llama_dir, sig, code, name, group):
     args = ["--input", str(lima_slice), "--model", str(tiny_llama_dir), "--scorers", "tfidf,base_loss",
             "--shard-size", "3", "--scorer-option", "base_loss.max_batch_tokens=64"]
     reference = tmp_path / "reference"
@@ -208,8 +213,7 @@ def test_signal_stops_with_one_line_and_the_rerun_finishes(tmp_path, lima_slice,
     deadline = time.time() + 240
     while time.time() < deadline and len(list(out.glob("shard-*.parquet"))) < 2:
         time.sleep(0.1)
-    # Ctrl-C as a terminal sends it, to the whole process group; SIGTERM as `kill PID` does, to the job.
-    os.killpg(proc.pid, sig) if sig == signal.SIGINT else os.kill(proc.pid, sig)
+    os.killpg(proc.pid, sig) if group else os.kill(proc.pid, sig)
     sent = time.time()
     try:
         assert proc.wait(timeout=60) == code, log.read_text()[-3000:]

@@ -22,6 +22,20 @@ def test_single_turn_mask(smol_tokenizer):
     assert r.input_ids.dtype == np.int32 and len(r.input_ids) == len(r.loss_mask)
 
 
+def test_training_prompt_is_the_generation_prompt(smol_tokenizer):
+    """What the model is trained to continue is exactly what train.evaluate's generation feeds it: the
+    tokens before the first trainable one are the chat template's generation prompt (SmolLM2's default
+    system message included), token for token."""
+    prompt = "What is the capital of France?"
+    messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": "Paris."}]
+    r = render(smol_tokenizer, messages)
+    first = int(np.flatnonzero(r.loss_mask)[0])
+    generation = smol_tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                    add_generation_prompt=True)
+    assert "You are a helpful AI assistant named SmolLM" in generation
+    assert r.input_ids[:first].tolist() == smol_tokenizer(generation, add_special_tokens=False)["input_ids"]
+
+
 def test_multi_turn_marks_every_assistant_turn(smol_tokenizer):
     messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "first answer"},
                 {"role": "user", "content": "b"}, {"role": "assistant", "content": "second answer"}]
