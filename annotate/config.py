@@ -20,7 +20,7 @@ from data.models import DEFAULT_MODEL
 @dataclass
 class AnnotateConfig:
     input: list[str] = field(default_factory=list)  # corpus files (JSONL or a JSON array)
-    output: str = ""  # annotated directory (shards, manifest.json, rejects.jsonl)
+    output: str = ""  # annotated directory (shards, _manifest.json, _rejects.jsonl, _README.md)
     format: str = "auto"  # auto | alpaca | lima | messages | sharegpt | text
     model: str = DEFAULT_MODEL  # tokenizer + chat template (and base model for base_loss)
     scorers: list[str] = field(default_factory=lambda: ["tfidf"])
@@ -36,6 +36,7 @@ class AnnotateConfig:
     scorer_actors: int = 0  # per scorer; 0 = auto (one per GPU when the cluster has GPUs, else one)
     ray_address: str = ""  # "" = RAY_ADDRESS or a new local Ray; "auto" = an existing cluster
     trust_remote_code: bool = False  # allow a --model folder that asks for its own code (auto_map)
+    license: list[str] = field(default_factory=list)  # the corpus license(s) as you give them: one for all inputs, or one per input
 
     def validate(self) -> None:
         """Check option values; raise ValueError naming the option."""
@@ -60,6 +61,8 @@ class AnnotateConfig:
         names = self.add_scorers if adding else self.scorers
         if len(set(names)) != len(names):
             problems.append(f"{'add_scorers' if adding else 'scorers'}: {names} lists a scorer twice")
+        if self.license and not adding and len(self.license) not in (1, len(self.input)):
+            problems.append(f"license: {len(self.license)} values for {len(self.input)} inputs; give one for all, or one per input")
         for path in self.input:
             if not os.path.isfile(path):
                 problems.append(f"input: {path} does not exist or is not a file")
@@ -82,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python annotate/run.py",
         description="Tokenize instruction corpora with a model's chat template and write Parquet shards "
-        "of token ids, loss masks and per-token importance scores (shard schema v1). "
+        "of token ids, loss masks and per-token importance scores (shard schema v2). "
         "Every option is also a YAML key (--max-length is max_length); CLI flags override --config.",
         epilog="examples:\n"
         "  python annotate/run.py --input ../shared/data/lima/train.jsonl --format lima --scorers tfidf,base_loss --output shards/lima\n"
@@ -113,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     p.add_argument("--trust-remote-code", action="store_true", default=None,
                    help="allow a --model folder whose config asks for code shipped with it (auto_map); off: such a model is refused (default off)")
+    p.add_argument("--license", type=_split_list, metavar="ID[,ID...]",
+                   help="the corpus license as you know it (e.g. cc-by-nc-sa-4.0), for the dataset card: one for all inputs, or one per input")
     p.add_argument("--list-scorers", action="store_true", help="print the registered scorers and exit")
     return p
 
@@ -131,9 +136,9 @@ def load_config(argv: list[str] | None = None) -> tuple[AnnotateConfig, argparse
         if unknown:
             raise ValueError(f"{args.config}: unknown option(s) {unknown}; known: {sorted(known)}")
         values.update(loaded)
-        for key in ("scorers", "add_scorers", "input"):
+        for key in ("scorers", "add_scorers", "input", "license"):
             if isinstance(values.get(key), str):
-                values[key] = _split_list(values[key]) if key != "input" else [values[key]]
+                values[key] = _split_list(values[key]) if key not in ("input", "license") else [values[key]]
     for key in known - {"scorer_options"}:
         value = getattr(args, key, None)
         if value is not None:

@@ -43,7 +43,7 @@ def _print_summary(summary: dict[str, Any], agreement: dict[str, Any] | None, ou
     recorded = summary.get("manifest_totals", {})
     for key in ("rows", "tokens", "trainable_tokens"):
         if key in recorded and recorded[key] != summary[key]:
-            line("note", f"manifest.json records {key} = {recorded[key]:,}, the shards hold {summary[key]:,}")
+            line("note", f"the manifest records {key} = {recorded[key]:,}, the shards hold {summary[key]:,}")
     line("shards", f"{summary['shards']:,}")
     tok = summary.get("tokenizer") or {}
     line("tokenizer", f"{tok.get('name', '?')} (sha256 {str(tok.get('sha256', '?'))[:12]})")
@@ -68,7 +68,7 @@ def _print_summary(summary: dict[str, Any], agreement: dict[str, Any] | None, ou
     rejects = summary["rejects"]
     if rejects["total"]:
         reasons = ", ".join(f"{r}: {n:,}" for r, n in rejects["by_reason"].items())
-        print(f"\nrejected records: {rejects['total']:,} ({reasons}; see rejects.jsonl)", file=out)
+        print(f"\nrejected records: {rejects['total']:,} ({reasons}; see _rejects.jsonl)", file=out)
         for r in rejects["examples"]:
             print(f"  {r['reason']:<14} {r['file']}:{r['line']}  {r['detail']}", file=out)
     else:
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example:\n  python -m annotate.inspect shards/demo --viewer runs/demo_tokens.html --rho 0.7 --examples 8",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("shards_dir", metavar="SHARDS_DIR", help="annotated directory (holds manifest.json), or an s3:// / gs:// URI")
+    parser.add_argument("shards_dir", metavar="SHARDS_DIR", help="annotated directory (holds _manifest.json), or an s3:// / gs:// URI")
     parser.add_argument("--examples", type=_count, default=8, metavar="N",
                         help="examples sampled into the viewer (default: 8)")
     parser.add_argument("--id", dest="ids", action="append", metavar="ID",

@@ -30,7 +30,8 @@ from annotate import steps
 from annotate.config import AnnotateConfig
 from annotate.scorers import ScorerContext
 from data.models import check_model, load_tokenizer
-from schemas.shard import ID, INPUT_IDS, MANIFEST_NAME, SHARD_GLOB, Manifest, ScorerInfo, score_column, tokenizer_fingerprint
+from schemas.migrate import is_v1_directory, migrate_directory
+from schemas.shard import ID, INPUT_IDS, MANIFEST_NAME, REJECTS_NAME, SHARD_GLOB, Manifest, ScorerInfo, score_column, tokenizer_fingerprint
 
 REPO_ROOT = str(Path(__file__).resolve().parents[1])
 
@@ -72,6 +73,9 @@ def prepare(config: AnnotateConfig) -> Job:
     # Constructing a scorer checks its options (model paths, names) without loading any model.
     infos = [registry.get(name)(options[name], context).info() for name in names]
     out = Path(config.output)
+    if is_v1_directory(out):
+        for line in migrate_directory(out):  # resume and --add-scorers write v2 names
+            print(f"{out}: schema v1 -> v2: {line}")
     existing = None
     if adding:
         existing = _existing_annotation(out)
@@ -100,7 +104,7 @@ def _existing_annotation(out: Path) -> Manifest:
         return Manifest.load(out)
     shards = sorted(out.glob(SHARD_GLOB))
     if not shards:
-        raise FileNotFoundError(f"{out}: no manifest.json and no shards; --add-scorers needs an annotated directory")
+        raise FileNotFoundError(f"{out}: no {MANIFEST_NAME} and no shards; --add-scorers needs an annotated directory")
     meta = steps.read_shard_metadata(shards[0])
     if meta is None:
         raise ValueError(f"{shards[0]}: not an sftgo shard")
@@ -466,7 +470,7 @@ def print_summary(summary: dict[str, Any]) -> None:
     print(f"output      {summary['output']}  ({summary['shards']} shards)")
     print(f"rows        {totals.get('rows', 0):,}   tokens {totals.get('tokens', 0):,}   trainable {totals.get('trainable_tokens', 0):,}   truncated {totals.get('truncated', 0):,}")
     rejected = summary["rejected"]
-    print(f"rejected    {sum(rejected.values()):,}" + (f"  ({', '.join(f'{k}: {v}' for k, v in rejected.items())}; see rejects.jsonl)" if rejected else ""))
+    print(f"rejected    {sum(rejected.values()):,}" + (f"  ({', '.join(f'{k}: {v}' for k, v in rejected.items())}; see {REJECTS_NAME})" if rejected else ""))
     for stage in summary["stages"].values():
         rate = f"{stage['tokens_per_s']:,.0f} tokens/s" if stage.get("tokens_per_s") else ""
         print(f"  {stage['name']:<16} {stage['rows']:>8,} rows {stage['tokens']:>11,} tokens {stage['seconds']:>8.1f} s (actor time)  {rate}")

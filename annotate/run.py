@@ -29,6 +29,7 @@ from annotate import scorers as registry  # noqa: E402
 from annotate.config import load_config  # noqa: E402
 from annotate.pipeline import finished_shards, init_ray, prepare, print_summary, run  # noqa: E402
 from annotate.steps import StrictModeError  # noqa: E402
+from schemas.shard import SUMMARY_NAME, atomic_write_text  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     print_summary(summary)
     if not summary.get("already_complete"):
         # Timings vary run to run, so they live beside the data, not in the manifest.
-        (Path(config.output) / "annotate_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(Path(config.output) / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
     return 0
 
 

@@ -9,8 +9,8 @@ Layout of an output directory while running and when done::
 
     _work/tokens-00003.parquet     tokenized, not yet scored (deleted once the shard is written)
     _work/rejects-00003.jsonl      rejected records of shard 3 (file, line, reason)
-    shard-00003.parquet            the finished shard (schemas v1), written atomically
-    rejects.jsonl, manifest.json   written last, by finalize (manifest last of all)
+    shard-00003.parquet            the finished shard (shard schema v2), written atomically
+    _rejects.jsonl, _README.md, _manifest.json   written last, by finalize (manifest last of all)
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from annotate.card import write_card
 from data.formats import (
     DEFAULT_MAX_RECORD_BYTES,
     OversizedRecord,
@@ -344,7 +345,7 @@ def write_shard(out: Path, index: int, table: pa.Table, scorers: list[ScorerInfo
 
 def finalize(out: Path, config: dict[str, Any], tokenizer_fp: dict[str, str], scorers: list[ScorerInfo],
              expected_shards: list[int] | None = None) -> Manifest:
-    """Write rejects.jsonl and then manifest.json (last) from the finished shards' footers."""
+    """Write _rejects.jsonl, the dataset card and then _manifest.json (last) from the finished shards' footers."""
     shard_paths = sorted(out.glob(SHARD_GLOB))
     if expected_shards is not None:
         have = {int(p.stem.split("-")[1]) for p in shard_paths}
@@ -377,6 +378,7 @@ def finalize(out: Path, config: dict[str, Any], tokenizer_fp: dict[str, str], sc
     )
     if (out / WORK_DIR).exists() or not (out / REJECTS_NAME).exists():
         atomic_write_text(out / REJECTS_NAME, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in all_rejects))
+    write_card(out, manifest)
     manifest.save(out)
     shutil.rmtree(out / WORK_DIR, ignore_errors=True)
     return manifest

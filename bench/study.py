@@ -45,7 +45,7 @@ sys.path.insert(0, str(REPO))
 
 import yaml  # noqa: E402
 
-from schemas.shard import atomic_write_text  # noqa: E402
+from schemas.shard import MANIFEST_NAME, atomic_write_text  # noqa: E402
 
 SCHEMA = "sftgo-study/1"
 TOP_TOKENS = 30
@@ -192,7 +192,7 @@ class Study:
     # -- 2./3. annotate, reference model, ref_loss ---------------------------------------------------
 
     def _manifest(self, folder: Path) -> dict[str, Any] | None:
-        path = folder / "manifest.json"
+        path = folder / MANIFEST_NAME
         return json.loads(path.read_text()) if path.exists() else None
 
     def _has_scorer(self, folder: Path, scorer: str) -> bool:
@@ -232,7 +232,7 @@ class Study:
         """Benchmarks, generations and held-out group losses under every grouping, cached in work/eval."""
         ev = self.cfg["evaluate"]
         # The held-out manifest's digest: re-annotated shards (other scores) must not reuse an old evaluation.
-        heldout_manifest = hashlib.sha256((self.shards("heldout") / "manifest.json").read_bytes()).hexdigest()
+        heldout_manifest = hashlib.sha256((self.shards("heldout") / MANIFEST_NAME).read_bytes()).hexdigest()
         settings = {"model": model, "mmlu_limit": ev["mmlu_limit"], "arc_limit": ev["arc_limit"], "groupings": self.cfg["groupings"],
                     "prompts": ev["prompts"], "max_new_tokens": ev["max_new_tokens"], "heldout": str(self.shards("heldout")),
                     "heldout_manifest_sha256": heldout_manifest}

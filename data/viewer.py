@@ -6,7 +6,7 @@
     html = standalone_page("tokens", token_viewer_html(examples, tokenizer, rho=0.7))
 
 Shared by ``python -m annotate.inspect`` and ``train.report``. Everything reads the shards through
-lazy Polars scans of the files listed in ``manifest.json``: statistics are streaming aggregations
+lazy Polars scans of the files listed in ``_manifest.json``: statistics are streaming aggregations
 (only ``loss_mask`` and the score columns are read), samples read only the rows they show, so a
 directory larger than memory can be inspected.
 
@@ -36,13 +36,15 @@ from schemas.shard import (
     LOSS_MASK,
     MANIFEST_NAME,
     REJECTS_NAME,
-    SCHEMA_VERSION,
+    READABLE_SCHEMA_VERSIONS,
     SOURCE,
     Manifest,
     arrow_schema,
     quantile_from_summary,
     score_column,
     score_names,
+    sidecar_path,
+    sidecar_name,
 )
 
 __all__ = [
@@ -96,9 +98,11 @@ def load_manifest(shards_dir: str) -> Manifest:
             raise ValueError(f"{uri}: no such directory")
         if not os.path.isdir(local):
             raise ValueError(f"{uri}: not a directory (expected an annotated directory holding {MANIFEST_NAME})")
-    path = _join(uri, MANIFEST_NAME)
+    fs, root = fsspec.core.url_to_fs(uri if _is_remote(uri) else _local(uri))
+    name = sidecar_path(root, MANIFEST_NAME, fs.exists).rsplit("/", 1)[-1]
+    path = _join(uri, name)
     try:
-        with fsspec.open(path if _is_remote(uri) else _join(_local(uri), MANIFEST_NAME), "r", encoding="utf-8") as f:
+        with fsspec.open(path if _is_remote(uri) else _join(_local(uri), name), "r", encoding="utf-8") as f:
             raw = json.load(f)
     except FileNotFoundError:
         raise ValueError(f"{uri}: no {MANIFEST_NAME} (not an annotated directory, or annotate has not finished)") from None
@@ -108,8 +112,9 @@ def load_manifest(shards_dir: str) -> Manifest:
         manifest = Manifest.from_dict(raw)
     except (TypeError, KeyError, AttributeError, ValueError) as exc:
         raise ValueError(f"{path}: not a shard manifest ({exc})") from None
-    if manifest.schema_version != SCHEMA_VERSION:
-        raise ValueError(f"{path}: shard schema version {manifest.schema_version}; this code reads {SCHEMA_VERSION}")
+    if manifest.schema_version not in READABLE_SCHEMA_VERSIONS:
+        raise ValueError(f"{path}: shard schema version {manifest.schema_version}; this code reads "
+                         f"{' and '.join(map(str, READABLE_SCHEMA_VERSIONS))}")
     return manifest
 
 
@@ -133,7 +138,7 @@ def _scan(paths: list[str], scorers: list[str], storage_options: dict[str, Any] 
 
 
 def scan_shards(shards_dir: str, storage_options: dict[str, Any] | None = None) -> "polars.LazyFrame":  # noqa: F821
-    """Lazy Polars scan over the shards that ``shards_dir/manifest.json`` lists (nothing read yet).
+    """Lazy Polars scan over the shards that ``shards_dir/_manifest.json`` lists (nothing read yet).
 
     ``shards_dir`` is a local directory or a URI Polars reads natively (``s3://``, ``gs://``,
     ``az://``, ``https://``; credentials from the environment or ``storage_options``). Raises
@@ -289,11 +294,11 @@ def _finite_or_none(value: Any) -> float | None:
 
 
 def _read_rejects(shards_dir: str, manifest: Manifest, per_reason: int = REJECT_EXAMPLES_PER_REASON) -> list[dict[str, Any]]:
-    """The first ``per_reason`` lines of rejects.jsonl for each reason (file, line, reason, detail)."""
+    """The first ``per_reason`` lines of _rejects.jsonl for each reason (file, line, reason, detail)."""
     import fsspec
 
     uri = str(shards_dir)
-    path = _join(uri if _is_remote(uri) else _local(uri), REJECTS_NAME)
+    path = _join(uri if _is_remote(uri) else _local(uri), sidecar_name(REJECTS_NAME, manifest.schema_version))
     wanted = set(manifest.rejected)
     seen: dict[str, int] = {}
     examples: list[dict[str, Any]] = []

@@ -1,8 +1,15 @@
-"""Shard contract v1: the one place that names columns, metadata keys and the manifest layout.
+"""Shard contract v2: the one place that names columns, metadata keys and the directory layout.
 
-An annotated directory holds Parquet shards (one row per example) and a ``manifest.json`` written
-last: a directory without a manifest is unfinished. Annotate writes it, train reads it; neither
+An annotated directory holds Parquet shards (one row per example) beside sidecar files whose names
+start with ``_`` (``_manifest.json`` written last, ``_rejects.jsonl``, ``_annotate_summary.json``,
+the dataset card ``_README.md``): a directory without a manifest is unfinished. The underscore is
+the Spark/Hive convention that pyarrow's dataset discovery, DuckDB and ``datasets`` follow, so each
+reads the directory as one table by its path alone. Annotate writes it, train reads it; neither
 redefines anything here.
+
+Versions: v2 is v1's shards (same columns and footers) with ``_``-prefixed sidecars; v1 named them
+``manifest.json`` / ``rejects.jsonl``. Every reader accepts both (:func:`sidecar_path`);
+``python -m schemas.migrate DIR`` renames a v1 directory's sidecars in place.
 """
 
 from __future__ import annotations
@@ -15,12 +22,13 @@ import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # what this code writes
+READABLE_SCHEMA_VERSIONS = (1, 2)  # what it reads (manifests and shard footers)
 
 # Base columns, in file order.
 ID = "id"
@@ -35,8 +43,12 @@ EXCESS_LOSS = "excess_loss"
 EXCESS_LOSS_PARTS = ("base_loss", "ref_loss")  # excess_loss = base_loss - ref_loss
 
 METADATA_KEY = b"sftgo"  # Parquet key-value metadata: JSON of ShardMetadata
-MANIFEST_NAME = "manifest.json"
-REJECTS_NAME = "rejects.jsonl"
+MANIFEST_NAME = "_manifest.json"
+REJECTS_NAME = "_rejects.jsonl"
+SUMMARY_NAME = "_annotate_summary.json"  # timings of the last annotate run (they vary run to run)
+CARD_NAME = "_README.md"  # the dataset card (Hugging Face format; README.md would break pyarrow's discovery)
+# Schema v1's names of the same files.
+V1_SIDECAR_NAMES = {MANIFEST_NAME: "manifest.json", REJECTS_NAME: "rejects.jsonl", SUMMARY_NAME: "annotate_summary.json"}
 SHARD_GLOB = "shard-*.parquet"
 # A manifest names its shards by plain file name inside the directory (shard_name()); nothing else is read.
 SHARD_FILE_NAME = re.compile(r"shard-[0-9]{5,}\.parquet")
@@ -51,6 +63,34 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
 
 
+def sidecar_path(root: str, name: str, exists: Callable[[str], bool] = os.path.exists) -> str:
+    """``root/name``, or ``root/<v1 name>`` when only a schema-v1 directory's file of that name is there.
+
+    ``exists`` tests a path (``fs.exists`` of an fsspec filesystem for remote directories).
+    """
+    path = f"{str(root).rstrip('/')}/{name}"
+    legacy = V1_SIDECAR_NAMES.get(name)
+    if legacy is not None and not exists(path):
+        old = f"{str(root).rstrip('/')}/{legacy}"
+        if exists(old):
+            return old
+    return path
+
+
+def manifest_sha256(uri: str | os.PathLike) -> str:
+    """sha256 of an annotated directory's manifest (local path or fsspec URI): names the data exactly."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(str(uri))
+    with fs.open(sidecar_path(root, MANIFEST_NAME, fs.exists), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def sidecar_name(name: str, schema_version: int) -> str:
+    """The file name sidecar ``name`` has in a directory of ``schema_version`` (v1: no underscore)."""
+    return V1_SIDECAR_NAMES.get(name, name) if schema_version == 1 else name
+
+
 def score_column(scorer: str) -> str:
     """Column holding scorer ``scorer``'s per-token scores (float32 list aligned with input_ids)."""
     return SCORE_PREFIX + scorer
@@ -62,7 +102,7 @@ def scorer_of_column(column: str) -> str | None:
 
 
 def arrow_schema(scorers: Iterable[str] = (), metadata: "ShardMetadata | None" = None) -> pa.Schema:
-    """The Arrow schema of a v1 shard holding the given score columns (in the given order)."""
+    """The Arrow schema of a shard (v1 and v2 alike) holding the given score columns (in the given order)."""
     fields = [
         pa.field(ID, pa.string(), nullable=False),
         pa.field(SOURCE, pa.string(), nullable=False),
@@ -131,7 +171,7 @@ class ShardMetadata:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "ShardMetadata":
-        """Parse footer metadata; TypeError (or ValueError for bad JSON) when it is not a v1 object."""
+        """Parse footer metadata; TypeError (or ValueError for bad JSON) when it is not a shard metadata object."""
         raw = json.loads(text)
         scorers = raw.get("scorers", []) if isinstance(raw, dict) else None
         if not isinstance(scorers, list) or not all(isinstance(s, dict) for s in scorers):
@@ -243,7 +283,7 @@ class ShardEntry:
 
 @dataclass
 class Manifest:
-    """``manifest.json``: the index of an annotated directory, written last."""
+    """``_manifest.json``: the index of an annotated directory, written last."""
 
     schema_version: int
     tokenizer: dict[str, str]
@@ -270,7 +310,7 @@ class Manifest:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "Manifest":
-        path = Path(directory) / MANIFEST_NAME
+        path = sidecar_path(str(directory), MANIFEST_NAME)
         with open(path, encoding="utf-8") as f:
             return cls.from_dict(json.load(f))
 

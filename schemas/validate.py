@@ -1,4 +1,4 @@
-"""Check an annotated directory against shard contract v1 and say exactly what is wrong.
+"""Check an annotated directory against the shard contract (v2, or v1) and say exactly what is wrong.
 
     python -m schemas.validate DIR [--quick] [--tokenizer-sha256 HASH]
 
@@ -25,12 +25,14 @@ from schemas.shard import (
     INPUT_IDS,
     LOSS_MASK,
     MANIFEST_NAME,
+    READABLE_SCHEMA_VERSIONS,
     SCHEMA_VERSION,
     SHARD_GLOB,
     Manifest,
     ShardMetadata,
     arrow_schema,
     score_column,
+    sidecar_path,
 )
 
 
@@ -73,15 +75,17 @@ def validate_directory(directory: str | Path, deep: bool = True, tokenizer_sha25
     report = Report(shown_root)
     problems = report.problems
     fs, root = fsspec.core.url_to_fs(shown_root)
-    manifest_shown = _join(shown_root, MANIFEST_NAME)
+    manifest_path = sidecar_path(root, MANIFEST_NAME, fs.exists)
+    manifest_name = manifest_path.rsplit("/", 1)[-1]
+    manifest_shown = _join(shown_root, manifest_name)
     if not fs.isdir(root):
         problems.append(f"{shown_root}: no such directory")
         return report
-    if not fs.exists(_join(root, MANIFEST_NAME)):
+    if not fs.exists(manifest_path):
         problems.append(f"{manifest_shown}: missing (an annotate job that has not finished leaves no manifest)")
         return report
     try:
-        with fs.open(_join(root, MANIFEST_NAME), "r", encoding="utf-8") as f:
+        with fs.open(manifest_path, "r", encoding="utf-8") as f:
             raw = json.load(f)
         typing_problems = manifest_type_problems(raw)
         if typing_problems:
@@ -90,16 +94,20 @@ def validate_directory(directory: str | Path, deep: bool = True, tokenizer_sha25
         manifest = Manifest.from_dict(raw)
     except ValueError as exc:  # a shard path that leaves the directory (before JSONDecodeError, its subclass)
         if isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError)):
-            problems.append(f"{manifest_shown}: not a v{SCHEMA_VERSION} manifest ({type(exc).__name__}: {exc})")
+            problems.append(f"{manifest_shown}: not a shard manifest ({type(exc).__name__}: {exc})")
         else:
             problems.append(f"{manifest_shown}: {exc}")
         return report
     except (TypeError, KeyError, AttributeError) as exc:
-        problems.append(f"{manifest_shown}: not a v{SCHEMA_VERSION} manifest ({type(exc).__name__}: {exc})")
+        problems.append(f"{manifest_shown}: not a shard manifest ({type(exc).__name__}: {exc})")
         return report
     report.manifest = manifest
-    if manifest.schema_version != SCHEMA_VERSION:
-        problems.append(f"{manifest_shown}: schema_version {manifest.schema_version}, this code reads {SCHEMA_VERSION}")
+    if manifest.schema_version not in READABLE_SCHEMA_VERSIONS:
+        problems.append(f"{manifest_shown}: schema_version {manifest.schema_version}, this code reads "
+                        f"{' and '.join(map(str, READABLE_SCHEMA_VERSIONS))}")
+        return report
+    if manifest_name != MANIFEST_NAME and manifest.schema_version != 1:
+        problems.append(f"{manifest_shown}: schema_version {manifest.schema_version} under the v1 name; v2 names it {MANIFEST_NAME}")
         return report
     if tokenizer_sha256 is not None and manifest.tokenizer.get("sha256") != tokenizer_sha256:
         problems.append(
@@ -115,14 +123,14 @@ def validate_directory(directory: str | Path, deep: bool = True, tokenizer_sha25
     for found in sorted(fs.glob(_join(root, SHARD_GLOB))):
         name = str(found).rsplit("/", 1)[-1]
         if name not in listed:
-            problems.append(f"{_join(shown_root, name)}: shard file not listed in {MANIFEST_NAME}")
+            problems.append(f"{_join(shown_root, name)}: shard file not listed in {manifest_name}")
 
     seen_ids: dict[str, str] = {}
     totals = {"rows": 0, "tokens": 0, "trainable_tokens": 0}
     for entry in manifest.shards:
         path, shown = _join(root, entry.path), _join(shown_root, entry.path)
         if not fs.exists(path):
-            problems.append(f"{shown}: listed in {MANIFEST_NAME} but missing")
+            problems.append(f"{shown}: listed in {manifest_name} but missing")
             continue
         try:
             with fs.open(path, "rb") as f:
@@ -140,8 +148,8 @@ def validate_directory(directory: str | Path, deep: bool = True, tokenizer_sha25
         except (KeyError, ValueError, TypeError) as exc:  # (json.JSONDecodeError is a ValueError)
             problems.append(f"{shown}: bad file metadata ({type(exc).__name__}: {exc})")
             continue
-        if meta.schema_version != SCHEMA_VERSION:
-            problems.append(f"{shown}: schema_version {meta.schema_version}, expected {SCHEMA_VERSION}")
+        if meta.schema_version not in READABLE_SCHEMA_VERSIONS:
+            problems.append(f"{shown}: schema_version {meta.schema_version}, expected one of {list(READABLE_SCHEMA_VERSIONS)}")
         if meta.tokenizer != manifest.tokenizer:
             problems.append(f"{shown}: tokenizer fingerprint {meta.tokenizer} differs from the manifest's {manifest.tokenizer}")
         if [s.name for s in meta.scorers] != scorers:
@@ -250,7 +258,7 @@ def check_directory(directory: str | Path, deep: bool = True, tokenizer_sha256: 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m schemas.validate", description=__doc__.split("\n\n")[0],
                                      epilog="example: python -m schemas.validate shards/lima --quick")
-    parser.add_argument("directory", help="annotated directory or fsspec URI (holds manifest.json and shard-*.parquet)")
+    parser.add_argument("directory", help=f"annotated directory or fsspec URI (holds {MANIFEST_NAME} and shard-*.parquet)")
     parser.add_argument("--quick", action="store_true", help="check manifest, schemas and footers only; skip reading the data")
     parser.add_argument("--tokenizer-sha256", default=None, help="also require this tokenizer fingerprint")
     return parser
@@ -262,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     if report.ok:
         m = report.manifest
         assert m is not None
-        print(f"{args.directory}: valid shard schema v{SCHEMA_VERSION}: {len(m.shards)} shards, "
+        print(f"{args.directory}: valid shard schema v{m.schema_version}: {len(m.shards)} shards, "
               f"{m.totals.get('rows')} rows, {m.totals.get('tokens')} tokens, scorers {m.scorer_names}")
         return 0
     for problem in report.problems:

@@ -165,7 +165,7 @@ def test_inline_ignores_are_few_and_explained(name):
 
 
 def test_dockerignore_keeps_local_state_out_of_the_context():
-    for path in (".venv", ".venv/bin/python", "runs", "runs/demo/model", "shards", "shards/demo/manifest.json",
+    for path in (".venv", ".venv/bin/python", "runs", "runs/demo/model", "shards", "shards/demo/_manifest.json",
                  ".git", "annotate/__pycache__/run.cpython-311.pyc", "sftgo.egg-info"):
         assert is_ignored(path), f".dockerignore lets {path} into the build context"
 

@@ -50,7 +50,7 @@ from schemas.shard import EXCESS_LOSS, EXCESS_LOSS_PARTS, Manifest, atomic_write
 from train.schedule import SCHEDULES
 
 REPO = Path(__file__).resolve().parents[1]
-REPORTERS = ("jsonl", "tensorboard")
+REPORTERS = ("jsonl", "tensorboard", "wandb")
 LR_SCHEDULES = SCHEDULES  # train.schedule owns the names
 DTYPES = ("auto", "float32", "bfloat16")
 RESUME_MODES = ("auto", "never")
@@ -155,7 +155,7 @@ class TrainConfig:
     train: LoopConfig = _opt(factory=LoopConfig, help="training loop")
     checkpoint: CheckpointConfig = _opt(factory=CheckpointConfig, help="checkpoints and resume")
     eval: EvalConfig = _opt(factory=EvalConfig, help="evaluation on data.validation")
-    report_to: list[str] = _opt(factory=lambda: ["jsonl", "tensorboard"], help="metric sinks: jsonl and/or tensorboard (comma-separated on the command line)")
+    report_to: list[str] = _opt(factory=lambda: ["jsonl", "tensorboard"], help="metric sinks: jsonl, tensorboard, wandb (Weights & Biases: the wandb extra; WANDB_PROJECT, WANDB_MODE=offline as usual), comma-separated on the command line")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -550,6 +550,10 @@ def validate(config: TrainConfig) -> None:
     _check_deepspeed_file(c, p)
     bad = [r for r in c.report_to if r not in REPORTERS]
     need(not bad, f"report_to: {bad} not in {list(REPORTERS)}")
+    if "wandb" in c.report_to:
+        import importlib.util
+
+        need(importlib.util.find_spec("wandb") is not None, "report_to: wandb needs the wandb package (pip install -e '.[wandb]')")
 
     d = c.data
     need(bool(d.train), "data.train: required (an annotated directory or fsspec URI)")

@@ -445,7 +445,7 @@ def evaluation_request(run: Run, args: argparse.Namespace, tasks: list[str], ben
     an equal request is reused instead of recomputed."""
     import hashlib
 
-    from schemas.shard import file_sha256
+    from schemas.shard import file_sha256, manifest_sha256
 
     model = Path(run.model)
     weights = {p.name: file_sha256(p) for p in sorted(model.glob("*.safetensors")) + [model / "config.json"] if p.is_file()}
@@ -455,7 +455,7 @@ def evaluation_request(run: Run, args: argparse.Namespace, tasks: list[str], ben
     return {"weights": weights, "tasks": tasks, "split": args.split, "benchmark_docs_sha256": docs, "num_fewshot": args.num_fewshot,
             "limit": args.limit, "loglikelihood": args.loglikelihood,
             "loglikelihood_batch": args.row_tokens if args.loglikelihood == "packed" else args.batch_size,
-            "heldout": [{"dir": str(Path(uri).resolve()), "manifest_sha256": file_sha256(Path(uri) / "manifest.json")}
+            "heldout": [{"dir": str(Path(uri).resolve()), "manifest_sha256": manifest_sha256(uri)}
                         for uri, _, _ in run.heldout],
             "scorer": args.scorer if run.heldout else None, "rho": args.rho if run.heldout else None,
             "scope": args.scope if run.heldout else None, "micro_batch_tokens": args.micro_batch_tokens if run.heldout else None,

@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import time
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +37,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+import yaml  # noqa: E402
 
+from schemas.shard import atomic_write_text, manifest_sha256  # noqa: E402
 from train import config as train_config  # noqa: E402
+from train.card import model_card  # noqa: E402
 from train.forward import resolve_attn_implementation, token_losses  # noqa: E402
 from train.grouping import batch_important_masks, important_mask_packed  # noqa: E402
 from train.losses import build_loss  # noqa: E402
-from schemas.shard import atomic_write_text  # noqa: E402
 from train.schedule import make_scheduler  # noqa: E402
 from train.shards import ShardStream, corpus_threshold, open_annotated  # noqa: E402
 
@@ -399,8 +402,25 @@ def load_checkpoint(engine: Any, stream: ShardStream, path: Path, rank: int) -> 
     return int(json.loads((path / TRAINER_STATE).read_text())["step"])
 
 
-def export_model(engine: Any, tokenizer: Any, out: Path, rank: int) -> None:
-    """A standard Hugging Face folder (safetensors, config, tokenizer) that from_pretrained loads."""
+def start_wandb(cfg: Any, out: Path) -> Any:
+    """A Weights & Biases run for ``out`` (rank 0): one run id per output_dir, kept in ``out/wandb_run_id``, so a
+    resumed run continues the same W&B run; files under ``out/wandb``. Project: $WANDB_PROJECT, else sftgo."""
+    import wandb
+
+    id_file = out / "wandb_run_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
+    atomic_write_text(id_file, run_id + "\n")
+    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "sftgo"), name=out.name, id=run_id, resume="allow",
+                     dir=str(out), config=yaml.safe_load(train_config.format_config(cfg)))
+    run.define_metric("*", step_metric="step")  # redone steps after a resume log again under their own step
+    return run
+
+
+def export_model(engine: Any, tokenizer: Any, out: Path, rank: int, card: str | None = None) -> None:
+    """A standard Hugging Face folder (safetensors, config, generation_config, tokenizer, model card
+    ``card`` as README.md) that from_pretrained loads; it appears whole or not at all."""
+    from train.card import generation_config
+
     if engine.zero_optimization_stage() == 3:
         state = engine._zero3_consolidated_16bit_state_dict()  # gathers ZeRO-3 partitions on rank 0
     else:
@@ -411,6 +431,9 @@ def export_model(engine: Any, tokenizer: Any, out: Path, rank: int) -> None:
         model = engine.module
         model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        generation_config(model, tokenizer).save_pretrained(tmp)
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     dist.barrier()
@@ -585,12 +608,15 @@ def run(argv: list[str] | None, progress: Progress) -> int:
     # -- logging --------------------------------------------------------------------------------------
     writer = None
     metrics_file = None
+    wandb_run = None
     if rank == 0:
         metrics_file = open(out / "metrics.jsonl", "a", encoding="utf-8")
         if "tensorboard" in cfg.report_to:
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(str(out / "tensorboard"))
+        if "wandb" in cfg.report_to:
+            wandb_run = start_wandb(cfg, out)
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
     peak_flops = 989e12 if device.type == "cuda" else None  # H100 dense bf16; MFU only on GPU
 
@@ -603,6 +629,8 @@ def run(argv: list[str] | None, progress: Progress) -> int:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and key != "step":
                     writer.add_scalar(key, value, record["step"])
+        if wandb_run is not None:  # the same keys as metrics.jsonl, "step" the x axis
+            wandb_run.log({key: value for key, value in record.items() if isinstance(value, (int, float))})
 
     # -- train ----------------------------------------------------------------------------------------
     from tqdm import tqdm
@@ -649,17 +677,25 @@ def run(argv: list[str] | None, progress: Progress) -> int:
     bar.close()
 
     # -- save -------------------------------------------------------------------------------------------
+    final_eval = None
     if val_stream is not None:
         val_stream = ShardStream(cfg.data.validation, val_manifest, cfg.importance.scorer, shuffle=False, epochs=1)
         final_eval = evaluate(engine, val_stream, cfg, val_threshold, device, pad_id)
         log({"step": step, **final_eval})
         log0("final eval: " + ", ".join(f"{k}={v:.4f}" for k, v in final_eval.items()))
     save_checkpoint(engine, stream, ckpt_root, step, rank, cfg.checkpoint.keep, {"total_steps": total_steps})
-    export_model(engine, tokenizer, out / "model", rank)
+    card = model_card(base_model=cfg.model, loss_name=cfg.loss.name, objective=loss_fn.describe(),
+                      loss_options=train_config.loss_options(cfg), scorer=cfg.importance.scorer, rho=cfg.importance.rho,
+                      scope=cfg.importance.scope, train_data=cfg.data.train, train_manifest_sha256=manifest_sha256(cfg.data.train),
+                      validation_data=cfg.data.validation or None, steps=step, total_steps=total_steps, final_eval=final_eval,
+                      config_yaml=train_config.format_config(cfg)) if rank == 0 else None
+    export_model(engine, tokenizer, out / "model", rank, card)
     if rank == 0:
         metrics_file.close()
         if writer is not None:
             writer.close()
+        if wandb_run is not None:
+            wandb_run.finish()
         atomic_write_text(out / "train_summary.json", json.dumps({
             "steps": step, "total_steps": total_steps, "skipped_no_trainable": stream.skipped_no_trainable,
             "config_sha256": config_sha256}, indent=2))

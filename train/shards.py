@@ -46,6 +46,7 @@ from schemas.shard import (
     LOSS_MASK,
     MANIFEST_NAME,
     Manifest,
+    sidecar_name,
     quantile_from_summary,
     score_column,
     score_names,
@@ -88,7 +89,7 @@ def open_annotated(uri: str, tokenizer_sha256: str | None, score: str, *, deep: 
     """
     uri = str(uri)
     manifest = check_directory(uri, deep=deep, tokenizer_sha256=tokenizer_sha256)  # local path or fsspec URI
-    where = _join(uri, MANIFEST_NAME)
+    where = _join(uri, sidecar_name(MANIFEST_NAME, manifest.schema_version))
     available = score_names(manifest.scorer_names)
     if score not in available:
         hint = ""

@@ -21,15 +21,6 @@ from tests.conftest import REPO
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _ray_session():
-    yield
-    import ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-
-
 def _rows(directory):
     tables = [pq.read_table(p) for p in sorted(Path(directory).glob("shard-*.parquet"))]
     out = []
@@ -62,7 +53,7 @@ def test_lima_slice_end_to_end(tmp_path, lima_slice, tiny_llama_dir, tiny_llama_
         assert r[score_column("ref_loss")][0] == 0.0
     assert not np.allclose(rows[0][score_column("ref_loss")], rows[0][score_column("base_loss")])
     assert not (out / "_work").exists()
-    assert json.loads((out / "annotate_summary.json").read_text())["totals"]["rows"] == len(lines)
+    assert json.loads((out / "_annotate_summary.json").read_text())["totals"]["rows"] == len(lines)
 
     # --add-scorers of a column the directory already has is refused before Ray work starts.
     rc = main(["--output", str(out), "--model", str(tiny_llama_dir), "--add-scorers", "base_loss"])
@@ -112,7 +103,7 @@ def test_annotate_then_add_scorers_then_the_same_annotate_again(tmp_path, lima_s
     assert {p.name: p.read_bytes() for p in out.glob("shard-*.parquet")} == complete
 
     # 2. --add-scorers killed after its last shard, before its manifest: the manifest is finished, with both.
-    (out / "manifest.json").unlink()
+    (out / "_manifest.json").unlink()
     assert main(first) == 0
     assert "with ['base_loss'] added by --add-scorers; writing the manifest" in capsys.readouterr().out
     assert Manifest.load(out).scorer_names == ["tfidf", "base_loss"] and validate_directory(out).ok
@@ -121,7 +112,7 @@ def test_annotate_then_add_scorers_then_the_same_annotate_again(tmp_path, lima_s
     # 3. Killed half way (one shard extended, one not): the annotate rerun says so and lists the common column;
     #    rerunning the --add-scorers then finishes it with exactly the uninterrupted bytes.
     shutil.copy(tfidf_only, out / "shard-00000.parquet")
-    (out / "manifest.json").unlink()
+    (out / "_manifest.json").unlink()
     assert main(first) == 0
     printed = capsys.readouterr().out
     assert "some shards also have ['base_loss'], from an --add-scorers run that was interrupted" in printed
@@ -151,7 +142,7 @@ def test_bad_input_is_rejected_and_counted(tmp_path, tiny_llama_dir, capsys):
     assert manifest.totals["rows"] == 2
     assert manifest.rejected == {"duplicate": 1, "empty_response": 1, "invalid_utf8": 1, "malformed_json": 1,
                                  "missing_field": 1, "over_length": 1, "wrong_type": 1}
-    rejects = [json.loads(l) for l in (out / "rejects.jsonl").read_text().splitlines()]
+    rejects = [json.loads(l) for l in (out / "_rejects.jsonl").read_text().splitlines()]
     assert [(r["line"], r["reason"]) for r in rejects] == [
         (2, "malformed_json"), (3, "missing_field"), (4, "wrong_type"), (5, "empty_response"), (6, "over_length"),
         (7, "duplicate"), (8, "invalid_utf8")]
@@ -184,7 +175,7 @@ def test_kill_and_resume_gives_the_uninterrupted_output(tmp_path, lima_slice, ti
     proc.wait()
     finished = len(list(out.glob("shard-*.parquet")))
     assert 2 <= finished < 8, "the kill must land mid-job"
-    assert not (out / "manifest.json").exists()
+    assert not (out / "_manifest.json").exists()
 
     assert main([*args, "--output", str(out)]) == 0
     assert validate_directory(out).ok
@@ -228,6 +219,6 @@ def test_signal_stops_with_one_line_and_the_rerun_finishes(tmp_path, lima_slice,
     done = len(list(out.glob("shard-*.parquet")))
     assert lines[0] == (f"interrupted ({name}) writing {out}: {done} of 8 shards finished and kept; "
                         f"the same command resumes with the other {8 - done}")
-    assert not (out / "manifest.json").exists() and not list(out.glob("*.tmp*"))
+    assert not (out / "_manifest.json").exists() and not list(out.glob("*.tmp*"))
     assert main([*args, "--output", str(out)]) == 0
     assert _rows(out) == _rows(reference)

@@ -147,7 +147,7 @@ def test_missing_or_broken_directories_name_the_path(tmp_path, clean):
         summarize(str(tmp_path / "nope"))
     assert str(tmp_path / "nope") in str(info.value)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="no manifest.json") as info:
+    with pytest.raises(ValueError, match="no _manifest.json") as info:
         scan_shards(str(tmp_path / "empty"))
     assert str(tmp_path / "empty") in str(info.value)
     (tmp_path / "bad").mkdir()

@@ -21,7 +21,7 @@ def test_valid_directory_passes(tmp_path, capsys):
     path = _dir(tmp_path)
     assert validate_directory(path).ok
     assert main([str(path)]) == 0
-    assert "valid shard schema v1: 3 shards, 20 rows" in capsys.readouterr().out
+    assert "valid shard schema v2: 3 shards, 20 rows" in capsys.readouterr().out
 
 
 def test_missing_manifest_and_unlisted_shard(tmp_path):
@@ -50,9 +50,9 @@ def test_changed_shard_nan_and_version(tmp_path, capsys):
     assert main([str(path)]) == 1
     assert "INVALID" in capsys.readouterr().err
     manifest = json.loads((path / MANIFEST_NAME).read_text())
-    manifest["schema_version"] = 2
+    manifest["schema_version"] = 3
     (path / MANIFEST_NAME).write_text(json.dumps(manifest))
-    assert "schema_version 2" in validate_directory(path).problems[0]
+    assert "schema_version 3, this code reads 1 and 2" in validate_directory(path).problems[0]
 
 
 def test_tokenizer_mismatch_and_corrupt_file(tmp_path):

@@ -1,4 +1,4 @@
-"""Train-test helpers: small, valid v1 annotated directories written directly, without annotate.
+"""Train-test helpers: small, valid annotated directories written directly, without annotate.
 
     from tests.train.conftest import make_examples, write_annotated_dir
     write_annotated_dir(tmp_path, make_examples(20, scorers=["tfidf"]), ["tfidf"], rows_per_shard=8)
@@ -105,8 +105,11 @@ def write_annotated_dir(
     tokenizer_fp: dict[str, str] | None = None,
     rows_per_shard: int = 16,
     row_group_size: int | None = None,
+    schema_version: int = SCHEMA_VERSION,
 ) -> Manifest:
-    """Write ``examples`` as valid v1 shards plus ``manifest.json`` into ``path``; return the manifest.
+    """Write ``examples`` as valid shards plus ``_manifest.json`` into ``path``; return the manifest.
+
+    ``schema_version=1`` writes a directory as schema v1 did (footers say 1, ``manifest.json``).
 
     Each example: ``input_ids``, ``loss_mask`` and optionally ``id`` (default ``ex-<index>``),
     ``source`` (default ``"test"``) and ``scores`` {scorer name: per-token values} (missing scorers
@@ -124,7 +127,7 @@ def write_annotated_dir(
     stats_parts: dict[str, list[dict[str, Any]]] = {}
     first = 0
     for index, chunk in enumerate(chunks):
-        meta = ShardMetadata(schema_version=SCHEMA_VERSION, tokenizer=fingerprint, scorers=infos, shard_index=index,
+        meta = ShardMetadata(schema_version=schema_version, tokenizer=fingerprint, scorers=infos, shard_index=index,
                              plan={"test": True}, score_stats=_score_stats(chunk, scorers, first))
         schema = arrow_schema(scorers, meta)
         columns = {
@@ -146,13 +149,16 @@ def write_annotated_dir(
             stats_parts.setdefault(name, []).append(summary)
         first += len(chunk)
     manifest = Manifest(
-        schema_version=SCHEMA_VERSION, tokenizer=fingerprint, scorers=infos, shards=entries,
+        schema_version=schema_version, tokenizer=fingerprint, scorers=infos, shards=entries,
         totals={"rows": sum(e.rows for e in entries), "tokens": sum(e.tokens for e in entries),
                 "trainable_tokens": sum(e.trainable_tokens for e in entries), "shards": len(entries)},
         rejected={}, score_stats={name: merge_summaries(parts) for name, parts in stats_parts.items()},
         config={"test": True},
     )
-    manifest.save(path)  # last, as annotate does
+    if schema_version == 1:
+        (path / "manifest.json").write_text(manifest.to_json() + "\n")
+    else:
+        manifest.save(path)  # last, as annotate does
     return manifest
 
 

@@ -236,7 +236,7 @@ def test_defaults_with_train_data_validate():
         ({"checkpoint.resume": "/no/such/checkpoint"}, "checkpoint.resume: /no/such/checkpoint does not exist"),
         ({"eval.every": 5}, "eval.every: 5 needs data.validation"),
         ({"eval.max_batches": -1}, "eval.max_batches:"),
-        ({"report_to": "wandb"}, "report_to:"),
+        ({"report_to": "mlflow"}, "report_to:"),
         ({"seed": -1}, "seed:"),
         ({"model": "''"}, "model: required"),
         ({"deepspeed_config": "missing/ds.json"}, "deepspeed_config: missing/ds.json does not exist"),

@@ -48,24 +48,24 @@ def _config(tmp_path, tiny_llama_dir, shards, **overrides) -> Path:
     return [f"{k}={v}" for k, v in lines.items()]
 
 
-def _env():
-    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+def _env(**extra):
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **extra)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     return env
 
 
-def _launch(args, ranks: int, log: Path, launcher: str = "deepspeed") -> subprocess.Popen:
+def _launch(args, ranks: int, log: Path, launcher: str = "deepspeed", env: dict | None = None) -> subprocess.Popen:
     if launcher == "python":
         cmd = [sys.executable, str(REPO / "train" / "main.py"), *args]
     else:
         port = str(29500 + os.getpid() % 1000)
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", port,
                str(REPO / "train" / "main.py"), *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(cmd, cwd=REPO, env=env or _env(), stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _run(args, ranks: int, log: Path, timeout: int = 600, launcher: str = "deepspeed") -> None:
-    proc = _launch(args, ranks, log, launcher)
+def _run(args, ranks: int, log: Path, timeout: int = 600, launcher: str = "deepspeed", env: dict | None = None) -> None:
+    proc = _launch(args, ranks, log, launcher, env)
     try:
         assert proc.wait(timeout=timeout) == 0, log.read_text()[-3000:]
     finally:
@@ -279,6 +279,79 @@ def test_finished_run_is_not_redone_and_keep_final_false_leaves_only_the_model(t
     run = tmp_path / "run"
     assert not (run / "checkpoints").exists() and (run / "model" / "model.safetensors").is_file()
     metrics = (run / "metrics.jsonl").read_text()
+    _check_model_card(run / "model", shards / "train", json.loads(metrics.splitlines()[-1]))
     _run(args, 1, tmp_path / "again.log", launcher="python")  # the same command: nothing to redo
     assert "already trained with this config (2 steps)" in (tmp_path / "again.log").read_text()
     assert (run / "metrics.jsonl").read_text() == metrics
+
+
+def _check_model_card(folder: Path, train_dir: Path, final_eval: dict) -> None:
+    """The exported folder says what made it (README.md, Hub format) and how to generate (generation_config.json),
+    and still loads with the Auto classes."""
+    from huggingface_hub import ModelCard
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from schemas.shard import manifest_sha256
+
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.to_dict()["library_name"] == "transformers"
+    assert card.data.to_dict()["tags"] == ["sftgo", "loss-sftgo", "score-tfidf"]
+    assert "base_model" not in card.data.to_dict()  # a local folder has no Hub id
+    assert "| objective | sftgo: (1 − λ)·CE + λ·(worse group's mean loss), λ = 0.9 (static) |" in card.text
+    assert "`tfidf`, rho 0.7 (the top 30% of trainable tokens by score are important), scope `sequence`" in card.text
+    assert f"manifest sha256 `{manifest_sha256(train_dir)}`" in card.text
+    assert "| steps | 2 of 2 |" in card.text
+    assert f"| final held-out CE | {final_eval['eval_ce']:.4f} over {int(final_eval['eval_tokens']):,} tokens |" in card.text
+    assert "optim:" in card.text and "lr: 0.001" in card.text  # the full config, as saved beside the run
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    generation = GenerationConfig.from_pretrained(folder)
+    eos = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
+    assert tokenizer.eos_token_id in eos and generation.pad_token_id is not None
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    ids = tokenizer("Hello", return_tensors="pt")["input_ids"]
+    assert model(input_ids=ids).logits.shape == (1, ids.shape[1], model.config.vocab_size)
+
+
+def _wandb_history(run_file: Path) -> list[dict]:
+    """The history rows of an offline W&B run file (a LevelDB-style log of protobuf Records)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, position = run_file.read_bytes(), 32768, 7  # after the ":W&B" header
+    payloads, pending = [], b""
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's tail too short for a chunk header is padding
+            position += block - position % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        if length == 0 and kind == 0:
+            break
+        chunk, position = data[position + 7:position + 7 + length], position + 7 + length
+        if kind == 1:  # full
+            payloads.append(chunk)
+        elif kind in (2, 3):  # first, middle
+            pending = (pending if kind == 3 else b"") + chunk
+        elif kind == 4:  # last
+            payloads.append(pending + chunk)
+    rows = []
+    for payload in payloads:
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        if record.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+    return rows
+
+
+def test_report_to_wandb_logs_the_metrics_jsonl_keys(tmp_path, tiny_llama_dir, shards):
+    args = _config(tmp_path, tiny_llama_dir, shards, **{"train.max_steps": 2, "checkpoint.every": 0, "eval.every": 2,
+                                                        "report_to": "jsonl,wandb"})
+    _run(args, 1, tmp_path / "train.log", launcher="python", env=_env(WANDB_MODE="offline", WANDB_PROJECT="sftgo-test"))
+    run = tmp_path / "run"
+    expected = [{k: v for k, v in json.loads(line).items() if isinstance(v, (int, float))}
+                for line in (run / "metrics.jsonl").read_text().splitlines()]
+    run_files = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(run_files) == 1
+    assert run_files[0].name == f"run-{(run / 'wandb_run_id').read_text().strip()}.wandb"
+    logged = [{k: v for k, v in row.items() if not k.startswith("_")} for row in _wandb_history(run_files[0])]
+    assert logged == expected and [row["step"] for row in logged][:2] == [1, 2] and "eval_ce" in logged[-1]

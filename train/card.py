@@ -1,0 +1,75 @@
+"""The model card (README.md, Hugging Face format) and generation_config.json of an exported model.
+
+A person who finds ``RUN/model`` later reads there what made it: the base model, the objective and
+its options, the importance score and how it was thresholded, the training data (by manifest
+digest), the steps, and the final held-out losses.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from data.models import EMBEDDED
+
+
+def base_model_id(name: str) -> str | None:
+    """The Hub id of ``name`` for the card's ``base_model`` field, when it is one (or an embedded model's)."""
+    if name in EMBEDDED:
+        return EMBEDDED[name].get("hub_id")
+    path = Path(name)
+    source = path / "sftgo_source.json"  # the cache folder of an embedded model
+    if source.is_file():
+        return EMBEDDED.get(json.loads(source.read_text()).get("name", ""), {}).get("hub_id")
+    if path.exists() or name.startswith((".", "/")) or name.count("/") != 1:
+        return None  # a local folder: no Hub id to point at
+    return name
+
+
+def model_card(*, base_model: str, loss_name: str, objective: str, loss_options: dict[str, Any], scorer: str,
+               rho: float, scope: str, train_data: str, train_manifest_sha256: str, validation_data: str | None,
+               steps: int, total_steps: int, final_eval: dict[str, float] | None, config_yaml: str) -> str:
+    """The card's text: YAML front matter (``base_model``, tags) for the Hub, then what trained this model."""
+    front: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": "text-generation",
+                             "tags": ["sftgo", f"loss-{loss_name}", f"score-{scorer}"]}
+    hub_id = base_model_id(base_model)
+    if hub_id is not None:
+        front["base_model"] = hub_id
+    options = ", ".join(f"`{key}={value!r}`" for key, value in loss_options.items()) or "none"
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", "",
+             f"# {base_model}, fine-tuned with sftgo ({loss_name})", "",
+             "| | |", "|---|---|",
+             f"| base model | `{base_model}`" + (f" ([{hub_id}](https://huggingface.co/{hub_id}))" if hub_id else "") + " |",
+             f"| objective | {loss_name}: {objective} |",
+             f"| loss options | {options} |",
+             f"| importance score | `{scorer}`, rho {rho:g} (the top {1 - rho:.0%} of trainable tokens by score are important), scope `{scope}` |",
+             f"| training data | `{train_data}` (manifest sha256 `{train_manifest_sha256}`) |",
+             f"| steps | {steps} of {total_steps} |"]
+    if validation_data:
+        lines.append(f"| held-out data | `{validation_data}` |")
+    if final_eval:
+        lines.append(f"| final held-out CE | {final_eval['eval_ce']:.4f} over {int(final_eval['eval_tokens']):,} tokens |")
+        lines.append(f"| final held-out important / unimportant loss | {final_eval['eval_important_loss']:.4f} / "
+                     f"{final_eval['eval_unimportant_loss']:.4f} (trainer's in-training evaluation) |")
+    lines += ["", "Load it as any causal LM:", "", "```python",
+              "from transformers import AutoModelForCausalLM, AutoTokenizer",
+              'model = AutoModelForCausalLM.from_pretrained("PATH"); tokenizer = AutoTokenizer.from_pretrained("PATH")',
+              "```", "", "## Training config", "", "```yaml", config_yaml.rstrip(), "```", ""]
+    return "\n".join(lines)
+
+
+def generation_config(model: Any, tokenizer: Any) -> Any:
+    """The base model's generation settings, ending at the tokenizer's end-of-turn token too, with a pad id."""
+    config = model.generation_config
+    eos = config.eos_token_id
+    eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos_ids:
+        eos_ids.append(tokenizer.eos_token_id)
+    if eos_ids:
+        config.eos_token_id = eos_ids[0] if len(eos_ids) == 1 else eos_ids
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos_ids[0] if eos_ids else None)
+    return config
