@@ -51,9 +51,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from data.token_loss import logit_softcap, token_ce
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch.nn.attention.flex_attention import BlockMask
@@ -252,12 +253,7 @@ def pad_packed_row(input_ids: Tensor, position_ids: Tensor, seq_lens: list[int],
 
 def _chunk_ce(lm_head: nn.Module, softcap: float | None, hidden: Tensor, src: Tensor, labels: Tensor) -> Tensor:
     """Per-token CE of one chunk (at least fp32): logits of the rows ``src`` of ``hidden`` against ``labels``."""
-    logits = lm_head(hidden.index_select(0, src))
-    # Upcast bf16/fp16 logits to fp32 for the log-softmax; never downcast (an fp64 model stays fp64).
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    if softcap:  # e.g. Gemma-2's final logit soft-capping; None for Llama
-        logits = torch.tanh(logits / softcap) * softcap
-    return F.cross_entropy(logits, labels, reduction="none")
+    return token_ce(lm_head(hidden.index_select(0, src)), labels, softcap)
 
 
 def chunked_token_ce(
@@ -284,7 +280,7 @@ def chunked_token_ce(
     src = targets - 1
     labels = input_ids.index_select(0, targets)
     lm_head = model.get_output_embeddings()
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    softcap = logit_softcap(model)
     # Checkpoint whenever autograd records (lm_head may be trainable even if hidden is not).
     use_checkpoint = torch.is_grad_enabled()
     pieces = []

@@ -20,11 +20,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import _add_special_kwargs, has_bos_prefix, resolve_max_length
 from tqdm import tqdm
 
+from data.token_loss import logit_softcap, token_logprobs
 from train.forward import packed_hidden_states
 
 
@@ -93,7 +93,7 @@ class PackedLM(TemplateLM):
                 rows.append([i])
 
         results: list[tuple[float, bool] | None] = [None] * len(wanted)
-        lm_head = self.model.get_output_embeddings()
+        lm_head, softcap = self.model.get_output_embeddings(), logit_softcap(self.model)
         bar = tqdm(total=len(wanted), desc="benchmark loglikelihoods", unit="request", disable=disable_tqdm or not self.progress,
                    file=self.progress_file)
         with torch.no_grad():
@@ -112,7 +112,7 @@ class PackedLM(TemplateLM):
                         owners.append((request, len(continuation_enc)))
                     offset += n
                 logits = lm_head(hidden[torch.tensor(src, device=self._device)])
-                logprobs = F.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+                logprobs = token_logprobs(logits, softcap)
                 target = torch.tensor(labels, device=self._device)
                 token_logprob = logprobs.gather(1, target[:, None])[:, 0]
                 greedy = logprobs.argmax(dim=-1) == target

@@ -99,7 +99,8 @@ class TokenLossScorer:
     def _token_losses(self, ids: Any, attention: Any) -> Any:
         """[B, T] losses: position t holds -log p(ids[t] | ids[<t]); position 0 holds 0."""
         import torch
-        import torch.nn.functional as F
+
+        from data.token_loss import logit_softcap, token_ce
 
         hidden = self.model.base_model(input_ids=ids, attention_mask=attention).last_hidden_state
         head = self.model.get_output_embeddings()
@@ -108,9 +109,10 @@ class TokenLossScorer:
         flat_hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         flat_targets = ids[:, 1:].reshape(-1)
         flat_losses = torch.empty(flat_targets.shape[0], dtype=torch.float32, device=ids.device)
+        softcap = logit_softcap(self.model)
         for s in range(0, flat_targets.shape[0], self.options.logits_chunk):
-            logits = head(flat_hidden[s : s + self.options.logits_chunk]).float()
-            flat_losses[s : s + self.options.logits_chunk] = F.cross_entropy(logits, flat_targets[s : s + self.options.logits_chunk], reduction="none")
+            chunk = slice(s, s + self.options.logits_chunk)
+            flat_losses[chunk] = token_ce(head(flat_hidden[chunk]), flat_targets[chunk], softcap).float()
         losses[:, 1:] = flat_losses.view(batch, length - 1) * attention[:, 1:]
         return losses
 

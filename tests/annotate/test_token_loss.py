@@ -53,3 +53,50 @@ def test_base_and_ref_use_their_own_models(tiny_llama_dir, tiny_llama_ref_dir):
 def test_missing_model_path_fails_before_loading(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         registry.get("ref_loss")(registry.build_options("ref_loss", {"model": str(tmp_path / "nope")}), ScorerContext(model="x"))
+
+
+@pytest.fixture(scope="module")
+def tiny_softcapped_dir(tmp_path_factory, smol_tokenizer_dir):
+    """A tiny random Gemma-2 (final-logit soft-capping, small cap so it matters) with SmolLM2's tokenizer."""
+    import shutil
+    from pathlib import Path
+
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=16, max_position_embeddings=512, final_logit_softcapping=0.5,
+                          attn_logit_softcapping=None, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    out = tmp_path_factory.mktemp("tiny_gemma2")
+    Gemma2ForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    for item in Path(smol_tokenizer_dir).iterdir():
+        shutil.copy(item, out / item.name)
+    return out
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_llama_dir", "tiny_softcapped_dir"])
+def test_stored_base_loss_is_the_trainers_per_token_loss(request, model_fixture):
+    """annotate's base_loss on rows = train.forward.token_losses on the same rows packed (1e-5), soft-capping included."""
+    from data.token_loss import logit_softcap
+    from train.forward import token_losses
+
+    model_dir = request.getfixturevalue(model_fixture)
+    rng = np.random.default_rng(1)
+    rows = [rng.integers(3, 49152, size=n).tolist() for n in (9, 23, 5)]
+    stored = _scorer("base_loss", model_dir, max_batch_tokens=4096, logits_chunk=7).score(_table(rows))
+    attn = "eager" if model_fixture == "tiny_softcapped_dir" else "sdpa"  # Gemma-2 has no sdpa path in transformers
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn).eval()
+    packed = torch.tensor([t for r in rows for t in r])
+    positions = torch.tensor([p for r in rows for p in range(len(r))])
+    loss_mask = positions > 0  # every token but each example's first is a target
+    with torch.no_grad():
+        trainer = token_losses(model, packed, positions, [len(r) for r in rows], loss_mask, chunk_size=5).numpy()
+    np.testing.assert_allclose(np.concatenate([s[1:] for s in stored]), trainer, rtol=1e-5, atol=1e-5)
+    if model_fixture == "tiny_softcapped_dir":
+        assert logit_softcap(model) == 0.5
+        # HF's own forward caps its logits too: the same losses. Raw lm_head logits without the cap differ.
+        np.testing.assert_allclose(np.concatenate([_reference(model_dir, r)[1:] for r in rows]), trainer, rtol=1e-5, atol=1e-5)
+        with torch.no_grad():
+            raw = [model.lm_head(model.model(torch.tensor([r])).last_hidden_state[0, :-1]) for r in rows]
+            uncapped = torch.cat([torch.nn.functional.cross_entropy(l, torch.tensor(r[1:]), reduction="none") for l, r in zip(raw, rows)])
+        assert np.abs(uncapped.numpy() - trainer).max() > 1e-3, "the cap must matter for this test to mean anything"
