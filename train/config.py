@@ -91,7 +91,7 @@ class ImportanceConfig:
 
 @dataclass
 class LossConfig:
-    name: str = _opt("sftgo", "objective: sft | sftgo | rho1 | infosft | dft (METHOD.md 'Losses')")
+    name: str = _opt("sftgo", "objective: sft | sftgo | rho1 | infosft | dft | select (METHOD.md 'Losses'; select = CE over the important group only, Token Cleaning)")
     lambda_: float = _opt(0.9, "SFT-GO's weight on max(L_1, L_0) with lambda_schedule static, in [0, 1]", key="lambda")
     lambda_schedule: str = _opt("static", "static (lambda) | linear (lambda_max -> lambda_min over the training steps)")
     lambda_max: float = _opt(0.9, "linear schedule: lambda at the first step")

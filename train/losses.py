@@ -33,7 +33,7 @@ Metrics (python floats, the same keys for every loss):
         group (no NaN in logs); for rho1 the "important" group is the live top-k selection;
     worse_group: 1.0 if the important group has the larger mean (ties and an empty unimportant
         group count as important), else 0.0; the group SFT-GO trains;
-    lambda: weight on the group term: sftgo's lambda, 1.0 for rho1, 0.0 for sft/infosft/dft;
+    lambda: weight on the group term: sftgo's lambda, 1.0 for rho1 and select, 0.0 for sft/infosft/dft;
     important_fraction: important tokens / tokens in the micro-batch (0.0 when it has none);
     tokens: trainable tokens of the micro-batch over all ranks.
 """
@@ -370,12 +370,49 @@ class DftLoss:
         return contribution, _metrics(contribution, stats, 0.0)
 
 
+class SelectLoss:
+    """Token selection (Token Cleaning, Pang et al. 2025): CE over the important group only.
+
+    ``L = sum_{t important} l_t / N_important``: the load-time groups (importance.scorer at rho,
+    scope) decide which tokens train; the rest get no gradient. This rank's contribution for
+    micro-batch m is ``w_m * sum_{t important, local} l_t / N_{important, m}`` with
+    ``w_m = N_m / step_tokens``, as SFT-GO's group term: one micro-batch per step gives exactly the
+    global-batch mean over the important tokens; with accumulation, the token-weighted mean of the
+    micro-batches' important-group means. A micro-batch without an important token contributes 0.
+    Logs ``important_fraction`` (the fraction kept) and ``lambda`` 1.0 (all weight on the group term).
+    Token Cleaning scores by base-minus-reference loss: ``importance.scorer=excess_loss``.
+    """
+
+    needs_ref_loss = False
+    needs_groups = True
+
+    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
+        self.group = group
+
+    def describe(self) -> str:
+        """The objective in one line, with its settings (reports and logs)."""
+        return "CE over the important tokens only (token selection)"
+
+    def __call__(
+        self, token_loss: Tensor, important: Tensor, ref_loss: Tensor | None, step_tokens: int, progress: float
+    ) -> tuple[Tensor, dict[str, float]]:
+        _check_inputs(token_loss, important, ref_loss, step_tokens, progress)
+        stats = group_stats(token_loss, important, self.group)
+        if stats.important_tokens > 0:
+            weight = stats.tokens * _per_token_scale(step_tokens) / stats.important_tokens
+            contribution = weight * token_loss[important].sum()
+        else:  # nothing kept in this micro-batch on any rank; keep the graph for backward
+            contribution = token_loss.sum() * 0.0
+        return contribution, _metrics(contribution, stats, 1.0)
+
+
 LOSSES: dict[str, type] = {
     "sft": SftLoss,
     "sftgo": SftGoLoss,
     "rho1": Rho1Loss,
     "infosft": InfoSftLoss,
     "dft": DftLoss,
+    "select": SelectLoss,
 }
 
 

@@ -27,7 +27,7 @@ WORLD_SIZE = 2
 FEATURES, VOCAB = 4, 5
 # Tokens per (rank, micro-batch): rank 0 holds [3, 4], rank 1 holds [5, 2].
 SIZES = [[3, 4], [5, 2]]
-LOSSES = {"sft": {}, "sftgo": {"lambda_": 0.9}, "rho1": {"rho": 0.4}}
+LOSSES = {"sft": {}, "sftgo": {"lambda_": 0.9}, "rho1": {"rho": 0.4}, "select": {}}
 # "accumulation": both micro-batches in one step; "single": micro-batch 0 alone.
 SCENARIOS = {"accumulation": [0, 1], "single": [0]}
 
@@ -154,6 +154,7 @@ def test_single_micro_batch_matches_the_method_formula(rank_results):
     assert rank_results[0]["single/sft/loss"] == pytest.approx(token_loss.mean().item(), abs=1e-6)
     assert rank_results[0]["single/sftgo/loss"] == pytest.approx(sftgo.item(), abs=1e-6)
     assert rank_results[0]["single/rho1/loss"] == pytest.approx(rho1.item(), abs=1e-6)
+    assert rank_results[0]["single/select/loss"] == pytest.approx(token_loss[important].mean().item(), abs=1e-6)
 
 
 @pytest.mark.timeout(120)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from train.losses import LOSSES, DftLoss, InfoSftLoss, Rho1Loss, SftGoLoss, SftLoss, build_loss
+from train.losses import LOSSES, DftLoss, InfoSftLoss, Rho1Loss, SelectLoss, SftGoLoss, SftLoss, build_loss
 
 T, F = True, False
 
@@ -248,13 +248,27 @@ def test_weighted_losses_stop_gradient_through_the_weight_at_the_logits():
         assert torch.allclose(grad, expected, atol=1e-6)
 
 
+def test_select_trains_the_important_tokens_only_and_logs_the_fraction_kept():
+    # important = [T, F, T, F]: L = (1 + 3) / 2 = 2; dL/dl = [1/2, 0, 1/2, 0].
+    l = leaf(1.0, 2.0, 3.0, 4.0)
+    value, grad, metrics = run(SelectLoss(), l, mask(T, F, T, F))
+    assert value == approx(2.0) and grad == approx([0.5, 0.0, 0.5, 0.0])
+    assert metrics["important_fraction"] == 0.5 and metrics["lambda"] == 1.0 and metrics["ce"] == approx(2.5)
+    # Accumulation: this micro-batch holds 4 of the step's 8 tokens: w = 4 / 8, so L = 0.5 * 2.
+    value, grad, _ = run(SelectLoss(), leaf(1.0, 2.0, 3.0, 4.0), mask(T, F, T, F), step_tokens=8)
+    assert value == approx(1.0) and grad == approx([0.25, 0.0, 0.25, 0.0])
+    # Nothing important: no gradient anywhere, and the graph is kept.
+    value, grad, metrics = run(SelectLoss(), leaf(1.0, 2.0), mask(F, F))
+    assert value == 0.0 and grad == [0.0, 0.0] and metrics["important_fraction"] == 0.0
+
+
 # ---------------------------------------------------------------------------------------------
 # Registry and contract
 # ---------------------------------------------------------------------------------------------
 
 
 def test_registry_builds_every_loss_by_name():
-    assert set(LOSSES) == {"sft", "sftgo", "rho1", "infosft", "dft"}
+    assert set(LOSSES) == {"sft", "sftgo", "rho1", "infosft", "dft", "select"}
     assert isinstance(build_loss("sftgo", lambda_=0.5), SftGoLoss)
     assert isinstance(build_loss("rho1", rho=0.4), Rho1Loss)
     assert build_loss("rho1", rho=0.4).needs_ref_loss and not build_loss("sft").needs_ref_loss
@@ -265,7 +279,8 @@ def test_registry_builds_every_loss_by_name():
         build_loss("sft", lambda_=0.9)
 
 
-@pytest.mark.parametrize("name,options", [("sft", {}), ("sftgo", {}), ("rho1", {"rho": 0.5}), ("infosft", {}), ("dft", {})])
+@pytest.mark.parametrize("name,options", [("sft", {}), ("sftgo", {}), ("rho1", {"rho": 0.5}), ("infosft", {}), ("dft", {}),
+                                          ("select", {})])
 def test_empty_micro_batch_contributes_zero_with_a_graph(name, options):
     token_loss = torch.zeros(0, requires_grad=True)
     contribution, metrics = build_loss(name, **options)(token_loss, mask(), torch.zeros(0), 4, 0.3)
