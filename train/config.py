@@ -91,13 +91,18 @@ class ImportanceConfig:
 
 @dataclass
 class LossConfig:
-    name: str = _opt("sftgo", "objective: sft | sftgo | rho1 | infosft | dft | select (METHOD.md 'Losses'; select = CE over the important group only, Token Cleaning)")
+    name: str = _opt("sftgo", "objective: sft | sftgo | rho1 | infosft | dft | select | weighted (METHOD.md 'Losses'; select = CE over the important group only, Token Cleaning; weighted = sum w*CE / sum w, w from the score)")
     lambda_: float = _opt(0.9, "SFT-GO's weight on max(L_1, L_0) with lambda_schedule static, in [0, 1]", key="lambda")
     lambda_schedule: str = _opt("static", "static (lambda) | linear (lambda_max -> lambda_min over the training steps)")
     lambda_max: float = _opt(0.9, "linear schedule: lambda at the first step")
     lambda_min: float = _opt(0.05, "linear schedule: lambda at the last step")
     infosft_p: float = _opt(0.93, "InfoSFT: confidence above which a token gets no weight, in (0.5, 1)")
     rho1_rho: float | None = _opt(None, "rho1: train the top 1 - rho of tokens by live excess loss; null = importance.rho")
+    weight_transform: str = _opt("rank", "weighted: w from importance.scorer's score: identity (w = s) | rank (rank in importance.scope, in [0, 1]; sequence or corpus) | sigmoid")
+    weight_temperature: float = _opt(1.0, "weighted, sigmoid: w = sigmoid((s - weight_center) / weight_temperature); > 0")
+    weight_center: float = _opt(0.0, "weighted, sigmoid: the score at which w = 0.5")
+    weight_clip_min: float = _opt(0.0, "weighted: lower clip of w, >= 0")
+    weight_clip_max: float | None = _opt(None, "weighted: upper clip of w; null = none")
 
 
 @dataclass
@@ -532,7 +537,7 @@ def validate(config: TrainConfig) -> None:
     """Check option values; raise ConfigError listing every problem, each naming its option."""
     from train.forward import SUPPORTED_ATTN_IMPLEMENTATIONS
     from train.grouping import SCOPES
-    from train.losses import LOSSES, SftGoLoss
+    from train.losses import LOSSES, SftGoLoss, WeightedLoss
 
     c, p = config, []
 
@@ -578,6 +583,15 @@ def validate(config: TrainConfig) -> None:
     need(0.5 < loss.infosft_p < 1.0, f"loss.infosft_p: {loss.infosft_p} must be in (0.5, 1) so that logit(p) > 0")
     if loss.rho1_rho is not None:
         unit("loss.rho1_rho", loss.rho1_rho, closed=False)
+    need(loss.weight_transform in WeightedLoss.TRANSFORMS,
+         f"loss.weight_transform: {loss.weight_transform!r} is not one of {list(WeightedLoss.TRANSFORMS)}")
+    need(loss.weight_temperature > 0, f"loss.weight_temperature: {loss.weight_temperature} must be > 0")
+    need(loss.weight_clip_min >= 0, f"loss.weight_clip_min: {loss.weight_clip_min} must be >= 0 (a negative weight pushes a loss up)")
+    if loss.weight_clip_max is not None:
+        need(loss.weight_clip_max >= loss.weight_clip_min,
+             f"loss.weight_clip_max: {loss.weight_clip_max} must be >= loss.weight_clip_min ({loss.weight_clip_min})")
+    if loss.name == "weighted" and loss.weight_transform == "rank":
+        need(imp.scope != "batch", "importance.scope: batch is not supported by loss.weight_transform=rank; use sequence or corpus")
 
     o = c.optim
     # lr 0 is allowed: the negative control (nothing may change; tests/train/test_main.py checks it).
@@ -665,6 +679,9 @@ def loss_options(config: TrainConfig) -> dict[str, Any]:
         return {"rho": config.importance.rho if loss.rho1_rho is None else loss.rho1_rho}
     if loss.name == "infosft":
         return {"p": loss.infosft_p}
+    if loss.name == "weighted":
+        return {"transform": loss.weight_transform, "temperature": loss.weight_temperature, "center": loss.weight_center,
+                "clip_min": loss.weight_clip_min, "clip_max": loss.weight_clip_max}
     return {}
 
 

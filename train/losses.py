@@ -44,6 +44,7 @@ import math
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -406,6 +407,110 @@ class SelectLoss:
         return contribution, _metrics(contribution, stats, 1.0)
 
 
+class WeightedLoss:
+    """Per-token weights from a stored score: ``L = sum_t w_t l_t / sum_t w_t`` over the step.
+
+    The sums run over every micro-batch of the optimizer step on every rank (the trainer all-reduces
+    ``sum_t w_t`` before the step, as it does the token count), so the loss and its gradient are
+    exact under data parallelism and gradient accumulation. ``w_t`` is computed at load time from
+    ``importance.scorer``'s score ``s_t`` (no gradient), then clipped to ``[clip_min, clip_max]``:
+
+    - ``identity``: ``w = s``;
+    - ``rank``: the score's rank among the trainable tokens of its scope, scaled to [0, 1] (ties get
+      their mean rank; a lone token gets 1): scope ``sequence`` ranks within each example, ``corpus``
+      reads the rank off the manifest's quantile sketch (the score's CDF); ``batch`` is refused;
+    - ``sigmoid``: ``w = 1 / (1 + exp(-(s - center) / temperature))``.
+
+    Weights must be >= 0 (clip_min >= 0). A step whose weights sum to 0 contributes nothing.
+
+    Options:
+        transform, temperature, center, clip_min, clip_max (None = no upper clip).
+    """
+
+    needs_ref_loss = False
+    needs_groups = False
+    needs_weights = True
+    TRANSFORMS = ("identity", "rank", "sigmoid")
+
+    def __init__(self, transform: str = "rank", temperature: float = 1.0, center: float = 0.0, clip_min: float = 0.0,
+                 clip_max: float | None = None, group: dist.ProcessGroup | None = None) -> None:
+        if transform not in self.TRANSFORMS:
+            raise ValueError(f"unknown transform {transform!r}; expected one of {self.TRANSFORMS}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if not clip_min >= 0:
+            raise ValueError(f"clip_min must be >= 0 (negative weights would push losses up), got {clip_min}")
+        if clip_max is not None and clip_max < clip_min:
+            raise ValueError(f"clip_max {clip_max} must be >= clip_min {clip_min}")
+        self.transform, self.temperature, self.center = transform, temperature, center
+        self.clip_min, self.clip_max = clip_min, clip_max
+        self.group = group
+
+    def describe(self) -> str:
+        """The objective in one line, with its settings (reports and logs)."""
+        how = {"identity": "w = score", "rank": "w = rank of the score in its scope, in [0, 1]",
+               "sigmoid": f"w = sigmoid((score − {self.center:g}) / {self.temperature:g})"}[self.transform]
+        clip = f", clipped to [{self.clip_min:g}, {self.clip_max:g}]" if self.clip_max is not None else (
+            f", at least {self.clip_min:g}" if self.clip_min > 0 else "")
+        return f"Σ w·CE / Σ w over the step, {how}{clip}"
+
+    def token_weights(self, score: Tensor, loss_mask: Tensor, seq_lens: list[int], scope: str,
+                      corpus_quantiles: list[float] | None = None) -> Tensor:
+        """``w_t`` (float32, no gradient) for every position of a packed row; 0 where not trainable."""
+        score = score.reshape(-1).double()
+        trainable = loss_mask.reshape(-1).bool()
+        values = score.clone()
+        if self.transform == "sigmoid":
+            values = torch.sigmoid((score - self.center) / self.temperature)
+        elif self.transform == "rank":
+            if scope == "corpus":
+                if not corpus_quantiles:
+                    raise ValueError("rank in scope corpus needs the manifest's quantile sketch of the score")
+                probs = torch.linspace(0.0, 1.0, len(corpus_quantiles), dtype=torch.float64)
+                # The score's CDF, read off the inverse CDF (quantiles) the manifest stores.
+                values = torch.from_numpy(np.interp(score.numpy(), np.asarray(corpus_quantiles, dtype=np.float64), probs.numpy()))
+            elif scope == "sequence":
+                start = 0
+                for length in seq_lens:
+                    segment = slice(start, start + length)
+                    keep = trainable[segment]
+                    values[segment][keep] = _scaled_rank(score[segment][keep])
+                    start += length
+            else:
+                raise ValueError(f"rank weights support scope sequence or corpus, not {scope!r}")
+        weights = values.clamp(min=self.clip_min, max=self.clip_max)
+        return torch.where(trainable, weights, torch.zeros_like(weights)).float()
+
+    def __call__(
+        self, token_loss: Tensor, important: Tensor, ref_loss: Tensor | None, step_tokens: int, progress: float,
+        weight: Tensor | None = None, step_weight: float = 0.0,
+    ) -> tuple[Tensor, dict[str, float]]:
+        _check_inputs(token_loss, important, ref_loss, step_tokens, progress)
+        if weight is None or weight.shape != token_loss.shape:
+            raise ValueError("weighted needs weight shaped like token_loss (the trainer computes it with token_weights)")
+        stats = group_stats(token_loss, important, self.group)
+        weight = weight.detach().to(device=token_loss.device, dtype=token_loss.dtype)
+        contribution = (weight * token_loss).sum() / step_weight if step_weight > 0 else token_loss.sum() * 0.0
+        metrics = _metrics(contribution, stats, 0.0)
+        weight_sum = float(all_reduce_sum(weight.double().sum().reshape(1), self.group)[0])
+        metrics["mean_weight"] = weight_sum / stats.tokens if stats.tokens else 0.0
+        return contribution, metrics
+
+
+def _scaled_rank(values: Tensor) -> Tensor:
+    """Ranks of ``values`` (ties: their mean rank) scaled to [0, 1]; a single value ranks 1."""
+    n = values.numel()
+    if n <= 1:
+        return torch.ones_like(values)
+    ordered, order = torch.sort(values, stable=True)
+    _, inverse, counts = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).double() - 1
+    mean_rank = (ends - (counts.double() - 1) / 2)[inverse]
+    ranks = torch.empty_like(mean_rank)
+    ranks[order] = mean_rank
+    return ranks / (n - 1)
+
+
 LOSSES: dict[str, type] = {
     "sft": SftLoss,
     "sftgo": SftGoLoss,
@@ -413,6 +518,7 @@ LOSSES: dict[str, type] = {
     "infosft": InfoSftLoss,
     "dft": DftLoss,
     "select": SelectLoss,
+    "weighted": WeightedLoss,
 }
 
 

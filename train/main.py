@@ -269,7 +269,8 @@ def group_masks(step: list[dict[str, Any]], cfg: Any, threshold: float | None) -
 
 
 def run_micro_batch(engine: Any, batch: dict[str, Any], important: torch.Tensor, loss_fn: Any, step_tokens: int,
-                    progress: float, cfg: Any, device: torch.device, scale: float) -> dict[str, float]:
+                    progress: float, cfg: Any, device: torch.device, scale: float,
+                    weighting: dict[str, Any] | None = None) -> dict[str, float]:
     """Forward, backward and (at the step's last micro-batch) optimizer step of one packed micro-batch."""
     # DeepSpeed (0.19) advances ZeRO's micro-step counter in engine.forward(); we call the module's
     # backbone and lm_head ourselves, so advance it here. Without this, ZeRO-3 copies each
@@ -283,7 +284,8 @@ def run_micro_batch(engine: Any, batch: dict[str, Any], important: torch.Tensor,
                               row_multiple=cfg.data.micro_batch_tokens)
     trainable = batch["loss_mask"]
     ref = batch["ref_loss"][trainable].to(device) if batch.get("ref_loss") is not None else None
-    loss, metrics = loss_fn(token_loss, important[trainable].to(device), ref, step_tokens, progress)
+    extra = {} if weighting is None else {"weight": weighting["weight"][trainable].to(device), "step_weight": weighting["step_weight"]}
+    loss, metrics = loss_fn(token_loss, important[trainable].to(device), ref, step_tokens, progress, **extra)
     # The loss is this rank's exact share of the global objective; DeepSpeed averages gradients
     # over ranks and divides by grad_accum, so scale both back.
     engine.backward(loss * scale)
@@ -297,17 +299,26 @@ def run_micro_batch(engine: Any, batch: dict[str, Any], important: torch.Tensor,
 
 
 def train_step(engine: Any, micro: list[dict[str, Any]], loss_fn: Any, cfg: Any, threshold: float | None,
-               progress: float, device: torch.device) -> tuple[list[dict[str, float]], int, int]:
+               progress: float, device: torch.device, corpus_quantiles: list[float] | None = None
+               ) -> tuple[list[dict[str, float]], int, int]:
     """One optimizer step over its micro-batches: returns their metrics, the step's trainable tokens
-    (all ranks: every loss normalises by it) and the tokens seen (all ranks, for tokens/s)."""
+    (all ranks: every loss normalises by it) and the tokens seen (all ranks, for tokens/s). A loss
+    with per-token weights (``needs_weights``) also gets the step's weight sum over all ranks."""
+    weights = None
+    if getattr(loss_fn, "needs_weights", False):
+        weights = [loss_fn.token_weights(b["score"], b["loss_mask"], list(b["seq_lens"]), cfg.importance.scope, corpus_quantiles)
+                   for b in micro]
     counts = torch.tensor([float(sum(int(b["loss_mask"].sum()) for b in micro)),
-                           float(sum(len(b["input_ids"]) for b in micro if not b.get("empty")))], device=device)
+                           float(sum(len(b["input_ids"]) for b in micro if not b.get("empty"))),
+                           float(sum(w.double().sum() for w in weights)) if weights else 0.0],
+                          device=device, dtype=torch.float64)
     dist.all_reduce(counts)
-    step_tokens, seen_tokens = int(counts[0].item()), int(counts[1].item())
+    step_tokens, seen_tokens, step_weight = int(counts[0].item()), int(counts[1].item()), float(counts[2].item())
     masks = group_masks(micro, cfg, threshold)
     scale = float(dist.get_world_size() * cfg.train.grad_accum)
-    parts = [run_micro_batch(engine, b, m, loss_fn, step_tokens, progress, cfg, device, scale)
-             for b, m in zip(micro, masks)]
+    parts = [run_micro_batch(engine, b, m, loss_fn, step_tokens, progress, cfg, device, scale,
+                             None if weights is None else {"weight": w, "step_weight": step_weight})
+             for b, m, w in zip(micro, masks, weights or [None] * len(micro))]
     return parts, step_tokens, seen_tokens
 
 
@@ -574,6 +585,8 @@ def run(argv: list[str] | None, progress: Progress) -> int:
     stream = ShardStream(cfg.data.train, manifest, cfg.importance.scorer, seed=cfg.seed, shuffle=cfg.data.shuffle,
                          with_ref_loss=rho1, epochs=cfg.train.epochs)
     threshold = corpus_threshold(manifest, cfg.importance.scorer, cfg.importance.rho) if cfg.importance.scope == "corpus" else None
+    # The score's quantile sketch: rank weights in the corpus scope read the score's CDF off it.
+    corpus_quantiles = (manifest.score_stats.get(cfg.importance.scorer) or {}).get("quantiles") if cfg.importance.scope == "corpus" else None
     # Optimizer steps: max_steps, or an estimate from the manifest's token count (packing fills
     # micro-batches nearly full); the loop also ends when the data does.
     tokens_per_step = cfg.data.micro_batch_tokens * cfg.train.grad_accum * world_size
@@ -643,7 +656,8 @@ def run(argv: list[str] | None, progress: Progress) -> int:
         micro = next_step_batches(batches, cfg.train.grad_accum, pad_id, device)
         if micro is None:
             break  # every rank is out of data: the epochs are done
-        parts, step_tokens, seen_tokens = train_step(engine, micro, loss_fn, cfg, threshold, step / max(1, total_steps - 1), device)
+        parts, step_tokens, seen_tokens = train_step(engine, micro, loss_fn, cfg, threshold, step / max(1, total_steps - 1), device,
+                                                     corpus_quantiles)
         step += 1
         progress.step = step
         seconds = time.perf_counter() - started
@@ -662,6 +676,8 @@ def run(argv: list[str] | None, progress: Progress) -> int:
             "grad_norm": parts[-1].get("grad_norm", float(engine.get_global_grad_norm() or 0.0)), "tokens_per_s": seen_tokens / seconds,
             "trainable_tokens": step_tokens, "epoch": stream.epoch, "skipped_no_trainable": stream.skipped_no_trainable,
         }
+        if "mean_weight" in parts[0]:
+            record["mean_weight"] = mean("mean_weight")
         if peak_flops:
             record["mfu"] = 6 * n_params * seen_tokens / seconds / (peak_flops * world_size)
         if val_stream is not None and cfg.eval.every and step % cfg.eval.every == 0:

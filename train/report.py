@@ -72,6 +72,8 @@ class Run:
         loss = self.setting("loss.name", "?")
         if loss in ("sft", "dft"):
             return f"{self.name} ({loss})"
+        if loss == "weighted":  # no rho: every token trains, weighted by its score
+            return f"{self.name} ({loss}, {self.setting('importance.scorer')}, {self.setting('loss.weight_transform', 'rank')})"
         return f"{self.name} ({loss}, {self.setting('importance.scorer')}, rho {self.setting('importance.rho')})"
 
 

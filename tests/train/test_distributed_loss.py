@@ -27,7 +27,7 @@ WORLD_SIZE = 2
 FEATURES, VOCAB = 4, 5
 # Tokens per (rank, micro-batch): rank 0 holds [3, 4], rank 1 holds [5, 2].
 SIZES = [[3, 4], [5, 2]]
-LOSSES = {"sft": {}, "sftgo": {"lambda_": 0.9}, "rho1": {"rho": 0.4}, "select": {}}
+LOSSES = {"sft": {}, "sftgo": {"lambda_": 0.9}, "rho1": {"rho": 0.4}, "select": {}, "weighted": {"transform": "identity"}}
 # "accumulation": both micro-batches in one step; "single": micro-batch 0 alone.
 SCENARIOS = {"accumulation": [0, 1], "single": [0]}
 
@@ -50,6 +50,7 @@ def make_data() -> list[list[dict[str, torch.Tensor]]]:
                     "targets": torch.randint(0, VOCAB, (n,), generator=generator),
                     "important": torch.rand(n, generator=generator) > 0.5,
                     "ref_loss": torch.rand(n, generator=generator) * 2.0,
+                    "weight": torch.rand(n, generator=generator) * 3.0,  # the weighted loss's per-token weights
                     # Grouping inputs: small integer scores (many ties, some across ranks) over
                     # n + 2 positions, two of which are not trainable.
                     "scores": torch.randint(0, 3, (n + 2,), generator=generator).float(),
@@ -66,16 +67,18 @@ def step_loss_and_grads(
     """Sum of the loss contributions over the step's micro-batches, and the accumulated gradient."""
     loss_fn = build_loss(name, **LOSSES[name])
     step_tokens_local = sum(len(mb["targets"]) for mb in micro_batches)
-    step_tokens = step_tokens_local
-    if dist.is_initialized():  # the trainer counts the step's tokens on all ranks before the step
-        count = torch.tensor([step_tokens_local])
-        dist.all_reduce(count)
-        step_tokens = int(count.item())
+    counts = torch.tensor([float(step_tokens_local), float(sum(mb["weight"].double().sum() for mb in micro_batches))],
+                          dtype=torch.float64)
+    if dist.is_initialized():  # the trainer counts the step's tokens (and weights) on all ranks before the step
+        dist.all_reduce(counts)
+    step_tokens, step_weight = int(counts[0].item()), float(counts[1].item())
+    extra = {"weight": None, "step_weight": step_weight} if getattr(loss_fn, "needs_weights", False) else None
     model.zero_grad(set_to_none=True)
     total = 0.0
     for mb in micro_batches:
         token_loss = functional.cross_entropy(model(mb["features"]), mb["targets"], reduction="none")
-        contribution, _ = loss_fn(token_loss, mb["important"], mb["ref_loss"], step_tokens, 0.0)
+        kwargs = {} if extra is None else {**extra, "weight": mb["weight"]}
+        contribution, _ = loss_fn(token_loss, mb["important"], mb["ref_loss"], step_tokens, 0.0, **kwargs)
         contribution.backward()
         total += contribution.item()
     return total, [p.grad.detach().clone() for p in model.parameters()]
@@ -155,6 +158,8 @@ def test_single_micro_batch_matches_the_method_formula(rank_results):
     assert rank_results[0]["single/sftgo/loss"] == pytest.approx(sftgo.item(), abs=1e-6)
     assert rank_results[0]["single/rho1/loss"] == pytest.approx(rho1.item(), abs=1e-6)
     assert rank_results[0]["single/select/loss"] == pytest.approx(token_loss[important].mean().item(), abs=1e-6)
+    weight = batch["weight"]
+    assert rank_results[0]["single/weighted/loss"] == pytest.approx((weight * token_loss).sum().item() / weight.sum().item(), abs=1e-6)
 
 
 @pytest.mark.timeout(120)

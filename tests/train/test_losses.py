@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from train.losses import LOSSES, DftLoss, InfoSftLoss, Rho1Loss, SelectLoss, SftGoLoss, SftLoss, build_loss
+from train.losses import LOSSES, DftLoss, InfoSftLoss, Rho1Loss, SelectLoss, SftGoLoss, SftLoss, WeightedLoss, build_loss
 
 T, F = True, False
 
@@ -262,13 +262,47 @@ def test_select_trains_the_important_tokens_only_and_logs_the_fraction_kept():
     assert value == 0.0 and grad == [0.0, 0.0] and metrics["important_fraction"] == 0.0
 
 
+def test_weighted_loss_is_the_weighted_mean_over_the_step():
+    # w = [1, 0, 3], step weight 4 (this micro-batch alone): L = (1*1 + 0*2 + 3*3) / 4 = 2.5; dL/dl = w / 4.
+    l, weight = leaf(1.0, 2.0, 3.0), torch.tensor([1.0, 0.0, 3.0])
+    contribution, metrics = WeightedLoss(transform="identity")(l, mask(F, F, F), None, 3, 0.0, weight=weight, step_weight=4.0)
+    (grad,) = torch.autograd.grad(contribution, l)
+    assert contribution.item() == approx(2.5) and grad.tolist() == approx([0.25, 0.0, 0.75])
+    assert metrics["mean_weight"] == approx(4 / 3)
+    # Another micro-batch of the step holds weight 4 more: the same tokens count half as much.
+    contribution, _ = WeightedLoss(transform="identity")(leaf(1.0, 2.0, 3.0), mask(F, F, F), None, 6, 0.0, weight=weight, step_weight=8.0)
+    assert contribution.item() == approx(1.25)
+    with pytest.raises(ValueError, match="weight shaped like token_loss"):
+        WeightedLoss()(l, mask(F, F, F), None, 3, 0.0)
+
+
+def test_weight_transforms():
+    score = torch.tensor([9.0, 0.5, -1.0, 2.0, 2.0, 7.0, 0.0])
+    loss_mask = torch.tensor([F, T, T, T, T, T, T])  # position 0 is not trainable: weight 0 whatever its score
+    seq_lens = [5, 2]  # example 1: positions 0-4 (trainable 1-4), example 2: positions 5-6
+    identity = WeightedLoss(transform="identity").token_weights(score, loss_mask, seq_lens, "sequence")
+    assert identity.tolist() == approx([0.0, 0.5, 0.0, 2.0, 2.0, 7.0, 0.0])  # -1 clipped to clip_min 0
+    # Ranks within each example: [0.5, -1, 2, 2] -> ranks [1, 0, 2.5, 2.5] / 3; [7, 0] -> [1, 0].
+    ranked = WeightedLoss(transform="rank").token_weights(score, loss_mask, seq_lens, "sequence")
+    assert ranked.tolist() == approx([0.0, 1 / 3, 0.0, 2.5 / 3, 2.5 / 3, 1.0, 0.0])
+    # Corpus scope: the CDF from the quantile sketch (here scores uniform on [0, 10]).
+    corpus = WeightedLoss(transform="rank").token_weights(score, loss_mask, seq_lens, "corpus", [0.0, 5.0, 10.0])
+    assert corpus.tolist() == approx([0.0, 0.05, 0.0, 0.2, 0.2, 0.7, 0.0])
+    sigmoid = WeightedLoss(transform="sigmoid", center=2.0, temperature=0.5, clip_max=0.9).token_weights(score, loss_mask, seq_lens, "sequence")
+    assert sigmoid.tolist() == approx([0.0, 1 / (1 + math.exp(3.0)), 1 / (1 + math.exp(6.0)), 0.5, 0.5, 0.9, 1 / (1 + math.exp(4.0))])
+    with pytest.raises(ValueError, match="scope sequence or corpus"):
+        WeightedLoss(transform="rank").token_weights(score, loss_mask, seq_lens, "batch")
+    with pytest.raises(ValueError, match="clip_min must be >= 0"):
+        WeightedLoss(clip_min=-1.0)
+
+
 # ---------------------------------------------------------------------------------------------
 # Registry and contract
 # ---------------------------------------------------------------------------------------------
 
 
 def test_registry_builds_every_loss_by_name():
-    assert set(LOSSES) == {"sft", "sftgo", "rho1", "infosft", "dft", "select"}
+    assert set(LOSSES) == {"sft", "sftgo", "rho1", "infosft", "dft", "select", "weighted"}
     assert isinstance(build_loss("sftgo", lambda_=0.5), SftGoLoss)
     assert isinstance(build_loss("rho1", rho=0.4), Rho1Loss)
     assert build_loss("rho1", rho=0.4).needs_ref_loss and not build_loss("sft").needs_ref_loss

@@ -253,3 +253,18 @@ def test_six_run_report_text_does_not_overlap_in_chromium(tmp_path, report_input
         assert nested == []
     finally:
         driver.quit()
+
+
+def test_run_labels_name_what_decides_each_objective():
+    from pathlib import Path
+
+    from train.report import Run
+
+    def label(**loss):
+        config = {"loss": loss, "importance": {"scorer": "tfidf", "rho": 0.7}}
+        return Run("r", Path("r"), config, [], []).label
+
+    assert label(name="sft") == "r (sft)"
+    assert label(name="sftgo") == "r (sftgo, tfidf, rho 0.7)"
+    assert label(name="select") == "r (select, tfidf, rho 0.7)"
+    assert label(name="weighted", weight_transform="sigmoid") == "r (weighted, tfidf, sigmoid)"
