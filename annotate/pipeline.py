@@ -161,10 +161,12 @@ class TokenizeActor:
 
 
 class ScoreActor:
-    """Hosts one scorer: built and set up once, then fed whole shards (Arrow tables)."""
+    """Hosts one scorer (or a group sharing one model pass, see ``share_key``): built and set up once,
+    then fed whole shards (Arrow tables)."""
 
-    def __init__(self, name: str, options: Any, context: ScorerContext):
+    def __init__(self, name: str, options: Any, context: ScorerContext, names: list[str] | None = None):
         self.name = name
+        self.names = names or [name]  # the columns this actor adds: its scorer's, and its group's
         self.scorer = registry.get(name)(options, context)
         self.scorer.setup()
 
@@ -177,14 +179,20 @@ class ScoreActor:
 
     def score(self, table: pa.Table) -> tuple[pa.Table, dict[str, float]]:
         start = time.perf_counter()
-        # A shard whose records were all rejected still gets its (empty) column.
-        values = self.scorer.score(table) if table.num_rows else []
+        # A shard whose records were all rejected still gets its (empty) columns.
+        if not table.num_rows:
+            columns = {name: [] for name in self.names}
+        elif len(self.names) > 1:
+            columns = self.scorer.score_columns(table, self.names)
+        else:
+            columns = {self.name: self.scorer.score(table)}
         lengths = pc.list_value_length(table[INPUT_IDS]).to_pylist()
-        for row, (v, n) in enumerate(zip(values, lengths)):
-            if len(v) != n:
-                raise ValueError(f"scorer {self.name!r} returned {len(v)} scores for {n} tokens (row {row})")
-        column = pa.array([v.astype("float32", copy=False) for v in values], pa.list_(pa.float32()))
-        table = table.append_column(score_column(self.name), column)
+        for name in self.names:
+            for row, (v, n) in enumerate(zip(columns[name], lengths)):
+                if len(v) != n:
+                    raise ValueError(f"scorer {name!r} returned {len(v)} scores for {n} tokens (row {row})")
+            column = pa.array([v.astype("float32", copy=False) for v in columns[name]], pa.list_(pa.float32()))
+            table = table.append_column(score_column(name), column)
         return table, {"rows": table.num_rows, "tokens": int(sum(lengths)), "seconds": time.perf_counter() - start}
 
 
@@ -327,14 +335,15 @@ def run(job: Job) -> dict[str, Any]:
         duplicates = steps.find_duplicates(ids)
 
     # -- scorer actors ----------------------------------------------------------------------------
-    gpu_names = [n for n in job.scorer_names if getattr(registry.get(n), "uses_gpu", False)] if gpus else []
+    groups = share_groups(job)  # leader -> the scorers it hosts (base_loss + entropy of one model: one pass)
+    gpu_names = [n for n in groups if getattr(registry.get(n), "uses_gpu", False)] if gpus else []
     pools: dict[str, list] = {}
-    for name in job.scorer_names:
+    for name, members in groups.items():
         on_gpu = name in gpu_names
         n_actors = cfg.scorer_actors or (gpus if on_gpu else 1)
         actor_cls = ray.remote(num_cpus=0.5, num_gpus=(1.0 / len(gpu_names)) if on_gpu else 0)(ScoreActor)
         context = ScorerContext(model=cfg.model, device="cuda" if on_gpu else "cpu", trust_remote_code=cfg.trust_remote_code)
-        pools[name] = [actor_cls.remote(name, job.scorer_options[name], context) for _ in range(n_actors)]
+        pools[name] = [actor_cls.remote(name, job.scorer_options[name], context, members) for _ in range(n_actors)]
 
     def load(index: int):
         if adding:
@@ -343,7 +352,7 @@ def run(job: Job) -> dict[str, Any]:
         return ref[0], ref[1]
 
     # -- corpus pass (e.g. TF-IDF's IDF over every shard, aggregated across workers) -------------
-    for name in job.scorer_names:
+    for name in groups:
         if not registry.needs_corpus_pass(name):
             continue
         timer = timers.setdefault(f"{name}:fit", steps.StageTimer(f"{name}:fit"))
@@ -373,10 +382,10 @@ def run(job: Job) -> dict[str, Any]:
         table_ref, rejects_ref = load(index)
         k = next(turn)
         stat_refs[index] = []
-        for name in job.scorer_names:
+        for name in groups:
             actors = pools[name]
             table_ref, stats_ref = actors[k % len(actors)].score.options(num_returns=2).remote(table_ref)
-            stat_refs[index].append((name, stats_ref))
+            stat_refs[index].append(("+".join(groups[name]), stats_ref))  # a shared pass is timed once
         if adding:
             return ray.remote(num_cpus=0.25)(_rewrite).remote(str(out), index, table_ref, job.scorer_infos)
         return ray.remote(num_cpus=0.25)(_write).remote(str(out), index, table_ref, job.scorer_infos, job.tokenizer_fp,
@@ -410,6 +419,26 @@ def run(job: Job) -> dict[str, Any]:
         "tokens_per_s": manifest.totals.get("tokens", 0) / seconds if seconds > 0 else None,
     }
     return summary
+
+
+def share_groups(job: Job) -> dict[str, list[str]]:
+    """The job's scorers grouped by ``share_key`` (first of each group -> its members, in job order);
+    a scorer without one, or with a corpus pass, is a group of its own."""
+    context = ScorerContext(model=job.config.model, trust_remote_code=job.config.trust_remote_code)
+    groups: dict[str, list[str]] = {}
+    leaders: dict[Any, str] = {}
+    for name in job.scorer_names:
+        cls = registry.get(name)
+        key = None
+        if hasattr(cls, "share_key") and not registry.needs_corpus_pass(name):
+            key = cls(job.scorer_options[name], context).share_key()
+        if key is not None and key in leaders:
+            groups[leaders[key]].append(name)
+            continue
+        if key is not None:
+            leaders[key] = name
+        groups[name] = [name]
+    return groups
 
 
 def _finished_shards(out: Path, plan_keys: dict[int, dict], infos: list[ScorerInfo]) -> tuple[set[int], dict[int, list[ScorerInfo]]]:

@@ -8,6 +8,10 @@ important. The Ray plumbing (annotate/pipeline.py) only ever uses this interface
 A scorer that needs statistics over the whole corpus before it can score (TF-IDF's IDF) also has
 ``collect(batch) -> part``, ``combine(parts) -> state`` (a staticmethod) and ``fit(state)``; the
 pipeline runs ``collect`` over every shard, ``combine`` on the driver, then ``fit`` in every actor.
+
+Scorers that can share one model pass (base_loss and entropy of the same model) have
+``share_key() -> hashable`` (equal keys: one actor, one forward pass) and
+``score_columns(batch, names) -> {name: arrays}``; the pipeline hosts such a group in one actor.
 """
 
 from __future__ import annotations

@@ -1,7 +1,11 @@
-"""Per-token cross-entropy under a causal LM: ``ref_loss`` (a reference model) and ``base_loss``
-(the base model being tuned). excess_loss = base_loss - ref_loss is Rho-1's score, derived at load time.
+"""Per-token scores under a causal LM: ``ref_loss`` (a reference model), ``base_loss`` (the base model
+being tuned) and ``entropy`` (the base model's predictive entropy). excess_loss = base_loss - ref_loss
+is Rho-1's score, derived at load time.
 
-The score of token t is -log p(x_t | x_<t); position 0 predicts nothing and scores 0. Rows are sorted
+The loss of token t is -log p(x_t | x_<t); its entropy is H(p(. | x_<t)) in nats, the model's
+uncertainty before it sees x_t (EKSFT's signal). Position 0 predicts nothing and scores 0. When
+base_loss and entropy of the same model are both requested they come from one forward pass
+(``share_key``: the pipeline hosts them in one actor). Rows are sorted
 by length and batched under a token budget, so padding stays small; logits are computed in chunks
 of positions, so the full (batch x length x vocab) fp32 tensor never exists. bf16 on GPU, fp32 on CPU.
 """
@@ -21,6 +25,7 @@ from schemas.shard import INPUT_IDS, ScorerInfo
 
 class TokenLossScorer:
     name = "token_loss"
+    output = "loss"  # what this scorer's column holds: "loss" or "entropy" (see _token_outputs)
     uses_gpu = True
 
     @dataclass
@@ -69,11 +74,23 @@ class TokenLossScorer:
         params.pop("threads")
         return ScorerInfo(self.name, model=self.model_name, revision=model_revision(self.model_name), params=params)
 
+    def share_key(self) -> tuple:
+        """Scorers with equal keys get one actor and one forward pass per batch (same model, same batching)."""
+        o = self.options
+        return ("causal_lm", self.model_path, o.dtype, o.max_batch_tokens, o.logits_chunk, o.trust_remote_code)
+
     def score(self, batch: pa.Table) -> list[np.ndarray]:
+        return self.score_columns(batch, [self.name])[self.name]
+
+    def score_columns(self, batch: pa.Table, names: list[str]) -> dict[str, list[np.ndarray]]:
+        """One column per scorer in ``names`` (all sharing this scorer's model), from one forward pass per batch."""
         import torch
 
+        from annotate import scorers as registry
+
+        kinds = {name: registry.get(name).output for name in names}
         rows = [np.asarray(ids, dtype=np.int64) for ids in batch[INPUT_IDS].to_numpy(zero_copy_only=False)]
-        out: list[np.ndarray | None] = [None] * len(rows)
+        out: dict[str, list[np.ndarray | None]] = {name: [None] * len(rows) for name in names}
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         device = self.context.device
         start = 0
@@ -90,31 +107,41 @@ class TokenLossScorer:
                 ids[r, : len(rows[i])] = torch.from_numpy(rows[i])
                 attention[r, : len(rows[i])] = 1
             with torch.inference_mode():
-                losses = self._token_losses(ids.to(device), attention.to(device)).float().cpu().numpy()
-            for r, i in enumerate(chosen):
-                out[i] = losses[r, : len(rows[i])].astype(np.float32)
+                outputs = self._token_outputs(ids.to(device), attention.to(device), set(kinds.values()))
+            arrays = {kind: value.float().cpu().numpy() for kind, value in outputs.items()}
+            for name, kind in kinds.items():
+                for r, i in enumerate(chosen):
+                    out[name][i] = arrays[kind][r, : len(rows[i])].astype(np.float32)
             start = end
         return out  # type: ignore[return-value]
 
-    def _token_losses(self, ids: Any, attention: Any) -> Any:
-        """[B, T] losses: position t holds -log p(ids[t] | ids[<t]); position 0 holds 0."""
+    def _token_outputs(self, ids: Any, attention: Any, kinds: set[str]) -> dict[str, Any]:
+        """[B, T] per kind: "loss" at t is -log p(ids[t] | ids[<t]), "entropy" at t is H(p(. | ids[<t])); 0 at t = 0."""
         import torch
 
-        from data.token_loss import logit_softcap, token_ce
+        from data.token_loss import logit_softcap, token_ce, token_logprobs
 
         hidden = self.model.base_model(input_ids=ids, attention_mask=attention).last_hidden_state
         head = self.model.get_output_embeddings()
         batch, length = ids.shape
-        losses = torch.zeros((batch, length), dtype=torch.float32, device=ids.device)
         flat_hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         flat_targets = ids[:, 1:].reshape(-1)
-        flat_losses = torch.empty(flat_targets.shape[0], dtype=torch.float32, device=ids.device)
+        flat = {kind: torch.empty(flat_targets.shape[0], dtype=torch.float32, device=ids.device) for kind in kinds}
         softcap = logit_softcap(self.model)
         for s in range(0, flat_targets.shape[0], self.options.logits_chunk):
             chunk = slice(s, s + self.options.logits_chunk)
-            flat_losses[chunk] = token_ce(head(flat_hidden[chunk]), flat_targets[chunk], softcap).float()
-        losses[:, 1:] = flat_losses.view(batch, length - 1) * attention[:, 1:]
-        return losses
+            logits = head(flat_hidden[chunk])
+            if "loss" in kinds:
+                flat["loss"][chunk] = token_ce(logits, flat_targets[chunk], softcap).float()
+            if "entropy" in kinds:
+                logprobs = token_logprobs(logits, softcap)
+                flat["entropy"][chunk] = -(logprobs.exp() * logprobs).sum(-1).float()
+        result = {}
+        for kind, values in flat.items():
+            full = torch.zeros((batch, length), dtype=torch.float32, device=ids.device)
+            full[:, 1:] = values.view(batch, length - 1) * attention[:, 1:]
+            result[kind] = full
+        return result
 
 
 @register
@@ -129,3 +156,11 @@ class BaseLossScorer(TokenLossScorer):
     """Loss under the base model being tuned (the job's --model unless ``base_loss.model`` is set)."""
 
     name = "base_loss"
+
+
+@register
+class EntropyScorer(TokenLossScorer):
+    """Predictive entropy (nats) of the base model before each token (the job's --model unless ``entropy.model`` is set)."""
+
+    name = "entropy"
+    output = "entropy"

@@ -81,8 +81,8 @@ def test_add_scorers_migrates_a_v1_directory_and_updates_its_card(tmp_path, lima
     (out / CARD_NAME).unlink()
     capsys.readouterr()
 
-    assert main(["--output", str(out), "--model", str(tiny_llama_dir), "--add-scorers", "base_loss",
-                 "--scorer-option", "base_loss.max_batch_tokens=256"]) == 0
+    assert main(["--output", str(out), "--model", str(tiny_llama_dir), "--add-scorers", "base_loss,entropy",
+                 "--scorer-option", "base_loss.max_batch_tokens=256", "--scorer-option", "entropy.max_batch_tokens=256"]) == 0
     assert "schema v1 -> v2: manifest.json -> _manifest.json" in capsys.readouterr().out
     assert not any((out / name).exists() for name in ("manifest.json", "rejects.jsonl", "annotate_summary.json"))
     assert validate_directory(out).ok and Manifest.load(out).schema_version == 2
@@ -90,4 +90,12 @@ def test_add_scorers_migrates_a_v1_directory_and_updates_its_card(tmp_path, lima
     assert "score-base_loss" in card.data.to_dict()["tags"]
     assert f"| base_loss | `score_base_loss` | {tiny_llama_dir} |" in card.text
     assert "license (as given)" in card.text and "| not given |" in card.text
-    assert pq.read_table(out).column_names[-2:] == ["score_tfidf", "score_base_loss"]
+    assert pq.read_table(out).column_names[-3:] == ["score_tfidf", "score_base_loss", "score_entropy"]
+    summary = json.loads((out / "_annotate_summary.json").read_text())
+    assert "base_loss+entropy" in summary["stages"]  # one actor, one model pass for both columns
+    # entropy is a score like any other: the trainer and the viewer take it.
+    from data.viewer import summarize
+    from train.shards import open_annotated
+
+    assert "entropy" in open_annotated(str(out), None, "entropy").scorer_names
+    assert "entropy" in summarize(str(out))["scorers"]

@@ -100,3 +100,39 @@ def test_stored_base_loss_is_the_trainers_per_token_loss(request, model_fixture)
             raw = [model.lm_head(model.model(torch.tensor([r])).last_hidden_state[0, :-1]) for r in rows]
             uncapped = torch.cat([torch.nn.functional.cross_entropy(l, torch.tensor(r[1:]), reduction="none") for l, r in zip(raw, rows)])
         assert np.abs(uncapped.numpy() - trainer).max() > 1e-3, "the cap must matter for this test to mean anything"
+
+
+def test_entropy_is_the_base_models_predictive_entropy_and_shares_its_pass(tiny_llama_dir):
+    rows = [[5, 17, 300, 4000, 9], [11, 12, 13]]
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        expected = []
+        for ids in rows:
+            logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+            entropy = -(logprobs.exp() * logprobs).sum(-1)
+            expected.append(np.concatenate([[0.0], entropy[:-1].numpy()]))  # H before token t, from position t - 1
+    alone = _scorer("entropy", tiny_llama_dir).score(_table(rows))
+    for got, want in zip(alone, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert np.log(49152) > max(a.max() for a in alone) > 0  # nats, below the uniform distribution's
+
+    # base_loss and entropy of one model: one forward pass per batch gives both columns.
+    base = _scorer("base_loss", tiny_llama_dir)
+    passes = []
+    base.model.base_model.register_forward_hook(lambda module, args, output: passes.append(1))
+    both = base.score_columns(_table(rows), ["base_loss", "entropy"])
+    assert len(passes) == 1
+    for got, want in zip(both["entropy"], alone):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    for got, want in zip(both["base_loss"], _scorer("base_loss", tiny_llama_dir).score(_table(rows))):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_the_pipeline_hosts_base_loss_and_entropy_in_one_actor(tmp_path, lima_slice, tiny_llama_dir, tiny_llama_ref_dir):
+    from annotate.config import AnnotateConfig
+    from annotate.pipeline import prepare, share_groups
+
+    config = AnnotateConfig(input=[str(lima_slice)], output=str(tmp_path / "out"), model=str(tiny_llama_dir),
+                            scorers=["base_loss", "tfidf", "entropy", "ref_loss"],
+                            scorer_options={"ref_loss": {"model": str(tiny_llama_ref_dir)}})
+    assert share_groups(prepare(config)) == {"base_loss": ["base_loss", "entropy"], "tfidf": ["tfidf"], "ref_loss": ["ref_loss"]}
