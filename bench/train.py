@@ -325,7 +325,7 @@ def trl_worker(args: argparse.Namespace) -> dict[str, Any]:
     """TRL's SFTTrainer on the same model and the same examples (those of the project's micro-batches,
     unpacked): bfd packing into rows of ``--micro-batch-tokens`` (padding-free), completion-only loss,
     ``--grad-accum`` rows per step. Step times come from a callback; TRL runs its own loop, so it cannot
-    be interleaved with ours. TRL is not a dependency of sftgo: install it in the bench's environment."""
+    be interleaved with ours. TRL is the `trl` extra (in `all`)."""
     import torch
 
     try:
@@ -333,7 +333,7 @@ def trl_worker(args: argparse.Namespace) -> dict[str, Any]:
         from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
         from trl import SFTConfig, SFTTrainer
     except ImportError as exc:
-        raise SystemExit(f"--baseline trl needs TRL in this environment (pip install trl): {exc}") from None
+        raise SystemExit(f"--baseline trl needs TRL in this environment (pip install -e '.[trl]'): {exc}") from None
     from data.models import load_tokenizer
     from schemas.shard import tokenizer_fingerprint
     from train.shards import ShardStream, open_annotated

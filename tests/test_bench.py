@@ -46,7 +46,7 @@ def test_train_bench_plain_baseline_and_variant(tmp_path):
 
 
 def test_train_bench_trl_baseline(tmp_path):
-    pytest.importorskip("trl", reason="TRL is the bench's own extra: pip install trl to run this comparison")
+    pytest.importorskip("trl", reason="the trl extra: pip install -e '.[trl]'")
     out = tmp_path / "trl.json"
     cmd = [sys.executable, "bench/train.py", "--device", "cpu", "--model", "tiny", "--tiny-layers", "2", "--tiny-vocab", "1024",
            "--losses", "sft", "--baseline", "trl", "--steps", "2", "--warmup", "1", "--threads", "1",

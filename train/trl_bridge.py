@@ -1,0 +1,183 @@
+"""Train on an annotated directory with TRL's SFTTrainer: sftgo's losses as a ``compute_loss_func``.
+
+    from trl import SFTConfig, SFTTrainer
+    from train.trl_bridge import TokenScoreCollator, TrlLoss, annotated_dataset, trl_config_kwargs
+
+    dataset = annotated_dataset("shards/lima", score="tfidf")            # input_ids, completion_mask, token_scores
+    loss = TrlLoss("sftgo", rho=0.7, lambda_=0.9)                         # or rho1 (score="ref_loss"), weighted, select
+    trainer = SFTTrainer(model=model, args=SFTConfig(output_dir="runs/trl", **trl_config_kwargs()),
+                         train_dataset=dataset, processing_class=tokenizer,
+                         data_collator=TokenScoreCollator(pad_token_id=tokenizer.pad_token_id),
+                         compute_loss_func=loss, callbacks=[loss.callback()])
+    loss.attach(trainer.model)
+    trainer.train()
+
+How the score reaches the loss: Trainer hands ``compute_loss_func`` only the model's outputs and the
+labels, so the collator adds a padded ``token_scores`` tensor to the batch and a forward pre-hook on
+the model (``attach``) takes it out of the forward's keyword arguments (the model never sees it)
+just before the forward whose outputs the loss receives. The per-token CE is the trainer's own
+(``data.token_loss``: fp32 upcast, final-logit soft-capping).
+
+Exactness: the loss normalises by Trainer's ``num_items_in_batch`` (the step's trainable tokens over
+every accumulated micro-batch), as train/main.py normalises by the step's tokens; group statistics
+(SFT-GO's worse group, Rho-1's top set, the weighted loss's weight sum) are those of each
+micro-batch on its own process. One process and no accumulation: the same loss as train/main.py on
+the same batch (tests/train/test_trl_bridge.py). Across several processes the group statistics are
+per process, not all-reduced as in train/main.py.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from data.token_loss import logit_softcap, token_ce
+from schemas.shard import EXCESS_LOSS, EXCESS_LOSS_PARTS, INPUT_IDS, LOSS_MASK, Manifest, quantile_from_summary, score_column
+from train.grouping import important_mask_sequence
+from train.losses import build_loss
+
+SCORES = "token_scores"  # the batch key the collator adds and attach()'s hook removes
+SUPPORTED = ("sftgo", "rho1", "weighted", "select", "sft")
+
+
+def annotated_dataset(directory: str | Path, score: str) -> Any:
+    """A ``datasets.Dataset`` of an annotated directory: ``input_ids``, ``completion_mask`` (1 = trainable, the
+    shard's loss_mask) and ``token_scores`` (the chosen score; ``excess_loss`` = base_loss - ref_loss)."""
+    import datasets
+
+    manifest = Manifest.load(directory)
+    parts = list(EXCESS_LOSS_PARTS) if score == EXCESS_LOSS else [score]
+    missing = [p for p in parts if p not in manifest.scorer_names]
+    if missing:
+        raise ValueError(f"{directory}: no {missing} score (it has {manifest.scorer_names})")
+    columns = [INPUT_IDS, LOSS_MASK, *(score_column(p) for p in parts)]
+    table = pa.concat_tables([pq.read_table(Path(directory) / entry.path, columns=columns) for entry in manifest.shards])
+    table = table.combine_chunks()
+    lists = {name: table[name].chunk(0) for name in columns}  # one chunk each after combine_chunks
+    offsets = lists[INPUT_IDS].offsets
+    if score == EXCESS_LOSS:
+        base, ref = (lists[score_column(p)].flatten().to_numpy() for p in parts)
+        values = pa.ListArray.from_arrays(offsets, pa.array(base - ref, pa.float32()))
+    else:
+        values = lists[score_column(score)]
+    completion = pa.ListArray.from_arrays(offsets, lists[LOSS_MASK].flatten().cast(pa.int8()))
+    out = pa.table({"input_ids": lists[INPUT_IDS], "completion_mask": completion, SCORES: values})
+    return datasets.Dataset(out)
+
+
+def trl_config_kwargs() -> dict[str, Any]:
+    """SFTConfig settings the bridge needs: keep the ``token_scores`` column, labels from completion_mask, no
+    truncation or packing (both would cut input_ids without the scores)."""
+    return {"remove_unused_columns": False, "completion_only_loss": True, "max_length": None, "packing": False}
+
+
+def _collator_base() -> type:
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    return DataCollatorForLanguageModeling
+
+
+class TokenScoreCollator:
+    """TRL's language-modelling collator plus the padded ``token_scores`` (right padding, like input_ids)."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.inner = _collator_base()(pad_token_id=pad_token_id)
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        scores = [torch.tensor(example.pop(SCORES), dtype=torch.float32) for example in examples]
+        batch = self.inner(examples)
+        padded = torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
+        for row, values in enumerate(scores):
+            n = min(len(values), padded.shape[1])
+            padded[row, :n] = values[:n]
+        batch[SCORES] = padded
+        return batch
+
+
+class TrlLoss:
+    """``compute_loss_func`` for SFTTrainer running one of sftgo's losses on the collator's token scores.
+
+    Args:
+        loss: sftgo | rho1 | weighted | select | sft (the options of train.losses' class of that name follow).
+        rho: threshold of the important group (sftgo, select), scope ``sequence``.
+        corpus_quantiles: for scope corpus instead (rho's quantile of the manifest's sketch is the threshold).
+    """
+
+    def __init__(self, loss: str, rho: float = 0.7, corpus_quantiles: list[float] | None = None, **options: Any) -> None:
+        if loss not in SUPPORTED:
+            raise ValueError(f"TRL bridge loss {loss!r} is not one of {SUPPORTED}")
+        self.name, self.rho, self.corpus_quantiles = loss, rho, corpus_quantiles
+        if loss == "rho1":
+            options.setdefault("rho", rho)  # Rho-1 keeps the top 1 - rho by live excess loss
+        self.loss_fn = build_loss(loss, **options)
+        self.pending: torch.Tensor | None = None
+        self.logged: dict[str, list[float]] = defaultdict(list)
+
+    def attach(self, model: torch.nn.Module) -> None:
+        """Register the pre-hook that takes ``token_scores`` out of the model's forward kwargs."""
+        def take_scores(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+            scores = kwargs.pop(SCORES, None)
+            if scores is not None:
+                self.pending = scores
+            return args, kwargs
+
+        model.register_forward_pre_hook(take_scores, with_kwargs=True)
+        self.model = model
+
+    def _important(self, scores: torch.Tensor, trainable: torch.Tensor) -> torch.Tensor:
+        if self.corpus_quantiles is not None:
+            threshold = quantile_from_summary({"quantiles": self.corpus_quantiles}, self.rho)
+            return (scores >= threshold) & trainable
+        return torch.stack([important_mask_sequence(s, m, self.rho) for s, m in zip(scores, trainable)])
+
+    def __call__(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+        if self.pending is None:
+            raise RuntimeError("no token_scores reached the loss: use TokenScoreCollator and call TrlLoss.attach(trainer.model)")
+        scores, self.pending = self.pending.to(labels.device), None
+        logits = outputs.logits[:, :-1]
+        targets = labels[:, 1:]
+        trainable = targets != -100
+        # Position t's score belongs to token t, predicted from position t - 1: shift like the labels.
+        token_scores = scores[:, 1:]
+        token_loss = token_ce(logits[trainable], targets[trainable], logit_softcap(self.model))
+        step_tokens = int(num_items_in_batch) if num_items_in_batch is not None else int(trainable.sum())
+        important = self._important(token_scores, trainable)[trainable]
+        kwargs: dict[str, Any] = {}
+        ref_loss = None
+        if self.name == "rho1":
+            ref_loss = token_scores[trainable]
+        elif self.name == "weighted":
+            weights = torch.stack([self.loss_fn.token_weights(s, m, [len(s)], "sequence" if self.corpus_quantiles is None else "corpus",
+                                                              self.corpus_quantiles) for s, m in zip(token_scores, trainable)])
+            weight = weights[trainable]
+            # The micro-batch's own weight sum, scaled to its share of the step's tokens (exact with one micro-batch).
+            micro_weight = float(weight.double().sum())
+            kwargs = {"weight": weight, "step_weight": micro_weight * step_tokens / max(1, int(trainable.sum()))}
+        contribution, metrics = self.loss_fn(token_loss, important, ref_loss, step_tokens, 0.0, **kwargs)
+        for key in ("ce", "important_loss", "unimportant_loss", "important_fraction"):
+            self.logged[key].append(metrics[key])
+        return contribution
+
+    def callback(self) -> Any:
+        """A TrainerCallback that adds the mean group losses since the last log to each log entry."""
+        from transformers import TrainerCallback
+
+        bridge = self
+
+        class GroupLossCallback(TrainerCallback):
+            def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
+                if not bridge.logged or not state.log_history:
+                    return
+                means = {f"sftgo/{key}": float(np.mean(values)) for key, values in bridge.logged.items()}
+                state.log_history[-1].update(means)
+                if logs is not None:
+                    logs.update(means)
+                bridge.logged.clear()
+
+        return GroupLossCallback()
