@@ -28,6 +28,18 @@ json_value = st.recursive(json_leaf, lambda inner: st.one_of(st.lists(inner, max
 role = st.one_of(st.sampled_from(["system", "user", "assistant", "human", "gpt", "tool", ""]), json_value)
 
 
+# Words that survive render (non-empty after stripping), for the well-formed conversations below.
+word = st.text(alphabet=st.characters(categories=["L", "N"]), min_size=1, max_size=20)
+
+
+def conversation(role_key: str, content_key: str, user: str, assistant: str) -> st.SearchStrategy:
+    """A well-formed conversation (1-2 exchanges): without it, whether any random record is valid would
+    depend on the draw, and the accepted path might go untested (it did once: 0 of 2,000 accepted)."""
+    exchange = st.tuples(word, word).map(lambda pair: [{role_key: user, content_key: pair[0]},
+                                                        {role_key: assistant, content_key: pair[1]}])
+    return st.lists(exchange, min_size=1, max_size=2).map(lambda exchanges: [turn for ex in exchanges for turn in ex])
+
+
 def shaped(fmt: str) -> st.SearchStrategy:
     """Records close to the format (so deep paths are reached), with any field possibly wrong."""
     if fmt == "alpaca":
@@ -37,10 +49,12 @@ def shaped(fmt: str) -> st.SearchStrategy:
         return st.fixed_dictionaries({"conversations": st.one_of(st.lists(text, max_size=6), json_value)})
     if fmt == "messages":
         turn = st.one_of(st.fixed_dictionaries({"role": role, "content": st.one_of(text, json_value)}), json_value)
-        return st.fixed_dictionaries({"messages": st.one_of(st.lists(turn, max_size=5), json_value)})
+        return st.fixed_dictionaries({"messages": st.one_of(conversation("role", "content", "user", "assistant"),
+                                                            st.lists(turn, max_size=5), json_value)})
     if fmt == "sharegpt":
         turn = st.one_of(st.fixed_dictionaries({"from": role, "value": st.one_of(text, json_value)}), json_value)
-        return st.fixed_dictionaries({"conversations": st.one_of(st.lists(turn, max_size=5), json_value)})
+        return st.fixed_dictionaries({"conversations": st.one_of(conversation("from", "value", "human", "gpt"),
+                                                                 st.lists(turn, max_size=5), json_value)})
     return st.fixed_dictionaries({"text": st.one_of(text, json_value)})
 
 
