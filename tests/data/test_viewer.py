@@ -151,7 +151,7 @@ def test_missing_or_broken_directories_name_the_path(tmp_path, clean):
         scan_shards(str(tmp_path / "empty"))
     assert str(tmp_path / "empty") in str(info.value)
     (tmp_path / "bad").mkdir()
-    (tmp_path / "bad" / "manifest.json").write_text("{not json")
+    (tmp_path / "bad" / "_manifest.json").write_text("{not json")
     with pytest.raises(ValueError, match="unreadable manifest"):
         summarize(str(tmp_path / "bad"))
     path, _ = clean

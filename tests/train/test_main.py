@@ -17,7 +17,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from schemas.shard import tokenizer_fingerprint
+from schemas.shard import MANIFEST_NAME, tokenizer_fingerprint
 from tests.conftest import REPO
 from tests.train.conftest import make_examples, write_annotated_dir
 
@@ -201,7 +201,7 @@ def test_bad_input_fails_before_training(tmp_path, tiny_llama_dir, shards):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
     # NaN scores are found by the validation that runs before step 1 (data.deep_validate, on by default).
-    fp = json.loads((shards / "train" / "manifest.json").read_text())["tokenizer"]
+    fp = json.loads((shards / "train" / MANIFEST_NAME).read_text())["tokenizer"]
     examples = make_examples(8, ["tfidf"], min_len=8, max_len=20)
     examples[3]["scores"]["tfidf"][-1] = float("nan")
     write_annotated_dir(tmp_path / "nan", examples, ["tfidf"], tokenizer_fp=fp)
