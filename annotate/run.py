@@ -34,11 +34,11 @@ from schemas.shard import SUMMARY_NAME, atomic_write_text  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        config, args = load_config(argv)
+        config, list_scorers = load_config(argv)
     except (ValueError, OSError, yaml.YAMLError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.list_scorers:
+    if list_scorers:
         import dataclasses
 
         for name in registry.available():

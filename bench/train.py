@@ -199,7 +199,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model)
     manifest = open_annotated(cfg.data.train, tokenizer_fingerprint(tokenizer)["sha256"], cfg.importance.scorer)
     train_config.validate_against_data(cfg, manifest)
-    rho1 = cfg.loss.name == "rho1"
+    needs_ref_loss = train_config.loss_class(cfg).needs_ref_loss
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
     # The same micro-batches for every loss: read once, before the model, outside the timed region.
@@ -210,7 +210,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     batches = []
     for _ in range(n_steps * cfg.train.grad_accum):
         b = next(it)
-        if not rho1:
+        if not needs_ref_loss:
             b["ref_loss"] = None
         batches.append(b)
     del it, stream

@@ -17,7 +17,6 @@ README = (REPO / "README.md").read_text(encoding="utf-8")
 
 # command -> (module holding build_parser(), the README heading of its section)
 COMMANDS = {
-    "python annotate/run.py": ("annotate.config", "## 1. annotate"),
     "python -m schemas.validate": ("schemas.validate", "## 2. The shard contract"),
     "python -m annotate.inspect": ("annotate.inspect", "## 3. inspect"),
     "python -m train.evaluate": ("train.evaluate", "## 5. evaluate"),
@@ -45,22 +44,17 @@ def test_every_option_is_documented_with_its_default(command):
     parser = importlib.import_module(module_name).build_parser()
     text = section(heading)
     assert command in text, f"README {heading!r} does not show how to run {command}"
-    defaults = {}
-    if module_name == "annotate.config":  # its argparse defaults are None so YAML can fill them
-        from annotate.config import AnnotateConfig
-
-        defaults = {f.name: f.default for f in dataclasses.fields(AnnotateConfig) if f.default is not dataclasses.MISSING}
     for action in options(parser):
         flag = long_flag(action)
         rows = [line for line in text.splitlines() if line.startswith(f"| `{flag}")]
         assert rows, f"README {heading!r} has no table row for {command} {flag}"
-        default = defaults.get(action.dest, action.default)
+        default = action.default
         if default in (None, False, [], "", argparse.SUPPRESS) or isinstance(default, bool):
             continue
         assert any(str(default) in row for row in rows), f"README row of {command} {flag} does not show its default {default!r}: {rows}"
 
 
-@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("command", sorted(COMMANDS) + ["python annotate/run.py"])
 def test_help_runs(command):
     args = command.split()[1:] + ["--help"]
     result = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -78,6 +72,21 @@ def test_train_keys_match_help():
     for _, _, rows in _reference():
         for key, _, shown, _ in rows:
             assert re.search(rf"^\s+{re.escape(key)}\s.*= {re.escape(shown)}", result.stdout, re.M), key
+
+
+def test_annotate_keys_match_help():
+    """The README's annotate table is generated from AnnotateConfig, as `annotate/run.py --help` is."""
+    from annotate.config import markdown_reference
+    from data.config import leaves
+
+    from annotate.config import AnnotateConfig
+
+    assert markdown_reference() in section("## 1. annotate"), "README's annotate table is stale: paste annotate.config.markdown_reference()"
+    result = subprocess.run([sys.executable, "annotate/run.py", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for key, f, _ in leaves(AnnotateConfig):
+        flag = "--" + f.metadata.get("flag", key).replace("_", "-")
+        assert re.search(rf"^\s+{re.escape(flag)}\s", result.stdout, re.M), flag
 
 
 def test_scorer_options_documented():

@@ -5,15 +5,9 @@
 
 Keys are the dataclass field names, dotted by section (``optim.lr``), with one exception: the
 field ``LossConfig.lambda_`` is the key ``loss.lambda`` in YAML, on the command line and in saved
-configs (``lambda`` is a Python keyword). Values on the command line are parsed with
-``yaml.safe_load`` (``loss.rho1_rho=null``, ``optim.betas=[0.9,0.95]``) except for string options,
-which take the text as written (``data.train=007``) unless it is quoted (``data.validation="''"``
-is empty; so is ``data.validation=``). Every value is checked against the field's type (``1e-5``
-is accepted for a float although YAML 1.1 reads it as a string); unknown keys are errors that
-name the key, where it came from and the nearest known key.
-
-Order: defaults <- each ``--config FILE`` in turn <- each ``a.b=c`` in turn (``--a.b=c`` and
-``--a.b c`` are accepted too). :func:`load_config` only parses; :func:`validate` checks values and
+configs (``lambda`` is a Python keyword). The ``loss`` section is built from the registered losses'
+Options (train/losses.py). Loading, overrides, help and saving are data/config.py's, the mechanism
+annotate uses too: :func:`load_config` only parses; :func:`validate` checks values and
 :func:`validate_against_data` checks them against an annotated directory's manifest.
 
 DeepSpeed: ``deepspeed_config`` names a checked-in ZeRO JSON without "optimizer" or "scheduler"
@@ -33,20 +27,19 @@ Any other "auto" is an error, so a new placeholder cannot pass silently.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
+import keyword
 import math
 import os
-import sys
-import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from schemas.shard import EXCESS_LOSS, EXCESS_LOSS_PARTS, Manifest, atomic_write_text, score_names
+from data import config as config_mechanism
+from data.config import ConfigError, option
+from schemas.shard import EXCESS_LOSS, EXCESS_LOSS_PARTS, Manifest, score_names
+from train.losses import LOSSES, Loss
 from train.schedule import SCHEDULES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -58,305 +51,125 @@ ZERO_STAGES = ("auto", "0", "1", "2", "3")
 REF_LOSS = EXCESS_LOSS_PARTS[1]
 
 
-class ConfigError(ValueError):
-    """A bad key or value; the message names the option (and the file it came from)."""
-
-
-def _opt(default: Any = dataclasses.MISSING, help: str = "", *, key: str | None = None, factory: Any = None) -> Any:
-    """A dataclass field with its help text (and, for ``lambda_``, its YAML/CLI key) kept beside it."""
-    metadata = {"help": help}
-    if key is not None:
-        metadata["key"] = key
-    if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
 @dataclass
 class DataConfig:
-    train: str = _opt("", "annotated directory or fsspec URI (s3://, gs://) to train on (required)")
-    validation: str = _opt("", "held-out annotated directory for eval; '' = none")
-    micro_batch_tokens: int = _opt(4096, "packing budget: tokens per micro-batch (one packed row); an example longer than it is a micro-batch alone")
-    num_workers: int = _opt(0, "DataLoader workers reading shards (0 = in the main process)")
-    shuffle: bool = _opt(True, "shuffle row groups and rows each epoch (seeded by seed and epoch)")
-    deep_validate: bool = _opt(True, "read every shard once before step 1 (checksums, list lengths, NaN/inf scores, unique ids) so bad data fails before training; false: footer checks only (faster on huge data; the stream still refuses a NaN it meets)")
+    train: str = option("", "annotated directory or fsspec URI (s3://, gs://) to train on (required)")
+    validation: str = option("", "held-out annotated directory for eval; '' = none")
+    micro_batch_tokens: int = option(4096, "packing budget: tokens per micro-batch (one packed row); an example longer than it is a micro-batch alone")
+    num_workers: int = option(0, "DataLoader workers reading shards (0 = in the main process)")
+    shuffle: bool = option(True, "shuffle row groups and rows each epoch (seeded by seed and epoch)")
+    deep_validate: bool = option(True, "read every shard once before step 1 (checksums, list lengths, NaN/inf scores, unique ids) so bad data fails before training; false: footer checks only (faster on huge data; the stream still refuses a NaN it meets)")
 
 
 @dataclass
 class ImportanceConfig:
-    scorer: str = _opt("tfidf", "score that groups tokens: any stored scorer name (tfidf, llmlingua2, ref_loss, ...) or excess_loss (= base_loss - ref_loss)")
-    rho: float = _opt(0.7, "threshold in [0, 1): the top ceil((1 - rho) * n) tokens of each scope are important (0.7 = the paper's 70th percentile)")
-    scope: str = _opt("sequence", "where the top tokens are ranked: sequence (SFT-GO, per example) | batch (Rho-1, per global batch) | corpus (one threshold from the manifest)")
+    scorer: str = option("tfidf", "score that groups tokens: any stored scorer name (tfidf, llmlingua2, ref_loss, ...) or excess_loss (= base_loss - ref_loss)")
+    rho: float = option(0.7, "threshold in [0, 1): the top ceil((1 - rho) * n) tokens of each scope are important (0.7 = the paper's 70th percentile)")
+    scope: str = option("sequence", "where the top tokens are ranked: sequence (SFT-GO, per example) | batch (Rho-1, per global batch) | corpus (one threshold from the manifest)")
 
 
-@dataclass
-class LossConfig:
-    name: str = _opt("sftgo", "objective: sft | sftgo | rho1 | infosft | dft | select | weighted (METHOD.md 'Losses'; select = CE over the important group only, Token Cleaning; weighted = sum w*CE / sum w, w from the score)")
-    lambda_: float = _opt(0.9, "SFT-GO's weight on max(L_1, L_0) with lambda_schedule static, in [0, 1]", key="lambda")
-    lambda_schedule: str = _opt("static", "static (lambda) | linear (lambda_max -> lambda_min over the training steps)")
-    lambda_max: float = _opt(0.9, "linear schedule: lambda at the first step")
-    lambda_min: float = _opt(0.05, "linear schedule: lambda at the last step")
-    infosft_p: float = _opt(0.93, "InfoSFT: confidence above which a token gets no weight, in (0.5, 1)")
-    rho1_rho: float | None = _opt(None, "rho1: train the top 1 - rho of tokens by live excess loss; null = importance.rho")
-    weight_transform: str = _opt("rank", "weighted: w from importance.scorer's score: identity (w = s) | rank (rank in importance.scope, in [0, 1]; sequence or corpus) | sigmoid")
-    weight_temperature: float = _opt(1.0, "weighted, sigmoid: w = sigmoid((s - weight_center) / weight_temperature); > 0")
-    weight_center: float = _opt(0.0, "weighted, sigmoid: the score at which w = 0.5")
-    weight_clip_min: float = _opt(0.0, "weighted: lower clip of w, >= 0")
-    weight_clip_max: float | None = _opt(None, "weighted: upper clip of w; null = none")
+def _loss_config_class() -> type:
+    """The ``loss`` section: ``name`` plus every registered loss's Options, keyed as in YAML.
+
+    Each Options field becomes ``loss.<key>`` (its help text with it); the attribute is the key,
+    except ``lambda_`` (``lambda`` is a Python keyword). Adding a loss adds its keys here.
+    """
+    names = " | ".join(LOSSES)
+    fields: list[tuple[str, Any, Any]] = [("name", str, option("sftgo", f"objective: {names} (METHOD.md 'Losses'; select = CE over the important group only, Token Cleaning; weighted = sum w*CE / sum w, w from the score)"))]
+    for loss_cls in LOSSES.values():
+        hints = typing.get_type_hints(loss_cls.Options)
+        for f in dataclasses.fields(loss_cls.Options):
+            key = f.metadata.get("key", f.name)
+            attribute = key if key.isidentifier() and not keyword.iskeyword(key) else f.name
+            if any(existing == attribute for existing, _, _ in fields):
+                raise TypeError(f"loss option key {key!r} of {loss_cls.name} is already taken; give it its own key")
+            fields.append((attribute, hints[f.name], option(f.default, f.metadata["help"], key=key if key != attribute else None)))
+    return dataclasses.make_dataclass("LossConfig", fields)
+
+
+LossConfig = _loss_config_class()
+
+
+def loss_class(config: "TrainConfig") -> type[Loss]:
+    """The registered loss class ``loss.name`` names (validate() reports an unknown name)."""
+    return LOSSES[config.loss.name]
+
+
+def loss_options_of(loss_section: Any, loss_cls: type[Loss]) -> Any:
+    """``loss_cls.Options`` filled from the config's ``loss`` section."""
+    values = {}
+    for f in dataclasses.fields(loss_cls.Options):
+        key = f.metadata.get("key", f.name)
+        values[f.name] = getattr(loss_section, key if key.isidentifier() and not keyword.iskeyword(key) else f.name)
+    return loss_cls.Options(**values)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = _opt(1e-5, "peak learning rate (AdamW)")
-    weight_decay: float = _opt(0.1, "AdamW weight decay")
-    betas: tuple[float, float] = _opt((0.9, 0.95), "AdamW betas")
-    eps: float = _opt(1e-8, "AdamW epsilon")
-    schedule: str = _opt("cosine", "lr decay after warmup: cosine | linear | constant")
-    warmup_ratio: float = _opt(0.0, "warmup as a fraction of the training steps (ceil); use this or warmup_steps")
-    warmup_steps: int = _opt(0, "warmup in optimizer steps; use this or warmup_ratio")
-    min_lr_ratio: float = _opt(0.0, "lr at the end of the decay, as a fraction of lr")
-    grad_clip: float = _opt(1.0, "gradient norm clipping (0 = off); DeepSpeed's gradient_clipping")
+    lr: float = option(1e-5, "peak learning rate (AdamW)")
+    weight_decay: float = option(0.1, "AdamW weight decay")
+    betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas")
+    eps: float = option(1e-8, "AdamW epsilon")
+    schedule: str = option("cosine", "lr decay after warmup: cosine | linear | constant")
+    warmup_ratio: float = option(0.0, "warmup as a fraction of the training steps (ceil); use this or warmup_steps")
+    warmup_steps: int = option(0, "warmup in optimizer steps; use this or warmup_ratio")
+    min_lr_ratio: float = option(0.0, "lr at the end of the decay, as a fraction of lr")
+    grad_clip: float = option(1.0, "gradient norm clipping (0 = off); DeepSpeed's gradient_clipping")
 
 
 @dataclass
 class LoopConfig:
-    epochs: int = _opt(1, "passes over data.train")
-    max_steps: int = _opt(0, "optimizer steps to run; 0 = as many as epochs give")
-    grad_accum: int = _opt(1, "micro-batches per optimizer step, per rank")
-    gradient_checkpointing: bool = _opt(True, "recompute activations in backward (less memory, ~30% slower)")
-    dtype: str = _opt("auto", "auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16")
-    zero_stage: str = _opt("auto", "DeepSpeed ZeRO stage: 0 | 1 | 2 | 3 | auto (3 only when model + optimizer states would not fit on one device, else 0 on one device and 2 on several; the log says which and why)")
-    zero3_leaf_modules: bool = _opt(True, "ZeRO-3: gather each decoder layer whole (DeepSpeed set_z3_leaf_modules on the model's _no_split_modules class): ~2x fewer hook calls per step; false = per-submodule gathers")
-    attn_implementation: str = _opt("auto", "attention kernel: auto (flash_attention_2 on CUDA when flash-attn is installed, else flex_attention on CUDA, sdpa on CPU) | sdpa | eager | flex_attention | flash_attention_2; packed examples are isolated on every path")
-    ce_chunk: int = _opt(1024, "target tokens per lm_head + cross-entropy chunk: bounds fp32 logits memory (bench/ce_memory.py: 1024 cuts the extra peak ~3x vs 4096 at seq 4096)")
-    log_every: int = _opt(1, "optimizer steps between log lines")
+    epochs: int = option(1, "passes over data.train")
+    max_steps: int = option(0, "optimizer steps to run; 0 = as many as epochs give")
+    grad_accum: int = option(1, "micro-batches per optimizer step, per rank")
+    gradient_checkpointing: bool = option(True, "recompute activations in backward (less memory, ~30% slower)")
+    dtype: str = option("auto", "auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16")
+    zero_stage: str = option("auto", "DeepSpeed ZeRO stage: 0 | 1 | 2 | 3 | auto (3 only when model + optimizer states would not fit on one device, else 0 on one device and 2 on several; the log says which and why)")
+    zero3_leaf_modules: bool = option(True, "ZeRO-3: gather each decoder layer whole (DeepSpeed set_z3_leaf_modules on the model's _no_split_modules class): ~2x fewer hook calls per step; false = per-submodule gathers")
+    attn_implementation: str = option("auto", "attention kernel: auto (flash_attention_2 on CUDA when flash-attn is installed, else flex_attention on CUDA, sdpa on CPU) | sdpa | eager | flex_attention | flash_attention_2; packed examples are isolated on every path")
+    ce_chunk: int = option(1024, "target tokens per lm_head + cross-entropy chunk: bounds fp32 logits memory (bench/ce_memory.py: 1024 cuts the extra peak ~3x vs 4096 at seq 4096)")
+    log_every: int = option(1, "optimizer steps between log lines")
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = _opt(0, "optimizer steps between checkpoints; 0 = only at the end")
-    keep: int = _opt(2, "completed checkpoints to keep (older ones are deleted)")
-    resume: str = _opt("auto", "auto (latest completed checkpoint in output_dir, if any) | never | <checkpoint path>")
-    keep_final: bool = _opt(True, "keep the last checkpoint once model/ is exported; false deletes every checkpoint then (SmolLM2-135M: 1.6 GB each, two thirds of it optimizer state), so the finished run can be evaluated and reused but not resumed or extended")
+    every: int = option(0, "optimizer steps between checkpoints; 0 = only at the end")
+    keep: int = option(2, "completed checkpoints to keep (older ones are deleted)")
+    resume: str = option("auto", "auto (latest completed checkpoint in output_dir, if any) | never | <checkpoint path>")
+    keep_final: bool = option(True, "keep the last checkpoint once model/ is exported; false deletes every checkpoint then (SmolLM2-135M: 1.6 GB each, two thirds of it optimizer state), so the finished run can be evaluated and reused but not resumed or extended")
 
 
 @dataclass
 class EvalConfig:
-    every: int = _opt(0, "optimizer steps between evaluations on data.validation; 0 = only at the end (when data.validation is set)")
-    max_batches: int = _opt(0, "micro-batches per evaluation; 0 = the whole validation set")
+    every: int = option(0, "optimizer steps between evaluations on data.validation; 0 = only at the end (when data.validation is set)")
+    max_batches: int = option(0, "micro-batches per evaluation; 0 = the whole validation set")
 
 
 @dataclass
 class TrainConfig:
-    model: str = _opt("smollm2-135m-instruct", "model: HF id, local folder or embedded name (data.models.resolve_model)")
-    output_dir: str = _opt("runs/demo", "run directory: checkpoints, logs, the resolved config")
-    deepspeed_config: str = _opt("train/configs/deepspeed.json", "DeepSpeed JSON (no optimizer/scheduler sections; 'auto' values are filled from this config); relative paths: cwd, then the repo")
-    seed: int = _opt(0, "seed for model init noise, data order and dropout")
-    trust_remote_code: bool = _opt(False, "allow a model folder whose config asks for code shipped with it (auto_map); false: such a model is refused before loading")
-    data: DataConfig = _opt(factory=DataConfig, help="training and validation data")
-    importance: ImportanceConfig = _opt(factory=ImportanceConfig, help="token grouping at load time")
-    loss: LossConfig = _opt(factory=LossConfig, help="training objective")
-    optim: OptimConfig = _opt(factory=OptimConfig, help="optimizer and lr schedule")
-    train: LoopConfig = _opt(factory=LoopConfig, help="training loop")
-    checkpoint: CheckpointConfig = _opt(factory=CheckpointConfig, help="checkpoints and resume")
-    eval: EvalConfig = _opt(factory=EvalConfig, help="evaluation on data.validation")
-    report_to: list[str] = _opt(factory=lambda: ["jsonl", "tensorboard"], help="metric sinks: jsonl, tensorboard, wandb (Weights & Biases: the wandb extra; WANDB_PROJECT, WANDB_MODE=offline as usual), comma-separated on the command line")
+    model: str = option("smollm2-135m-instruct", "model: HF id, local folder or embedded name (data.models.resolve_model)")
+    output_dir: str = option("runs/demo", "run directory: checkpoints, logs, the resolved config")
+    deepspeed_config: str = option("train/configs/deepspeed.json", "DeepSpeed JSON (no optimizer/scheduler sections; 'auto' values are filled from this config); relative paths: cwd, then the repo")
+    seed: int = option(0, "seed for model init noise, data order and dropout")
+    trust_remote_code: bool = option(False, "allow a model folder whose config asks for code shipped with it (auto_map); false: such a model is refused before loading")
+    data: DataConfig = option(factory=DataConfig, help="training and validation data")
+    importance: ImportanceConfig = option(factory=ImportanceConfig, help="token grouping at load time")
+    loss: LossConfig = option(factory=LossConfig, help="training objective")
+    optim: OptimConfig = option(factory=OptimConfig, help="optimizer and lr schedule")
+    train: LoopConfig = option(factory=LoopConfig, help="training loop")
+    checkpoint: CheckpointConfig = option(factory=CheckpointConfig, help="checkpoints and resume")
+    eval: EvalConfig = option(factory=EvalConfig, help="evaluation on data.validation")
+    report_to: list[str] = option(factory=lambda: ["jsonl", "tensorboard"], help="metric sinks: jsonl, tensorboard, wandb (Weights & Biases: the wandb extra; WANDB_PROJECT, WANDB_MODE=offline as usual), comma-separated on the command line")
 
 
 # ---------------------------------------------------------------------------------------------
-# Keys and types
-# ---------------------------------------------------------------------------------------------
-
-
-def _key(f: dataclasses.Field) -> str:
-    """The YAML / command-line name of a field."""
-    return f.metadata.get("key", f.name)
-
-
-def _fields(cls: type) -> dict[str, tuple[dataclasses.Field, Any]]:
-    """External key -> (field, resolved type) of a config dataclass."""
-    hints = typing.get_type_hints(cls)
-    return {_key(f): (f, hints[f.name]) for f in dataclasses.fields(cls)}
-
-
-def _leaves(cls: type = TrainConfig, prefix: str = "") -> list[tuple[str, dataclasses.Field, Any]]:
-    """Every option as (dotted key, field, type), sections expanded, in declaration order."""
-    out = []
-    for key, (f, tp) in _fields(cls).items():
-        if dataclasses.is_dataclass(tp):
-            out.extend(_leaves(tp, f"{prefix}{key}."))
-        else:
-            out.append((prefix + key, f, tp))
-    return out
-
-
-def _all_keys() -> list[str]:
-    leaves = [k for k, _, _ in _leaves()]
-    sections = [k for k, (_, tp) in _fields(TrainConfig).items() if dataclasses.is_dataclass(tp)]
-    return leaves + sections
-
-
-def _suggest(dotted: str) -> str:
-    """' (did you mean X?)' for an unknown key, or ''."""
-    keys = _all_keys()
-    close = difflib.get_close_matches(dotted, keys, n=1, cutoff=0.6)
-    if not close:
-        leaf = dotted.rsplit(".", 1)[-1]
-        close = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]
-        if not close:
-            names = sorted({k.rsplit(".", 1)[-1] for k in keys})
-            near = difflib.get_close_matches(leaf, names, n=1, cutoff=0.6)
-            close = [k for k in keys if near and k.rsplit(".", 1)[-1] == near[0]]
-    return f" (did you mean {' or '.join(close[:3])}?)" if close else ""
-
-
-def _type_name(tp: Any) -> str:
-    if tp in (str, int, float, bool):
-        return tp.__name__
-    return str(tp).replace("typing.", "")
-
-
-class _BadValue(Exception):
-    pass
-
-
-def _coerce(value: Any, tp: Any) -> Any:
-    """``value`` as type ``tp`` (str, int, float, bool, X | None, tuple[...], list[...]); _BadValue if not."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null", "~")):
-            if type(None) in args:
-                return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0])
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _BadValue(f"expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool):
-            raise _BadValue(f"expected an integer, got {value!r}")
-        if isinstance(value, int):
-            return value
-        number = _as_float(value, "an integer")
-        if not number.is_integer():
-            raise _BadValue(f"expected an integer, got {value!r}")
-        return int(number)
-    if tp is float:
-        if isinstance(value, bool):
-            raise _BadValue(f"expected a number, got {value!r}")
-        return _as_float(value, "a number")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, int) and not isinstance(value, bool):
-            return str(value)
-        raise _BadValue(f"expected a string, got {value!r} ({type(value).__name__}); quote it")
-    if origin is tuple:
-        if isinstance(value, str):
-            value = [v.strip() for v in value.strip("()[] ").split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise _BadValue(f"expected a list of {len(args)} values, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0]) for v in value)
-        if len(value) != len(args):
-            raise _BadValue(f"expected {len(args)} values, got {len(value)}: {value!r}")
-        return tuple(_coerce(v, a) for v, a in zip(value, args))
-    if origin is list:
-        if value is None:
-            return []
-        if isinstance(value, str):
-            value = [v.strip() for v in value.strip("[] ").split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise _BadValue(f"expected a list, got {value!r}")
-        return [_coerce(v, args[0]) for v in value]
-    raise TypeError(f"config field type {tp!r} is not supported")  # a programming error, not a user one
-
-
-def _as_float(value: Any, what: str) -> float:
-    if isinstance(value, (int, float)):
-        return float(value)
-    if isinstance(value, str):
-        try:
-            return float(value.strip())
-        except ValueError:
-            pass
-    raise _BadValue(f"expected {what}, got {value!r}")
-
-
-def _apply(obj: Any, mapping: Any, source: str, prefix: str, problems: list[str]) -> None:
-    """Set the options in ``mapping`` (nested dicts, external keys) on the dataclass ``obj``."""
-    if not isinstance(mapping, dict):
-        where = prefix.rstrip(".") or "the file"
-        problems.append(f"{source}: {where}: expected a mapping of option: value, got {mapping!r}")
-        return
-    fields = _fields(type(obj))
-    for key, value in mapping.items():
-        dotted = f"{prefix}{key}"
-        if key not in fields:
-            problems.append(f"{source}: unknown key {dotted!r}{_suggest(str(dotted))}")
-            continue
-        f, tp = fields[key]
-        if dataclasses.is_dataclass(tp):
-            if value is None:
-                continue
-            _apply(getattr(obj, f.name), value, source, dotted + ".", problems)
-            continue
-        try:
-            setattr(obj, f.name, _coerce(value, tp))
-        except _BadValue as exc:
-            problems.append(f"{source}: {dotted}: {exc} (type {_type_name(tp)})")
-
-
-def _set_dotted(config: TrainConfig, dotted: str, raw: str, source: str, problems: list[str]) -> None:
-    """One command-line override ``dotted=raw``; string options take ``raw`` as written."""
-    obj: Any = config
-    parts = dotted.split(".")
-    for i, part in enumerate(parts):
-        fields = _fields(type(obj))
-        here = ".".join(parts[: i + 1])
-        if part not in fields:
-            problems.append(f"{source}: unknown key {dotted!r}{_suggest(dotted)}")
-            return
-        f, tp = fields[part]
-        last = i == len(parts) - 1
-        if dataclasses.is_dataclass(tp):
-            if last:  # a whole section: optim={lr: 1e-4, eps: 1e-6}
-                _apply(getattr(obj, f.name), _parse_value(raw), source, here + ".", problems)
-                return
-            obj = getattr(obj, f.name)
-            continue
-        if not last:
-            problems.append(f"{source}: unknown key {dotted!r}: {here} is an option, not a section")
-            return
-        quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
-        value = raw if tp is str and not quoted else _parse_value(raw)
-        try:
-            setattr(obj, f.name, _coerce(value, tp))
-        except _BadValue as exc:
-            problems.append(f"{source}: {dotted}: {exc} (type {_type_name(tp)})")
-
-
-def _parse_value(raw: str) -> Any:
-    try:
-        return yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        return raw
-
-
-# ---------------------------------------------------------------------------------------------
-# Loading
+# Loading, help, saving (the shared mechanism, data/config.py)
 # ---------------------------------------------------------------------------------------------
 
 
 def config_from_dict(mapping: dict[str, Any], source: str = "config") -> TrainConfig:
     """Defaults overridden by a nested mapping with external keys (what :func:`to_dict` writes)."""
-    config = TrainConfig()
-    problems: list[str] = []
-    _apply(config, mapping or {}, source, "", problems)
-    if problems:
-        raise ConfigError("invalid train config:\n  " + "\n  ".join(problems))
-    return config
+    return config_mechanism.from_dict(TrainConfig, mapping, source, what="train")
 
 
 def load_config(argv: list[str] | None = None) -> TrainConfig:
@@ -366,135 +179,35 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
     every unknown key and badly typed value, each naming its source (file or command line).
     Values are not range-checked here: call :func:`validate`.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
-    files: list[str] = []
-    overrides: list[tuple[str, str]] = []
-    problems: list[str] = []
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("-h", "--help"):
-            print(help_text())
-            raise SystemExit(0)
-        if arg.startswith(("--local_rank", "--local-rank")):
-            # The deepspeed launcher appends --local_rank=N; the rank also comes from LOCAL_RANK.
-            if "=" not in arg and i + 1 < len(argv) and argv[i + 1].isdigit():
-                i += 1
-        elif arg == "--config" or arg.startswith("--config="):
-            if "=" in arg:
-                files.append(arg.split("=", 1)[1])
-            elif i + 1 < len(argv):
-                i += 1
-                files.append(argv[i])
-            else:
-                problems.append("command line: --config needs a file")
-        elif "=" in arg:
-            key, raw = arg.split("=", 1)
-            overrides.append((key.lstrip("-"), raw))
-        elif arg.startswith("--") and len(arg) > 2 and i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            overrides.append((arg[2:], argv[i + 1]))  # --optim.lr 1e-4
-            i += 1
-        else:
-            problems.append(f"command line: {arg!r} is not KEY=VALUE or --config FILE (see --help)")
-        i += 1
-
-    config = TrainConfig()
-    for path in files:
-        try:
-            with open(path, encoding="utf-8") as f:
-                loaded = yaml.safe_load(f)
-        except OSError as exc:
-            problems.append(f"--config {path}: cannot read ({exc.strerror or exc})")
-            continue
-        except yaml.YAMLError as exc:
-            problems.append(f"{path}: not valid YAML ({exc})")
-            continue
-        _apply(config, loaded if loaded is not None else {}, path, "", problems)
-    for key, raw in overrides:
-        _set_dotted(config, key, raw, "command line", problems)
-    if problems:
-        raise ConfigError("invalid train config:\n  " + "\n  ".join(problems))
-    return config
+    return config_mechanism.load(TrainConfig, argv, what="train", help=help_text)
 
 
 def _reference() -> list[tuple[str, str, list[tuple[str, str, str, str]]]]:
-    """(section, title, [(key, type, default, help)]) from the dataclasses: one source for --help and the README."""
-    leaves = _leaves()
-    groups: dict[str, list[tuple[str, dataclasses.Field, Any]]] = {"": []}
-    for leaf in leaves:  # top-level options first, then one block per section
-        groups.setdefault(leaf[0].split(".", 1)[0] if "." in leaf[0] else "", []).append(leaf)
-    sections = []
-    for head, members in groups.items():
-        title = _fields(TrainConfig)[head][0].metadata.get("help", "") if head else "run"
-        rows = []
-        for dotted, f, tp in members:
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-            shown = yaml.safe_dump(_plain(default), default_flow_style=True).strip().removesuffix("...").strip()
-            rows.append((dotted, _type_name(tp), shown, f.metadata.get("help", "")))
-        sections.append((head or "top level", title, rows))
-    return sections
+    return config_mechanism.reference(TrainConfig)
 
 
 def help_text() -> str:
     """Usage plus every key with its type, default and description, generated from the dataclasses."""
-    lines = [
+    return config_mechanism.help_text(TrainConfig, [
         "usage: python -m train.main [--config FILE ...] [KEY=VALUE ...]",
         "",
         "Train with token-importance SFT on annotated shards. Defaults <- --config YAML files <- KEY=VALUE.",
         "Values are YAML (optim.betas=[0.9,0.95], loss.rho1_rho=null); string options take the text as written.",
-        "",
-    ]
-    sections = _reference()
-    width = max(len(row[0]) for _, _, rows in sections for row in rows)
-    for head, title, rows in sections:
-        lines.append(f"{head}: {title}")
-        lines.extend(f"  {key:<{width}}  {tp:<19} = {shown:<24} {text}" for key, tp, shown, text in rows)
-    return "\n".join(lines)
+    ])
 
 
 def markdown_reference() -> str:
     """The README's train configuration table: the same keys, defaults and help as ``--help``."""
-    lines = ["| key | type | default | what it does |", "|---|---|---|---|"]
-    for head, title, rows in _reference():
-        lines.append(f"| **{head}** | | | {title} |")
-        for key, tp, shown, text in rows:
-            lines.append(f"| `{key}` | {tp.replace('|', 'or')} | `{shown}` | {text.replace('|', '/')} |")
-    return "\n".join(lines)
+    return config_mechanism.markdown_reference(TrainConfig)
 
 
-# ---------------------------------------------------------------------------------------------
-# Saving and printing
-# ---------------------------------------------------------------------------------------------
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
-
-
-def to_dict(config: Any) -> dict[str, Any]:
-    """Nested plain dict with the YAML keys (``lambda``, not ``lambda_``); tuples become lists."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        out[_key(f)] = to_dict(value) if dataclasses.is_dataclass(value) else _plain(value)
-    return out
-
-
-def format_config(config: TrainConfig) -> str:
-    """The resolved config as YAML, for logs."""
-    return yaml.safe_dump(to_dict(config), sort_keys=False, default_flow_style=False)
+to_dict = config_mechanism.to_dict
+format_config = config_mechanism.format_config
 
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML (reloadable with ``--config``); atomic."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, "# resolved sftgo train config (python -m train.main --config this-file)\n" + format_config(config))
-    return path
+    return config_mechanism.save_config(config, path, "resolved sftgo train config (python -m train.main --config this-file)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -537,7 +250,6 @@ def validate(config: TrainConfig) -> None:
     """Check option values; raise ConfigError listing every problem, each naming its option."""
     from train.forward import SUPPORTED_ATTN_IMPLEMENTATIONS
     from train.grouping import SCOPES
-    from train.losses import LOSSES, SftGoLoss, WeightedLoss
 
     c, p = config, []
 
@@ -571,27 +283,11 @@ def validate(config: TrainConfig) -> None:
     unit("importance.rho", imp.rho, closed=False)
     need(imp.scope in SCOPES, f"importance.scope: {imp.scope!r} is not one of {list(SCOPES)}")
 
-    loss = c.loss
-    need(loss.name in LOSSES, f"loss.name: {loss.name!r} is not one of {sorted(LOSSES)}")
-    unit("loss.lambda", loss.lambda_)
-    unit("loss.lambda_max", loss.lambda_max)
-    unit("loss.lambda_min", loss.lambda_min)
-    need(loss.lambda_min <= loss.lambda_max,
-         f"loss.lambda_min: {loss.lambda_min} must be <= loss.lambda_max ({loss.lambda_max})")
-    need(loss.lambda_schedule in SftGoLoss.SCHEDULES,
-         f"loss.lambda_schedule: {loss.lambda_schedule!r} is not one of {list(SftGoLoss.SCHEDULES)}")
-    need(0.5 < loss.infosft_p < 1.0, f"loss.infosft_p: {loss.infosft_p} must be in (0.5, 1) so that logit(p) > 0")
-    if loss.rho1_rho is not None:
-        unit("loss.rho1_rho", loss.rho1_rho, closed=False)
-    need(loss.weight_transform in WeightedLoss.TRANSFORMS,
-         f"loss.weight_transform: {loss.weight_transform!r} is not one of {list(WeightedLoss.TRANSFORMS)}")
-    need(loss.weight_temperature > 0, f"loss.weight_temperature: {loss.weight_temperature} must be > 0")
-    need(loss.weight_clip_min >= 0, f"loss.weight_clip_min: {loss.weight_clip_min} must be >= 0 (a negative weight pushes a loss up)")
-    if loss.weight_clip_max is not None:
-        need(loss.weight_clip_max >= loss.weight_clip_min,
-             f"loss.weight_clip_max: {loss.weight_clip_max} must be >= loss.weight_clip_min ({loss.weight_clip_min})")
-    if loss.name == "weighted" and loss.weight_transform == "rank":
-        need(imp.scope != "batch", "importance.scope: batch is not supported by loss.weight_transform=rank; use sequence or corpus")
+    need(c.loss.name in LOSSES, f"loss.name: {c.loss.name!r} is not one of {sorted(LOSSES)}")
+    for loss_cls in LOSSES.values():  # every loss's options, chosen or not: a typo never waits for the day it is used
+        p.extend(loss_options_of(c.loss, loss_cls).problems(as_key=True))
+    if c.loss.name in LOSSES:
+        p.extend(loss_class(c).config_problems(loss_options_of(c.loss, loss_class(c)), imp.scope))
 
     o = c.optim
     # lr 0 is allowed: the negative control (nothing may change; tests/train/test_main.py checks it).
@@ -640,8 +336,6 @@ def validate_against_data(config: TrainConfig, manifest: Manifest, uri: str | No
     The importance scorer must be offered (stored, or excess_loss from base_loss + ref_loss); a loss
     that needs ref_loss (rho1) needs it stored; scope corpus needs the scorer's score_stats.
     """
-    from train.losses import LOSSES
-
     where = uri if uri is not None else config.data.train
     offered = score_names(manifest.scorer_names)
     scorer = config.importance.scorer
@@ -652,7 +346,7 @@ def validate_against_data(config: TrainConfig, manifest: Manifest, uri: str | No
             hint = f"; {EXCESS_LOSS} needs both {' and '.join(EXCESS_LOSS_PARTS)} (annotate --add-scorers)"
         p.append(f"importance.scorer: {scorer!r} is not in {where}; it offers {offered}{hint}")
     loss_cls = LOSSES.get(config.loss.name)
-    if loss_cls is not None and getattr(loss_cls, "needs_ref_loss", False) and REF_LOSS not in manifest.scorer_names:
+    if loss_cls is not None and loss_cls.needs_ref_loss and REF_LOSS not in manifest.scorer_names:
         p.append(f"loss.name: {config.loss.name} needs stored {REF_LOSS}; {where} offers {offered} "
                  f"(annotate --add-scorers {REF_LOSS})")
     if config.importance.scope == "corpus" and scorer in offered:
@@ -671,18 +365,8 @@ def validate_against_data(config: TrainConfig, manifest: Manifest, uri: str | No
 
 def loss_options(config: TrainConfig) -> dict[str, Any]:
     """Keyword options for ``train.losses.build_loss(config.loss.name, **options)``."""
-    loss = config.loss
-    if loss.name == "sftgo":
-        return {"lambda_": loss.lambda_, "lambda_schedule": loss.lambda_schedule,
-                "lambda_max": loss.lambda_max, "lambda_min": loss.lambda_min}
-    if loss.name == "rho1":
-        return {"rho": config.importance.rho if loss.rho1_rho is None else loss.rho1_rho}
-    if loss.name == "infosft":
-        return {"p": loss.infosft_p}
-    if loss.name == "weighted":
-        return {"transform": loss.weight_transform, "temperature": loss.weight_temperature, "center": loss.weight_center,
-                "clip_min": loss.weight_clip_min, "clip_max": loss.weight_clip_max}
-    return {}
+    loss_cls = loss_class(config)
+    return loss_cls.kwargs(loss_options_of(config.loss, loss_cls), config.importance.rho)
 
 
 def resolve_dtype(config: TrainConfig, cuda: bool) -> str:

@@ -40,32 +40,92 @@ Metrics (python floats, the same keys for every loss):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from data.config import option
 from train.grouping import all_reduce_sum, distributed_top_mask
 
 
-class TokenLoss(Protocol):
-    """What the trainer calls once per micro-batch (see the module docstring)."""
+LOSSES: dict[str, type[Loss]] = {}
 
-    needs_ref_loss: bool  # the trainer must load and pass ref_loss
-    needs_groups: bool  # the loss reads `important` (others only log it)
 
-    def __call__(
-        self,
-        token_loss: Tensor,
-        important: Tensor,
-        ref_loss: Tensor | None,
-        step_tokens: int,
-        progress: float,
-    ) -> tuple[Tensor, dict[str, float]]: ...
+def register(cls: type[Loss]) -> type[Loss]:
+    """Class decorator: make a loss available under ``cls.name`` (config ``loss.name``)."""
+    if cls.name in LOSSES and LOSSES[cls.name] is not cls:
+        raise ValueError(f"two losses named {cls.name!r}: {LOSSES[cls.name]} and {cls}")
+    LOSSES[cls.name] = cls
+    return cls
+
+
+@dataclass
+class NoOptions:
+    """A loss without options."""
+
+    def problems(self, as_key: bool = False) -> list[str]:
+        return []
+
+
+class Loss:
+    """What every registered loss declares; the trainer calls an instance once per micro-batch::
+
+        contribution, metrics = loss_fn(token_loss, important, ref_loss, step_tokens, progress)
+
+    ``Options`` is a dataclass of the loss's settings (``self.options``): its field names are the constructor's keywords,
+    each field's ``key`` its config key (``loss.<key>``; train.config builds its ``loss`` section from
+    every registered loss's Options, help text included). ``Options.problems(as_key)`` lists bad values,
+    named by config key (``loss.lambda``) or by keyword; the constructor raises on the same list.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+    needs_ref_loss: ClassVar[bool] = False  # the trainer must load and pass ref_loss
+    needs_groups: ClassVar[bool] = False  # the loss reads `important` (others only log it)
+    needs_weights: ClassVar[bool] = False  # the trainer computes token_weights and passes weight / step_weight
+
+    def __init__(self, group: dist.ProcessGroup | None = None, **options: Any) -> None:
+        # TypeError on an unknown option, as any keyword; ValueError listing every bad value.
+        self.options = self.Options(**options)
+        problems = self.options.problems()
+        if problems:
+            raise ValueError(f"{self.name}: " + "; ".join(problems))
+        self.group = group
+
+    @classmethod
+    def kwargs(cls, options: Any, importance_rho: float) -> dict[str, Any]:
+        """Constructor keywords from the config's options (``importance.rho`` for losses that default to it)."""
+        return dataclasses.asdict(options)
+
+    @classmethod
+    def config_problems(cls, options: Any, importance_scope: str) -> list[str]:
+        """Problems of this loss with the rest of the config (only checked when it is the chosen loss)."""
+        return []
+
+    @classmethod
+    def label(cls, setting: Callable[[str], Any]) -> str:
+        """A run's short label from its saved config (``setting("importance.rho")``), for plot legends."""
+        if cls.needs_groups:
+            return f"{cls.name}, {setting('importance.scorer')}, rho {setting('importance.rho')}"
+        return cls.name
+
+    def describe(self) -> str:
+        """The objective in one line, with its settings (reports and logs)."""
+        raise NotImplementedError
+
+
+def _shown(options: Any, name: str, as_key: bool) -> str:
+    """An option as a message names it: ``loss.<config key>`` or the constructor keyword."""
+    if not as_key:
+        return name
+    f = next(f for f in dataclasses.fields(options) if f.name == name)
+    return "loss." + f.metadata.get("key", name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,14 +224,11 @@ def _metrics(contribution: Tensor, stats: GroupStats, lambda_: float) -> dict[st
 # ---------------------------------------------------------------------------------------------
 
 
-class SftLoss:
+@register
+class SftLoss(Loss):
     """Plain SFT: ``L = sum_t l_t / N`` with N the step's trainable tokens."""
 
-    needs_ref_loss = False
-    needs_groups = False
-
-    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
-        self.group = group
+    name = "sft"
 
     def describe(self) -> str:
         """The objective in one line, with its settings (reports and logs)."""
@@ -186,7 +243,27 @@ class SftLoss:
         return contribution, _metrics(contribution, stats, 0.0)
 
 
-class SftGoLoss:
+@dataclass
+class SftGoOptions:
+    lambda_: float = option(0.9, "SFT-GO's weight on max(L_1, L_0) with lambda_schedule static, in [0, 1]", key="lambda")
+    lambda_schedule: str = option("static", "static (lambda) | linear (lambda_max -> lambda_min over the training steps)")
+    lambda_max: float = option(0.9, "linear schedule: lambda at the first step")
+    lambda_min: float = option(0.05, "linear schedule: lambda at the last step")
+
+    def problems(self, as_key: bool = False) -> list[str]:
+        name = lambda field: _shown(self, field, as_key)  # noqa: E731
+        out = [f"{name(f)}: {v} must be in [0, 1]" for f, v in
+               (("lambda_", self.lambda_), ("lambda_max", self.lambda_max), ("lambda_min", self.lambda_min))
+               if not (0.0 <= v <= 1.0)]
+        if self.lambda_min > self.lambda_max:
+            out.append(f"{name('lambda_min')}: {self.lambda_min} must be <= {name('lambda_max')} ({self.lambda_max})")
+        if self.lambda_schedule not in SftGoLoss.SCHEDULES:
+            out.append(f"{name('lambda_schedule')}: {self.lambda_schedule!r} is not one of {list(SftGoLoss.SCHEDULES)}")
+        return out
+
+
+@register
+class SftGoLoss(Loss):
     """SFT-GO: ``L = (1 - lambda) * L_CE + lambda * max(L_1, L_0)``, L_g the mean loss of group g.
 
     This rank's contribution for micro-batch m::
@@ -200,47 +277,27 @@ class SftGoLoss:
     gradient accumulation the worse group is chosen per micro-batch and the group term is the
     token-weighted mean of the micro-batches' worse-group losses.
 
-    Options:
-        lambda_: static lambda (paper: 0.9), used when ``lambda_schedule="static"``.
-        lambda_schedule: ``"static"`` or ``"linear"`` (lambda_max at progress 0 -> lambda_min at 1;
-            paper: 0.9 -> 0.07 and 0.9 -> 0.05). lambda_max / lambda_min are ignored when static.
+    Options: lambda_ (static lambda, paper 0.9) with ``lambda_schedule="static"``; ``"linear"`` goes
+    from lambda_max at progress 0 to lambda_min at 1 (paper: 0.9 -> 0.07 and 0.9 -> 0.05).
     """
 
-    needs_ref_loss = False
+    name = "sftgo"
+    Options = SftGoOptions
     needs_groups = True
     SCHEDULES = ("static", "linear")
 
-    def __init__(
-        self,
-        lambda_: float = 0.9,
-        lambda_schedule: str = "static",
-        lambda_max: float = 0.9,
-        lambda_min: float = 0.05,
-        group: dist.ProcessGroup | None = None,
-    ) -> None:
-        if lambda_schedule not in self.SCHEDULES:
-            raise ValueError(f"unknown lambda_schedule {lambda_schedule!r}; expected one of {self.SCHEDULES}")
-        for name, value in (("lambda_", lambda_), ("lambda_max", lambda_max), ("lambda_min", lambda_min)):
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"{name} must be in [0, 1], got {value}")
-        self.lambda_ = lambda_
-        self.lambda_schedule = lambda_schedule
-        self.lambda_max = lambda_max
-        self.lambda_min = lambda_min
-        self.group = group
-
     def describe(self) -> str:
         """The objective in one line, with its settings (reports and logs)."""
-        lam = (f"λ = {self.lambda_:g} (static)" if self.lambda_schedule == "static"
-               else f"λ linear {self.lambda_max:g} → {self.lambda_min:g}")
+        lam = (f"λ = {self.options.lambda_:g} (static)" if self.options.lambda_schedule == "static"
+               else f"λ linear {self.options.lambda_max:g} → {self.options.lambda_min:g}")
         return f"(1 − λ)·CE + λ·(worse group's mean loss), {lam}"
 
     def lambda_at(self, progress: float) -> float:
         """lambda at training progress ``step / total_steps``."""
-        if self.lambda_schedule == "static":
-            return self.lambda_
+        if self.options.lambda_schedule == "static":
+            return self.options.lambda_
         progress = min(max(progress, 0.0), 1.0)
-        return self.lambda_max + (self.lambda_min - self.lambda_max) * progress
+        return self.options.lambda_max + (self.options.lambda_min - self.options.lambda_max) * progress
 
     def __call__(
         self, token_loss: Tensor, important: Tensor, ref_loss: Tensor | None, step_tokens: int, progress: float
@@ -259,7 +316,18 @@ class SftGoLoss:
         return contribution, _metrics(contribution, stats, lambda_)
 
 
-class Rho1Loss:
+@dataclass
+class Rho1Options:
+    rho: float | None = option(None, "rho1: train the top 1 - rho of tokens by live excess loss; null = importance.rho", key="rho1_rho")
+
+    def problems(self, as_key: bool = False) -> list[str]:
+        if self.rho is not None and not (0.0 <= self.rho < 1.0):
+            return [f"{_shown(self, 'rho', as_key)}: {self.rho} must be in [0, 1)"]
+        return []
+
+
+@register
+class Rho1Loss(Loss):
     """Rho-1 with live excess: train on the top ``ceil((1 - rho) * N_m)`` tokens by excess.
 
     ``excess_t = l_t (detached, current model) - ref_loss_t``; the selection ranks the micro-batch's
@@ -270,22 +338,28 @@ class Rho1Loss:
     per micro-batch, treated like SFT-GO's worse group. ``important`` is not used; the metrics
     report the live selection as the important group.
 
-    Options:
-        rho: in [0, 1); the top ``1 - rho`` fraction is trained (Rho-1's k = 60-70%: rho 0.3-0.4).
+    Options: rho in [0, 1); the top ``1 - rho`` fraction is trained (Rho-1's k = 60-70%: rho 0.3-0.4).
     """
 
+    name = "rho1"
+    Options = Rho1Options
     needs_ref_loss = True
-    needs_groups = False
 
     def __init__(self, rho: float, group: dist.ProcessGroup | None = None) -> None:
-        if not 0.0 <= rho < 1.0:
-            raise ValueError(f"rho must be in [0, 1), got {rho}")
-        self.rho = rho
-        self.group = group
+        super().__init__(group, rho=rho)
+
+    @classmethod
+    def kwargs(cls, options: Rho1Options, importance_rho: float) -> dict[str, Any]:
+        return {"rho": importance_rho if options.rho is None else options.rho}
+
+    @classmethod
+    def label(cls, setting: Callable[[str], Any]) -> str:
+        rho = setting("loss.rho1_rho")
+        return f"{cls.name}, rho {setting('importance.rho') if rho is None else rho}"
 
     def describe(self) -> str:
         """The objective in one line, with its settings (reports and logs)."""
-        return f"CE over the top {1 - self.rho:.0%} of tokens by excess loss (rho1 rho {self.rho:g})"
+        return f"CE over the top {1 - self.options.rho:.0%} of tokens by excess loss (rho1 rho {self.options.rho:g})"
 
     def __call__(
         self, token_loss: Tensor, important: Tensor, ref_loss: Tensor | None, step_tokens: int, progress: float
@@ -294,7 +368,7 @@ class Rho1Loss:
         if ref_loss is None:
             raise ValueError("rho1 needs ref_loss (annotate with the ref_loss scorer)")
         excess = token_loss.detach().double() - ref_loss.detach().to(device=token_loss.device, dtype=torch.float64)
-        selected = distributed_top_mask(excess, self.rho, self.group)
+        selected = distributed_top_mask(excess, self.options.rho, self.group)
         stats = group_stats(token_loss, selected, self.group)
         selected_tokens = stats.important_tokens
         if selected_tokens > 0:
@@ -305,38 +379,45 @@ class Rho1Loss:
         return contribution, _metrics(contribution, stats, 1.0)
 
 
-class InfoSftLoss:
+@dataclass
+class InfoSftOptions:
+    p: float = option(0.93, "InfoSFT: confidence above which a token gets no weight, in (0.5, 1)", key="infosft_p")
+
+    def problems(self, as_key: bool = False) -> list[str]:
+        if not 0.5 < self.p < 1.0:
+            return [f"{_shown(self, 'p', as_key)}: {self.p} must be in (0.5, 1) so that logit(p) > 0"]
+        return []
+
+
+@register
+class InfoSftLoss(Loss):
     """InfoSFT: ``L = sum_t w_t l_t / N``, ``w_t = sg(q_t * max(0, 1 - logit(q_t) / logit(P)))``.
 
     ``q_t = exp(-l_t)``. logit(q) is computed as ``-l_t - log1p(-q_t)`` so it stays finite for
     q -> 0 without clamping (log q = -l exactly); q is clamped to at most P inside log1p only, where
     the weight is 0 anyway (w = 0 for q >= P), so no inf or NaN can reach the weights.
 
-    Options:
-        p: the confidence above which tokens get no weight (InfoSFT's code: 0.93).
+    Options: p, the confidence above which tokens get no weight (InfoSFT's code: 0.93).
     """
 
-    needs_ref_loss = False
-    needs_groups = False
+    name = "infosft"
+    Options = InfoSftOptions
 
     def __init__(self, p: float = 0.93, group: dist.ProcessGroup | None = None) -> None:
-        if not 0.5 < p < 1.0:
-            raise ValueError(f"p must be in (0.5, 1) so that logit(p) > 0, got {p}")
-        self.p = p
+        super().__init__(group, p=p)
         self.logit_p = math.log(p / (1.0 - p))
-        self.group = group
 
     def describe(self) -> str:
         """The objective in one line, with its settings (reports and logs)."""
-        return f"CE weighted by sg(q·max(0, 1 − logit q / logit P)), P = {self.p:g}"
+        return f"CE weighted by sg(q·max(0, 1 − logit q / logit P)), P = {self.options.p:g}"
 
     def weights(self, token_loss: Tensor) -> Tensor:
         """The stop-gradient weights w_t (float64, detached)."""
         loss = token_loss.detach().double()
         q = torch.exp(-loss)
-        logit_q = -loss - torch.log1p(-q.clamp(max=self.p))
+        logit_q = -loss - torch.log1p(-q.clamp(max=self.options.p))
         weight = q * (1.0 - logit_q / self.logit_p)
-        return torch.where(q < self.p, weight, torch.zeros_like(weight)).clamp_min(0.0)
+        return torch.where(q < self.options.p, weight, torch.zeros_like(weight)).clamp_min(0.0)
 
     def __call__(
         self, token_loss: Tensor, important: Tensor, ref_loss: Tensor | None, step_tokens: int, progress: float
@@ -348,14 +429,11 @@ class InfoSftLoss:
         return contribution, _metrics(contribution, stats, 0.0)
 
 
-class DftLoss:
+@register
+class DftLoss(Loss):
     """Dynamic Fine-Tuning: ``L = sum_t sg(q_t) l_t / N`` with ``q_t = exp(-l_t)`` (TRL's "dft")."""
 
-    needs_ref_loss = False
-    needs_groups = False
-
-    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
-        self.group = group
+    name = "dft"
 
     def describe(self) -> str:
         """The objective in one line, with its settings (reports and logs)."""
@@ -371,7 +449,8 @@ class DftLoss:
         return contribution, _metrics(contribution, stats, 0.0)
 
 
-class SelectLoss:
+@register
+class SelectLoss(Loss):
     """Token selection (Token Cleaning, Pang et al. 2025): CE over the important group only.
 
     ``L = sum_{t important} l_t / N_important``: the load-time groups (importance.scorer at rho,
@@ -384,11 +463,8 @@ class SelectLoss:
     Token Cleaning scores by base-minus-reference loss: ``importance.scorer=excess_loss``.
     """
 
-    needs_ref_loss = False
+    name = "select"
     needs_groups = True
-
-    def __init__(self, group: dist.ProcessGroup | None = None) -> None:
-        self.group = group
 
     def describe(self) -> str:
         """The objective in one line, with its settings (reports and logs)."""
@@ -407,7 +483,30 @@ class SelectLoss:
         return contribution, _metrics(contribution, stats, 1.0)
 
 
-class WeightedLoss:
+@dataclass
+class WeightedOptions:
+    transform: str = option("rank", "weighted: w from importance.scorer's score: identity (w = s) | rank (rank in importance.scope, in [0, 1]; sequence or corpus) | sigmoid", key="weight_transform")
+    temperature: float = option(1.0, "weighted, sigmoid: w = sigmoid((s - weight_center) / weight_temperature); > 0", key="weight_temperature")
+    center: float = option(0.0, "weighted, sigmoid: the score at which w = 0.5", key="weight_center")
+    clip_min: float = option(0.0, "weighted: lower clip of w, >= 0", key="weight_clip_min")
+    clip_max: float | None = option(None, "weighted: upper clip of w; null = none", key="weight_clip_max")
+
+    def problems(self, as_key: bool = False) -> list[str]:
+        name = lambda field: _shown(self, field, as_key)  # noqa: E731
+        out = []
+        if self.transform not in WeightedLoss.TRANSFORMS:
+            out.append(f"{name('transform')}: {self.transform!r} is not one of {list(WeightedLoss.TRANSFORMS)}")
+        if not self.temperature > 0:
+            out.append(f"{name('temperature')}: {self.temperature} must be > 0")
+        if not self.clip_min >= 0:
+            out.append(f"{name('clip_min')}: {self.clip_min} must be >= 0 (a negative weight pushes a loss up)")
+        if self.clip_max is not None and self.clip_max < self.clip_min:
+            out.append(f"{name('clip_max')}: {self.clip_max} must be >= {name('clip_min')} ({self.clip_min})")
+        return out
+
+
+@register
+class WeightedLoss(Loss):
     """Per-token weights from a stored score: ``L = sum_t w_t l_t / sum_t w_t`` over the step.
 
     The sums run over every micro-batch of the optimizer step on every rank (the trainer all-reduces
@@ -422,36 +521,30 @@ class WeightedLoss:
     - ``sigmoid``: ``w = 1 / (1 + exp(-(s - center) / temperature))``.
 
     Weights must be >= 0 (clip_min >= 0). A step whose weights sum to 0 contributes nothing.
-
-    Options:
-        transform, temperature, center, clip_min, clip_max (None = no upper clip).
     """
 
-    needs_ref_loss = False
-    needs_groups = False
+    name = "weighted"
+    Options = WeightedOptions
     needs_weights = True
     TRANSFORMS = ("identity", "rank", "sigmoid")
 
-    def __init__(self, transform: str = "rank", temperature: float = 1.0, center: float = 0.0, clip_min: float = 0.0,
-                 clip_max: float | None = None, group: dist.ProcessGroup | None = None) -> None:
-        if transform not in self.TRANSFORMS:
-            raise ValueError(f"unknown transform {transform!r}; expected one of {self.TRANSFORMS}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not clip_min >= 0:
-            raise ValueError(f"clip_min must be >= 0 (negative weights would push losses up), got {clip_min}")
-        if clip_max is not None and clip_max < clip_min:
-            raise ValueError(f"clip_max {clip_max} must be >= clip_min {clip_min}")
-        self.transform, self.temperature, self.center = transform, temperature, center
-        self.clip_min, self.clip_max = clip_min, clip_max
-        self.group = group
+    @classmethod
+    def config_problems(cls, options: WeightedOptions, importance_scope: str) -> list[str]:
+        if options.transform == "rank" and importance_scope == "batch":
+            return ["importance.scope: batch is not supported by loss.weight_transform=rank; use sequence or corpus"]
+        return []
+
+    @classmethod
+    def label(cls, setting: Callable[[str], Any]) -> str:
+        # No rho: every token trains, weighted by its score.
+        return f"{cls.name}, {setting('importance.scorer')}, {setting('loss.weight_transform') or 'rank'}"
 
     def describe(self) -> str:
         """The objective in one line, with its settings (reports and logs)."""
         how = {"identity": "w = score", "rank": "w = rank of the score in its scope, in [0, 1]",
-               "sigmoid": f"w = sigmoid((score − {self.center:g}) / {self.temperature:g})"}[self.transform]
-        clip = f", clipped to [{self.clip_min:g}, {self.clip_max:g}]" if self.clip_max is not None else (
-            f", at least {self.clip_min:g}" if self.clip_min > 0 else "")
+               "sigmoid": f"w = sigmoid((score − {self.options.center:g}) / {self.options.temperature:g})"}[self.options.transform]
+        clip = f", clipped to [{self.options.clip_min:g}, {self.options.clip_max:g}]" if self.options.clip_max is not None else (
+            f", at least {self.options.clip_min:g}" if self.options.clip_min > 0 else "")
         return f"Σ w·CE / Σ w over the step, {how}{clip}"
 
     def token_weights(self, score: Tensor, loss_mask: Tensor, seq_lens: list[int], scope: str,
@@ -460,9 +553,9 @@ class WeightedLoss:
         score = score.reshape(-1).double()
         trainable = loss_mask.reshape(-1).bool()
         values = score.clone()
-        if self.transform == "sigmoid":
-            values = torch.sigmoid((score - self.center) / self.temperature)
-        elif self.transform == "rank":
+        if self.options.transform == "sigmoid":
+            values = torch.sigmoid((score - self.options.center) / self.options.temperature)
+        elif self.options.transform == "rank":
             if scope == "corpus":
                 if not corpus_quantiles:
                     raise ValueError("rank in scope corpus needs the manifest's quantile sketch of the score")
@@ -478,7 +571,7 @@ class WeightedLoss:
                     start += length
             else:
                 raise ValueError(f"rank weights support scope sequence or corpus, not {scope!r}")
-        weights = values.clamp(min=self.clip_min, max=self.clip_max)
+        weights = values.clamp(min=self.options.clip_min, max=self.options.clip_max)
         return torch.where(trainable, weights, torch.zeros_like(weights)).float()
 
     def __call__(
@@ -511,19 +604,8 @@ def _scaled_rank(values: Tensor) -> Tensor:
     return ranks / (n - 1)
 
 
-LOSSES: dict[str, type] = {
-    "sft": SftLoss,
-    "sftgo": SftGoLoss,
-    "rho1": Rho1Loss,
-    "infosft": InfoSftLoss,
-    "dft": DftLoss,
-    "select": SelectLoss,
-    "weighted": WeightedLoss,
-}
-
-
-def build_loss(name: str, **options) -> TokenLoss:
-    """The loss registered as ``name``, constructed with its options (unknown options raise)."""
+def build_loss(name: str, **options: Any) -> Loss:
+    """The loss registered as ``name``, constructed with its options (unknown options raise TypeError)."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; expected one of {sorted(LOSSES)}")
     return LOSSES[name](**options)

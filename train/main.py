@@ -305,7 +305,7 @@ def train_step(engine: Any, micro: list[dict[str, Any]], loss_fn: Any, cfg: Any,
     (all ranks: every loss normalises by it) and the tokens seen (all ranks, for tokens/s). A loss
     with per-token weights (``needs_weights``) also gets the step's weight sum over all ranks."""
     weights = None
-    if getattr(loss_fn, "needs_weights", False):
+    if loss_fn.needs_weights:
         weights = [loss_fn.token_weights(b["score"], b["loss_mask"], list(b["seq_lens"]), cfg.importance.scope, corpus_quantiles)
                    for b in micro]
     counts = torch.tensor([float(sum(int(b["loss_mask"].sum()) for b in micro)),
@@ -581,9 +581,9 @@ def run(argv: list[str] | None, progress: Progress) -> int:
     log0(f"zero stage {zero_stage}: {why}")
     attn_implementation = resolve_attn_implementation(cfg.train.attn_implementation, device.type)
     log0(f"attention: {attn_implementation}")
-    rho1 = cfg.loss.name == "rho1"
+    needs_ref_loss = train_config.loss_class(cfg).needs_ref_loss
     stream = ShardStream(cfg.data.train, manifest, cfg.importance.scorer, seed=cfg.seed, shuffle=cfg.data.shuffle,
-                         with_ref_loss=rho1, epochs=cfg.train.epochs)
+                         with_ref_loss=needs_ref_loss, epochs=cfg.train.epochs)
     threshold = corpus_threshold(manifest, cfg.importance.scorer, cfg.importance.rho) if cfg.importance.scope == "corpus" else None
     # The score's quantile sketch: rank weights in the corpus scope read the score's CDF off it.
     corpus_quantiles = (manifest.score_stats.get(cfg.importance.scorer) or {}).get("quantiles") if cfg.importance.scope == "corpus" else None

@@ -69,12 +69,11 @@ class Run:
 
     @property
     def label(self) -> str:
+        """``name (the loss's own short label)``, e.g. ``sftgo (sftgo, tfidf, rho 0.7)``."""
+        from train.losses import LOSSES
+
         loss = self.setting("loss.name", "?")
-        if loss in ("sft", "dft"):
-            return f"{self.name} ({loss})"
-        if loss == "weighted":  # no rho: every token trains, weighted by its score
-            return f"{self.name} ({loss}, {self.setting('importance.scorer')}, {self.setting('loss.weight_transform', 'rank')})"
-        return f"{self.name} ({loss}, {self.setting('importance.scorer')}, rho {self.setting('importance.rho')})"
+        return f"{self.name} ({LOSSES[loss].label(self.setting) if loss in LOSSES else loss})"
 
 
 # ---------------------------------------------------------------------------------------------

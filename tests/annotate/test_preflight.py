@@ -47,5 +47,20 @@ def test_yaml_config_with_cli_override(tmp_path):
     assert config.scorers == ["tfidf", "ref_loss"] and config.max_length == 256 and config.input == [str(LIMA)]
     assert config.scorer_options == {"ref_loss": {"dtype": "float32", "max_batch_tokens": 100}}
     path.write_text("inputs: x\n")
-    with pytest.raises(ValueError, match=r"a.yaml: unknown option\(s\) \['inputs'\]"):
+    with pytest.raises(ValueError, match=r"a.yaml: unknown key 'inputs' \(did you mean input\?\)"):
         load_config(["--config", str(path)])
+
+
+def test_command_line_forms_are_trains():
+    """One mechanism (data/config.py): flags, key=value, several files per list flag, bare bools."""
+    config, list_scorers = load_config(["--input", "a.jsonl", "b.jsonl", "--strict", "max_length=300", "--scorers=tfidf,entropy",
+                                        "--scorer-option", "tfidf.term=word", "--trust-remote-code", "false", "--list-scorers"])
+    assert config.input == ["a.jsonl", "b.jsonl"] and config.strict is True and config.max_length == 300
+    assert config.scorers == ["tfidf", "entropy"] and config.scorer_options == {"tfidf": {"term": "word"}}
+    assert config.trust_remote_code is False and list_scorers
+    with pytest.raises(ValueError) as info:
+        load_config(["--max-lenght", "3", "--shard-size", "many", "--scorer-option", "term=word"])
+    message = str(info.value)
+    assert "unknown key 'max_lenght' (did you mean max_length?)" in message
+    assert "shard_size: expected an integer, got 'many'" in message
+    assert "--scorer-option 'term=word': expected NAME.KEY=VALUE" in message

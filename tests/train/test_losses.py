@@ -292,7 +292,7 @@ def test_weight_transforms():
     assert sigmoid.tolist() == approx([0.0, 1 / (1 + math.exp(3.0)), 1 / (1 + math.exp(6.0)), 0.5, 0.5, 0.9, 1 / (1 + math.exp(4.0))])
     with pytest.raises(ValueError, match="scope sequence or corpus"):
         WeightedLoss(transform="rank").token_weights(score, loss_mask, seq_lens, "batch")
-    with pytest.raises(ValueError, match="clip_min must be >= 0"):
+    with pytest.raises(ValueError, match="clip_min: -1.0 must be >= 0"):
         WeightedLoss(clip_min=-1.0)
 
 
@@ -332,3 +332,49 @@ def test_contract_checks():
         SftLoss()(l, important, None, 2, 1.5)
     with pytest.raises(ValueError, match="bool"):
         SftLoss()(l, torch.tensor([1, 0]), None, 2, 0.0)
+
+
+def test_a_new_loss_is_one_class_its_options_reach_config_and_validation():
+    """Registering a class is all it takes: its options become loss.<key> config keys with help, are
+    validated by their own problems(), and reach the constructor through kwargs()."""
+    from dataclasses import dataclass
+
+    from data.config import option
+    from train import config as train_config
+    from train.losses import Loss, register
+
+    @dataclass
+    class ScaledOptions:
+        scale: float = option(0.5, "scaled: factor on the CE, in (0, 1]", key="scaled_scale")
+
+        def problems(self, as_key: bool = False) -> list[str]:
+            name = "loss.scaled_scale" if as_key else "scale"
+            return [] if 0 < self.scale <= 1 else [f"{name}: {self.scale} must be in (0, 1]"]
+
+    @register
+    class ScaledLoss(Loss):
+        name = "scaled"
+        Options = ScaledOptions
+
+        def __call__(self, token_loss, important, ref_loss, step_tokens, progress):
+            return self.options.scale * token_loss.sum() / step_tokens, {}
+
+    try:
+        section = train_config._loss_config_class()
+        assert section().scaled_scale == 0.5
+        assert train_config.loss_options_of(section(scaled_scale=0.25), ScaledLoss) == ScaledOptions(0.25)
+        assert ScaledLoss.kwargs(ScaledOptions(0.25), importance_rho=0.7) == {"scale": 0.25}
+        assert ScaledOptions(2.0).problems(as_key=True) == ["loss.scaled_scale: 2.0 must be in (0, 1]"]
+        with pytest.raises(ValueError, match="scale: 2.0 must be in"):
+            build_loss("scaled", scale=2.0)
+        value, _ = build_loss("scaled", scale=0.25)(leaf(2.0, 2.0), mask(T, F), None, 2, 0.0)
+        assert value.item() == approx(0.5)
+        assert ScaledLoss.label(lambda key: None) == "scaled"
+    finally:
+        LOSSES.pop("scaled")
+
+
+def test_each_loss_declares_what_the_trainer_must_load():
+    assert [n for n, cls in LOSSES.items() if cls.needs_ref_loss] == ["rho1"]
+    assert sorted(n for n, cls in LOSSES.items() if cls.needs_groups) == ["select", "sftgo"]
+    assert [n for n, cls in LOSSES.items() if cls.needs_weights] == ["weighted"]
