@@ -399,10 +399,6 @@ class StageTimer:
         self.tokens += tokens
         self.seconds += seconds
 
-    def line(self) -> str:
-        rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
-        return f"{self.name:<12} {self.rows:>9,} rows {self.tokens:>12,} tokens {self.seconds:>9.1f} s  {rate:>12,.0f} tokens/s"
-
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("started")

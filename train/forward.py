@@ -69,7 +69,6 @@ __all__ = [
     "resolve_attn_implementation",
     "target_positions",
     "token_losses",
-    "token_probs",
 ]
 
 #: Attention implementations for which we know how to isolate packed examples.
@@ -329,7 +328,3 @@ def token_losses(
     hidden = packed_hidden_states(model, input_ids, position_ids, seq_lens, attn_implementation, row_multiple)
     return chunked_token_ce(model, hidden, input_ids, seq_lens, loss_mask, chunk_size=chunk_size)
 
-
-def token_probs(token_loss: Tensor) -> Tensor:
-    """p(y_t | y_<t) = exp(-l_t) from per-token losses (InfoSFT / DFT weights; detach for stop-gradient)."""
-    return torch.exp(-token_loss)

@@ -42,6 +42,7 @@ import yaml  # noqa: E402
 from schemas.shard import atomic_write_text, manifest_sha256  # noqa: E402
 from train import config as train_config  # noqa: E402
 from train.card import model_card  # noqa: E402
+from train.config import TrainConfig  # noqa: E402
 from train.forward import resolve_attn_implementation, token_losses  # noqa: E402
 from train.grouping import batch_important_masks, important_mask_packed  # noqa: E402
 from train.losses import build_loss  # noqa: E402
@@ -98,7 +99,7 @@ def _checkpoints(root: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("_")[1]))
 
 
-def resume_path(cfg: Any, root: Path) -> Path | None:
+def resume_path(cfg: TrainConfig, root: Path) -> Path | None:
     if cfg.checkpoint.resume == "never":
         return None
     if cfg.checkpoint.resume not in ("auto", ""):
@@ -187,7 +188,7 @@ def choose_zero_stage(requested: str, json_stage: int | None, n_params: int, dty
     return 2, f"auto: {sizes}: fit, {world_size} ranks, so stage 2 shards gradients and optimizer states"
 
 
-def resolve_zero_stage(cfg: Any, model_path: str, world_size: int, device: torch.device, dtype: str) -> tuple[int, str]:
+def resolve_zero_stage(cfg: TrainConfig, model_path: str, world_size: int, device: torch.device, dtype: str) -> tuple[int, str]:
     """:func:`choose_zero_stage` for this config, model and device."""
     return choose_zero_stage(cfg.train.zero_stage, train_config.json_zero_stage(cfg), count_parameters(model_path, cfg.trust_remote_code), dtype,
                              world_size, device_memory_bytes(device))
@@ -199,7 +200,7 @@ def decoder_layer_classes(model: torch.nn.Module) -> list[type]:
     return sorted({type(m) for m in model.modules() if type(m).__name__ in names}, key=lambda c: c.__name__)
 
 
-def load_model(cfg: Any, model_path: str, ds_config: dict[str, Any], dtype: torch.dtype, attn_implementation: str,
+def load_model(cfg: TrainConfig, model_path: str, ds_config: dict[str, Any], dtype: torch.dtype, attn_implementation: str,
                random_weights: bool = False) -> torch.nn.Module:
     """The causal LM for training: partitioned at load under ZeRO-3, decoder layers marked as ZeRO-3
     leaf modules (``train.zero3_leaf_modules``), gradient checkpointing as configured, no KV cache."""
@@ -260,7 +261,7 @@ def next_step_batches(batches: Iterator[dict[str, Any]], grad_accum: int, pad_id
     return step if has_data.item() > 0 else None
 
 
-def group_masks(step: list[dict[str, Any]], cfg: Any, threshold: float | None) -> list[torch.Tensor]:
+def group_masks(step: list[dict[str, Any]], cfg: TrainConfig, threshold: float | None) -> list[torch.Tensor]:
     """Important-token masks of the step's micro-batches at ``importance.rho`` in ``importance.scope``."""
     rho, scope = cfg.importance.rho, cfg.importance.scope
     if scope == "batch":  # across the step's micro-batches on every rank
@@ -269,7 +270,7 @@ def group_masks(step: list[dict[str, Any]], cfg: Any, threshold: float | None) -
 
 
 def run_micro_batch(engine: Any, batch: dict[str, Any], important: torch.Tensor, loss_fn: Any, step_tokens: int,
-                    progress: float, cfg: Any, device: torch.device, scale: float,
+                    progress: float, cfg: TrainConfig, device: torch.device, scale: float,
                     weighting: dict[str, Any] | None = None) -> dict[str, float]:
     """Forward, backward and (at the step's last micro-batch) optimizer step of one packed micro-batch."""
     # DeepSpeed (0.19) advances ZeRO's micro-step counter in engine.forward(); we call the module's
@@ -298,7 +299,7 @@ def run_micro_batch(engine: Any, batch: dict[str, Any], important: torch.Tensor,
     return metrics
 
 
-def train_step(engine: Any, micro: list[dict[str, Any]], loss_fn: Any, cfg: Any, threshold: float | None,
+def train_step(engine: Any, micro: list[dict[str, Any]], loss_fn: Any, cfg: TrainConfig, threshold: float | None,
                progress: float, device: torch.device, corpus_quantiles: list[float] | None = None
                ) -> tuple[list[dict[str, float]], int, int]:
     """One optimizer step over its micro-batches: returns their metrics, the step's trainable tokens
@@ -322,7 +323,7 @@ def train_step(engine: Any, micro: list[dict[str, Any]], loss_fn: Any, cfg: Any,
     return parts, step_tokens, seen_tokens
 
 
-def evaluate(engine: Any, stream: ShardStream, cfg: Any, threshold: float | None, device: torch.device, pad_id: int) -> dict[str, float]:
+def evaluate(engine: Any, stream: ShardStream, cfg: TrainConfig, threshold: float | None, device: torch.device, pad_id: int) -> dict[str, float]:
     """Held-out CE and per-group losses over the validation shards (sums all-reduced over ranks)."""
     from train.heldout import GROUP_SUM_NAMES, group_loss_sums, summarize_group_sums
 
@@ -413,7 +414,7 @@ def load_checkpoint(engine: Any, stream: ShardStream, path: Path, rank: int) -> 
     return int(json.loads((path / TRAINER_STATE).read_text())["step"])
 
 
-def start_wandb(cfg: Any, out: Path) -> Any:
+def start_wandb(cfg: TrainConfig, out: Path) -> Any:
     """A Weights & Biases run for ``out`` (rank 0): one run id per output_dir, kept in ``out/wandb_run_id``, so a
     resumed run continues the same W&B run; files under ``out/wandb``. Project: $WANDB_PROJECT, else sftgo."""
     import wandb
@@ -450,7 +451,7 @@ def export_model(engine: Any, tokenizer: Any, out: Path, rank: int, card: str | 
     dist.barrier()
 
 
-def build_engine(model: torch.nn.Module, cfg: Any, ds_config: dict[str, Any], total_steps: int) -> tuple[Any, Any]:
+def build_engine(model: torch.nn.Module, cfg: TrainConfig, ds_config: dict[str, Any], total_steps: int) -> tuple[Any, Any]:
     """The DeepSpeed engine (any ZeRO stage) around ``model`` with a client AdamW (nothing to compile) and the LR schedule."""
     import deepspeed
 
@@ -614,8 +615,10 @@ def run(argv: list[str] | None, progress: Progress) -> int:
         progress.step = step
         log0(f"resumed from {resume} at step {step}")
 
+    # One held-out stream (its footers read once); every evaluation rewinds it to its start.
     val_stream = (ShardStream(cfg.data.validation, val_manifest, cfg.importance.scorer, shuffle=False, epochs=1)
                   if val_manifest is not None else None)
+    val_start = val_stream.state_dict() if val_stream is not None else None
     val_threshold = threshold
 
     # -- logging --------------------------------------------------------------------------------------
@@ -681,7 +684,7 @@ def run(argv: list[str] | None, progress: Progress) -> int:
         if peak_flops:
             record["mfu"] = 6 * n_params * seen_tokens / seconds / (peak_flops * world_size)
         if val_stream is not None and cfg.eval.every and step % cfg.eval.every == 0:
-            val_stream = ShardStream(cfg.data.validation, val_manifest, cfg.importance.scorer, shuffle=False, epochs=1)
+            val_stream.load_state_dict(val_start)
             record.update(evaluate(engine, val_stream, cfg, val_threshold, device, pad_id))
         log(record)
         if step % cfg.train.log_every == 0:
@@ -695,7 +698,7 @@ def run(argv: list[str] | None, progress: Progress) -> int:
     # -- save -------------------------------------------------------------------------------------------
     final_eval = None
     if val_stream is not None:
-        val_stream = ShardStream(cfg.data.validation, val_manifest, cfg.importance.scorer, shuffle=False, epochs=1)
+        val_stream.load_state_dict(val_start)
         final_eval = evaluate(engine, val_stream, cfg, val_threshold, device, pad_id)
         log({"step": step, **final_eval})
         log0("final eval: " + ", ".join(f"{k}={v:.4f}" for k, v in final_eval.items()))

@@ -98,11 +98,3 @@ def build_options(name: str, raw: dict[str, Any] | None) -> Any:
 def needs_corpus_pass(name: str) -> bool:
     """True for scorers that must see the whole corpus (collect/combine/fit) before scoring."""
     return hasattr(get(name), "collect")
-
-
-def resources(name: str, options: Any, use_gpu: bool) -> dict[str, float]:
-    """Ray resources of one actor of this scorer: fractional CPUs (a whole CPU per actor deadlocks
-    a 2-core machine), a GPU for model scorers when the cluster has GPUs."""
-    cls = get(name)
-    wants_gpu = bool(getattr(cls, "uses_gpu", False)) and use_gpu
-    return {"num_cpus": 0.5, "num_gpus": 1.0 if wants_gpu else 0.0}

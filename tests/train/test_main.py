@@ -253,11 +253,15 @@ def test_lr_zero_negative_control_exports_the_base_model_exactly(tmp_path, tiny_
     from train.evaluate import generate_answers, load_model
     from data.models import load_tokenizer
 
-    args = _config(tmp_path, tiny_llama_dir, shards, **{"optim.lr": 0.0, "train.max_steps": 3, "eval.every": 0})
+    args = _config(tmp_path, tiny_llama_dir, shards, **{"optim.lr": 0.0, "train.max_steps": 3, "eval.every": 1})
     _run(args, 1, tmp_path / "train.log", launcher="python")
     exported, base = tmp_path / "run" / "model", tiny_llama_dir
     metrics = _metrics(tmp_path / "run")
     assert sorted(metrics) == [1, 2, 3] and all(r["lr"] == 0.0 for r in metrics.values())
+    # One held-out stream, rewound for each evaluation: the same batches every time, so equal numbers.
+    evals = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "eval_ce" in line]
+    assert len(evals) == 4 and evals[0]["eval_tokens"] > 0
+    assert all((e["eval_ce"], e["eval_tokens"]) == (evals[0]["eval_ce"], evals[0]["eval_tokens"]) for e in evals)
     trained_model, base_model = load_model(str(exported), torch.device("cpu")), load_model(str(base), torch.device("cpu"))
     ids = torch.randint(0, base_model.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
