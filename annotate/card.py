@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest = Manifest.load(args.directory)
     except (OSError, ValueError) as exc:
-        print(f"error: {args.directory}: {exc}", file=sys.stderr)
+        print(f"error: {exc}", file=sys.stderr)  # the message names the directory or its manifest
         return 2
     print(write_card(args.directory, manifest))
     return 0

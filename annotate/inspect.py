@@ -4,8 +4,8 @@
     python -m annotate.inspect shards/demo --viewer runs/demo_tokens.html --rho 0.7
     python -m annotate.inspect shards/demo --json
 
-Reads the shards lazily (data/viewer.py): statistics stream over loss_mask and the score columns,
-the viewer reads only the sampled rows. Exit status 0, or 2 with ``error: ...`` on stderr.
+Reads the shards lazily (data/shard_stats.py; the HTML is data/viewer.py): statistics stream over
+loss_mask and the score columns, the viewer reads only the sampled rows. Exit status 0, or 2 with ``error: ...`` on stderr.
 """
 
 from __future__ import annotations
@@ -155,7 +155,8 @@ def _load_tokenizer(name: str | None, manifest_fp: dict[str, Any]):
 
 
 def _write_viewer(args: argparse.Namespace, summary: dict[str, Any], agreement: dict[str, Any] | None) -> Path:
-    from data.viewer import agreement_html, corpus_thresholds, sample_examples, standalone_page, token_viewer_html
+    from data.shard_stats import corpus_thresholds, sample_examples
+    from data.viewer import agreement_html, standalone_page, token_viewer_html
 
     tokenizer = _load_tokenizer(args.tokenizer or summary.get("model"), summary.get("tokenizer") or {})
     examples = sample_examples(args.shards_dir, n=args.examples, seed=args.seed, ids=args.ids)
@@ -173,7 +174,7 @@ def _write_viewer(args: argparse.Namespace, summary: dict[str, Any], agreement: 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from data.viewer import scorer_agreement, summarize
+    from data.shard_stats import scorer_agreement, summarize
 
     try:
         summary = summarize(args.shards_dir)

@@ -62,6 +62,7 @@ from schemas.shard import (
     atomic_write_text,
     example_id,
     file_sha256,
+    first_non_finite,
     merge_summaries,
     score_column,
     shard_name,
@@ -324,9 +325,12 @@ def write_shard(out: Path, index: int, table: pa.Table, scorers: list[ScorerInfo
     """Write shard ``index`` (schemas v1 columns in order, metadata with plan and score stats)."""
     names = [s.name for s in scorers]
     for name in names:
-        values = pc.list_flatten(table[score_column(name)]).to_numpy(zero_copy_only=False)
-        if not np.isfinite(values).all():
-            raise ValueError(f"scorer {name!r} produced NaN or infinite scores in shard {index}")
+        column = table[score_column(name)]
+        values = pc.list_flatten(column).to_numpy(zero_copy_only=False)
+        offsets = np.concatenate([[0], np.cumsum(pc.list_value_length(column).to_numpy(zero_copy_only=False))])
+        row = first_non_finite(values, offsets)
+        if row is not None:
+            raise ValueError(f"scorer {name!r} produced NaN or infinite scores in shard {index} (row {row})")
     metadata = ShardMetadata(
         schema_version=SCHEMA_VERSION, tokenizer=tokenizer_fp, scorers=scorers, shard_index=index,
         plan={**plan_key, "rejected": reject_counts}, score_stats=shard_score_stats(table, names),

@@ -40,7 +40,8 @@ BASE_COLUMNS = (ID, SOURCE, INPUT_IDS, LOSS_MASK)
 SCORE_PREFIX = "score_"
 # A score derived at load time from two stored ones (Rho-1's excess loss, computed offline).
 EXCESS_LOSS = "excess_loss"
-EXCESS_LOSS_PARTS = ("base_loss", "ref_loss")  # excess_loss = base_loss - ref_loss
+BASE_LOSS, REF_LOSS = "base_loss", "ref_loss"  # scorer names; ref_loss alone is also Rho-1's online input
+EXCESS_LOSS_PARTS = (BASE_LOSS, REF_LOSS)  # excess_loss = base_loss - ref_loss
 
 METADATA_KEY = b"sftgo"  # Parquet key-value metadata: JSON of ShardMetadata
 MANIFEST_NAME = "_manifest.json"
@@ -63,15 +64,20 @@ def shard_name(index: int) -> str:
     return f"shard-{index:05d}.parquet"
 
 
+def join(base: str | os.PathLike, name: str) -> str:
+    """``base/name`` for a local path or a URI alike (``s3://b/d`` + ``x`` = ``s3://b/d/x``)."""
+    return f"{str(base).rstrip('/')}/{name}"
+
+
 def sidecar_path(root: str, name: str, exists: Callable[[str], bool] = os.path.exists) -> str:
     """``root/name``, or ``root/<v1 name>`` when only a schema-v1 directory's file of that name is there.
 
     ``exists`` tests a path (``fs.exists`` of an fsspec filesystem for remote directories).
     """
-    path = f"{str(root).rstrip('/')}/{name}"
+    path = join(root, name)
     legacy = V1_SIDECAR_NAMES.get(name)
     if legacy is not None and not exists(path):
-        old = f"{str(root).rstrip('/')}/{legacy}"
+        old = join(root, legacy)
         if exists(old):
             return old
     return path
@@ -310,9 +316,11 @@ class Manifest:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "Manifest":
-        path = sidecar_path(str(directory), MANIFEST_NAME)
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        """The manifest of an annotated directory (local path or fsspec URI), read and checked by
+        :func:`schemas.directory.open_directory` (ValueError naming the file)."""
+        from schemas.directory import open_directory  # that module builds on this one
+
+        return open_directory(directory).manifest
 
     def save(self, directory: str | os.PathLike) -> Path:
         path = Path(directory) / MANIFEST_NAME
@@ -343,6 +351,16 @@ def score_names(scorers: Iterable[str]) -> list[str]:
     if all(part in names for part in EXCESS_LOSS_PARTS):
         names.append(EXCESS_LOSS)
     return names
+
+
+def has_score(manifest: Manifest, name: str) -> bool:
+    """True when training can load score ``name``: a stored scorer, or excess_loss with both its parts stored."""
+    return name in score_names(manifest.scorer_names)
+
+
+def has_ref_loss(manifest: Manifest) -> bool:
+    """True when ``ref_loss`` is stored (what Rho-1's online loss reads per token)."""
+    return REF_LOSS in manifest.scorer_names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,8 +395,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
         raise
 
 
-def is_finite_scores(values: np.ndarray) -> bool:
-    return bool(np.isfinite(values).all())
+def first_non_finite(values: np.ndarray, offsets: np.ndarray) -> int | None:
+    """The first row holding a NaN or infinite value, or None when all are finite.
+
+    ``values``: a list column's values, flattened; ``offsets``: its row offsets (Arrow's: ``n + 1``
+    entries, row ``i`` is ``values[offsets[i]:offsets[i + 1]]``, from 0).
+    """
+    bad = np.flatnonzero(~np.isfinite(values))
+    if not bad.size:
+        return None
+    return int(np.searchsorted(offsets, bad[0], side="right")) - 1
 
 
 def ceil_count(fraction: float, n: int) -> int:

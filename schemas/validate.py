@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
-from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from schemas.directory import DirectoryError, open_directory
 from schemas.shard import (
     ID,
     INPUT_IDS,
@@ -31,8 +30,9 @@ from schemas.shard import (
     Manifest,
     ShardMetadata,
     arrow_schema,
+    first_non_finite,
+    join,
     score_column,
-    sidecar_path,
 )
 
 
@@ -58,10 +58,6 @@ class Report:
         return not self.problems
 
 
-def _join(base: str, name: str) -> str:
-    return f"{str(base).rstrip('/')}/{name}"
-
-
 def validate_directory(directory: str | Path, deep: bool = True, tokenizer_sha256: str | None = None) -> Report:
     """Validate an annotated directory: a local path or any fsspec URI (``file://``, ``s3://``, ``gs://``).
 
@@ -69,46 +65,17 @@ def validate_directory(directory: str | Path, deep: bool = True, tokenizer_sha25
     ``deep`` it also reads the data, one shard at a time: checksums, list lengths, finite scores,
     token counts, unique ids. Messages name files as the caller named the directory.
     """
-    import fsspec
-
     shown_root = str(directory)
     report = Report(shown_root)
     problems = report.problems
-    fs, root = fsspec.core.url_to_fs(shown_root)
-    manifest_path = sidecar_path(root, MANIFEST_NAME, fs.exists)
-    manifest_name = manifest_path.rsplit("/", 1)[-1]
-    manifest_shown = _join(shown_root, manifest_name)
-    if not fs.isdir(root):
-        problems.append(f"{shown_root}: no such directory")
-        return report
-    if not fs.exists(manifest_path):
-        problems.append(f"{manifest_shown}: missing (an annotate job that has not finished leaves no manifest)")
-        return report
     try:
-        with fs.open(manifest_path, "r", encoding="utf-8") as f:
-            raw = json.load(f)
-        typing_problems = manifest_type_problems(raw)
-        if typing_problems:
-            problems.extend(f"{manifest_shown}: {p}" for p in typing_problems)
-            return report
-        manifest = Manifest.from_dict(raw)
-    except ValueError as exc:  # a shard path that leaves the directory (before JSONDecodeError, its subclass)
-        if isinstance(exc, (json.JSONDecodeError, UnicodeDecodeError)):
-            problems.append(f"{manifest_shown}: not a shard manifest ({type(exc).__name__}: {exc})")
-        else:
-            problems.append(f"{manifest_shown}: {exc}")
+        opened = open_directory(shown_root)
+    except DirectoryError as exc:
+        problems.extend(exc.problems)
         return report
-    except (TypeError, KeyError, AttributeError) as exc:
-        problems.append(f"{manifest_shown}: not a shard manifest ({type(exc).__name__}: {exc})")
-        return report
+    fs, root, manifest = opened.fs, opened.root, opened.manifest
+    manifest_name, manifest_shown = opened.manifest_name, opened.manifest_uri
     report.manifest = manifest
-    if manifest.schema_version not in READABLE_SCHEMA_VERSIONS:
-        problems.append(f"{manifest_shown}: schema_version {manifest.schema_version}, this code reads "
-                        f"{' and '.join(map(str, READABLE_SCHEMA_VERSIONS))}")
-        return report
-    if manifest_name != MANIFEST_NAME and manifest.schema_version != 1:
-        problems.append(f"{manifest_shown}: schema_version {manifest.schema_version} under the v1 name; v2 names it {MANIFEST_NAME}")
-        return report
     if tokenizer_sha256 is not None and manifest.tokenizer.get("sha256") != tokenizer_sha256:
         problems.append(
             f"{manifest_shown}: tokenizer fingerprint {manifest.tokenizer.get('name')}:{manifest.tokenizer.get('sha256', '')[:12]} "
@@ -120,15 +87,14 @@ def validate_directory(directory: str | Path, deep: bool = True, tokenizer_sha25
     scorers = manifest.scorer_names
     expected_schema = arrow_schema(scorers)
     listed = {entry.path for entry in manifest.shards}
-    for found in sorted(fs.glob(_join(root, SHARD_GLOB))):
+    for found in sorted(fs.glob(join(root, SHARD_GLOB))):
         name = str(found).rsplit("/", 1)[-1]
         if name not in listed:
-            problems.append(f"{_join(shown_root, name)}: shard file not listed in {manifest_name}")
+            problems.append(f"{join(shown_root, name)}: shard file not listed in {manifest_name}")
 
     seen_ids: dict[str, str] = {}
     totals = {"rows": 0, "tokens": 0, "trainable_tokens": 0}
-    for entry in manifest.shards:
-        path, shown = _join(root, entry.path), _join(shown_root, entry.path)
+    for entry, path, shown in zip(manifest.shards, opened.shard_paths, opened.shard_uris):
         if not fs.exists(path):
             problems.append(f"{shown}: listed in {manifest_name} but missing")
             continue
@@ -173,49 +139,6 @@ def validate_directory(directory: str | Path, deep: bool = True, tokenizer_sha25
     return report
 
 
-_MANIFEST_FIELDS = {"schema_version": int, "tokenizer": dict, "scorers": list, "shards": list, "totals": dict,
-                    "rejected": dict, "score_stats": dict, "config": dict, "created_by": str}
-_OPTIONAL_FIELDS = {"config", "created_by"}
-_SHARD_FIELDS = {"path": str, "rows": int, "tokens": int, "trainable_tokens": int, "sha256": str}
-
-
-def _type_ok(value: Any, kind: type) -> bool:
-    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-
-
-def manifest_type_problems(raw: Any) -> list[str]:
-    """Missing or mistyped manifest fields, each named (``shards[2].rows: expected int, got 'x'``); [] if none."""
-    if not isinstance(raw, dict):
-        return [f"expected a JSON object, got {type(raw).__name__}"]
-    out = []
-    for key, kind in _MANIFEST_FIELDS.items():
-        if key not in raw:
-            if key not in _OPTIONAL_FIELDS:
-                out.append(f"missing field {key!r}")
-        elif not _type_ok(raw[key], kind):
-            out.append(f"{key}: expected {kind.__name__}, got {raw[key]!r:.60}")
-    out += [f"unknown field {key!r}" for key in sorted(set(raw) - set(_MANIFEST_FIELDS))]
-    for i, entry in enumerate(raw.get("shards") if isinstance(raw.get("shards"), list) else []):
-        if not isinstance(entry, dict):
-            out.append(f"shards[{i}]: expected an object, got {entry!r:.60}")
-            continue
-        for key, kind in _SHARD_FIELDS.items():
-            if key not in entry:
-                out.append(f"shards[{i}]: missing field {key!r}")
-            elif not _type_ok(entry[key], kind) or (kind is int and entry[key] < 0):
-                out.append(f"shards[{i}].{key}: expected {'a count' if kind is int else kind.__name__}, got {entry[key]!r:.60}")
-        out += [f"shards[{i}]: unknown field {key!r}" for key in sorted(set(entry) - set(_SHARD_FIELDS))]
-    for i, scorer in enumerate(raw.get("scorers") if isinstance(raw.get("scorers"), list) else []):
-        if not isinstance(scorer, dict) or not isinstance(scorer.get("name"), str):
-            out.append(f"scorers[{i}]: expected an object with a string 'name', got {scorer!r:.60}")
-    for section in ("tokenizer", "totals", "rejected"):
-        value = raw.get(section)
-        if isinstance(value, dict):
-            kind = str if section == "tokenizer" else int
-            out += [f"{section}.{k}: expected {kind.__name__}, got {v!r:.60}" for k, v in value.items() if not _type_ok(v, kind)]
-    return out
-
-
 def _check_rows(path: str, table: pa.Table, scorers: list[str], entry, seen_ids: dict[str, str], totals: dict[str, int]) -> list[str]:
     problems: list[str] = []
     lengths = pc.list_value_length(table[INPUT_IDS]).to_numpy(zero_copy_only=False)
@@ -224,11 +147,11 @@ def _check_rows(path: str, table: pa.Table, scorers: list[str], entry, seen_ids:
         bad = np.flatnonzero(other != lengths)
         if bad.size:
             problems.append(f"{path}: row {bad[0]}: {column} has {other[bad[0]]} values for {lengths[bad[0]]} input_ids ({bad.size} rows)")
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
     for scorer in scorers:
         values = pc.list_flatten(table[score_column(scorer)]).to_numpy(zero_copy_only=False)
-        if not np.isfinite(values).all():
-            offsets = np.cumsum(lengths)
-            first = int(np.searchsorted(offsets, np.flatnonzero(~np.isfinite(values))[0], side="right"))
+        first = first_non_finite(values, offsets)
+        if first is not None:
             problems.append(f"{path}: row {first}: {score_column(scorer)} holds NaN or infinite values")
     for row, example_id in enumerate(table[ID].to_pylist()):
         if example_id in seen_ids:

@@ -1,23 +1,14 @@
-"""Token groups at load time: which trainable tokens are important (group 1) and which are not (group 0).
+"""Token groups in training: the batch scope across micro-batches and ranks, and the collectives.
 
-METHOD.md's rule: in each scope, the top ``ceil((1 - rho) * n)`` trainable tokens by score are
-important, the rest unimportant; ties are broken deterministically. Scopes:
+The grouping rule itself (scopes, tie-break, :func:`important_mask_sequence`,
+:func:`important_mask_packed`) is in data/grouping.py, shared with the token viewer; it is
+re-exported here for the trainer's modules. :func:`batch_important_masks` ranks every micro-batch
+of one optimizer step on every data-parallel rank (Rho-1's scope ``batch``), ties broken by
+(rank, micro-batch, position).
 
-- ``sequence`` (SFT-GO's default): per example, :func:`important_mask_sequence`.
-- ``batch`` (Rho-1): across the global batch, i.e. every micro-batch of one optimizer step on every
-  data-parallel rank, :func:`batch_important_masks`.
-- ``corpus``: one fixed threshold, the rho-quantile of all trainable-token scores of the dataset
-  (``schemas.shard.quantile_from_summary(manifest.score_stats[name], rho)``); a token is important
-  iff ``score >= threshold``.
-
-Tie-break, everywhere: among equal scores the token that comes first wins, where "first" means the
-earlier position in the example / packed micro-batch, then the earlier micro-batch, then the lower
-rank. The rule is a pure function of the scores and their order, so every rank computes the same
-groups and reruns reproduce them.
-
-Pure torch, no model. The small collective helpers here (:func:`all_reduce_sum`,
-:func:`gather_values`, :func:`distributed_top_mask`) are shared with ``train/losses.py``; they fall
-back to local computation when torch.distributed is not initialized.
+The small collective helpers here (:func:`all_reduce_sum`, :func:`gather_values`,
+:func:`distributed_top_mask`) are shared with ``train/losses.py``; they fall back to local
+computation when torch.distributed is not initialized.
 """
 
 from __future__ import annotations
@@ -28,127 +19,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from data.grouping import SCOPES, check_rho, important_mask_packed, important_mask_sequence, top_mask
 from schemas.shard import ceil_count
 
-SCOPES = ("sequence", "batch", "corpus")
-
-
-# ---------------------------------------------------------------------------------------------
-# Ranking
-# ---------------------------------------------------------------------------------------------
-
-
-def _check_rho(rho: float) -> None:
-    if not 0.0 <= rho < 1.0:
-        raise ValueError(f"rho must be in [0, 1), got {rho}")
-
-
-def top_mask(values: Tensor, k: int) -> Tensor:
-    """Boolean mask of the ``k`` largest entries of the 1-D ``values``; earlier index wins ties.
-
-    NaN has no place in a ranking, so it raises rather than landing in an arbitrary group.
-    """
-    if values.dim() != 1:
-        raise ValueError(f"top_mask expects a 1-D tensor, got shape {tuple(values.shape)}")
-    if torch.isnan(values).any():
-        raise ValueError("NaN among the values to rank (scores of trainable tokens must be finite or +-inf)")
-    mask = torch.zeros(values.shape, dtype=torch.bool, device=values.device)
-    k = max(0, min(int(k), values.numel()))
-    if k == 0:
-        return mask
-    # An ascending stable sort of the negated values keeps equal values in index order, so the
-    # earlier index comes first among ties (negation is exact, unlike any epsilon trick).
-    order = torch.argsort(-values.double(), stable=True)
-    mask[order[:k]] = True
-    return mask
-
-
-def important_mask_sequence(scores: Tensor, loss_mask: Tensor, rho: float) -> Tensor:
-    """Important tokens of ONE example: the top ``ceil((1 - rho) * n)`` of its n trainable tokens.
-
-    Args:
-        scores: ``[T]`` per-token scores (higher = more important); values at non-trainable
-            positions are ignored (may be NaN, e.g. position 0 of a loss score).
-        loss_mask: ``[T]`` bool, True for trainable tokens.
-        rho: threshold in [0, 1); rho = 0 makes every trainable token important, rho -> 1 keeps
-            at least one (the count is a ceiling).
-
-    Returns:
-        ``[T]`` bool mask; non-trainable tokens are never important. Among equal scores the
-        earlier position wins.
-    """
-    _check_rho(rho)
-    if scores.shape != loss_mask.shape:
-        raise ValueError(f"scores {tuple(scores.shape)} and loss_mask {tuple(loss_mask.shape)} differ in shape")
-    loss_mask = loss_mask.bool()
-    important = torch.zeros(loss_mask.shape, dtype=torch.bool, device=loss_mask.device)
-    trainable_scores = scores[loss_mask]
-    k = ceil_count(1.0 - rho, trainable_scores.numel())
-    important[loss_mask] = top_mask(trainable_scores.reshape(-1), k)
-    return important
-
-
-def important_mask_packed(
-    scores: Tensor,
-    loss_mask: Tensor,
-    seq_lens: Sequence[int] | Tensor,
-    rho: float,
-    scope: str,
-    threshold: float | None = None,
-) -> Tensor:
-    """Important tokens of a packed micro-batch (several examples concatenated).
-
-    Args:
-        scores: per-token scores of any shape (``[T]`` or ``[1, T]``), flattened row-major.
-        loss_mask: bool, same shape, True for trainable tokens.
-        seq_lens: length of each packed example in order; they partition the first
-            ``sum(seq_lens)`` flattened tokens, the rest (padding) is never important.
-        rho: threshold in [0, 1).
-        scope: ``"sequence"``: the per-example rule on each example; ``"batch"``: one ranking over
-            every trainable token given (the trainer passes the concatenated global batch; across
-            micro-batches and ranks use :func:`batch_important_masks`); ``"corpus"``: important iff
-            ``score >= threshold``.
-        threshold: the corpus threshold (the rho-quantile of the dataset's trainable scores);
-            required for ``"corpus"``. ``>=`` (not ``>``) so that rho = 0, whose threshold is the
-            minimum, makes every token important as the count rule does, and so that all tokens
-            tied at the threshold fall in the same group (deterministic: a function of the score).
-
-    Returns:
-        bool mask with the shape of ``scores``.
-    """
-    _check_rho(rho)
-    if scope not in SCOPES:
-        raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPES}")
-    if scores.shape != loss_mask.shape:
-        raise ValueError(f"scores {tuple(scores.shape)} and loss_mask {tuple(loss_mask.shape)} differ in shape")
-    flat_scores = scores.reshape(-1)
-    flat_mask = loss_mask.reshape(-1).bool()
-    lengths = [int(n) for n in (seq_lens.tolist() if isinstance(seq_lens, Tensor) else seq_lens)]
-    if any(n < 0 for n in lengths) or sum(lengths) > flat_scores.numel():
-        raise ValueError(f"seq_lens {lengths} do not fit {flat_scores.numel()} tokens")
-    # Tokens past the last example are padding: drop them from every scope.
-    covered = torch.zeros_like(flat_mask)
-    covered[: sum(lengths)] = True
-    flat_mask = flat_mask & covered
-
-    if scope == "sequence":
-        important = torch.zeros_like(flat_mask)
-        start = 0
-        for length in lengths:
-            end = start + length
-            important[start:end] = important_mask_sequence(flat_scores[start:end], flat_mask[start:end], rho)
-            start = end
-    elif scope == "batch":
-        important = important_mask_sequence(flat_scores, flat_mask, rho)
-    else:
-        if threshold is None:
-            raise ValueError("scope 'corpus' needs the corpus threshold")
-        trainable_scores = flat_scores[flat_mask]
-        if torch.isnan(trainable_scores).any():
-            raise ValueError("NaN among the scores of trainable tokens")
-        important = torch.zeros_like(flat_mask)
-        important[flat_mask] = trainable_scores >= threshold
-    return important.reshape(scores.shape)
+__all__ = [  # the rule's names stay importable from here, where the trainer's modules import them
+    "SCOPES", "top_mask", "important_mask_sequence", "important_mask_packed",
+    "batch_important_masks", "excess_loss", "is_distributed", "all_reduce_sum", "gather_values", "distributed_top_mask",
+]
 
 
 def batch_important_masks(
@@ -169,7 +46,7 @@ def batch_important_masks(
     Returns:
         one bool mask per micro-batch, shaped like its ``loss_mask``.
     """
-    _check_rho(rho)
+    check_rho(rho)
     if len(scores_list) != len(loss_mask_list):
         raise ValueError("scores_list and loss_mask_list differ in length")
     flat_masks = [mask.reshape(-1).bool() for mask in loss_mask_list]
@@ -246,7 +123,7 @@ def distributed_top_mask(values: Tensor, rho: float, group: dist.ProcessGroup | 
     ``values`` are this rank's entries (1-D); ties are broken by (rank, local index). Every rank
     must call it. Single-process it is ``top_mask(values, ceil((1 - rho) * n))``.
     """
-    _check_rho(rho)
+    check_rho(rho)
     local = values.detach().reshape(-1).double()
     everything, offset = gather_values(local, group)
     important = top_mask(everything, ceil_count(1.0 - rho, everything.numel()))

@@ -14,7 +14,7 @@ present, ``evaluation.json`` (written by ``python -m train.evaluate``). The page
   by group at the run's rho and scope (the same grouping code as training);
 - agreement between scorers: overlap of their important sets at rho.
 
-Shards are read with Polars lazy scans (``data/viewer.py``), so the report works on directories
+Shards are read with Polars lazy scans (``data/shard_stats.py``), so the report works on directories
 larger than memory. Every plot is also written as a PNG next to ``report.html`` and embedded in the
 page as a data URI, so the HTML file alone is the whole report (no network, no external files).
 """
@@ -466,7 +466,7 @@ def _tokenizer_for(run: Run) -> Any:
 def shards_section(runs: list[Run], shards: str | None, examples: int, seed: int, out: Path,
                    agreement_examples: int) -> str:
     """Token viewer and scorer agreement for each distinct (shards, rho, scope) among the runs."""
-    from data import viewer
+    from data import shard_stats, viewer
 
     settings: dict[tuple[str, float, str], Run] = {}
     for run in runs:
@@ -482,12 +482,12 @@ def shards_section(runs: list[Run], shards: str | None, examples: int, seed: int
         if not Path(directory).exists() and "://" not in directory:
             parts.append(f'<p class="note">{html.escape(directory)}: not found here; pass --shards DIR to show its tokens.</p>')
             continue
-        thresholds = viewer.corpus_thresholds(directory, rho) if scope == "corpus" else None
-        sample = viewer.sample_examples(directory, n=examples, seed=seed)
+        thresholds = shard_stats.corpus_thresholds(directory, rho) if scope == "corpus" else None
+        sample = shard_stats.sample_examples(directory, n=examples, seed=seed)
         tokenizer = _tokenizer_for(run)
         title = f"{directory}: tokens at rho {rho}, scope {scope} (used by {', '.join(r.name for r in runs if r.setting('importance.rho') == rho)})"
         parts.append(viewer.token_viewer_html(sample, tokenizer, rho, scope=scope, thresholds=thresholds, title=title))
-        agreement = viewer.scorer_agreement(directory, rho, max_examples=agreement_examples, scope=scope)
+        agreement = shard_stats.scorer_agreement(directory, rho, max_examples=agreement_examples, scope=scope)
         png = plot_agreement(agreement, out / f"agreement_{index}.png")
         parts.append(f"<h3>Scorer agreement: {html.escape(directory)}</h3>" + viewer.agreement_html(agreement) + _img(png, "scorer agreement"))
     return "".join(parts)

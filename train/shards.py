@@ -39,13 +39,18 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from schemas.shard import (
+    BASE_LOSS,
     EXCESS_LOSS,
-    EXCESS_LOSS_PARTS,
     ID,
     INPUT_IDS,
     LOSS_MASK,
     MANIFEST_NAME,
+    REF_LOSS,
     Manifest,
+    first_non_finite,
+    has_ref_loss,
+    has_score,
+    join,
     sidecar_name,
     quantile_from_summary,
     score_column,
@@ -54,7 +59,6 @@ from schemas.shard import (
 from schemas.validate import check_directory
 
 STATE_VERSION = 1
-BASE_LOSS, REF_LOSS = EXCESS_LOSS_PARTS  # excess_loss = base_loss - ref_loss (scorer names)
 
 __all__ = ["open_annotated", "corpus_threshold", "pack", "ShardStream", "STATE_VERSION"]
 
@@ -62,10 +66,6 @@ __all__ = ["open_annotated", "corpus_threshold", "pack", "ShardStream", "STATE_V
 # ---------------------------------------------------------------------------------------------
 # Opening and checking an annotated directory
 # ---------------------------------------------------------------------------------------------
-
-
-def _join(base: str, name: str) -> str:
-    return f"{str(base).rstrip('/')}/{name}"
 
 
 def open_annotated(uri: str, tokenizer_sha256: str | None, score: str, *, deep: bool = False,
@@ -89,9 +89,9 @@ def open_annotated(uri: str, tokenizer_sha256: str | None, score: str, *, deep: 
     """
     uri = str(uri)
     manifest = check_directory(uri, deep=deep, tokenizer_sha256=tokenizer_sha256)  # local path or fsspec URI
-    where = _join(uri, sidecar_name(MANIFEST_NAME, manifest.schema_version))
-    available = score_names(manifest.scorer_names)
-    if score not in available:
+    where = join(uri, sidecar_name(MANIFEST_NAME, manifest.schema_version))
+    if not has_score(manifest, score):
+        available = score_names(manifest.scorer_names)
         hint = ""
         if score == EXCESS_LOSS:
             hint = f"; {EXCESS_LOSS} needs both {BASE_LOSS} and {REF_LOSS} annotated"
@@ -250,9 +250,9 @@ class ShardStream(IterableDataset):
             world_size = world_size if world_size is not None else (dist.get_world_size() if initialized else 1)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
-        if score not in score_names(manifest.scorer_names):
+        if not has_score(manifest, score):
             raise ValueError(f"score {score!r} is not in the manifest (offers {score_names(manifest.scorer_names)})")
-        if with_ref_loss and REF_LOSS not in manifest.scorer_names:
+        if with_ref_loss and not has_ref_loss(manifest):
             raise ValueError(f"with_ref_loss needs a {score_column(REF_LOSS)!r} column; the manifest has scorers {manifest.scorer_names}")
         if seed < 0:
             raise ValueError(f"seed must be >= 0, got {seed}")
@@ -289,11 +289,11 @@ class ShardStream(IterableDataset):
     # --- files -------------------------------------------------------------------------------
 
     def _shard_uri(self, index: int) -> str:
-        return _join(self.uri, self.manifest.shards[index].path)
+        return join(self.uri, self.manifest.shards[index].path)
 
     def _open(self, index: int) -> pq.ParquetFile:
         """Open shard ``index``: local files directly, others through fsspec (ParquetFile owns the handle)."""
-        path = _join(self._root, self.manifest.shards[index].path)
+        path = join(self._root, self.manifest.shards[index].path)
         try:
             if isinstance(self._fs, LocalFileSystem):
                 return pq.ParquetFile(path)
@@ -373,9 +373,9 @@ class ShardStream(IterableDataset):
             score = base[score_column(self.score)].astype(np.float32, copy=False)
         ref = base.get(score_column(REF_LOSS)) if self.with_ref_loss else None
         for name, values in ((self.score, score), (REF_LOSS, ref)):
-            bad = None if values is None else ~np.isfinite(values)
-            if bad is not None and bad.any():  # the whole row group: caught whichever rows this role takes
-                row = int(np.searchsorted(offsets, np.flatnonzero(bad)[0], side="right")) - 1
+            # The whole row group: caught whichever rows this role takes.
+            row = None if values is None else first_non_finite(values, offsets)
+            if row is not None:
                 raise ValueError(f"{self._shard_uri(shard)}: row group {group}, row {row} (id {ids[row]}): "
                                  f"{name} holds NaN or infinite values; run python -m schemas.validate on it")
         mask_values = base[LOSS_MASK].astype(bool, copy=False)

@@ -94,7 +94,7 @@ def test_add_scorers_migrates_a_v1_directory_and_updates_its_card(tmp_path, lima
     summary = json.loads((out / "_annotate_summary.json").read_text())
     assert "base_loss+entropy" in summary["stages"]  # one actor, one model pass for both columns
     # entropy is a score like any other: the trainer and the viewer take it.
-    from data.viewer import summarize
+    from data.shard_stats import summarize
     from train.shards import open_annotated
 
     assert "entropy" in open_annotated(str(out), None, "entropy").scorer_names

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from annotate.inspect import main
-from data.viewer import summarize
+from data.shard_stats import summarize
 from schemas.shard import MANIFEST_NAME, Manifest, shard_name, tokenizer_fingerprint
 from tests.train.conftest import make_examples, write_annotated_dir
 

@@ -1,6 +1,6 @@
-"""data/viewer.py against direct computations on the same examples: counts and statistics over
-trainable tokens (position 0 excluded), lazy sampling, the training code's groups, scorer agreement,
-and the token viewer's HTML (one span per token, groups, escaping)."""
+"""data/shard_stats.py and data/viewer.py against direct computations on the same examples: counts and
+statistics over trainable tokens (position 0 excluded), lazy sampling, the training code's groups,
+scorer agreement, and the token viewer's HTML (one span per token, groups, escaping)."""
 
 from __future__ import annotations
 
@@ -15,22 +15,20 @@ import numpy as np
 import pytest
 import torch
 
-import data.viewer as viewer
-from data.viewer import (
-    agreement_html,
+import data.shard_stats as shard_stats
+from data.grouping import important_mask_sequence
+from data.shard_stats import (
     corpus_thresholds,
     important_masks,
     sample_examples,
     scan_shards,
     scorer_agreement,
-    standalone_page,
     summarize,
-    token_viewer_html,
     trainable_tokens,
 )
+from data.viewer import agreement_html, standalone_page, token_viewer_html
 from schemas.shard import EXCESS_LOSS, REJECTS_NAME, Manifest, quantile_from_summary, shard_name
 from tests.train.conftest import make_examples, write_annotated_dir
-from train.grouping import important_mask_sequence
 
 REPO = Path(__file__).resolve().parents[2]
 SCORERS = ["tfidf", "base_loss", "ref_loss"]
@@ -118,8 +116,8 @@ def test_quantiles_exact_through_histogram_zoom(tmp_path, monkeypatch):
             values[-1] = 1e30
         ex["scores"]["tfidf"] = values.astype(np.float32)
     write_annotated_dir(tmp_path / "d", examples, ["tfidf"], rows_per_shard=5)
-    monkeypatch.setattr(viewer, "HIST_BINS", 8)
-    monkeypatch.setattr(viewer, "COLLECT_LIMIT", 5)
+    monkeypatch.setattr(shard_stats, "HIST_BINS", 8)
+    monkeypatch.setattr(shard_stats, "COLLECT_LIMIT", 5)
     got = summarize(str(tmp_path / "d"))["stats"]["tfidf"]
     expected = numpy_stats(examples, "tfidf")
     for key in ("min", "p05", "p50", "p95", "max"):
@@ -179,7 +177,7 @@ def test_summarize_single_threaded_on_many_shards(tmp_path):
     """Streaming collection with one thread over 40 shards gives the numpy answer (run in a fresh process)."""
     examples = make_examples(120, ["tfidf"], seed=9)
     write_annotated_dir(tmp_path / "many", examples, ["tfidf"], rows_per_shard=3, row_group_size=2)
-    code = ("import json, sys; from data.viewer import summarize; "
+    code = ("import json, sys; from data.shard_stats import summarize; "
             "print(json.dumps(summarize(sys.argv[1])['stats']['tfidf']))")
     env = {**os.environ, "POLARS_MAX_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "many")], cwd=REPO, env=env,

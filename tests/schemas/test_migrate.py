@@ -6,7 +6,7 @@ import json
 import pyarrow.parquet as pq
 import pytest
 
-from data.viewer import summarize
+from data.shard_stats import summarize
 from schemas.migrate import main, migrate_directory
 from schemas.shard import MANIFEST_NAME, REJECTS_NAME, Manifest, file_sha256
 from schemas.validate import validate_directory

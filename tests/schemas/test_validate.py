@@ -70,7 +70,7 @@ BAD_PATHS = ["../outside/shard-00000.parquet", "/etc/shard-00000.parquet", "s3:/
 def test_manifest_shard_paths_stay_inside_the_directory(tmp_path, bad, capsys):
     """A manifest from someone else cannot make validate, train, inspect or --add-scorers read outside it."""
     from annotate.pipeline import _existing_annotation
-    from data.viewer import summarize
+    from data.shard_stats import summarize
     from train.shards import open_annotated
 
     path = _dir(tmp_path)

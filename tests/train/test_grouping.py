@@ -1,18 +1,13 @@
-"""Grouping rules against hand-computed masks: counts, ties, scopes, packing, edge values of rho."""
+"""Grouping rules (data/grouping.py, train/grouping.py) against hand-computed masks: counts, ties,
+scopes, packing, edge values of rho."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from train.grouping import (
-    batch_important_masks,
-    distributed_top_mask,
-    excess_loss,
-    important_mask_packed,
-    important_mask_sequence,
-    top_mask,
-)
+from data.grouping import important_mask_packed, important_mask_sequence, top_mask
+from train.grouping import batch_important_masks, distributed_top_mask, excess_loss
 
 T, F = True, False
 
