@@ -38,7 +38,7 @@ from typing import Any
 
 from data import config as config_mechanism
 from data.config import ConfigError, option
-from schemas.shard import EXCESS_LOSS, EXCESS_LOSS_PARTS, Manifest, score_names
+from schemas.shard import EXCESS_LOSS, EXCESS_LOSS_PARTS, Manifest, has_ref_loss, has_score, score_names
 from train.losses import LOSSES, Loss
 from train.schedule import SCHEDULES
 
@@ -340,16 +340,16 @@ def validate_against_data(config: TrainConfig, manifest: Manifest, uri: str | No
     offered = score_names(manifest.scorer_names)
     scorer = config.importance.scorer
     p: list[str] = []
-    if scorer not in offered:
+    if not has_score(manifest, scorer):
         hint = ""
         if scorer == EXCESS_LOSS:
             hint = f"; {EXCESS_LOSS} needs both {' and '.join(EXCESS_LOSS_PARTS)} (annotate --add-scorers)"
         p.append(f"importance.scorer: {scorer!r} is not in {where}; it offers {offered}{hint}")
     loss_cls = LOSSES.get(config.loss.name)
-    if loss_cls is not None and loss_cls.needs_ref_loss and REF_LOSS not in manifest.scorer_names:
+    if loss_cls is not None and loss_cls.needs_ref_loss and not has_ref_loss(manifest):
         p.append(f"loss.name: {config.loss.name} needs stored {REF_LOSS}; {where} offers {offered} "
                  f"(annotate --add-scorers {REF_LOSS})")
-    if config.importance.scope == "corpus" and scorer in offered:
+    if config.importance.scope == "corpus" and has_score(manifest, scorer):
         stats = manifest.score_stats.get(scorer) or {}
         if not stats.get("quantiles"):
             p.append(f"importance.scope: corpus needs score_stats for {scorer!r} in {where}'s manifest "

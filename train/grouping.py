@@ -24,7 +24,7 @@ from schemas.shard import ceil_count
 
 __all__ = [  # the rule's names stay importable from here, where the trainer's modules import them
     "SCOPES", "top_mask", "important_mask_sequence", "important_mask_packed",
-    "batch_important_masks", "excess_loss", "is_distributed", "all_reduce_sum", "gather_values", "distributed_top_mask",
+    "batch_important_masks", "is_distributed", "all_reduce_sum", "gather_values", "distributed_top_mask",
 ]
 
 
@@ -67,11 +67,6 @@ def batch_important_masks(
         masks.append(important.reshape(mask.shape))
         start += count
     return masks
-
-
-def excess_loss(base_loss: Tensor, ref_loss: Tensor) -> Tensor:
-    """Rho-1's offline excess loss, the derived score: ``base_loss - ref_loss`` (higher = more to learn)."""
-    return base_loss - ref_loss
 
 
 # ---------------------------------------------------------------------------------------------

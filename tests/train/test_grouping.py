@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from data.grouping import important_mask_packed, important_mask_sequence, top_mask
-from train.grouping import batch_important_masks, distributed_top_mask, excess_loss
+from train.grouping import batch_important_masks, distributed_top_mask
 
 T, F = True, False
 
@@ -144,8 +144,3 @@ def test_top_mask_and_distributed_top_mask_single_process():
     # ceil(0.5 * 4) = 2: the two 3.0s.
     assert distributed_top_mask(values, 0.5).tolist() == [F, T, F, T]
 
-
-def test_excess_loss_is_base_minus_ref():
-    base = torch.tensor([2.0, 0.5, 1.0])
-    ref = torch.tensor([0.5, 1.0, 1.0])
-    assert excess_loss(base, ref).tolist() == [1.5, -0.5, 0.0]
