@@ -68,6 +68,12 @@ class ImportanceConfig:
     scope: str = option("sequence", "where the top tokens are ranked: sequence (SFT-GO, per example) | batch (Rho-1, per global batch) | corpus (one threshold from the manifest)")
 
 
+def _loss_attribute(f: dataclasses.Field) -> str:
+    """The ``loss`` section's attribute for a loss option: its config key, or the field name where the key is a keyword."""
+    key = f.metadata.get("key", f.name)
+    return key if key.isidentifier() and not keyword.iskeyword(key) else f.name
+
+
 def _loss_config_class() -> type:
     """The ``loss`` section: ``name`` plus every registered loss's Options, keyed as in YAML.
 
@@ -79,8 +85,7 @@ def _loss_config_class() -> type:
     for loss_cls in LOSSES.values():
         hints = typing.get_type_hints(loss_cls.Options)
         for f in dataclasses.fields(loss_cls.Options):
-            key = f.metadata.get("key", f.name)
-            attribute = key if key.isidentifier() and not keyword.iskeyword(key) else f.name
+            key, attribute = f.metadata.get("key", f.name), _loss_attribute(f)
             if any(existing == attribute for existing, _, _ in fields):
                 raise TypeError(f"loss option key {key!r} of {loss_cls.name} is already taken; give it its own key")
             fields.append((attribute, hints[f.name], option(f.default, f.metadata["help"], key=key if key != attribute else None)))
@@ -97,11 +102,7 @@ def loss_class(config: "TrainConfig") -> type[Loss]:
 
 def loss_options_of(loss_section: Any, loss_cls: type[Loss]) -> Any:
     """``loss_cls.Options`` filled from the config's ``loss`` section."""
-    values = {}
-    for f in dataclasses.fields(loss_cls.Options):
-        key = f.metadata.get("key", f.name)
-        values[f.name] = getattr(loss_section, key if key.isidentifier() and not keyword.iskeyword(key) else f.name)
-    return loss_cls.Options(**values)
+    return loss_cls.Options(**{f.name: getattr(loss_section, _loss_attribute(f)) for f in dataclasses.fields(loss_cls.Options)})
 
 
 @dataclass
