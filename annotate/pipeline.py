@@ -137,10 +137,44 @@ def init_ray(address: str) -> None:
     # authentication is enabled ... set RAY_AUTH_MODE=disabled to opt out") asks nothing of the user.
     # (Setting RAY_AUTH_MODE=token here instead would be too late: Ray reads it when first imported.)
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    # A new local Ray (or the one `ray start` left on this machine, which ray.init() finds by itself):
-    # workers must import this repo even when it is not pip-installed.
-    path = os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p)
-    ray.init(runtime_env={"env_vars": {"PYTHONPATH": path, "TOKENIZERS_PARALLELISM": "false"}})
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (REPO_ROOT, os.environ.get("PYTHONPATH", "")) if p),
+           "TOKENIZERS_PARALLELISM": "false"}  # workers import this repo even when it is not pip-installed
+    if _local_ray_running():
+        # The one `ray start` left on this machine, which ray.init() finds by itself: its workers have
+        # their own environment, so ours goes in the job's runtime_env.
+        ray.init(runtime_env={"env_vars": env})
+        return
+    # A new local Ray: its workers inherit this process's environment, so what they need goes there.
+    # (A runtime_env would make Ray start a fresh worker process, seconds each on a small machine, for
+    # every actor and task instead of using the ones it has already started.) No dashboard for a job's
+    # own short-lived Ray: it costs seconds of start-up and a share of a core all along; `ray start
+    # --head` first for a Ray with its dashboard.
+    os.environ.update(env)
+    ray.init(include_dashboard=False)
+
+
+def _local_ray_running() -> bool:
+    """Whether ray.init() without an address would join a Ray that `ray start` left on this machine."""
+    try:
+        from ray._private import services
+
+        return services.canonicalize_bootstrap_address(None) is not None
+    except Exception:  # noqa: BLE001 - a private helper; assume a running Ray, the path that works for both
+        return True
+
+
+# A worker process that dies (killed, out of memory, its node gone) is restarted by Ray, and the calls it
+# had in flight are run again on the new one: every call is a pure function of its shard, and every write
+# is atomic, so a retried shard comes out the same. A call is retried for as long as its actor lives
+# (while the actor restarts, calls fail fast as unavailable: a count of them would run out at once);
+# an actor that dies more than RETRIES times fails the job.
+RETRIES = 3
+
+
+def _node() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
 
 
 class TokenizeActor:
@@ -157,25 +191,25 @@ class TokenizeActor:
         steps.write_rejects(rejects, steps.staging_rejects_path(out_dir, plan.index))
         steps.write_table_atomic(table.replace_schema_metadata({b"truncated": str(truncated).encode()}), steps.staging_path(out_dir, plan.index))
         tokens = int(pc.sum(pc.list_value_length(table[INPUT_IDS])).as_py() or 0)
-        return {"rows": table.num_rows, "tokens": tokens, "rejects": len(rejects), "seconds": time.perf_counter() - start}
+        return {"rows": table.num_rows, "tokens": tokens, "rejects": len(rejects), "seconds": time.perf_counter() - start,
+                "node": _node()}
 
 
 class ScoreActor:
     """Hosts one scorer (or a group sharing one model pass, see ``share_key``): built and set up once,
-    then fed whole shards (Arrow tables)."""
+    then fed whole shards (Arrow tables). A scorer with a corpus pass gets its fitted state here, so an
+    actor that Ray restarts is fitted again."""
 
-    def __init__(self, name: str, options: Any, context: ScorerContext, names: list[str] | None = None):
+    def __init__(self, name: str, options: Any, context: ScorerContext, names: list[str] | None = None, fit_state: Any = None):
         self.name = name
         self.names = names or [name]  # the columns this actor adds: its scorer's, and its group's
         self.scorer = registry.get(name)(options, context)
         self.scorer.setup()
+        if fit_state is not None:
+            self.scorer.fit(fit_state)
 
     def collect(self, table: pa.Table) -> Any:
         return self.scorer.collect(table)
-
-    def fit(self, state: Any) -> bool:
-        self.scorer.fit(state)
-        return True
 
     def score(self, table: pa.Table) -> tuple[pa.Table, dict[str, float]]:
         start = time.perf_counter()
@@ -193,7 +227,7 @@ class ScoreActor:
                     raise ValueError(f"scorer {name!r} returned {len(v)} scores for {n} tokens (row {row})")
             column = pa.array([v.astype("float32", copy=False) for v in columns[name]], pa.list_(pa.float32()))
             table = table.append_column(score_column(name), column)
-        return table, {"rows": table.num_rows, "tokens": int(sum(lengths)), "seconds": time.perf_counter() - start}
+        return table, {"rows": table.num_rows, "tokens": int(sum(lengths)), "seconds": time.perf_counter() - start, "node": _node()}
 
 
 def _load_staging(out: str, index: int, duplicate_rows: list[int]) -> tuple[pa.Table, dict[str, Any]]:
@@ -217,7 +251,7 @@ def _write(out: str, index: int, table: pa.Table, infos: list[ScorerInfo], fp: d
     steps.write_shard(out_dir, index, table, infos, fp, {**plan_key, "truncated": extra["truncated"]}, counts)
     for path in (steps.staging_path(out_dir, index), steps.staging_rejects_path(out_dir, index)):
         path.unlink(missing_ok=True)
-    return {"index": index, "rows": table.num_rows, "seconds": time.perf_counter() - start}
+    return {"index": index, "rows": table.num_rows, "seconds": time.perf_counter() - start, "node": _node()}
 
 
 def _rewrite(out: str, index: int, table: pa.Table, infos: list[ScorerInfo]) -> dict[str, Any]:
@@ -229,7 +263,7 @@ def _rewrite(out: str, index: int, table: pa.Table, infos: list[ScorerInfo]) -> 
     plan = dict(meta.plan)
     counts = plan.pop("rejected", {})
     steps.write_shard(Path(out), index, table, infos, meta.tokenizer, plan, counts)
-    return {"index": index, "rows": table.num_rows, "seconds": time.perf_counter() - start}
+    return {"index": index, "rows": table.num_rows, "seconds": time.perf_counter() - start, "node": _node()}
 
 
 def _read_shard(out: str, index: int) -> pa.Table:
@@ -274,12 +308,38 @@ def run(job: Job) -> dict[str, Any]:
     gpus = int(ray.cluster_resources().get("GPU", 0))
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
 
+    # -- scorer actors: started before tokenizing, so they load their models meanwhile -------------------
+    groups = share_groups(job)  # leader -> the scorers it hosts (base_loss + entropy of one model: one pass)
+    gpu_names = [n for n in groups if getattr(registry.get(n), "uses_gpu", False)] if gpus else []
+    pools: dict[str, list] = {}  # a scorer with a corpus pass: its collecting actors until it is fitted
+
+    def start_pool(name: str, fit_state: Any = None) -> None:
+        on_gpu = name in gpu_names
+        n_actors = cfg.scorer_actors or (gpus if on_gpu else 1)
+        actor_cls = ray.remote(num_cpus=0.5, num_gpus=(1.0 / len(gpu_names)) if on_gpu else 0, max_restarts=RETRIES,
+                               max_task_retries=-1)(ScoreActor)
+        context = ScorerContext(model=cfg.model, device="cuda" if on_gpu else "cpu", trust_remote_code=cfg.trust_remote_code)
+        pools[name] = [actor_cls.remote(name, job.scorer_options[name], context, groups[name], fit_state) for _ in range(n_actors)]
+
+    def start_pools() -> None:
+        for name in groups:
+            start_pool(name)
+
+    nodes: dict[str, dict[str, dict[str, float]]] = {}  # node id -> stage -> rows and actor seconds there
+
+    def account(stage: str, result: dict[str, Any]) -> None:
+        timers.setdefault(stage, steps.StageTimer(stage)).add(result["rows"], result.get("tokens", 0), result["seconds"])
+        here = nodes.setdefault(result["node"], {}).setdefault(stage, {"rows": 0, "seconds": 0.0})
+        here["rows"] += result["rows"]
+        here["seconds"] += result["seconds"]
+
     if adding:
         indices = sorted(int(p.stem.split("-")[1]) for p in out.glob(SHARD_GLOB))
         (out / MANIFEST_NAME).unlink(missing_ok=True)  # the directory is unfinished until finalize
         pending = [i for i in indices if not {n for n in job.scorer_names} <= {s.name for s in steps.read_shard_metadata(out / steps.shard_name(i)).scorers}]
         duplicates: dict[int, list[int]] = {}
         plan_keys: dict[int, dict] = {}
+        start_pools()
     else:
         plans = steps.plan_shards(cfg.input, cfg.format, cfg.shard_size, cfg.limit, cfg.max_record_bytes)
         if not plans:
@@ -313,17 +373,18 @@ def run(job: Job) -> dict[str, Any]:
         to_tokenize = [p for p in plans if p.index not in done and not steps.staging_path(out, p.index).exists()]
         pending = [p.index for p in plans if p.index not in done]
         print(f"{len(plans)} shards planned: {len(done)} finished earlier, {len(to_tokenize)} to tokenize, {len(pending)} to score")
+        start_pools()
 
         # -- tokenize ------------------------------------------------------------------------
-        timer = timers.setdefault("tokenize", steps.StageTimer("tokenize"))
+        timers.setdefault("tokenize", steps.StageTimer("tokenize"))
         if to_tokenize:
             n_actors = cfg.tokenize_actors or max(1, min(len(to_tokenize), cpus // 2 or 1))
-            actor_cls = ray.remote(num_cpus=0.5)(TokenizeActor)
+            actor_cls = ray.remote(num_cpus=0.5, max_restarts=RETRIES, max_task_retries=-1)(TokenizeActor)
             actors = [actor_cls.remote(job.model_path, cfg.max_length, cfg.overlength, cfg.strict, cfg.trust_remote_code)
                       for _ in range(n_actors)]
             turn = iter(range(1 << 62))
             _run_bounded(to_tokenize, lambda p: actors[next(turn) % n_actors].run.remote(p, str(out)), 2 * n_actors,
-                         "tokenize", lambda p, r: timer.add(r["rows"], r["tokens"], r["seconds"]))
+                         "tokenize", lambda p, r: account("tokenize", r))
             for actor in actors:
                 ray.kill(actor)
 
@@ -334,17 +395,6 @@ def run(job: Job) -> dict[str, Any]:
             ids[index] = pq.read_table(path, columns=[ID])[ID].to_pylist()
         duplicates = steps.find_duplicates(ids)
 
-    # -- scorer actors ----------------------------------------------------------------------------
-    groups = share_groups(job)  # leader -> the scorers it hosts (base_loss + entropy of one model: one pass)
-    gpu_names = [n for n in groups if getattr(registry.get(n), "uses_gpu", False)] if gpus else []
-    pools: dict[str, list] = {}
-    for name, members in groups.items():
-        on_gpu = name in gpu_names
-        n_actors = cfg.scorer_actors or (gpus if on_gpu else 1)
-        actor_cls = ray.remote(num_cpus=0.5, num_gpus=(1.0 / len(gpu_names)) if on_gpu else 0)(ScoreActor)
-        context = ScorerContext(model=cfg.model, device="cuda" if on_gpu else "cpu", trust_remote_code=cfg.trust_remote_code)
-        pools[name] = [actor_cls.remote(name, job.scorer_options[name], context, members) for _ in range(n_actors)]
-
     def load(index: int):
         if adding:
             return ray.remote(num_cpus=0.25)(_read_shard).remote(str(out), index), None
@@ -352,6 +402,7 @@ def run(job: Job) -> dict[str, Any]:
         return ref[0], ref[1]
 
     # -- corpus pass (e.g. TF-IDF's IDF over every shard, aggregated across workers) -------------
+    fit_states: dict[str, Any] = {}
     for name in groups:
         if not registry.needs_corpus_pass(name):
             continue
@@ -371,7 +422,11 @@ def run(job: Job) -> dict[str, Any]:
         done_for_collect = set() if adding else set(i for i in indices if (out / steps.shard_name(i)).exists() and i not in pending)
         _run_bounded(indices, submit_collect, 2 * len(actors) + 1, f"{name} corpus pass", lambda i, r: parts.__setitem__(i, r))
         state = registry.get(name).combine([parts[i] for i in sorted(parts)])
-        ray.get([actor.fit.remote(state) for actor in actors])
+        for actor in actors:
+            ray.kill(actor)
+        # Held until the job ends: a restarted actor is built again from it.
+        fit_states[name] = ray.put(state)
+        start_pool(name, fit_states[name])
         timer.add(0, 0, time.perf_counter() - start)
 
     # -- score and write ----------------------------------------------------------------------
@@ -391,13 +446,12 @@ def run(job: Job) -> dict[str, Any]:
         return ray.remote(num_cpus=0.25)(_write).remote(str(out), index, table_ref, job.scorer_infos, job.tokenizer_fp,
                                                       plan_keys[index], rejects_ref)
 
-    write_timer = timers.setdefault("write", steps.StageTimer("write"))
+    timers.setdefault("write", steps.StageTimer("write"))
 
     def shard_done(index: int, result: dict) -> None:
-        write_timer.add(result["rows"], 0, result["seconds"])
+        account("write", result)
         for name, ref in stat_refs.pop(index):
-            s = ray.get(ref)
-            timers.setdefault(name, steps.StageTimer(name)).add(s["rows"], s["tokens"], s["seconds"])
+            account(name, ray.get(ref))
 
     max_in_flight = 2 * max(len(p) for p in pools.values()) + 1 if pools else 4
     _run_bounded(pending, submit_shard, max_in_flight, "score+write", shard_done)
@@ -415,10 +469,18 @@ def run(job: Job) -> dict[str, Any]:
     seconds = time.perf_counter() - wall
     summary = {
         "output": str(out), "shards": len(manifest.shards), "totals": manifest.totals, "rejected": manifest.rejected,
-        "stages": {k: t.to_dict() for k, t in timers.items()}, "wall_seconds": seconds,
+        "stages": {k: t.to_dict() for k, t in timers.items()}, "nodes": _node_summary(nodes), "wall_seconds": seconds,
         "tokens_per_s": manifest.totals.get("tokens", 0) / seconds if seconds > 0 else None,
     }
     return summary
+
+
+def _node_summary(nodes: dict[str, dict[str, dict[str, float]]]) -> list[dict[str, Any]]:
+    """Per Ray node: its id and address, and the rows and actor seconds of each stage run there."""
+    import ray
+
+    addresses = {n["NodeID"]: n.get("NodeManagerAddress", "") for n in ray.nodes()}
+    return [{"node_id": node, "address": addresses.get(node, "gone"), "stages": stages} for node, stages in sorted(nodes.items())]
 
 
 def share_groups(job: Job) -> dict[str, list[str]]:
@@ -503,4 +565,8 @@ def print_summary(summary: dict[str, Any]) -> None:
     for stage in summary["stages"].values():
         rate = f"{stage['tokens_per_s']:,.0f} tokens/s" if stage.get("tokens_per_s") else ""
         print(f"  {stage['name']:<16} {stage['rows']:>8,} rows {stage['tokens']:>11,} tokens {stage['seconds']:>8.1f} s (actor time)  {rate}")
+    if len(summary.get("nodes", [])) > 1:
+        for node in summary["nodes"]:
+            work = ", ".join(f"{stage} {v['rows']:,} rows {v['seconds']:.1f} s" for stage, v in node["stages"].items())
+            print(f"  node {node['node_id'][:8]} ({node['address']}): {work}")
     print(f"wall        {summary['wall_seconds']:.1f} s   {summary['tokens_per_s'] or 0:,.0f} tokens/s overall")

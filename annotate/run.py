@@ -28,7 +28,7 @@ import yaml  # noqa: E402
 from annotate import scorers as registry  # noqa: E402
 from annotate.config import load_config  # noqa: E402
 from annotate.pipeline import finished_shards, init_ray, prepare, print_summary, run  # noqa: E402
-from annotate.steps import StrictModeError  # noqa: E402
+from annotate.steps import OutputLock, StrictModeError  # noqa: E402
 from schemas.shard import SUMMARY_NAME, atomic_write_text  # noqa: E402
 
 
@@ -56,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
     print(yaml.safe_dump(shown_config(job), sort_keys=False).rstrip())
     previous = signal.getsignal(signal.SIGTERM)
     try:
+        lock = OutputLock(job.out)
+        lock.acquire()
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
         init_ray(config.ray_address)
         # After ray.init, which installs its own SIGTERM handling in the driver.
         signal.signal(signal.SIGTERM, _raise_terminated)
@@ -80,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     finally:
         signal.signal(signal.SIGTERM, previous)
+        lock.release()
     print_summary(summary)
     if not summary.get("already_complete"):
         # Timings vary run to run, so they live beside the data, not in the manifest.

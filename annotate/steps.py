@@ -11,14 +11,18 @@ Layout of an output directory while running and when done::
     _work/rejects-00003.jsonl      rejected records of shard 3 (file, line, reason)
     shard-00003.parquet            the finished shard (shard schema v2), written atomically
     _rejects.jsonl, _README.md, _manifest.json   written last, by finalize (manifest last of all)
+    .annotate.lock                 held (flock) by the job writing here; removed when it ends
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -408,3 +412,45 @@ class StageTimer:
         out.pop("started")
         out["tokens_per_s"] = self.tokens / self.seconds if self.seconds > 0 else None
         return out
+
+
+LOCK_NAME = ".annotate.lock"
+
+
+class OutputLock:
+    """Holds an output directory for one job: a second job on it fails at once, naming this one.
+
+    An flock, which the kernel drops when the process dies, so a killed job never leaves it stuck;
+    the file says who holds it (host, pid, command) for the second job's message."""
+
+    def __init__(self, out: Path):
+        self.path = out / LOCK_NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        """Take the lock, or raise OSError naming the job that holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 4096).decode("utf-8", "replace").strip() or "another job"
+                os.close(fd)
+                raise OSError(f"{self.path.parent} is in use by a running annotate job ({holder}); wait for it to "
+                              f"finish or stop it, or use another --output") from None
+            # The holder may have removed the file between our open and our lock: then lock the new one.
+            if self.path.exists() and os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                break
+            os.close(fd)
+        self.fd = fd
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                     f"{' '.join(sys.argv)}\n".encode())
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        self.path.unlink(missing_ok=True)  # still holding the lock, so no other job is using the file
+        os.close(self.fd)
+        self.fd = None

@@ -160,11 +160,8 @@ def _run_cli(args, env=None):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env)
 
 
-def test_kill_and_resume_gives_the_uninterrupted_output(tmp_path, lima_slice, tiny_llama_dir):
-    args = ["--input", str(lima_slice), "--model", str(tiny_llama_dir), "--scorers", "tfidf,base_loss",
-            "--shard-size", "3", "--scorer-option", "base_loss.max_batch_tokens=64"]
-    reference = tmp_path / "reference"
-    assert main([*args, "--output", str(reference)]) == 0
+def test_kill_and_resume_gives_the_uninterrupted_output(tmp_path, job_args, reference):
+    args = job_args
 
     out = tmp_path / "killed"
     proc = _run_cli([*args, "--output", str(out)])
@@ -192,11 +189,8 @@ def test_kill_and_resume_gives_the_uninterrupted_output(tmp_path, lima_slice, ti
 @pytest.mark.parametrize("sig,code,name,group", [(signal.SIGINT, 130, "Ctrl-C", True), (signal.SIGTERM, 143, "SIGTERM", False),
                                                  (signal.SIGTERM, 143, "SIGTERM", True)],
                          ids=["ctrl-c", "sigterm-job", "sigterm-group"])
-def test_signal_stops_with_one_line_and_the_rerun_finishes(tmp_path, lima_slice, tiny_llama_dir, sig, code, name, group):
-    args = ["--input", str(lima_slice), "--model", str(tiny_llama_dir), "--scorers", "tfidf,base_loss",
-            "--shard-size", "3", "--scorer-option", "base_loss.max_batch_tokens=64"]
-    reference = tmp_path / "reference"
-    assert main([*args, "--output", str(reference)]) == 0
+def test_signal_stops_with_one_line_and_the_rerun_finishes(tmp_path, job_args, reference, sig, code, name, group):
+    args = job_args
     out, log = tmp_path / "stopped", tmp_path / "stopped.log"
     with open(log, "w") as sink:
         proc = subprocess.Popen([sys.executable, str(REPO / "annotate" / "run.py"), *args, "--output", str(out)], cwd=REPO,
@@ -222,3 +216,67 @@ def test_signal_stops_with_one_line_and_the_rerun_finishes(tmp_path, lima_slice,
     assert not (out / "_manifest.json").exists() and not list(out.glob("*.tmp*"))
     assert main([*args, "--output", str(out)]) == 0
     assert _rows(out) == _rows(reference)
+
+
+def _score_actor_pids() -> list[int]:
+    found = subprocess.run(["pgrep", "-f", "^ray::ScoreActor"], capture_output=True, text=True).stdout.split()
+    return [int(p) for p in found]
+
+
+def test_scorer_actor_killed_mid_job_is_restarted_and_the_output_is_the_uninterrupted_one(tmp_path, job_args, reference):
+    out, log = tmp_path / "actor_killed", tmp_path / "actor_killed.log"
+    with open(log, "w") as sink:
+        proc = subprocess.Popen([sys.executable, str(REPO / "annotate" / "run.py"), *job_args,
+                                 "--output", str(out)], cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not list(out.glob("shard-*.parquet")):
+            time.sleep(0.05)
+        killed = _score_actor_pids()
+        assert killed and len(list(out.glob("shard-*.parquet"))) < 8, "the kill must land mid-job, with scorer actors up"
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)  # as the OOM killer would
+        assert proc.wait(timeout=400) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert validate_directory(out).ok
+    assert _rows(out) == _rows(reference)
+    assert [(s.path, s.sha256) for s in Manifest.load(out).shards] == [(s.path, s.sha256) for s in Manifest.load(reference).shards]
+
+
+def test_worker_node_removed_mid_job_finishes_on_what_remains(tmp_path, job_args, reference):
+    """A head with no CPUs and two worker nodes (ray.cluster_utils.Cluster, separate raylets on this
+    machine): all the job's work runs on the workers; one of them is removed once the first shard is
+    written. Ray restarts the actors and retries the tasks it hosted on the other; the output is the
+    uninterrupted one's."""
+    from ray.cluster_utils import Cluster
+
+    # Ray notices a dead node after missed health checks (30 s by default): a second, here.
+    health = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500, "health_check_failure_threshold": 2}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": health})
+    try:
+        cluster.add_node(num_cpus=2)
+        doomed = cluster.add_node(num_cpus=2)
+        out, log = tmp_path / "node_removed", tmp_path / "node_removed.log"
+        env = dict(os.environ, RAY_ADDRESS=cluster.address)
+        with open(log, "w") as sink:
+            proc = subprocess.Popen([sys.executable, str(REPO / "annotate" / "run.py"), *job_args, "--output", str(out)],
+                                    cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        try:
+            deadline = time.time() + 240
+            while time.time() < deadline and not list(out.glob("shard-*.parquet")) and proc.poll() is None:
+                time.sleep(0.05)
+            assert len(list(out.glob("shard-*.parquet"))) < 8, "the removal must land mid-job"
+            cluster.remove_node(doomed, allow_graceful=False)
+            assert proc.wait(timeout=400) == 0, log.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        cluster.shutdown()
+    assert validate_directory(out).ok
+    assert _rows(out) == _rows(reference)
+    assert [(s.path, s.sha256) for s in Manifest.load(out).shards] == [(s.path, s.sha256) for s in Manifest.load(reference).shards]
+    nodes = json.loads((out / "_annotate_summary.json").read_text())["nodes"]
+    assert nodes and all(n["stages"] for n in nodes)

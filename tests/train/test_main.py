@@ -1,12 +1,14 @@
 """End-to-end: train/main.py with DeepSpeed on CPU, through `python` and the `deepspeed` launcher.
 
-Train a few steps, checkpoint, kill -9, resume, finish, export, reload; with 1 rank and with 2 ranks, at
+Train a few steps, checkpoint, kill -9 mid-save, resume, finish, export, reload; with 1 rank, 2 ranks and two
+nodes (torchrun --nnodes 2), at
 every ZeRO stage. Every stage computes the same step as plain torch (gradient accumulation included).
 """
 
 import glob
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -57,11 +59,41 @@ def _env(**extra):
 def _launch(args, ranks: int, log: Path, launcher: str = "deepspeed", env: dict | None = None) -> subprocess.Popen:
     if launcher == "python":
         cmd = [sys.executable, str(REPO / "train" / "main.py"), *args]
+    elif launcher == "torchrun-nodes":
+        # Two nodes on this machine, each with its own ranks, as on two hosts: one `torchrun --nnodes 2
+        # --node_rank R` per node, both meeting at node 0's address. One process group, so a kill reaches both.
+        port = str(29600 + os.getpid() % 1000)
+        per_node = ranks // 2
+        node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", str(per_node),
+                "--master_addr", "127.0.0.1", "--master_port", port]
+        node = shlex.join(node)
+        script = shlex.join([str(REPO / "train" / "main.py"), *args])
+        both = (f"{node} --node_rank 0 {script} & first=$!; {node} --node_rank 1 {script} & second=$!; "
+                "wait $first; a=$?; wait $second; b=$?; exit $(( a > b ? a : b ))")
+        cmd = ["bash", "-c", both]
     else:
         port = str(29500 + os.getpid() % 1000)
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port", port,
                str(REPO / "train" / "main.py"), *args]
     return subprocess.Popen(cmd, cwd=REPO, env=env or _env(), stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a launch and every process under it, as a machine's power loss would (torchrun starts its
+    ranks in sessions of their own, out of reach of a process-group kill)."""
+    import psutil
+
+    try:
+        tree = psutil.Process(proc.pid)
+        victims = [tree, *tree.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for victim in victims:
+        try:
+            victim.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
 
 
 def _run(args, ranks: int, log: Path, timeout: int = 600, launcher: str = "deepspeed", env: dict | None = None) -> None:
@@ -70,7 +102,7 @@ def _run(args, ranks: int, log: Path, timeout: int = 600, launcher: str = "deeps
         assert proc.wait(timeout=timeout) == 0, log.read_text()[-3000:]
     finally:
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_tree(proc)
 
 
 def _metrics(run: Path) -> dict[int, dict]:
@@ -92,12 +124,16 @@ def _cleanup_shm():
 
 
 # (ranks, train.zero_stage, the stage it must resolve to): auto is 0 on one rank and 2 on two.
-STAGES = [(1, "auto", 0), (1, "3", 3), (2, "auto", 2), (2, "1", 1), (2, "3", 3)]
+# The last: two nodes (torchrun --nnodes 2, one rank each) against one node's two ranks.
+STAGES = [(1, "auto", 0, "deepspeed"), (1, "3", 3, "deepspeed"), (2, "auto", 2, "deepspeed"), (2, "1", 1, "deepspeed"),
+          (2, "3", 3, "torchrun-nodes")]
 
 
-@pytest.mark.parametrize("ranks,zero_stage,resolved", STAGES, ids=[f"{r}rank-zero{z}" for r, z, _ in STAGES])
-def test_train_kill_resume_export(tmp_path, tiny_llama_dir, shards, ranks, zero_stage, resolved):
-    """Through the `deepspeed` launcher; the uninterrupted reference run uses plain `python` with 1 rank."""
+@pytest.mark.parametrize("ranks,zero_stage,resolved,launcher", STAGES,
+                         ids=[f"{r}rank-zero{z}" + ("-2nodes" if l != "deepspeed" else "") for r, z, _, l in STAGES])
+def test_train_kill_resume_export(tmp_path, tiny_llama_dir, shards, ranks, zero_stage, resolved, launcher):
+    """Through the `deepspeed` launcher (or torchrun on two nodes); the uninterrupted reference run uses
+    plain `python` with 1 rank, the `deepspeed` launcher with 2 on one node."""
     try:
         reference = tmp_path / "reference"
         _run(_config(reference, tiny_llama_dir, shards, **{"train.zero_stage": zero_stage}), ranks,
@@ -108,24 +144,33 @@ def test_train_kill_resume_export(tmp_path, tiny_llama_dir, shards, ranks, zero_
         assert all(r["trainable_tokens"] > 0 and r["loss"] > 0 for r in ref_metrics.values())
         assert "eval_ce" in ref_metrics[3] and "eval_important_loss" in ref_metrics[6]
 
-        # Kill -9 once the step-4 checkpoint is complete, then rerun the same command: it resumes.
+        # Kill -9 while the step-4 checkpoint is being saved, then rerun the same command: it resumes from
+        # the last complete one, step 2. A kill that lands after the save finished (the save of this tiny
+        # model takes milliseconds) is turned into one that landed mid-save: the COMPLETED marker, written
+        # last, removed and a checkpoint file cut short, which is what such a kill leaves on disk.
         interrupted = tmp_path / "interrupted"
         args = _config(interrupted, tiny_llama_dir, shards, **{"train.zero_stage": zero_stage})
-        proc = _launch(args, ranks, tmp_path / "first.log")
-        marker = interrupted / "run" / "checkpoints" / "step_4" / "COMPLETED"
+        proc = _launch(args, ranks, tmp_path / "first.log", launcher)
+        saving = interrupted / "run" / "checkpoints" / "step_4"
         deadline = time.time() + 600
-        while not marker.exists() and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.2)
-        assert marker.exists(), (tmp_path / "first.log").read_text()[-3000:]
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        _run(args, ranks, tmp_path / "resume.log")
-        assert "resumed from" in (tmp_path / "resume.log").read_text()
+        while not saving.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.005)
+        assert saving.exists(), (tmp_path / "first.log").read_text()[-3000:]
+        _kill_tree(proc)
+        if (saving / "COMPLETED").exists():
+            (saving / "COMPLETED").unlink()
+            largest = max((p for p in saving.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+            with open(largest, "r+b") as f:
+                f.truncate(largest.stat().st_size // 2)
+        assert (interrupted / "run" / "checkpoints" / "step_2" / "COMPLETED").exists()
+        _run(args, ranks, tmp_path / "resume.log", launcher=launcher)
+        assert f"resumed from {interrupted / 'run' / 'checkpoints' / 'step_2'} at step 2" in (tmp_path / "resume.log").read_text()
         assert "reduce_scatter_tensor` is deprecated" not in (tmp_path / "resume.log").read_text()  # silenced: per step
         resumed = _metrics(interrupted / "run")
-        for step in (5, 6):  # the steps after the checkpoint match the uninterrupted run
+        for step in (3, 4, 5, 6):  # the steps after the checkpoint match the uninterrupted run
             for key in ("loss", "ce", "important_loss", "unimportant_loss", "trainable_tokens", "lr"):
                 assert resumed[step][key] == pytest.approx(ref_metrics[step][key], rel=1e-5, abs=1e-6), (step, key)
+        assert (interrupted / "run" / "checkpoints" / "step_4" / "COMPLETED").exists()  # saved again, whole
 
         # The exported folder is a standard HF model, trained (differs from the start), tied embeddings kept.
         model = AutoModelForCausalLM.from_pretrained(interrupted / "run" / "model")
