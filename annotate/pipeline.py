@@ -271,6 +271,13 @@ def _read_shard(out: str, index: int) -> pa.Table:
     return table.replace_schema_metadata(None)
 
 
+# The interrupts (KeyboardInterrupt, run.py's Terminated) the driver's signal handlers received. A
+# handler's raise can be lost when the signal lands inside Ray's own code (which defers SIGINT during
+# task submission, and wraps exceptions raised inside its compiled calls): the job loop raises it again
+# between waits, so a Ctrl-C or SIGTERM always stops the job within a second.
+received_interrupts: list[type[BaseException]] = []
+
+
 def _run_bounded(items: list, submit: Callable[[Any], Any], max_in_flight: int, desc: str,
                  on_done: Callable[[Any, Any], None]) -> None:
     """Submit work item by item, keep at most ``max_in_flight`` running, report each as it finishes."""
@@ -286,6 +293,8 @@ def _run_bounded(items: list, submit: Callable[[Any], Any], max_in_flight: int, 
             # A timeout, so the main thread runs Python between waits: a SIGTERM handler cannot run inside
             # an unbounded ray.wait whose raylet the same signal has already stopped (process-group kill).
             done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            if received_interrupts:
+                raise received_interrupts[0]()
             for ref in done:
                 item = pending.pop(ref)
                 on_done(item, ray.get(ref))

@@ -27,7 +27,7 @@ import yaml  # noqa: E402
 
 from annotate import scorers as registry  # noqa: E402
 from annotate.config import load_config  # noqa: E402
-from annotate.pipeline import finished_shards, init_ray, prepare, print_summary, run  # noqa: E402
+from annotate.pipeline import finished_shards, init_ray, prepare, print_summary, received_interrupts, run  # noqa: E402
 from annotate.steps import OutputLock, StrictModeError  # noqa: E402
 from schemas.shard import SUMMARY_NAME, atomic_write_text  # noqa: E402
 
@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print("== annotate config ==")
     print(yaml.safe_dump(shown_config(job), sort_keys=False).rstrip())
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    received_interrupts.clear()
     try:
         lock = OutputLock(job.out)
         lock.acquire()
@@ -65,10 +66,16 @@ def main(argv: list[str] | None = None) -> int:
         init_ray(config.ray_address)
         # After ray.init, which installs its own SIGTERM handling in the driver.
         signal.signal(signal.SIGTERM, _raise_terminated)
+        signal.signal(signal.SIGINT, _raise_keyboard_interrupt)
         summary = run(job)
     except BaseException as exc:  # noqa: BLE001 - interrupts are told apart from failures below
         interrupt = _interrupt(exc)
         if interrupt is None:
+            import ray
+
+            # Stop the job's other shards in flight: run on (in a Ray that outlives this call) they would
+            # still write, under the feet of the rerun.
+            ray.shutdown()
             if isinstance(exc, Exception):
                 return _report_failure(exc)
             raise
@@ -85,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
               f"the same command resumes with {left}", file=sys.stderr, flush=True)
         return code
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        # Restored on every path: a caller (and the processes it starts later) must not inherit the
+        # SIG_IGN set while the interrupt is reported.
+        signal.signal(signal.SIGTERM, previous[0] if previous[0] is not None else signal.SIG_DFL)
+        signal.signal(signal.SIGINT, previous[1] if previous[1] is not None else signal.default_int_handler)
         lock.release()
     print_summary(summary)
     if not summary.get("already_complete"):
@@ -99,7 +109,13 @@ class Terminated(Exception):
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
+    received_interrupts.append(Terminated)
     raise Terminated()
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    received_interrupts.append(KeyboardInterrupt)
+    raise KeyboardInterrupt()
 
 
 def _interrupt(exc: BaseException) -> BaseException | None:
@@ -131,11 +147,11 @@ def _report_failure(exc: Exception) -> int:
 
     if isinstance(exc, ray.exceptions.RayTaskError):
         cause = exc.cause if hasattr(exc, "cause") else exc
-        if isinstance(cause, StrictModeError):
+        if isinstance(cause, (StrictModeError, OSError)):
             print(f"error: {cause}", file=sys.stderr)
             return 1
         raise exc
-    if isinstance(exc, (ValueError, RuntimeError)):
+    if isinstance(exc, (ValueError, RuntimeError, OSError)):
         print(f"error: {exc}", file=sys.stderr)
         return 1
     raise exc

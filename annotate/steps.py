@@ -234,11 +234,15 @@ def tokenize_shard(plan: ShardPlan, tokenizer: Any, max_length: int, overlength:
 
 
 def write_table_atomic(table: pa.Table, path: Path) -> None:
-    """Parquet write to a temporary name, then rename: a killed job never leaves a partial shard."""
+    """Parquet write to a temporary name, then rename: a killed job never leaves a partial shard, and a
+    failed write (a full disk) leaves nothing of its file behind."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         pq.write_table(table, tmp, compression="zstd", row_group_size=256)
         os.replace(tmp, path)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write {path}: {exc}; the shards finished before it are kept: free space "
+                                 f"(or fix the cause) and rerun the same command to finish") from exc
     finally:
         if tmp.exists():
             tmp.unlink()
