@@ -148,11 +148,14 @@ def _report_failure(exc: Exception) -> int:
     if isinstance(exc, ray.exceptions.RayTaskError):
         cause = exc.cause if hasattr(exc, "cause") else exc
         if isinstance(cause, (StrictModeError, OSError)):
-            print(f"error: {cause}", file=sys.stderr)
-            return 1
-        raise exc
-    if isinstance(exc, (ValueError, RuntimeError, OSError)):
-        print(f"error: {exc}", file=sys.stderr)
+            exc = cause
+        else:
+            raise exc
+    if isinstance(exc, (ValueError, RuntimeError, OSError)):  # StrictModeError is a ValueError
+        # A failed write (a full disk) loses nothing finished: shard writes are atomic, reruns resume.
+        hint = ("; the shards finished before it are kept: free space (or fix the cause) and rerun the same "
+                "command to finish") if isinstance(exc, OSError) else ""
+        print(f"error: {exc}{hint}", file=sys.stderr)
         return 1
     raise exc
 

@@ -241,8 +241,7 @@ def write_table_atomic(table: pa.Table, path: Path) -> None:
         pq.write_table(table, tmp, compression="zstd", row_group_size=256)
         os.replace(tmp, path)
     except OSError as exc:
-        raise OSError(exc.errno, f"cannot write {path}: {exc}; the shards finished before it are kept: free space "
-                                 f"(or fix the cause) and rerun the same command to finish") from exc
+        raise OSError(exc.errno, f"cannot write {path}: {exc}") from exc  # as atomic_write_text does: name the file
     finally:
         if tmp.exists():
             tmp.unlink()

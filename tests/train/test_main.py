@@ -1,8 +1,7 @@
 """End-to-end: train/main.py with DeepSpeed on CPU, through `python` and the `deepspeed` launcher.
 
-Train a few steps, checkpoint, kill -9 mid-save, resume, finish, export, reload; with 1 rank, 2 ranks and two
-nodes (torchrun --nnodes 2), at
-every ZeRO stage. Every stage computes the same step as plain torch (gradient accumulation included).
+Train a few steps, checkpoint, kill -9 mid-save, resume, finish, export, reload; with 1 rank, 2 ranks and
+two nodes (torchrun --nnodes 2), at every ZeRO stage. Every stage computes the same step as plain torch (gradient accumulation included).
 """
 
 import glob
@@ -61,7 +60,7 @@ def _launch(args, ranks: int, log: Path, launcher: str = "deepspeed", env: dict 
         cmd = [sys.executable, str(REPO / "train" / "main.py"), *args]
     elif launcher == "torchrun-nodes":
         # Two nodes on this machine, each with its own ranks, as on two hosts: one `torchrun --nnodes 2
-        # --node_rank R` per node, both meeting at node 0's address. One process group, so a kill reaches both.
+        # --node_rank R` per node, both meeting at node 0's address, under one bash (kill it with _kill_tree).
         port = str(29600 + os.getpid() % 1000)
         per_node = ranks // 2
         node = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", str(per_node),
@@ -123,7 +122,7 @@ def _cleanup_shm():
             pass
 
 
-# (ranks, train.zero_stage, the stage it must resolve to): auto is 0 on one rank and 2 on two.
+# (ranks, train.zero_stage, the stage it must resolve to, launcher): auto is 0 on one rank and 2 on two.
 # The last: two nodes (torchrun --nnodes 2, one rank each) against one node's two ranks.
 STAGES = [(1, "auto", 0, "deepspeed"), (1, "3", 3, "deepspeed"), (2, "auto", 2, "deepspeed"), (2, "1", 1, "deepspeed"),
           (2, "3", 3, "torchrun-nodes")]
