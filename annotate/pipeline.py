@@ -577,5 +577,5 @@ def print_summary(summary: dict[str, Any]) -> None:
     if len(summary.get("nodes", [])) > 1:
         for node in summary["nodes"]:
             work = ", ".join(f"{stage} {v['rows']:,} rows {v['seconds']:.1f} s" for stage, v in node["stages"].items())
-            print(f"  node {node['node_id'][:8]} ({node['address']}): {work}")
+            print(f"  node {node['node_id'][-8:]} ({node['address']}): {work}")  # tail: fake nodes' ids differ only there
     print(f"wall        {summary['wall_seconds']:.1f} s   {summary['tokens_per_s'] or 0:,.0f} tokens/s overall")
