@@ -48,7 +48,7 @@ class AnnotateConfig:
     limit: int = option(0, "only the first N records of each input file (0 = all)")
     strict: bool = option(False, "stop at the first bad record instead of rejecting it")
     max_record_bytes: int = option(DEFAULT_MAX_RECORD_BYTES, "a record (JSONL line or JSON array item) longer than this is rejected as record_too_large without being read whole (JSON arrays are parsed whole: keep huge corpora in JSON lines)")
-    tokenize_actors: int = option(0, "tokenizer actors; 0 = auto (one per two CPUs, at least one)")
+    tokenize_actors: int = option(0, "tokenizer actors; 0 = auto (one per CPU, at most one per shard)")
     scorer_actors: int = option(0, "actors per scorer; 0 = auto (one per GPU when the cluster has GPUs, else one)")
     ray_address: str = option("", "a Ray cluster; '' = RAY_ADDRESS or a new local Ray; auto = an existing cluster")
     trust_remote_code: bool = option(False, "allow a model folder whose config asks for code shipped with it (auto_map); off: such a model is refused before any job starts (scorer models have their own base_loss.trust_remote_code / ref_loss.trust_remote_code)")

@@ -197,22 +197,28 @@ class TokenizeActor:
 
 class ScoreActor:
     """Hosts one scorer (or a group sharing one model pass, see ``share_key``): built and set up once,
-    then fed whole shards (Arrow tables). A scorer with a corpus pass gets its fitted state here, so an
-    actor that Ray restarts is fitted again."""
+    then fed whole shards (Arrow tables). A scorer with a corpus pass collects with the same actors, and
+    each score call carries the fitted state's ref: an actor fits on its first call, so one that Ray
+    restarts (built again from its constructor's arguments) is fitted again."""
 
-    def __init__(self, name: str, options: Any, context: ScorerContext, names: list[str] | None = None, fit_state: Any = None):
+    def __init__(self, name: str, options: Any, context: ScorerContext, names: list[str] | None = None):
         self.name = name
         self.names = names or [name]  # the columns this actor adds: its scorer's, and its group's
         self.scorer = registry.get(name)(options, context)
         self.scorer.setup()
-        if fit_state is not None:
-            self.scorer.fit(fit_state)
+        self.fitted = False
 
     def collect(self, table: pa.Table) -> Any:
         return self.scorer.collect(table)
 
-    def score(self, table: pa.Table) -> tuple[pa.Table, dict[str, float]]:
+    def score(self, table: pa.Table, fit_state: list | None = None) -> tuple[pa.Table, dict[str, float]]:
+        """``fit_state``: [ref of the corpus pass's state] (in a list, so Ray hands over the ref, not a copy per call)."""
+        import ray
+
         start = time.perf_counter()
+        if fit_state is not None and not self.fitted:
+            self.scorer.fit(ray.get(fit_state[0]))
+            self.fitted = True
         # A shard whose records were all rejected still gets its (empty) columns.
         if not table.num_rows:
             columns = {name: [] for name in self.names}
@@ -315,20 +321,25 @@ def run(job: Job) -> dict[str, Any]:
     timers: dict[str, steps.StageTimer] = {}
     adding = job.existing is not None
     gpus = int(ray.cluster_resources().get("GPU", 0))
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    cpu_total = float(ray.cluster_resources().get("CPU", 1))
+    cpus = max(1, int(cpu_total))
 
     # -- scorer actors: started before tokenizing, so they load their models meanwhile -------------------
     groups = share_groups(job)  # leader -> the scorers it hosts (base_loss + entropy of one model: one pass)
     gpu_names = [n for n in groups if getattr(registry.get(n), "uses_gpu", False)] if gpus else []
-    pools: dict[str, list] = {}  # a scorer with a corpus pass: its collecting actors until it is fitted
+    pools: dict[str, list] = {}  # scorer group leader -> its actors
+    pool_sizes = {name: cfg.scorer_actors or (gpus if name in gpu_names else 1) for name in groups}
+    # Half a CPU per actor, less when the scorers would take all but half a CPU: that half is left for the
+    # tokenize actors and the read/write tasks, which would otherwise wait for ever beside idle actors.
+    score_cpus = min(0.5, max(0.01, (cpu_total - 0.5) / max(1, sum(pool_sizes.values()))))
 
-    def start_pool(name: str, fit_state: Any = None) -> None:
+    def start_pool(name: str) -> None:
         on_gpu = name in gpu_names
-        n_actors = cfg.scorer_actors or (gpus if on_gpu else 1)
-        actor_cls = ray.remote(num_cpus=0.5, num_gpus=(1.0 / len(gpu_names)) if on_gpu else 0, max_restarts=RETRIES,
+        n_actors = pool_sizes[name]
+        actor_cls = ray.remote(num_cpus=score_cpus, num_gpus=(1.0 / len(gpu_names)) if on_gpu else 0, max_restarts=RETRIES,
                                max_task_retries=-1)(ScoreActor)
         context = ScorerContext(model=cfg.model, device="cuda" if on_gpu else "cpu", trust_remote_code=cfg.trust_remote_code)
-        pools[name] = [actor_cls.remote(name, job.scorer_options[name], context, groups[name], fit_state) for _ in range(n_actors)]
+        pools[name] = [actor_cls.remote(name, job.scorer_options[name], context, groups[name]) for _ in range(n_actors)]
 
     def start_pools() -> None:
         for name in groups:
@@ -387,7 +398,9 @@ def run(job: Job) -> dict[str, Any]:
         # -- tokenize ------------------------------------------------------------------------
         timers.setdefault("tokenize", steps.StageTimer("tokenize"))
         if to_tokenize:
-            n_actors = cfg.tokenize_actors or max(1, min(len(to_tokenize), cpus // 2 or 1))
+            # One per CPU, in what the score actors leave (tokenizing runs before any scoring).
+            free = cpu_total - score_cpus * sum(pool_sizes.values())
+            n_actors = cfg.tokenize_actors or max(1, min(len(to_tokenize), cpus, int(free / 0.5)))
             actor_cls = ray.remote(num_cpus=0.5, max_restarts=RETRIES, max_task_retries=-1)(TokenizeActor)
             actors = [actor_cls.remote(job.model_path, cfg.max_length, cfg.overlength, cfg.strict, cfg.trust_remote_code)
                       for _ in range(n_actors)]
@@ -430,12 +443,8 @@ def run(job: Job) -> dict[str, Any]:
 
         done_for_collect = set() if adding else set(i for i in indices if (out / steps.shard_name(i)).exists() and i not in pending)
         _run_bounded(indices, submit_collect, 2 * len(actors) + 1, f"{name} corpus pass", lambda i, r: parts.__setitem__(i, r))
-        state = registry.get(name).combine([parts[i] for i in sorted(parts)])
-        for actor in actors:
-            ray.kill(actor)
-        # Held until the job ends: a restarted actor is built again from it.
-        fit_states[name] = ray.put(state)
-        start_pool(name, fit_states[name])
+        # Held until the job ends: every score call of this scorer carries it (a restarted actor fits again).
+        fit_states[name] = ray.put(registry.get(name).combine([parts[i] for i in sorted(parts)]))
         timer.add(0, 0, time.perf_counter() - start)
 
     # -- score and write ----------------------------------------------------------------------
@@ -448,7 +457,8 @@ def run(job: Job) -> dict[str, Any]:
         stat_refs[index] = []
         for name in groups:
             actors = pools[name]
-            table_ref, stats_ref = actors[k % len(actors)].score.options(num_returns=2).remote(table_ref)
+            fit_state = [fit_states[name]] if name in fit_states else None
+            table_ref, stats_ref = actors[k % len(actors)].score.options(num_returns=2).remote(table_ref, fit_state)
             stat_refs[index].append(("+".join(groups[name]), stats_ref))  # a shared pass is timed once
         if adding:
             return ray.remote(num_cpus=0.25)(_rewrite).remote(str(out), index, table_ref, job.scorer_infos)

@@ -222,9 +222,38 @@ def read_records(path: str, fmt: str, limit: int) -> tuple[str, list[Any]]:
     return plans[0].format, raws
 
 
+def synthesize_corpus(inputs: list[str], rows: int, out: Path) -> Path:
+    """An Alpaca-format JSONL corpus of ``rows`` rows: the first user turn and its answer of every record of
+    ``inputs``, cycled; the k-th repeat's instruction starts with "[k] " so the job's dedupe keeps it."""
+    from annotate import steps
+    from data.formats import RecordError, parse_record
+
+    pairs = []
+    for path in inputs:
+        for plan in steps.plan_shards([path], "auto", shard_size=1 << 30):
+            for _, raw in steps._plan_records(plan):
+                try:
+                    messages = parse_record(raw, plan.format)[0]
+                except RecordError:
+                    continue
+                user = next((m["content"] for m in messages if m["role"] == "user"), None)
+                answer = next((m["content"] for m in messages if m["role"] == "assistant"), None)
+                if user and answer:
+                    pairs.append((user, answer))
+    if not pairs:
+        raise ValueError(f"no user/assistant pairs in {inputs}")
+    with open(out, "w", encoding="utf-8") as f:
+        for k in range(rows):
+            user, answer = pairs[k % len(pairs)]
+            repeat_index = k // len(pairs)
+            instruction = f"[{repeat_index}] {user}" if repeat_index else user
+            f.write(json.dumps({"instruction": instruction, "input": "", "output": answer}, ensure_ascii=False) + "\n")
+    return out
+
+
 def bench_render(raws: list[Any], fmt: str, tokenizer: Any, max_length: int, overlength: str, min_seconds: float) -> dict[str, Any]:
     from data.formats import RecordError, parse_record
-    from data.render import render
+    from data.render import render, render_batch
 
     def parse():
         messages, rejected = [], 0
@@ -251,6 +280,18 @@ def bench_render(raws: list[Any], fmt: str, tokenizer: Any, max_length: int, ove
     run = repeat(render_all, min_seconds)
     rendered, render_rejected = run.pop("result")
     tokens = sum(len(r.input_ids) for r in rendered)
+
+    # The best one process does: parse, then render_batch (one tokenizer call per 1,000 rows, as the tokenize
+    # stage does per shard), no offsets. The pipeline's end-to-end rate is compared with this.
+    def bare():
+        parsed = parse()[0]
+        return [r for start in range(0, len(parsed), 1000)
+                for r in render_batch(tokenizer, parsed[start:start + 1000], max_length, overlength, with_offsets=False)]
+
+    bare_run = repeat(bare, min_seconds)
+    bare_rendered = bare_run.pop("result")
+    if [r.input_ids.tolist() for r in bare_rendered if not isinstance(r, RecordError)] != [r.input_ids.tolist() for r in rendered]:
+        raise RuntimeError("render_batch and render disagree")
     return {
         "rendered": rendered,
         "stats": {
@@ -258,6 +299,8 @@ def bench_render(raws: list[Any], fmt: str, tokenizer: Any, max_length: int, ove
             "rows": len(rendered), "tokens": tokens, "trainable_tokens": int(sum(int(r.loss_mask.sum()) for r in rendered)),
             "truncated": sum(int(r.truncated) for r in rendered),
             **run, "tokens_per_s": rate(tokens, run["seconds"]),
+            "bare": {"what": "parse + render_batch in one process (1,000 rows per tokenizer call, no offsets)", **bare_run,
+                     "tokens_per_s": rate(tokens, bare_run["seconds"])},
         },
     }
 
@@ -367,9 +410,9 @@ def bench_pipeline(args: argparse.Namespace, model: str, scorer_options: dict[st
     config = AnnotateConfig(
         input=[args.input], output=str(out), format=args.format, model=model, scorers=list(args.scorers),
         scorer_options=scorer_options, max_length=args.max_length, overlength=args.overlength,
-        shard_size=args.rows_per_batch, limit=args.limit,
+        shard_size=args.shard_size, limit=args.limit,
     )
-    result: dict[str, Any] = {"shard_size": args.rows_per_batch}
+    result: dict[str, Any] = {"shard_size": args.shard_size}
     job, result["prepare_seconds"] = timed(lambda: pipeline.prepare(config))
     _, result["init_ray_seconds"] = timed(lambda: pipeline.init_ray(""))
     import ray
@@ -412,7 +455,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--export-skeleton", metavar="DIR", help="write DIR/lm and DIR/bert-tokenizer (no weights) and exit")
     p.add_argument("--max-length", type=int, default=4096)
     p.add_argument("--overlength", default="truncate", choices=["truncate", "drop"])
-    p.add_argument("--rows-per-batch", type=int, default=16, help="rows per Arrow batch for score(), and the pipeline's shard_size")
+    p.add_argument("--rows-per-batch", type=int, default=16, help="rows per Arrow batch for score()")
+    p.add_argument("--shard-size", type=int, default=0, help="the pipeline's shard_size (0 = --rows-per-batch)")
+    p.add_argument("--corpus-rows", type=int, default=0,
+                   help="bench on a synthesized Alpaca-format corpus of N rows from --input (comma-separated files allowed): "
+                        "first turns cycled, repeats prefixed '[k] ' so dedupe keeps them; --limit is set to N")
     p.add_argument("--torch-threads", default="actor",
                    help="torch threads for the direct scorer runs: 'actor' = as in a pipeline actor (1, unless the "
                         "scorer's setup sets more, as token_loss does), or a number forced after setup")
@@ -422,6 +469,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="bench/results/annotate.json", help="JSON file to write")
     args = p.parse_args(argv)
     args.scorers = [s.strip() for s in args.scorers.split(",") if s.strip()]
+    args.shard_size = args.shard_size or args.rows_per_batch
     if not args.export_skeleton and not args.input:
         p.error("--input is required")
     return args
@@ -443,7 +491,9 @@ def scorer_options_from(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 def print_table(report: dict[str, Any]) -> None:
     base = report["tokenize"]["tokens_per_s"]
     rows: list[tuple[str, int | None, float | None, float | None]] = [
-        ("render+tokenize", report["tokenize"]["tokens"], report["tokenize"]["seconds"], base)]
+        ("render+tokenize", report["tokenize"]["tokens"], report["tokenize"]["seconds"], base),
+        ("parse+render_batch (bare)", report["tokenize"]["tokens"], report["tokenize"]["bare"]["seconds"],
+         report["tokenize"]["bare"]["tokens_per_s"])]
     for name, r in report["scorers"].items():
         if "error" in r:
             rows.append((f"{name}  ERROR", None, None, None))
@@ -457,6 +507,7 @@ def print_table(report: dict[str, Any]) -> None:
         for stage in p["stages"].values():
             rows.append((f"pipeline {stage['name']} (actor)", stage["tokens"] or None, stage["seconds"], stage.get("tokens_per_s")))
         rows.append(("pipeline run (wall)", p["tokens"], p["run_wall_seconds"], p["tokens_per_s"]))
+        rows.append(("pipeline end to end (wall)", p["tokens"], p["end_to_end_seconds"], p["end_to_end_tokens_per_s"]))
     print(f"\n== annotate bench ({report['environment']['device']}, {report['data']['rows']} rows) ==")
     print(f"{'stage':<34} {'tokens':>9} {'seconds':>9} {'tokens/s':>11} {'x render':>9}")
     def cell(value: Any, fmt: str) -> str:
@@ -465,6 +516,9 @@ def print_table(report: dict[str, Any]) -> None:
     for label, tokens, seconds, tps in rows:
         print(f"{label:<34} {cell(tokens, ','):>9} {cell(seconds, '.2f'):>9} {cell(tps or None, ',.0f'):>11} "
               f"{cell(ratio(tps, base), '.4f'):>9}")
+    if p and "error" not in p:
+        share = p["corpus_pass_share_of_wall"]
+        print(f"end to end / bare: {p['ratio_to_bare_tokenize']:.2f}" + (f"; corpus pass {share:.1%} of the wall" if share is not None else ""))
     print(f"({NOTE})")
 
 
@@ -519,6 +573,11 @@ def main(argv: list[str] | None = None) -> int:
         report["scorer_options"] = scorer_options
 
         # -- (a) render + tokenize ---------------------------------------------------------------
+        if args.corpus_rows:
+            sources = args.input.split(",")
+            args.input = str(synthesize_corpus(sources, args.corpus_rows, tmp / "corpus.jsonl"))
+            args.format, args.limit = "alpaca", args.corpus_rows
+            report["corpus"] = {"synthesized_from": sources, "rows": args.corpus_rows}
         fmt, raws = read_records(args.input, args.format, args.limit)
         tokenizer, tokenizer_seconds = timed(lambda: load_tokenizer(model))
         rendered = bench_render(raws, fmt, tokenizer, args.max_length, args.overlength, args.min_seconds)
@@ -528,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
                           "truncated": stats["truncated"], "rejected": stats["rejected"],
                           "mean_tokens_per_row": stats["tokens"] / stats["rows"] if stats["rows"] else None}
         report["tokenize"] = {"tokenizer_load_seconds": tokenizer_seconds, **{k: v for k, v in stats.items()
-                              if k in ("parse_seconds", "passes", "seconds", "seconds_per_pass", "tokens", "tokens_per_s")}}
+                              if k in ("parse_seconds", "passes", "seconds", "seconds_per_pass", "tokens", "tokens_per_s", "bare")}}
         batches = arrow_batches(rendered["rendered"], args.rows_per_batch)
         report["data"]["batches"] = len(batches)
         report["data"]["rows_per_batch"] = args.rows_per_batch
@@ -560,6 +619,11 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 p = bench_pipeline(args, model, scorer_options, tmp / "annotated")
                 p["ratio_to_tokenize"] = ratio(p["tokens_per_s"], base)
+                # End to end (prepare + Ray start + run) against the bare single-process parse + render_batch.
+                p["end_to_end_tokens_per_s"] = rate(p["tokens"], p["end_to_end_seconds"])
+                p["ratio_to_bare_tokenize"] = ratio(p["end_to_end_tokens_per_s"], stats["bare"]["tokens_per_s"])
+                fit = [st["seconds"] for key, st in p["stages"].items() if key.endswith(":fit")]
+                p["corpus_pass_share_of_wall"] = sum(fit) / p["end_to_end_seconds"] if fit else None
                 for stage in p["stages"].values():
                     stage["ratio_to_tokenize"] = ratio(stage.get("tokens_per_s"), base)
                 report["pipeline"] = p

@@ -23,7 +23,16 @@ from tests.conftest import LIMA
 torch = pytest.importorskip("torch")
 pytest.importorskip("llmlingua")
 
-from annotate.scorers.llmlingua2 import LLMLingua2Scorer, project_onto_tokens  # noqa: E402
+from annotate.scorers.llmlingua2 import (  # noqa: E402
+    CHUNK_END_TOKENS,
+    LLMLingua2Scorer,
+    WordProbs,
+    _backend_decode,
+    _backend_encode,
+    _project_rows,
+    chunk_bounds,
+    project_onto_tokens,
+)
 
 
 def _lima_record(index: int) -> dict:
@@ -172,6 +181,9 @@ def _reference_texts(tokenizer) -> dict[str, str]:
         # A chunk boundary inside a word: llmlingua's second chunk string starts with '##', which
         # re-tokenizes differently ('#', '#', ...); our spans come from the difflib alignment.
         "mid_word": "x " * 510 + split + " and the rest, " * 5,
+        # Characters outside both vocabularies (unknown pieces: XLM-R keeps their text with the
+        # unknown id), accents, whitespace runs, a literal pad token (masked out by llmlingua).
+        "unicode": "Caf\u00e9 na\u00efve \u2603 snow\u2744man   \t\t tabs\n\n\n\u4e2d\u6587 \U0001f600 [PAD] <pad> end.",
     }
 
 
@@ -193,7 +205,7 @@ def test_word_probabilities_match_llmlingua(family, request):
         assert len(mine.probs) == len(reference["probs"]) == len(reference["words"]), name
         np.testing.assert_allclose(mine.probs, reference["probs"], rtol=0, atol=1e-5, err_msg=name)
         spread.append(np.ptp(mine.probs))
-        if name != "mid_word":
+        if name not in ("mid_word", "unicode"):
             # Spans: the original characters of each word are llmlingua's word
             # (BERT: uncased vocabulary; XLM-R: llmlingua strips the leading '▁').
             if family == "scorer":
@@ -297,3 +309,178 @@ def test_info(scorer, tiny_classifier_dir):
     assert info.revision and info.revision.startswith("sha256:")
     assert info.params["max_chunk_tokens"] == 512 and info.params["model"] == str(tiny_classifier_dir)
     assert os.environ.get("TIKTOKEN_CACHE_DIR")  # seeded for llmlingua while the scorer lives
+
+
+# ------------------------------------------------------------------ vectorised paths vs the loops they replace
+
+
+def _chunk_bounds_loop(tokens, max_seq_len, end_tokens=CHUNK_END_TOKENS):
+    """llmlingua's __chunk_context arithmetic, as the scorer first wrote it (a backward scan)."""
+    max_len = max_seq_len - 2
+    n, bounds, start = len(tokens), [], 0
+    while start < n:
+        if start + max_len > n - 1:
+            bounds.append((start, n))
+            break
+        end = start + max_len
+        for j in range(0, end - start):
+            if tokens[end - j] in end_tokens:
+                end -= j
+                break
+        bounds.append((start, end + 1))
+        start = end + 1
+    return bounds
+
+
+def _project_loop(word_spans, word_probs, token_spans, fill_value):
+    """project_onto_tokens as first written: one token at a time."""
+    out = np.full(len(token_spans), fill_value, dtype=np.float32)
+    keep = word_spans[:, 1] > word_spans[:, 0] if len(word_spans) else np.zeros(0, dtype=bool)
+    spans, probs = word_spans[keep], word_probs[keep]
+    if not len(spans):
+        return out
+    order = np.argsort(spans[:, 0], kind="stable")
+    spans, probs = spans[order], probs[order]
+    reach = np.maximum.accumulate(spans[:, 1])
+    lo = np.searchsorted(reach, token_spans[:, 0], side="right")
+    hi = np.searchsorted(spans[:, 0], token_spans[:, 1], side="left")
+    for t in np.nonzero(hi > lo)[0]:
+        a, b = token_spans[t]
+        overlap = np.minimum(spans[lo[t]:hi[t], 1], b) - np.maximum(spans[lo[t]:hi[t], 0], a)
+        if overlap.max() > 0:
+            out[t] = probs[lo[t]:hi[t]][overlap == overlap.max()].mean()
+    return out
+
+
+def test_chunk_bounds_matches_the_backward_scan():
+    rng = np.random.default_rng(0)
+    for n in [0, 1, 2, 3, 9, 10, 11, 50, 200, 1200]:
+        for end_rate in [0.0, 0.05, 0.5, 1.0]:
+            tokens = [("." if rng.random() < 0.5 else "\n") if rng.random() < end_rate else "w" for _ in range(n)]
+            for max_seq_len in [3, 4, 5, 12, 512]:
+                assert chunk_bounds(tokens, max_seq_len) == _chunk_bounds_loop(tokens, max_seq_len), (n, end_rate, max_seq_len)
+    tokens = ["a", "b", "!", "c", "?", "d", "e", "f"]
+    assert chunk_bounds(tokens, 5, frozenset({"!", "?"})) == [(0, 3), (3, 5), (5, 8)] == _chunk_bounds_loop(tokens, 5, {"!", "?"})
+
+
+@pytest.mark.parametrize("block", [None, 1, 5])
+def test_projection_matches_the_per_token_loop_bit_for_bit(block, monkeypatch):
+    if block:  # tiny blocks of (token, word) pairs: the block loop, and tokens wider than a block
+        monkeypatch.setattr("annotate.scorers.llmlingua2._PAIRS_PER_BLOCK", block)
+    rng = np.random.default_rng(1)
+    for trial in range(300):
+        n_words, n_tokens, length = int(rng.integers(0, 40)), int(rng.integers(0, 60)), int(rng.integers(1, 80))
+        starts = rng.integers(0, length, n_words)
+        # Mostly short words, some wide (an aligned run) or empty ones; many one-character words
+        # make three-way and wider ties.
+        widths = rng.choice([0, 1, 1, 1, 2, 3, 7, 30], n_words)
+        words = np.stack([starts, starts + widths], axis=1).astype(np.int64).reshape(-1, 2)
+        probs = rng.random(n_words)
+        a = rng.integers(0, length, n_tokens)
+        tokens = np.stack([a, a + rng.choice([0, 1, 2, 4, 9], n_tokens)], axis=1).astype(np.int64).reshape(-1, 2)
+        got = project_onto_tokens(words, probs, tokens, fill_value=-0.5)
+        want = _project_loop(words, probs, tokens, -0.5)
+        assert got.dtype == np.float32 and np.array_equal(got, want), trial
+    # Three one-character words under one token: their mean, summed as np.mean sums.
+    words, probs = np.array([[0, 1], [1, 2], [2, 3]]), np.array([0.1, 0.2, 0.7])
+    assert project_onto_tokens(words, probs, np.array([[0, 3]]), 0.0)[0] == np.float32(probs.mean())
+
+
+def test_projection_of_all_rows_at_once_equals_one_call_per_row():
+    rng = np.random.default_rng(2)
+    words, tokens, lengths = [], [], []
+    for row in range(12):
+        length = int(rng.integers(0, 50))
+        n_words = int(rng.integers(0, 15)) if length else 0
+        s = rng.integers(0, max(length, 1), n_words)
+        spans = np.stack([s, np.minimum(s + rng.integers(0, 6, n_words), length)], axis=1).astype(np.int64).reshape(-1, 2)
+        words.append(WordProbs(probs=rng.random(n_words), spans=spans))
+        a = np.sort(rng.integers(0, max(length, 1), int(rng.integers(0, 20)) if length else 0))
+        tokens.append(np.stack([a, np.minimum(a + 3, length)], axis=1).astype(np.int64).reshape(-1, 2))
+        lengths.append(length)
+    got = _project_rows(words, tokens, lengths, fill_value=0.25)
+    assert len(got) == 12
+    for w, t, g in zip(words, tokens, got):
+        assert np.array_equal(g, project_onto_tokens(w.spans, w.probs, t, 0.25))
+    assert _project_rows([], [], [], 0.0) == []
+
+
+def test_backend_calls_equal_the_transformers_calls(scorer, xlmr_scorer):
+    texts = list(_reference_texts(scorer.tokenizer).values()) + ["", "  \n "]
+    for tokenizer in (scorer.tokenizer, xlmr_scorer.tokenizer, scorer.lm_tokenizer):
+        want = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True).encodings
+        got = _backend_encode(tokenizer, texts)
+        assert [e.tokens for e in got] == [e.tokens for e in want]
+        assert [e.ids for e in got] == [e.ids for e in want] and [e.offsets for e in got] == [e.offsets for e in want]
+        assert _backend_encode(tokenizer, []) == []
+    # With truncation left on the backend, the ordinary call is taken (it resets it).
+    lm = scorer.lm_tokenizer
+    lm._tokenizer.enable_truncation(max_length=5)
+    try:
+        assert [len(e.ids) for e in _backend_encode(lm, texts[:2])] == [len(lm.tokenize(t)) for t in texts[:2]]
+    finally:
+        lm._tokenizer.no_truncation()
+    rows = [lm.encode(t, add_special_tokens=False) for t in texts] + [lm.convert_tokens_to_ids(["<|im_start|>", "Ġhi"])]
+    assert _backend_decode(lm, rows) == [lm.decode(r, skip_special_tokens=False, clean_up_tokenization_spaces=False) for r in rows]
+
+
+def test_lm_offsets_equal_token_offsets(scorer):
+    from data.render import token_offsets
+
+    lm = scorer.lm_tokenizer
+    rows = [
+        lm.encode("Hello there, my friend. \u2603 caf\u00e9\n\n  spaced", add_special_tokens=False),
+        [],
+        # Not the tokenizer's own split of "hello": its round trip fails, the incremental fallback runs.
+        lm.convert_tokens_to_ids(list("hello")),
+        lm.convert_tokens_to_ids(["<|im_start|>", "user", "Ċ", "hi", "<|im_end|>"]),
+    ]
+    texts, offsets = scorer.lm_offsets(rows)
+    assert texts[2] == "hello" and offsets[2].tolist() == [[0, 1], [1, 2], [2, 3], [3, 4], [4, 5]]
+    assert offsets[1].shape == (0, 2)
+    for ids, text, spans in zip(rows, texts, offsets):
+        want_text, want_spans = token_offsets(lm, ids)
+        assert text == want_text and spans.dtype == np.int64 and np.array_equal(spans, want_spans)
+
+
+def test_classifier_text_blanks_the_union_of_special_spans(scorer):
+    text = "<s>hi there</s>"
+    special = scorer._lm_special_ids[:1]
+    ids = np.array([special[0], 5, special[0], special[0]])
+    # Out of order, overlapping and nested spans: every character they cover becomes a space.
+    offsets = np.array([[11, 15], [3, 5], [0, 3], [1, 2]])
+    got = scorer.classifier_text(text, ids, offsets)
+    assert got == "   hi there    " and len(got) == len(text)
+    assert scorer.classifier_text(text, np.array([5, 6]), np.array([[0, 2], [2, 4]])) == text
+
+
+@pytest.mark.parametrize("family", ["scorer", "xlmr_scorer"])
+def test_token_ids_follow_the_token_strings(family, request):
+    # Unknown pieces keep their own text under the unknown id (XLM-R); the ids llmlingua feeds the
+    # model come from the strings, and both must agree with convert_tokens_to_ids.
+    scorer = request.getfixturevalue(family)
+    text = _reference_texts(scorer.tokenizer)["unicode"] + " [UNK] <unk> \u00e9t\u00e9"
+    encoding = scorer.tokenizer(text, add_special_tokens=False).encodings[0]
+    tokens = np.array(encoding.tokens, dtype=object)
+    got = scorer._token_ids(tokens, np.array(encoding.ids, dtype=np.int64))
+    assert got.tolist() == scorer.tokenizer.convert_tokens_to_ids(encoding.tokens)
+    if family == "xlmr_scorer":
+        assert (np.array(encoding.ids) == scorer.tokenizer.unk_token_id).sum() >= 3  # the odd path ran
+
+
+def test_empty_texts_and_rows(scorer, smol_tokenizer):
+    assert scorer.word_probabilities([]) == []
+    empty, hello, blank = scorer.word_probabilities(["", "Hello, world.", "   \n\t "])
+    assert empty.chunks == [] and empty.probs.shape == (0,) and empty.spans.shape == (0, 2)
+    assert blank.chunks == [] and blank.probs.shape == (0,) and blank.spans.dtype == np.int64
+    alone = scorer.word_probabilities(["Hello, world."])[0]
+    assert hello.chunks == alone.chunks == ["hello, world."]
+    assert hello.spans.tolist() == [[0, 5], [5, 6], [7, 12], [12, 13]] == alone.spans.tolist()
+    np.testing.assert_allclose(hello.probs, alone.probs, rtol=0, atol=1e-6)
+
+    ids = smol_tokenizer.encode("Hello, world.", add_special_tokens=False)
+    table = pa.table({"input_ids": pa.array([[], ids, []], type=pa.list_(pa.int32()))})
+    scores = scorer.score(table)
+    assert [s.shape for s in scores] == [(0,), (len(ids),), (0,)] and all(s.dtype == np.float32 for s in scores)
+    np.testing.assert_allclose(scores[1], scorer.score(table.slice(1, 1))[0], rtol=0, atol=1e-6)
+    assert scorer.score(table.slice(0, 0)) == []

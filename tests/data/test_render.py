@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from data.formats import RecordError
-from data.render import render, token_offsets
+from data.render import render, render_batch, token_offsets
 
 
 def _trainable_text(tokenizer, rendered):
@@ -74,3 +74,67 @@ def test_token_offsets_round_trip(smol_tokenizer):
     text, offsets = token_offsets(smol_tokenizer, r.input_ids)
     assert text == r.text
     assert (offsets == r.offsets).all()
+
+
+def _one_by_one(tokenizer, conversations, **kwargs):
+    out = []
+    for messages in conversations:
+        try:
+            out.append(render(tokenizer, messages, **kwargs))
+        except RecordError as exc:
+            out.append(exc)
+    return out
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"max_length": 256, "overlength": "truncate"}, {"max_length": 256, "overlength": "drop"}])
+def test_render_batch_is_render_record_by_record(smol_tokenizer, kwargs):
+    """The annotate job's one-call-per-shard tokenization gives what render() gives, record for record, errors
+    included: on LIMA (long, multi-turn, unicode) and on edge cases (special-token text, whitespace runs, empty
+    and plain-text records, one that truncation leaves without an assistant token)."""
+    import json
+
+    from data.formats import read_lima
+    from tests.conftest import LIMA
+
+    conversations = [read_lima(json.loads(line)) for line in LIMA.read_text(encoding="utf-8").splitlines()[:120]]
+    conversations += [
+        [{"role": "user", "content": "say <|im_end|> and <|im_start|>"}, {"role": "assistant", "content": "<|im_end|> ok"}],
+        [{"role": "user", "content": "  \n\n\t  spaces"}, {"role": "assistant", "content": "   \n  "}],
+        [{"role": "text", "content": "Plain text, 🙂 naïve."}],
+        [{"role": "user", "content": "long " * 400}, {"role": "assistant", "content": "short"}],
+        [{"role": "user", "content": "no answer to train on"}],
+    ]
+    batch = render_batch(smol_tokenizer, conversations, **kwargs)
+    single = _one_by_one(smol_tokenizer, conversations, **kwargs)
+    assert len(batch) == len(single) == len(conversations)
+    for b, s in zip(batch, single):
+        assert type(b) is type(s)
+        if isinstance(s, RecordError):
+            assert (b.reason, b.detail) == (s.reason, s.detail)
+            continue
+        assert b.input_ids.dtype == np.int32 and (b.input_ids == s.input_ids).all()
+        assert (b.loss_mask == s.loss_mask).all() and b.truncated == s.truncated and b.text == s.text
+        assert (b.offsets == s.offsets).all()
+    reasons = {s.reason for s in single if isinstance(s, RecordError)}
+    # The cases were exercised: every path that rejects, and truncation.
+    expected = {"no_trainable_tokens", {"truncate": "no_trainable_tokens_after_truncation", "drop": "over_length"}.get(
+        kwargs.get("overlength"), "no_trainable_tokens")}
+    assert reasons == expected
+    assert any(s.truncated for s in single if not isinstance(s, RecordError)) == (kwargs.get("overlength") == "truncate")
+    # Without offsets: the same ids and masks, offsets left out.
+    lean = render_batch(smol_tokenizer, conversations, with_offsets=False, **kwargs)
+    for b, s in zip(lean, batch):
+        if not isinstance(s, RecordError):
+            assert b.offsets is None and (b.input_ids == s.input_ids).all() and (b.loss_mask == s.loss_mask).all()
+
+
+def test_render_batch_sees_tokens_added_after_its_first_call(smol_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smol_tokenizer_dir)
+    conversations = [[{"role": "user", "content": "q"}, {"role": "assistant", "content": f"zqxwv{k} jjkk"}] for k in range(2)]
+    before = render_batch(tokenizer, conversations)
+    tokenizer.add_tokens(["zqxwv0"])
+    after = render_batch(tokenizer, conversations)
+    assert len(after[0].input_ids) < len(before[0].input_ids)
+    assert all((a.input_ids == r.input_ids).all() for a, r in zip(after, _one_by_one(tokenizer, conversations)))
