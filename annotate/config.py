@@ -49,7 +49,7 @@ class AnnotateConfig:
     strict: bool = option(False, "stop at the first bad record instead of rejecting it")
     max_record_bytes: int = option(DEFAULT_MAX_RECORD_BYTES, "a record (JSONL line or JSON array item) longer than this is rejected as record_too_large without being read whole (JSON arrays are parsed whole: keep huge corpora in JSON lines)")
     tokenize_actors: int = option(0, "tokenizer actors; 0 = auto (one per CPU, at most one per shard)")
-    scorer_actors: int = option(0, "actors per scorer; 0 = auto (one per GPU when the cluster has GPUs, else one)")
+    scorer_actors: int = option(0, "actors per scorer; 0 = auto (model scorers: one per GPU, else one; tfidf: the CPUs over the scorers)")
     ray_address: str = option("", "a Ray cluster; '' = RAY_ADDRESS or a new local Ray; auto = an existing cluster")
     trust_remote_code: bool = option(False, "allow a model folder whose config asks for code shipped with it (auto_map); off: such a model is refused before any job starts (scorer models have their own base_loss.trust_remote_code / ref_loss.trust_remote_code)")
     license: list[str] = option(factory=list, help="the corpus license(s) as you know them (e.g. cc-by-nc-sa-4.0), for the dataset card: one for all inputs, or one per input")
@@ -75,6 +75,8 @@ class AnnotateConfig:
         if self.limit < 0:
             problems.append(f"limit: {self.limit} must be >= 0")
         names = self.add_scorers if adding else self.scorers
+        if not names:
+            problems.append(f"{'add_scorers' if adding else 'scorers'}: names no scorer; --list-scorers shows them")
         if len(set(names)) != len(names):
             problems.append(f"{'add_scorers' if adding else 'scorers'}: {names} lists a scorer twice")
         if self.license and not adding and len(self.license) not in (1, len(self.input)):

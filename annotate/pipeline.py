@@ -1,13 +1,15 @@
 """The Ray plumbing of the annotate job: the one place that knows about Ray, and nothing of any scorer.
 
     plan (driver) -> tokenize (actor pool) -> dedupe (driver) -> corpus pass (only scorers that need one)
-                  -> per shard: load -> scorer 1 actor -> scorer 2 actor ... -> write (atomic) -> finalize
+                  -> per shard: scorer 1 actor (reads it) -> scorer 2 actor ... -> last (writes it, atomic)
+                  -> finalize
 
 Shards flow through per-scorer actor pools as Ray object refs, with a bounded number in flight, so
 scorers run concurrently on different shards and a slow GPU scorer keeps its GPU busy. Each actor
-reserves a fraction of a CPU (a whole CPU per actor starves the read/write tasks on a 2-core
+reserves a fraction of a CPU (whole CPUs per actor would leave the tokenize actors none on a 2-core
 machine) and, for model scorers on a GPU cluster, a share of a GPU (so every GPU scorer fits beside
-the others on each GPU instead of waiting for a whole one).
+the others on each GPU instead of waiting for a whole one); a model scorer on CPU runs as many torch
+threads as its share of the cluster's cores.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import logging
 import os
 import time
 from collections import Counter, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -29,7 +32,7 @@ from annotate import scorers as registry
 from annotate import steps
 from annotate.config import AnnotateConfig
 from annotate.scorers import ScorerContext
-from data.models import check_model, load_tokenizer
+from data.models import check_model, load_tokenizer, tokenizer_class_name
 from schemas.migrate import is_v1_directory, migrate_directory
 from schemas.shard import ID, INPUT_IDS, MANIFEST_NAME, REJECTS_NAME, SHARD_GLOB, Manifest, ScorerInfo, score_column, tokenizer_fingerprint
 
@@ -47,6 +50,7 @@ class Job:
     out: Path
     model_path: str
     tokenizer_fp: dict[str, str]
+    tokenizer_class: str  # data.models.tokenizer_class_name of the model's tokenizer: actors load it directly
     scorer_names: list[str]  # the scorers this run computes
     scorer_options: dict[str, Any]
     scorer_infos: list[ScorerInfo]  # every score column the finished shards hold, in order
@@ -68,7 +72,9 @@ def prepare(config: AnnotateConfig) -> Job:
     fp = tokenizer_fingerprint(tokenizer)
     fp["name"] = os.path.basename(config.model.rstrip("/")) or fp["name"]
     # The model name as given: recorded in metadata.
-    context = ScorerContext(model=config.model, device="cpu", trust_remote_code=config.trust_remote_code)
+    tokenizer_class = tokenizer_class_name(tokenizer)
+    context = ScorerContext(model=config.model, device="cpu", trust_remote_code=config.trust_remote_code,
+                            tokenizer_class=tokenizer_class)
     options = {name: registry.build_options(name, config.scorer_options.get(name)) for name in names}
     # Constructing a scorer checks its options (model paths, names) without loading any model.
     infos = [registry.get(name)(options[name], context).info() for name in names]
@@ -95,7 +101,7 @@ def prepare(config: AnnotateConfig) -> Job:
         probe.unlink()
     except OSError as exc:
         raise OSError(f"output {out} is not writable: {exc}") from None
-    return Job(config, out, model_path, fp, names, options, infos, existing)
+    return Job(config, out, model_path, fp, tokenizer_class, names, options, infos, existing)
 
 
 def _existing_annotation(out: Path) -> Manifest:
@@ -177,11 +183,26 @@ def _node() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+def cpu_threads(node_cpus: float, cpu_share: float) -> int:
+    """Torch threads for a model-running actor on CPU: its share of the cluster's CPUs (the cluster's CPUs
+    over the job's model actors on CPU), never more than its node has; at least one."""
+    return max(1, int(min(node_cpus, cpu_share)))
+
+
+def _node_cpus() -> float:
+    """The CPUs Ray manages on this process's node (``ray start --num-cpus``; not the machine's core count)."""
+    import ray
+
+    here = _node()
+    return next(float(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n["NodeID"] == here)
+
+
 class TokenizeActor:
     """Renders and tokenizes whole shards; loads the tokenizer once."""
 
-    def __init__(self, model_path: str, max_length: int, overlength: str, strict: bool, trust_remote_code: bool = False):
-        self.tokenizer = load_tokenizer(model_path, trust_remote_code)
+    def __init__(self, model_path: str, max_length: int, overlength: str, strict: bool, trust_remote_code: bool = False,
+                 tokenizer_class: str = ""):
+        self.tokenizer = load_tokenizer(model_path, trust_remote_code, tokenizer_class=tokenizer_class)
         self.max_length, self.overlength, self.strict = max_length, overlength, strict
 
     def run(self, plan: steps.ShardPlan, out: str) -> dict[str, Any]:
@@ -199,22 +220,35 @@ class ScoreActor:
     """Hosts one scorer (or a group sharing one model pass, see ``share_key``): built and set up once,
     then fed whole shards (Arrow tables). A scorer with a corpus pass collects with the same actors, and
     each score call carries the fitted state's ref: an actor fits on its first call, so one that Ray
-    restarts (built again from its constructor's arguments) is fitted again."""
+    restarts (built again from its constructor's arguments) is fitted again.
 
-    def __init__(self, name: str, options: Any, context: ScorerContext, names: list[str] | None = None):
+    ``cpu_share``: on CPU, the cluster's CPUs over the job's model actors on CPU. The actor reserves only
+    a fraction of a CPU (so tokenizing and writing are never starved), yet its forward passes are the
+    job's bottleneck: it runs as many torch threads as its share allows, capped by its node's CPUs."""
+
+    def __init__(self, name: str, options: Any, context: ScorerContext, names: list[str] | None = None,
+                 cpu_share: float = 0.0):
         self.name = name
         self.names = names or [name]  # the columns this actor adds: its scorer's, and its group's
+        if context.device == "cpu" and cpu_share > 0:
+            context = replace(context, cpu_threads=cpu_threads(_node_cpus(), cpu_share))
         self.scorer = registry.get(name)(options, context)
         self.scorer.setup()
         self.fitted = False
 
-    def collect(self, table: pa.Table) -> Any:
-        return self.scorer.collect(table)
+    def collect(self, source: ShardSource) -> Any:
+        return self.scorer.collect(source.load()[0])
 
-    def score(self, table: pa.Table, fit_state: list | None = None) -> tuple[pa.Table, dict[str, float]]:
-        """``fit_state``: [ref of the corpus pass's state] (in a list, so Ray hands over the ref, not a copy per call)."""
+    def score(self, shard: ShardSource | tuple[pa.Table, dict[str, Any]], fit_state: list | None = None,
+              sink: ShardSink | None = None) -> tuple[tuple[pa.Table, dict[str, Any]] | None, dict[str, Any]]:
+        """Score one shard: read from its ``ShardSource`` (the first actor of a job's chain) or handed on by
+        the previous actor as (table, what its write needs). The last actor of the chain writes it through
+        ``sink``. Reading and writing here, not in tasks of their own, keeps a shard in one warm process
+        (a task would start a fresh worker process, a second or more on a small machine).
+        ``fit_state``: [ref of the corpus pass's state] (in a list, so Ray hands over the ref, not a copy per call)."""
         import ray
 
+        table, extra = shard.load() if isinstance(shard, ShardSource) else shard
         start = time.perf_counter()
         if fit_state is not None and not self.fitted:
             self.scorer.fit(ray.get(fit_state[0]))
@@ -226,55 +260,75 @@ class ScoreActor:
             columns = self.scorer.score_columns(table, self.names)
         else:
             columns = {self.name: self.scorer.score(table)}
-        lengths = pc.list_value_length(table[INPUT_IDS]).to_pylist()
+        lengths = pc.list_value_length(table[INPUT_IDS]).to_numpy(zero_copy_only=False).astype(np.int64)
+        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
         for name in self.names:
-            for row, (v, n) in enumerate(zip(columns[name], lengths)):
-                if len(v) != n:
-                    raise ValueError(f"scorer {name!r} returned {len(v)} scores for {n} tokens (row {row})")
-            column = pa.array([v.astype("float32", copy=False) for v in columns[name]], pa.list_(pa.float32()))
-            table = table.append_column(score_column(name), column)
-        return table, {"rows": table.num_rows, "tokens": int(sum(lengths)), "seconds": time.perf_counter() - start, "node": _node()}
+            got = np.fromiter((len(v) for v in columns[name]), dtype=np.int64, count=len(columns[name]))
+            if len(got) != len(lengths) or (got != lengths).any():
+                row = int(np.flatnonzero(got != lengths)[0]) if len(got) == len(lengths) else -1
+                raise ValueError(f"scorer {name!r} returned {len(columns[name])} rows for {len(lengths)}" if row < 0 else
+                                 f"scorer {name!r} returned {got[row]} scores for {lengths[row]} tokens (row {row})")
+            values = np.concatenate(columns[name]).astype(np.float32, copy=False) if len(got) else np.zeros(0, np.float32)
+            table = table.append_column(score_column(name), pa.ListArray.from_arrays(offsets, pa.array(values)))
+        stats = {"rows": table.num_rows, "tokens": int(lengths.sum()), "seconds": time.perf_counter() - start, "node": _node()}
+        if sink is None:
+            return (table, extra), stats
+        return None, {**stats, "write": sink.write(table, extra)}
 
 
-def _load_staging(out: str, index: int, duplicate_rows: list[int]) -> tuple[pa.Table, dict[str, Any]]:
-    """A tokenized shard without its duplicates, and what its write needs: rejects and the truncated count."""
-    out_dir = Path(out)
-    table = pq.read_table(steps.staging_path(out_dir, index))
-    truncated = int((table.schema.metadata or {}).get(b"truncated", b"0"))
-    table, dup_rejects = steps.drop_duplicates(table.replace_schema_metadata(None), duplicate_rows)
-    rejects = steps.read_rejects(steps.staging_rejects_path(out_dir, index)) + [r.to_dict() for r in dup_rejects]
-    rejects.sort(key=lambda r: (r["file"], r["line"]))
-    return table, {"rejects": rejects, "truncated": truncated}
+@dataclass(frozen=True)
+class ShardSource:
+    """Where a shard's rows come from: its staging file (tokenized this run; duplicates dropped) or, for a
+    shard finished earlier (--add-scorers, or the corpus pass of a resumed job), the shard itself."""
+
+    out: str
+    index: int
+    staged: bool
+    duplicate_rows: tuple[int, ...] = ()
+    drop_columns: tuple[str, ...] = ()  # --add-scorers: columns this run adds, should a retried call find them
+
+    def load(self) -> tuple[pa.Table, dict[str, Any]]:
+        """(table, what its write needs: rejects and the truncated count; empty for a finished shard)."""
+        out_dir = Path(self.out)
+        if not self.staged:
+            table = pq.read_table(out_dir / steps.shard_name(self.index)).replace_schema_metadata(None)
+            return table.drop_columns([c for c in self.drop_columns if c in table.column_names]), {}
+        table = pq.read_table(steps.staging_path(out_dir, self.index))
+        truncated = int((table.schema.metadata or {}).get(b"truncated", b"0"))
+        table, dup_rejects = steps.drop_duplicates(table.replace_schema_metadata(None), list(self.duplicate_rows))
+        rejects = steps.read_rejects(steps.staging_rejects_path(out_dir, self.index)) + [r.to_dict() for r in dup_rejects]
+        rejects.sort(key=lambda r: (r["file"], r["line"]))
+        return table, {"rejects": rejects, "truncated": truncated}
 
 
-def _write(out: str, index: int, table: pa.Table, infos: list[ScorerInfo], fp: dict, plan_key: dict, extra: dict[str, Any]) -> dict[str, Any]:
-    """Write shard ``index``: its rejects, then the shard itself (atomic), then drop its staging files."""
-    start = time.perf_counter()
-    out_dir = Path(out)
-    rejects = extra["rejects"]
-    counts = dict(sorted(Counter(r["reason"] for r in rejects).items()))
-    steps.write_rejects([steps.Rejected(**r) for r in rejects], steps.shard_rejects_path(out_dir, index))
-    steps.write_shard(out_dir, index, table, infos, fp, {**plan_key, "truncated": extra["truncated"]}, counts)
-    for path in (steps.staging_path(out_dir, index), steps.staging_rejects_path(out_dir, index)):
-        path.unlink(missing_ok=True)
-    return {"index": index, "rows": table.num_rows, "seconds": time.perf_counter() - start, "node": _node()}
+@dataclass(frozen=True)
+class ShardSink:
+    """How a scored shard is written: a new shard (its rejects, then the shard, atomically) or, with
+    --add-scorers (``plan_key`` None), the existing shard rewritten with its old metadata and the new columns.
+    Its staging files stay until the driver has seen the write finish, so a retried call can read them again."""
 
+    out: str
+    index: int
+    infos: tuple[ScorerInfo, ...]
+    tokenizer_fp: dict[str, str]
+    plan_key: dict[str, Any] | None
 
-def _rewrite(out: str, index: int, table: pa.Table, infos: list[ScorerInfo]) -> dict[str, Any]:
-    """--add-scorers: rewrite an existing shard with its old metadata and the new columns."""
-    start = time.perf_counter()
-    path = Path(out) / steps.shard_name(index)
-    meta = steps.read_shard_metadata(path)
-    assert meta is not None
-    plan = dict(meta.plan)
-    counts = plan.pop("rejected", {})
-    steps.write_shard(Path(out), index, table, infos, meta.tokenizer, plan, counts)
-    return {"index": index, "rows": table.num_rows, "seconds": time.perf_counter() - start, "node": _node()}
-
-
-def _read_shard(out: str, index: int) -> pa.Table:
-    table = pq.read_table(Path(out) / steps.shard_name(index))
-    return table.replace_schema_metadata(None)
+    def write(self, table: pa.Table, extra: dict[str, Any]) -> dict[str, Any]:
+        start = time.perf_counter()
+        out_dir = Path(self.out)
+        if self.plan_key is None:
+            meta = steps.read_shard_metadata(out_dir / steps.shard_name(self.index))
+            assert meta is not None
+            plan = dict(meta.plan)
+            counts = plan.pop("rejected", {})
+            steps.write_shard(out_dir, self.index, table, list(self.infos), meta.tokenizer, plan, counts)
+        else:
+            rejects = extra["rejects"]
+            counts = dict(sorted(Counter(r["reason"] for r in rejects).items()))
+            steps.write_rejects([steps.Rejected(**r) for r in rejects], steps.shard_rejects_path(out_dir, self.index))
+            steps.write_shard(out_dir, self.index, table, list(self.infos), self.tokenizer_fp,
+                              {**self.plan_key, "truncated": extra["truncated"]}, counts)
+        return {"index": self.index, "rows": table.num_rows, "seconds": time.perf_counter() - start, "node": _node()}
 
 
 # The interrupts (KeyboardInterrupt, run.py's Terminated) the driver's signal handlers received. A
@@ -328,18 +382,29 @@ def run(job: Job) -> dict[str, Any]:
     groups = share_groups(job)  # leader -> the scorers it hosts (base_loss + entropy of one model: one pass)
     gpu_names = [n for n in groups if getattr(registry.get(n), "uses_gpu", False)] if gpus else []
     pools: dict[str, list] = {}  # scorer group leader -> its actors
-    pool_sizes = {name: cfg.scorer_actors or (gpus if name in gpu_names else 1) for name in groups}
+    # Auto: one actor per GPU for a GPU scorer, one for a model scorer on CPU (its torch threads use the
+    # cores), and the CPUs split among the groups for the cheap CPU scorers (tfidf), which would
+    # otherwise score on one core while the rest idle once tokenizing is done.
+    cheap_size = max(1, cpus // len(groups))
+    pool_sizes = {name: cfg.scorer_actors or (gpus if name in gpu_names else 1 if getattr(registry.get(name), "uses_gpu", False)
+                                              else cheap_size) for name in groups}
     # Half a CPU per actor, less when the scorers would take all but half a CPU: that half is left for the
-    # tokenize actors and the read/write tasks, which would otherwise wait for ever beside idle actors.
+    # tokenize actors, which would otherwise wait for ever beside idle score actors.
     score_cpus = min(0.5, max(0.01, (cpu_total - 0.5) / max(1, sum(pool_sizes.values()))))
+    # Model actors on CPU (base_loss, llmlingua2 without a GPU) split the cluster's cores between them.
+    cpu_model_actors = sum(size for name, size in pool_sizes.items()
+                           if getattr(registry.get(name), "uses_gpu", False) and name not in gpu_names)
+    cpu_share = cpu_total / cpu_model_actors if cpu_model_actors else 0.0
 
     def start_pool(name: str) -> None:
         on_gpu = name in gpu_names
         n_actors = pool_sizes[name]
         actor_cls = ray.remote(num_cpus=score_cpus, num_gpus=(1.0 / len(gpu_names)) if on_gpu else 0, max_restarts=RETRIES,
                                max_task_retries=-1)(ScoreActor)
-        context = ScorerContext(model=cfg.model, device="cuda" if on_gpu else "cpu", trust_remote_code=cfg.trust_remote_code)
-        pools[name] = [actor_cls.remote(name, job.scorer_options[name], context, groups[name]) for _ in range(n_actors)]
+        context = ScorerContext(model=cfg.model, device="cuda" if on_gpu else "cpu", trust_remote_code=cfg.trust_remote_code,
+                                tokenizer_class=job.tokenizer_class)
+        share = cpu_share if getattr(registry.get(name), "uses_gpu", False) and not on_gpu else 0.0
+        pools[name] = [actor_cls.remote(name, job.scorer_options[name], context, groups[name], share) for _ in range(n_actors)]
 
     def start_pools() -> None:
         for name in groups:
@@ -393,20 +458,37 @@ def run(job: Job) -> dict[str, Any]:
         to_tokenize = [p for p in plans if p.index not in done and not steps.staging_path(out, p.index).exists()]
         pending = [p.index for p in plans if p.index not in done]
         print(f"{len(plans)} shards planned: {len(done)} finished earlier, {len(to_tokenize)} to tokenize, {len(pending)} to score")
-        start_pools()
 
         # -- tokenize ------------------------------------------------------------------------
         timers.setdefault("tokenize", steps.StageTimer("tokenize"))
-        if to_tokenize:
+        if not to_tokenize:
+            start_pools()
+        else:
             # One per CPU, in what the score actors leave (tokenizing runs before any scoring).
             free = cpu_total - score_cpus * sum(pool_sizes.values())
             n_actors = cfg.tokenize_actors or max(1, min(len(to_tokenize), cpus, int(free / 0.5)))
             actor_cls = ray.remote(num_cpus=0.5, max_restarts=RETRIES, max_task_retries=-1)(TokenizeActor)
-            actors = [actor_cls.remote(job.model_path, cfg.max_length, cfg.overlength, cfg.strict, cfg.trust_remote_code)
+            actors = [actor_cls.remote(job.model_path, cfg.max_length, cfg.overlength, cfg.strict, cfg.trust_remote_code,
+                                       job.tokenizer_class)
                       for _ in range(n_actors)]
-            turn = iter(range(1 << 62))
-            _run_bounded(to_tokenize, lambda p: actors[next(turn) % n_actors].run.remote(p, str(out)), 2 * n_actors,
-                         "tokenize", lambda p, r: account("tokenize", r))
+            # The score actors after them: the worker processes Ray has already started go to tokenizing,
+            # the first stage; the score actors load their models while it runs.
+            start_pools()
+            # Each shard goes to the actor with the fewest in flight, one queued beyond one each: shards differ in
+            # length, and a fixed turn would leave one actor idle while the other works through its queue.
+            in_flight = [0] * n_actors
+            owner: dict[int, int] = {}
+
+            def submit_tokenize(plan: steps.ShardPlan):
+                k = owner[plan.index] = min(range(n_actors), key=in_flight.__getitem__)
+                in_flight[k] += 1
+                return actors[k].run.remote(plan, str(out))
+
+            def tokenized(plan: steps.ShardPlan, result: dict[str, Any]) -> None:
+                in_flight[owner.pop(plan.index)] -= 1
+                account("tokenize", result)
+
+            _run_bounded(to_tokenize, submit_tokenize, n_actors + 1, "tokenize", tokenized)
             for actor in actors:
                 ray.kill(actor)
 
@@ -417,11 +499,12 @@ def run(job: Job) -> dict[str, Any]:
             ids[index] = pq.read_table(path, columns=[ID])[ID].to_pylist()
         duplicates = steps.find_duplicates(ids)
 
-    def load(index: int):
-        if adding:
-            return ray.remote(num_cpus=0.25)(_read_shard).remote(str(out), index), None
-        ref = ray.remote(num_cpus=0.25, num_returns=2)(_load_staging).remote(str(out), index, duplicates.get(index, []))
-        return ref[0], ref[1]
+    added_columns = tuple(score_column(n) for n in job.scorer_names) if adding else ()
+
+    def source(index: int, finished: bool = False) -> ShardSource:
+        if adding or finished:
+            return ShardSource(str(out), index, staged=False, drop_columns=added_columns)
+        return ShardSource(str(out), index, staged=True, duplicate_rows=tuple(duplicates.get(index, [])))
 
     # -- corpus pass (e.g. TF-IDF's IDF over every shard, aggregated across workers) -------------
     fit_states: dict[str, Any] = {}
@@ -435,11 +518,7 @@ def run(job: Job) -> dict[str, Any]:
         turn = iter(range(1 << 62))
 
         def submit_collect(index: int):
-            if not adding and index in done_for_collect:
-                table_ref = ray.remote(num_cpus=0.25)(_read_shard).remote(str(out), index)
-            else:
-                table_ref = load(index)[0]
-            return actors[next(turn) % len(actors)].collect.remote(table_ref)
+            return actors[next(turn) % len(actors)].collect.remote(source(index, finished=index in done_for_collect))
 
         done_for_collect = set() if adding else set(i for i in indices if (out / steps.shard_name(i)).exists() and i not in pending)
         _run_bounded(indices, submit_collect, 2 * len(actors) + 1, f"{name} corpus pass", lambda i, r: parts.__setitem__(i, r))
@@ -452,25 +531,29 @@ def run(job: Job) -> dict[str, Any]:
     turn = iter(range(1 << 62))
 
     def submit_shard(index: int):
-        table_ref, rejects_ref = load(index)
+        # The chain of the job's scorer groups: the first reads the shard, each adds its columns, the last writes.
+        shard: Any = source(index)
+        sink = ShardSink(str(out), index, tuple(job.scorer_infos), job.tokenizer_fp, None if adding else plan_keys[index])
         k = next(turn)
         stat_refs[index] = []
-        for name in groups:
+        names = list(groups)
+        for position, name in enumerate(names):
             actors = pools[name]
             fit_state = [fit_states[name]] if name in fit_states else None
-            table_ref, stats_ref = actors[k % len(actors)].score.options(num_returns=2).remote(table_ref, fit_state)
+            last = position == len(names) - 1
+            shard, stats_ref = actors[k % len(actors)].score.options(num_returns=2).remote(shard, fit_state, sink if last else None)
             stat_refs[index].append(("+".join(groups[name]), stats_ref))  # a shared pass is timed once
-        if adding:
-            return ray.remote(num_cpus=0.25)(_rewrite).remote(str(out), index, table_ref, job.scorer_infos)
-        return ray.remote(num_cpus=0.25)(_write).remote(str(out), index, table_ref, job.scorer_infos, job.tokenizer_fp,
-                                                      plan_keys[index], rejects_ref)
+        return stats_ref
 
     timers.setdefault("write", steps.StageTimer("write"))
 
-    def shard_done(index: int, result: dict) -> None:
-        account("write", result)
+    def shard_done(index: int, last_stats: dict) -> None:
+        account("write", last_stats["write"])
         for name, ref in stat_refs.pop(index):
             account(name, ray.get(ref))
+        if not adding:  # written: a retry can no longer need them
+            steps.staging_path(out, index).unlink(missing_ok=True)
+            steps.staging_rejects_path(out, index).unlink(missing_ok=True)
 
     max_in_flight = 2 * max(len(p) for p in pools.values()) + 1 if pools else 4
     _run_bounded(pending, submit_shard, max_in_flight, "score+write", shard_done)

@@ -398,6 +398,42 @@ def bench_scorer(name: str, options: Any, model: str, device: str, batches: list
     return result
 
 
+def bench_threads(name: str, options: Any, model: str, batches: list[Any], tokens: int, passes: int) -> dict[str, Any]:
+    """A model scorer on CPU, one scorer, side by side in one process: one torch thread (a Ray actor's
+    default, OMP_NUM_THREADS=1) against the threads the pipeline gives it (annotate.pipeline.cpu_threads: its
+    share of the cluster's CPUs, capped by its node's; here, a local Ray of this machine and one model
+    actor). Passes alternate, so a change in the machine's load hits both alike."""
+    import torch
+
+    from annotate import scorers as registry
+    from annotate.pipeline import cpu_threads
+    from annotate.scorers import ScorerContext
+
+    cores = os.cpu_count() or 1
+    chosen = cpu_threads(cores, float(cores))  # a local Ray: node CPUs = cluster CPUs = cores; one model actor
+    scorer = registry.get(name)(options, ScorerContext(model=model, device="cpu", cpu_threads=chosen))
+    scorer.setup()
+    settings = {"one_thread": 1, "pipeline_threads": chosen}
+    seconds: dict[str, list[float]] = {k: [] for k in settings}
+    outputs: dict[str, list[Any]] = {}
+    for _ in range(passes):
+        for key, threads in settings.items():
+            torch.set_num_threads(threads)
+            outputs[key], took = timed(lambda: [scorer.score(b) for b in batches])
+            seconds[key].append(took)
+    rates = {k: rate(tokens, min(v)) for k, v in seconds.items()}
+    identical = all(a.tobytes() == b.tobytes() for ob, nb in zip(outputs["one_thread"], outputs["pipeline_threads"])
+                    for a, b in zip(ob, nb))
+    del scorer
+    gc.collect()
+    return {
+        "cores": cores, "threads": settings, "passes": passes, "tokens": tokens, "seconds_per_pass": seconds,
+        "tokens_per_s_best": rates, "tokens_per_s_median": {k: rate(tokens, statistics.median(v)) for k, v in seconds.items()},
+        "speedup_best": ratio(rates["pipeline_threads"], rates["one_thread"]),
+        "scores_identical": identical,
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # (c) the whole job through the pipeline
 # ---------------------------------------------------------------------------------------------
@@ -463,6 +499,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--torch-threads", default="actor",
                    help="torch threads for the direct scorer runs: 'actor' = as in a pipeline actor (1, unless the "
                         "scorer's setup sets more, as token_loss does), or a number forced after setup")
+    p.add_argument("--thread-passes", type=int, default=0,
+                   help="model scorers on CPU: also run one torch thread and the pipeline's threads side by side, "
+                        "alternating, this many passes each (0 = skip)")
     p.add_argument("--min-seconds", type=float, default=1.0, help="repeat a short measurement until it took this long")
     p.add_argument("--skip-pipeline", action="store_true", help="only (a) and (b)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (models, pipeline output)")
@@ -502,6 +541,11 @@ def print_table(report: dict[str, Any]) -> None:
         if "corpus_pass" in r:
             rows.append((f"{name} corpus pass", r["tokens"], r["corpus_pass"]["seconds"], r["corpus_pass"]["tokens_per_s"]))
         rows.append((f"{name} score", r["tokens"], r["seconds"], r["tokens_per_s"]))
+        side = r.get("threads_side_by_side")
+        if side:
+            for key, threads in side["threads"].items():
+                best = side["tokens_per_s_best"][key]
+                rows.append((f"{name} {threads} thread(s), best", r["tokens"], r["tokens"] / best if best else None, best))
     p = report.get("pipeline")
     if p and "error" not in p:
         for stage in p["stages"].values():
@@ -519,6 +563,11 @@ def print_table(report: dict[str, Any]) -> None:
     if p and "error" not in p:
         share = p["corpus_pass_share_of_wall"]
         print(f"end to end / bare: {p['ratio_to_bare_tokenize']:.2f}" + (f"; corpus pass {share:.1%} of the wall" if share is not None else ""))
+    for name, r in report["scorers"].items():
+        side = r.get("threads_side_by_side")
+        if side:
+            print(f"{name}: {side['threads']['pipeline_threads']} threads / 1 thread = {side['speedup_best']:.2f}x "
+                  f"(best of {side['passes']} alternating passes; scores identical: {side['scores_identical']})")
     print(f"({NOTE})")
 
 
@@ -607,6 +656,9 @@ def main(argv: list[str] | None = None) -> int:
                 r["ratio_to_tokenize"] = ratio(r["tokens_per_s"], base)
                 if "corpus_pass" in r:
                     r["corpus_pass"]["ratio_to_tokenize"] = ratio(r["corpus_pass"]["tokens_per_s"], base)
+                if args.thread_passes and args.device == "cpu" and getattr(registry.get(name), "uses_gpu", False):
+                    print(f"{name}: one thread against the pipeline's threads, {args.thread_passes} passes each ...", flush=True)
+                    r["threads_side_by_side"] = bench_threads(name, options, model, batches, stats["tokens"], args.thread_passes)
             except Exception as exc:  # noqa: BLE001 - record it, go on with the others
                 failures += 1
                 traceback.print_exc()

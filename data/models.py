@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 EMBEDDED = {
     "smollm2-135m-instruct": {
@@ -124,11 +125,25 @@ def refuse_remote_code(name_or_path: str, option: str) -> None:
                              f"unless you set {option}")
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, option: str = "trust_remote_code"):
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, option: str = "trust_remote_code",
+                   tokenizer_class: str = ""):
     """Load the tokenizer of a (resolved) model name or path; a folder asking for its own code is refused
-    (:func:`refuse_remote_code`, naming ``option``) unless ``trust_remote_code``."""
-    from transformers import AutoTokenizer
+    (:func:`refuse_remote_code`, naming ``option``) unless ``trust_remote_code``.
 
+    ``tokenizer_class``: :func:`tokenizer_class_name` of the tokenizer AutoTokenizer loaded from the same
+    folder (in the driver). Loading that class directly skips AutoTokenizer's model config, which imports
+    torch: ~2 s of every tokenize and scorer actor's start on a small machine, for the same tokenizer."""
     if not trust_remote_code:
         refuse_remote_code(name_or_path, option)
-    return AutoTokenizer.from_pretrained(resolve_model(name_or_path), trust_remote_code=trust_remote_code)
+    path = resolve_model(name_or_path)
+    module, _, qualname = tokenizer_class.partition(":")
+    if qualname and not trust_remote_code and module.split(".")[0] == "transformers":
+        return getattr(importlib.import_module(module), qualname).from_pretrained(path)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def tokenizer_class_name(tokenizer: Any) -> str:
+    """``module:QualName`` of a loaded tokenizer's class: what :func:`load_tokenizer` takes as ``tokenizer_class``."""
+    return f"{type(tokenizer).__module__}:{type(tokenizer).__qualname__}"

@@ -1,4 +1,5 @@
-"""bench/train.py's plain baseline and variants, and bench/study.py's smoke run (the study's own command)."""
+"""bench/train.py's plain baseline and variants, bench/annotate.py's corpus-scale and threads rows, and bench/study.py's
+smoke run (the study's own command)."""
 
 from __future__ import annotations
 
@@ -104,3 +105,26 @@ def test_study_smoke_runs_resumes_and_reports(tmp_path, tiny_llama_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[study] annotate_" not in proc.stdout and "[study] train_" not in proc.stdout and "[study] evaluate_" not in proc.stdout
     assert time.time() - started < 120
+
+
+def test_annotate_bench_corpus_rows_and_threads_side_by_side(tmp_path, tiny_llama_dir):
+    """A synthesized corpus through the pipeline (ratio to the bare tokenize, corpus pass share) and base_loss
+    with one thread against the pipeline's threads, on the tiny model."""
+    out = tmp_path / "annotate.json"
+    cmd = [sys.executable, "bench/annotate.py", "--input", "../shared/data/lima/train.jsonl", "--model", str(tiny_llama_dir),
+           "--corpus-rows", "40", "--shard-size", "20", "--rows-per-batch", "8", "--scorers", "tfidf,base_loss",
+           "--thread-passes", "1", "--min-seconds", "0", "--max-length", "512", "--out", str(out)]
+    env = dict(_env())
+    env.pop("OMP_NUM_THREADS")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    pipeline = report["pipeline"]
+    assert report["data"]["rows"] == 40 and pipeline["totals"]["rows"] == 40  # the [k] prefixes keep every repeat
+    assert pipeline["ratio_to_bare_tokenize"] == pytest.approx(
+        pipeline["end_to_end_tokens_per_s"] / report["tokenize"]["bare"]["tokens_per_s"])
+    assert 0 < pipeline["corpus_pass_share_of_wall"] < 1
+    side = report["scorers"]["base_loss"]["threads_side_by_side"]
+    assert side["threads"] == {"one_thread": 1, "pipeline_threads": os.cpu_count()}
+    assert side["scores_identical"] is True and side["speedup_best"] > 0
+    assert "threads / 1 thread" in proc.stdout

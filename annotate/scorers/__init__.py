@@ -35,6 +35,8 @@ class ScorerContext:
     model: str  # name or path of the LM (its tokenizer produced input_ids; base model for base_loss)
     device: str = "cpu"  # "cuda" when the actor holds a GPU
     trust_remote_code: bool = False  # the job's --trust-remote-code: its model may ship its own code
+    tokenizer_class: str = ""  # the class AutoTokenizer chose for ``model`` (data.models.load_tokenizer)
+    cpu_threads: int = 0  # on CPU, the threads this actor's share of its node's Ray CPUs allows (0 = every core)
 
 
 @runtime_checkable

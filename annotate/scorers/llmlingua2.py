@@ -363,6 +363,8 @@ class LLMLingua2Scorer:
 
         _seed_tiktoken_cache()
         device = self.context.device
+        if device == "cpu" and self.context.cpu_threads:
+            torch.set_num_threads(self.context.cpu_threads)  # the classifier's forward; Ray's default is one
         self.compressor = PromptCompressor(
             model_name=self.options.model,
             device_map=device,
@@ -396,7 +398,8 @@ class LLMLingua2Scorer:
         self._id_token = np.full(len(self.tokenizer), None, dtype=object)
         self._id_canon = np.full(len(self.tokenizer), -1, dtype=np.int64)
         self._flags = np.full(len(self.tokenizer), -1, dtype=np.int8)
-        self.lm_tokenizer = load_tokenizer(self.context.model, self.context.trust_remote_code)
+        self.lm_tokenizer = load_tokenizer(self.context.model, self.context.trust_remote_code,
+                                           tokenizer_class=self.context.tokenizer_class)
         self._lm_special_ids = np.asarray(sorted(set(self.lm_tokenizer.all_special_ids)), dtype=np.int64)
 
     # ------------------------------------------------------------------ words

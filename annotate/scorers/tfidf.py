@@ -53,10 +53,15 @@ class TfidfScorer:
         self.vocabulary: np.ndarray | None = None  # sorted term ids seen in the corpus
 
     def setup(self) -> None:
+        # scikit-learn takes a second or more to import: here it overlaps the job's tokenizing; in fit() it
+        # would hold up the first shard's scoring.
+        from sklearn.feature_extraction.text import TfidfTransformer  # noqa: F401
+
         if self.options.term == "word":
             from data.models import load_tokenizer
 
-            self.tokenizer = load_tokenizer(self.context.model, self.context.trust_remote_code)
+            self.tokenizer = load_tokenizer(self.context.model, self.context.trust_remote_code,
+                                        tokenizer_class=self.context.tokenizer_class)
             self.special_ids = np.asarray(self.tokenizer.all_special_ids, dtype=np.int64)
 
     def info(self) -> ScorerInfo:
@@ -141,9 +146,17 @@ class TfidfScorer:
         )
         counts.sum_duplicates()  # term frequency within each example
         weights = self.transformer.transform(counts).tocsr()
-        out = []
-        for doc, col in enumerate(columns):
-            row = weights.getrow(doc)
-            lookup = dict(zip(row.indices.tolist(), row.data.tolist()))
-            out.append(np.array([lookup.get(c, 0.0) if c >= 0 else 0.0 for c in col.tolist()], dtype=np.float32))
-        return out
+        weights.sort_indices()
+        # Every token's weight at once: (doc, term) keys of the nonzero weights ascend (rows in order, sorted
+        # indices within each), so one searchsorted finds each token's entry.
+        width = len(self.vocabulary)
+        nonzero_keys = np.repeat(np.arange(len(terms), dtype=np.int64), np.diff(weights.indptr)) * width + weights.indices
+        token_cols = np.concatenate(columns) if columns else np.zeros(0, np.int64)
+        token_docs = np.repeat(np.arange(len(columns), dtype=np.int64), [len(c) for c in columns])
+        values = np.zeros(len(token_cols), dtype=np.float32)
+        known = token_cols >= 0
+        keys = token_docs[known] * width + token_cols[known]
+        at = np.minimum(np.searchsorted(nonzero_keys, keys), max(len(nonzero_keys) - 1, 0))
+        found = nonzero_keys[at] == keys if len(nonzero_keys) else np.zeros(len(keys), bool)
+        values[np.flatnonzero(known)[found]] = weights.data[at[found]]
+        return np.split(values, np.cumsum([len(c) for c in columns])[:-1]) if columns else []

@@ -34,7 +34,7 @@ class TokenLossScorer:
         dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
         max_batch_tokens: int = 8192  # padded tokens per forward pass
         logits_chunk: int = 2048  # positions per lm_head chunk
-        threads: int = 0  # CPU threads for torch (0 = every core of the node)
+        threads: int = 0  # CPU threads for torch (0 = the actor's share of its node's cores, see ScorerContext)
         trust_remote_code: bool = False
 
     def __init__(self, options: Options, context: ScorerContext):
@@ -58,7 +58,7 @@ class TokenLossScorer:
 
         device = self.context.device
         if device == "cpu":
-            torch.set_num_threads(self.options.threads or os.cpu_count() or 1)
+            torch.set_num_threads(self.options.threads or self.context.cpu_threads or os.cpu_count() or 1)
         dtype = self.options.dtype
         if dtype == "auto":
             dtype = "bfloat16" if device.startswith("cuda") else "float32"

@@ -38,6 +38,8 @@ def test_bad_options_are_named(tmp_path, smol_tokenizer_dir):
     assert "format: 'csv'" in message and "overlength: 'cut'" in message and "none.jsonl does not exist" in message
     with pytest.raises(ValueError, match="unknown option.*'term'"):
         prepare(_config(tmp_path, smol_tokenizer_dir, scorer_options={"tfidf": {"trm": "word"}}))
+    with pytest.raises(ValueError, match=r"scorers: names no scorer; --list-scorers shows them"):
+        prepare(_config(tmp_path, smol_tokenizer_dir, scorers=[]))
 
 
 def test_yaml_config_with_cli_override(tmp_path):

@@ -136,3 +136,28 @@ def test_the_pipeline_hosts_base_loss_and_entropy_in_one_actor(tmp_path, lima_sl
                             scorers=["base_loss", "tfidf", "entropy", "ref_loss"],
                             scorer_options={"ref_loss": {"model": str(tiny_llama_ref_dir)}})
     assert share_groups(prepare(config)) == {"base_loss": ["base_loss", "entropy"], "tfidf": ["tfidf"], "ref_loss": ["ref_loss"]}
+
+
+def test_a_model_actor_on_cpu_runs_its_share_of_the_cores_as_torch_threads(tiny_llama_dir):
+    """Its share of the cluster's CPUs (the pipeline's cpu_share), capped by the CPUs Ray manages on its node
+    (not the machine's core count: two `ray start --num-cpus 1` nodes on one machine get one thread each)."""
+    import ray
+
+    from annotate.pipeline import ScoreActor, cpu_threads
+
+    assert [cpu_threads(2, 2.0), cpu_threads(4, 1.5), cpu_threads(1, 4.0), cpu_threads(8, 0.3), cpu_threads(8, 4.0)] == [2, 1, 1, 1, 4]
+    before = torch.get_num_threads()
+    ray.init(num_cpus=3, include_dashboard=False)
+    try:
+        context = ScorerContext(model=str(tiny_llama_dir), device="cpu")
+        chosen = []
+        for share in (6.0, 2.0, 0.5):
+            ScoreActor("base_loss", registry.build_options("base_loss", {}), context, cpu_share=share)
+            chosen.append(torch.get_num_threads())
+        assert chosen == [3, 2, 1]
+        # An explicit base_loss.threads wins over the share.
+        ScoreActor("base_loss", registry.build_options("base_loss", {"threads": 1}), context, cpu_share=6.0)
+        assert torch.get_num_threads() == 1
+    finally:
+        ray.shutdown()
+        torch.set_num_threads(before)
