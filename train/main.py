@@ -498,6 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     unfinished checkpoint folders removed, no traceback."""
     progress = Progress()
     previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    # Ctrl-C's KeyboardInterrupt even when started from a script's background `&`, which leaves SIGINT
+    # ignored (Python then keeps it ignored): `kill -INT` must stop a run as it stops annotate.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return run(argv, progress)
     except (KeyboardInterrupt, Terminated) as exc:
@@ -519,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
         return code
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def run(argv: list[str] | None, progress: Progress) -> int:

@@ -484,3 +484,33 @@ def test_empty_texts_and_rows(scorer, smol_tokenizer):
     assert [s.shape for s in scores] == [(0,), (len(ids),), (0,)] and all(s.dtype == np.float32 for s in scores)
     np.testing.assert_allclose(scores[1], scorer.score(table.slice(1, 1))[0], rtol=0, atol=1e-6)
     assert scorer.score(table.slice(0, 0)) == []
+
+
+@pytest.mark.slow
+def test_four_scorer_groups_on_two_cpus_finish(tmp_path, lima_slice, tiny_llama_dir, tiny_llama_ref_dir, tiny_classifier_dir,
+                                               tiktoken_cache):
+    """Four score actor groups on a 2-CPU Ray reserve (2 - 0.5) / 4 CPU each, so the tokenize actor still fits
+    beside them: at half a CPU each they would take both CPUs and the job would wait for ever."""
+    import ray
+
+    from annotate.run import main
+    from schemas.shard import SUMMARY_NAME, Manifest
+    from schemas.validate import validate_directory
+    from tests.conftest import REPO
+
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})
+    try:
+        out = tmp_path / "four"
+        rc = main(["--input", str(lima_slice), "--format", "lima", "--model", str(tiny_llama_dir),
+                   "--scorers", "tfidf,ref_loss,base_loss,llmlingua2", "--scorer-option", f"ref_loss.model={tiny_llama_ref_dir}",
+                   "--scorer-option", f"llmlingua2.model={tiny_classifier_dir}", "--output", str(out), "--shard-size", "12"])
+        assert rc == 0
+        assert ray.cluster_resources()["CPU"] == 2
+    finally:
+        ray.shutdown()
+    assert validate_directory(out).ok
+    manifest = Manifest.load(out)
+    assert manifest.scorer_names == ["tfidf", "ref_loss", "base_loss", "llmlingua2"]
+    assert manifest.totals["rows"] == len([l for l in lima_slice.read_text().splitlines() if l.strip()])
+    stages = json.loads((out / SUMMARY_NAME).read_text())["stages"]
+    assert {"tokenize", "tfidf", "ref_loss", "base_loss", "llmlingua2", "write"} <= set(stages)
