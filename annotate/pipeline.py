@@ -380,20 +380,21 @@ def run(job: Job) -> dict[str, Any]:
 
     # -- scorer actors: started before tokenizing, so they load their models meanwhile -------------------
     groups = share_groups(job)  # leader -> the scorers it hosts (base_loss + entropy of one model: one pass)
-    gpu_names = [n for n in groups if getattr(registry.get(n), "uses_gpu", False)] if gpus else []
+    model_names = [n for n in groups if getattr(registry.get(n), "uses_gpu", False)]  # scorers that run a torch model
+    gpu_names = model_names if gpus else []
     pools: dict[str, list] = {}  # scorer group leader -> its actors
     # Auto: one actor per GPU for a GPU scorer, one for a model scorer on CPU (its torch threads use the
     # cores), and the CPUs split among the groups for the cheap CPU scorers (tfidf), which would
     # otherwise score on one core while the rest idle once tokenizing is done.
     cheap_size = max(1, cpus // len(groups))
-    pool_sizes = {name: cfg.scorer_actors or (gpus if name in gpu_names else 1 if getattr(registry.get(name), "uses_gpu", False)
-                                              else cheap_size) for name in groups}
+    pool_sizes = {name: cfg.scorer_actors or (gpus if name in gpu_names else 1 if name in model_names else cheap_size)
+                  for name in groups}
     # Half a CPU per actor, less when the scorers would take all but half a CPU: that half is left for the
     # tokenize actors, which would otherwise wait for ever beside idle score actors.
     score_cpus = min(0.5, max(0.01, (cpu_total - 0.5) / max(1, sum(pool_sizes.values()))))
     # Model actors on CPU (base_loss, llmlingua2 without a GPU) split the cluster's cores between them.
-    cpu_model_actors = sum(size for name, size in pool_sizes.items()
-                           if getattr(registry.get(name), "uses_gpu", False) and name not in gpu_names)
+    cpu_model_names = [n for n in model_names if n not in gpu_names]
+    cpu_model_actors = sum(pool_sizes[n] for n in cpu_model_names)
     cpu_share = cpu_total / cpu_model_actors if cpu_model_actors else 0.0
 
     def start_pool(name: str) -> None:
@@ -403,7 +404,7 @@ def run(job: Job) -> dict[str, Any]:
                                max_task_retries=-1)(ScoreActor)
         context = ScorerContext(model=cfg.model, device="cuda" if on_gpu else "cpu", trust_remote_code=cfg.trust_remote_code,
                                 tokenizer_class=job.tokenizer_class)
-        share = cpu_share if getattr(registry.get(name), "uses_gpu", False) and not on_gpu else 0.0
+        share = cpu_share if name in cpu_model_names else 0.0
         pools[name] = [actor_cls.remote(name, job.scorer_options[name], context, groups[name], share) for _ in range(n_actors)]
 
     def start_pools() -> None:

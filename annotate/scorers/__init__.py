@@ -36,7 +36,7 @@ class ScorerContext:
     device: str = "cpu"  # "cuda" when the actor holds a GPU
     trust_remote_code: bool = False  # the job's --trust-remote-code: its model may ship its own code
     tokenizer_class: str = ""  # the class AutoTokenizer chose for ``model`` (data.models.load_tokenizer)
-    cpu_threads: int = 0  # on CPU, the threads this actor's share of its node's Ray CPUs allows (0 = every core)
+    cpu_threads: int = 0  # on CPU, torch threads: the actor's share of the cluster's CPUs, at most its node's (0 = every core)
 
 
 @runtime_checkable

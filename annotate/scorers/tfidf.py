@@ -61,7 +61,7 @@ class TfidfScorer:
             from data.models import load_tokenizer
 
             self.tokenizer = load_tokenizer(self.context.model, self.context.trust_remote_code,
-                                        tokenizer_class=self.context.tokenizer_class)
+                                            tokenizer_class=self.context.tokenizer_class)
             self.special_ids = np.asarray(self.tokenizer.all_special_ids, dtype=np.int64)
 
     def info(self) -> ScorerInfo:
@@ -151,12 +151,13 @@ class TfidfScorer:
         # indices within each), so one searchsorted finds each token's entry.
         width = len(self.vocabulary)
         nonzero_keys = np.repeat(np.arange(len(terms), dtype=np.int64), np.diff(weights.indptr)) * width + weights.indices
+        lengths = [len(c) for c in columns]
         token_cols = np.concatenate(columns) if columns else np.zeros(0, np.int64)
-        token_docs = np.repeat(np.arange(len(columns), dtype=np.int64), [len(c) for c in columns])
+        token_docs = np.repeat(np.arange(len(columns), dtype=np.int64), lengths)
         values = np.zeros(len(token_cols), dtype=np.float32)
         known = token_cols >= 0
         keys = token_docs[known] * width + token_cols[known]
         at = np.minimum(np.searchsorted(nonzero_keys, keys), max(len(nonzero_keys) - 1, 0))
         found = nonzero_keys[at] == keys if len(nonzero_keys) else np.zeros(len(keys), bool)
         values[np.flatnonzero(known)[found]] = weights.data[at[found]]
-        return np.split(values, np.cumsum([len(c) for c in columns])[:-1]) if columns else []
+        return np.split(values, np.cumsum(lengths)[:-1]) if columns else []
