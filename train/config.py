@@ -206,6 +206,40 @@ to_dict = config_mechanism.to_dict
 format_config = config_mechanism.format_config
 
 
+# Keys that never change the trained weights: where a run writes, how it checkpoints, evaluates and logs.
+# Every other key (data order, packing, workers, grouping, loss, optimizer, loop, model) decides them.
+NON_WEIGHT_KEYS = ("output_dir", "checkpoint.", "eval.", "report_to", "train.log_every", "data.validation",
+                   "data.deep_validate", "trust_remote_code")
+
+
+def flat_config(config: TrainConfig) -> dict[str, Any]:
+    """The resolved config as ``{"section.key": value}`` with the external key names (``loss.lambda``)."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, mapping: dict[str, Any]) -> None:
+        for key, value in mapping.items():
+            if isinstance(value, dict):
+                walk(f"{prefix}{key}.", value)
+            else:
+                out[prefix + key] = value
+
+    walk("", config_mechanism.to_dict(config))
+    return out
+
+
+def weight_keys(config: TrainConfig) -> dict[str, Any]:
+    """The flattened keys that decide the trained weights (every key but :data:`NON_WEIGHT_KEYS`)."""
+    return {key: value for key, value in flat_config(config).items()
+            if not any(key == skip or (skip.endswith(".") and key.startswith(skip)) for skip in NON_WEIGHT_KEYS)}
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every key whose value differs (a key missing on one side shows as ``<unset>``)."""
+    missing = "<unset>"
+    return [f"{key}: {old.get(key, missing)!r} -> {new.get(key, missing)!r}"
+            for key in sorted(set(old) | set(new)) if old.get(key, missing) != new.get(key, missing)]
+
+
 def save_config(config: TrainConfig, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML (reloadable with ``--config``); atomic."""
     return config_mechanism.save_config(config, path, "resolved sftgo train config (python -m train.main --config this-file)")

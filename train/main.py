@@ -47,7 +47,8 @@ from train.forward import resolve_attn_implementation, token_losses  # noqa: E40
 from train.grouping import batch_important_masks, important_mask_packed  # noqa: E402
 from train.losses import build_loss  # noqa: E402
 from train.schedule import make_scheduler  # noqa: E402
-from train.shards import ShardStream, corpus_threshold, open_annotated  # noqa: E402
+from train.shards import STATE_VERSION as STREAM_STATE_VERSION  # noqa: E402
+from train.shards import ShardStream, StreamPlan, corpus_threshold, open_annotated  # noqa: E402
 
 # DeepSpeed's ZeRO stages call this every step (3 warnings a step); nothing a user of this trainer can change.
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.reduce_scatter_tensor` is deprecated", category=FutureWarning)
@@ -349,13 +350,16 @@ def evaluate(engine: Any, stream: ShardStream, cfg: TrainConfig, threshold: floa
             "eval_worse_group": 1 if summary["worse_group"] == "important" else 0, "eval_tokens": float(summary["tokens"])}
 
 
-def save_checkpoint(engine: Any, stream: ShardStream, root: Path, step: int, rank: int, keep: int, extra: dict[str, Any]) -> Path:
+def save_checkpoint(engine: Any, stream: ShardStream, root: Path, step: int, rank: int, keep: int, extra: dict[str, Any],
+                    trained: dict[int, list[int]]) -> Path:
     """Model, optimizer, scheduler (DeepSpeed's files), plus our own state as JSON (never pickled): per-rank
-    data position and RNG, and trainer_state.json (step, ZeRO stage, world size, ``extra``); COMPLETED last."""
+    data position, RNG and examples / tokens trained per epoch, and trainer_state.json (step, ZeRO stage,
+    world size, ``extra``); COMPLETED last."""
     tag = f"step_{step}"
     path = root / tag
     engine.save_checkpoint(str(root), tag=tag)
     atomic_write_text(path / f"data_rank{rank}.json", json.dumps(stream.state_dict()))
+    atomic_write_text(path / f"trained_rank{rank}.json", json.dumps(trained))
     atomic_write_text(path / f"rng_rank{rank}.json", json.dumps(rng_state()))
     dist.barrier()
     if rank == 0:
@@ -397,6 +401,11 @@ def check_resumable(path: Path, zero_stage: int, world_size: int) -> None:
     if not (path / "rng_rank0.json").exists() or not (path / TRAINER_STATE).exists():
         raise ValueError(f"checkpoint {path} was written by an older sftgo (its RNG state is a pickle, which is no "
                          f"longer loaded); set checkpoint.resume=never to start over")
+    data_state = json.loads((path / "data_rank0.json").read_text())
+    if data_state.get("version") != STREAM_STATE_VERSION:
+        raise ValueError(f"checkpoint {path} was written by an older sftgo (data position version {data_state.get('version')}: "
+                         f"ranks split by example count, not by tokens); it cannot continue this order exactly: "
+                         f"set checkpoint.resume=never to start over")
     state_file = path / TRAINER_STATE
     state = json.loads(state_file.read_text())
     saved_stage, saved_world = state.get("zero_stage"), state.get("world_size", world_size)
@@ -406,12 +415,64 @@ def check_resumable(path: Path, zero_stage: int, world_size: int) -> None:
                          f"to resume it, or checkpoint.resume=never to start over")
 
 
+def run_mismatch(recorded: dict[str, Any] | None, identity: dict[str, Any], what: str, out: Path) -> str | None:
+    """The refusal when ``what`` (a checkpoint or finished run in ``out``) was trained under other weight-deciding
+    keys than ``identity`` (:func:`train.config.weight_keys` plus the training data's fingerprint), else None."""
+    if recorded == identity:
+        return None
+    if recorded is None:
+        differ = "its keys were not recorded (an older sftgo)"
+    else:
+        differ = "keys that differ: " + "; ".join(train_config.changed_keys(recorded, identity))
+    return (f"{out} holds {what} trained under another config ({differ}). A run directory holds one run: use another "
+            f"output_dir, or checkpoint.resume=PATH (a checkpoint under {out / 'checkpoints'}) to continue it under the "
+            f"new keys (recorded in the run's history), or checkpoint.resume=never to train this config from scratch "
+            f"in its place")
+
+
 def load_checkpoint(engine: Any, stream: ShardStream, path: Path, rank: int) -> int:
     """Restore what :func:`save_checkpoint` wrote (engine, data position, RNG); returns the step."""
     engine.load_checkpoint(str(path.parent), tag=path.name)  # DeepSpeed's own files: pickles (README: trust them)
     stream.load_state_dict(json.loads((path / f"data_rank{rank}.json").read_text()))
     set_rng_state(json.loads((path / f"rng_rank{rank}.json").read_text()))
     return int(json.loads((path / TRAINER_STATE).read_text())["step"])
+
+
+def load_trained_counts(path: Path, rank: int) -> dict[int, list[int]]:
+    """This rank's examples and trainable tokens trained per epoch, as :func:`save_checkpoint` wrote them."""
+    return {int(epoch): list(counts) for epoch, counts in json.loads((path / f"trained_rank{rank}.json").read_text()).items()}
+
+
+def count_trained(trained: dict[int, list[int]], micro: list[dict[str, Any]]) -> None:
+    """Add a step's micro-batches to ``trained``: per epoch, [examples, trainable tokens] on this rank."""
+    for batch in micro:
+        if not batch.get("empty"):
+            counts = trained.setdefault(int(batch["epoch"]), [0, 0])
+            counts[0] += len(batch["ids"])
+            counts[1] += int(batch["loss_mask"].sum())
+
+
+def gather_trained(trained: dict[int, list[int]], device: torch.device) -> list[dict[str, int]]:
+    """Per epoch, examples and trainable tokens trained on all ranks (summed)."""
+    epochs = torch.tensor([max(trained, default=-1) + 1], device=device)
+    dist.all_reduce(epochs, op=dist.ReduceOp.MAX)
+    table = torch.zeros(int(epochs.item()), 2, dtype=torch.int64, device=device)
+    for epoch, (examples, tokens) in trained.items():
+        table[epoch] = torch.tensor([examples, tokens])
+    dist.all_reduce(table)
+    return [{"epoch": e, "examples": int(row[0]), "trainable_tokens": int(row[1])} for e, row in enumerate(table.tolist())]
+
+
+def epoch_problems(per_epoch: list[dict[str, int]], plan: StreamPlan, epochs: int) -> list[str]:
+    """How what was trained differs from ``epochs`` x every example once (empty when it does not)."""
+    problems = []
+    if len(per_epoch) != epochs:
+        problems.append(f"trained {len(per_epoch)} epoch(s), configured {epochs}")
+    for row in per_epoch:
+        if (row["examples"], row["trainable_tokens"]) != (plan.examples, plan.trainable_tokens):
+            problems.append(f"epoch {row['epoch']}: {row['examples']} examples / {row['trainable_tokens']} trainable tokens, "
+                            f"the data holds {plan.examples} / {plan.trainable_tokens}")
+    return problems
 
 
 def start_wandb(cfg: TrainConfig, out: Path) -> Any:
@@ -525,18 +586,119 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGINT, previous_int)
 
 
+def plan_steps(cfg: TrainConfig, stream: ShardStream, world_size: int) -> tuple[StreamPlan, int]:
+    """The dry pack of the configured epochs (one epoch under ``train.max_steps``) and the optimizer steps to run:
+    ``train.max_steps`` when set (it overrides epochs, cycling the data), else exactly what the epochs pack into."""
+    epochs = 1 if cfg.train.max_steps else cfg.train.epochs
+    plan = stream.plan(cfg.data.micro_batch_tokens, max(1, cfg.data.num_workers), epochs)
+    return plan, (cfg.train.max_steps or plan.steps(cfg.train.grad_accum))
+
+
+def describe_plan(cfg: TrainConfig, plan: StreamPlan, total_steps: int, world_size: int) -> list[str]:
+    """What will be trained, in lines: data per epoch, micro-batches and steps, and what max_steps overrides."""
+    epochs = 1 if cfg.train.max_steps else cfg.train.epochs
+    per_epoch = [sum(plan.micro_batches[r][e] for r in range(world_size)) for e in range(epochs)]
+    busiest = max(sum(row) for row in plan.micro_batches)
+    lines = [f"data: {plan.examples} examples, {plan.tokens} tokens, {plan.trainable_tokens} trainable tokens per epoch"
+             + (f" ({plan.skipped} examples without a trainable token are never trained)" if plan.skipped else ""),
+             f"packing: {per_epoch[0]} micro-batches of <= {cfg.data.micro_batch_tokens} tokens per epoch over {world_size} "
+             f"rank(s) (ranks balanced by tokens; the busiest holds {busiest} in {epochs} epoch(s)); a step = "
+             f"{cfg.train.grad_accum} micro-batch(es) per rank"]
+    steps_per_epoch = plan.steps(cfg.train.grad_accum) / epochs
+    if cfg.train.max_steps:
+        lines.append(f"steps: train.max_steps={cfg.train.max_steps} overrides train.epochs={cfg.train.epochs}: exactly "
+                     f"{total_steps} steps, ~{total_steps / steps_per_epoch:.2f} epochs of data (cycling as needed)")
+    else:
+        lines.append(f"steps: {total_steps} for {cfg.train.epochs} epoch(s), every example exactly once per epoch "
+                     f"(~{steps_per_epoch:.1f} steps per epoch; a last partial step is normalised by its own tokens)")
+    tokens_per_step = plan.tokens * epochs / max(1, plan.steps(cfg.train.grad_accum))
+    lines.append(f"per step: ~{tokens_per_step:.0f} tokens (~{tokens_per_step / world_size:.0f} per rank), "
+                 f"~{plan.examples * epochs / max(1, plan.steps(cfg.train.grad_accum)):.1f} examples")
+    return lines
+
+
+def dry_run(cfg: TrainConfig) -> int:
+    """``--dry-run``: resolve the config, open and pack the data, load no weights; print what would be trained."""
+    from data.models import load_tokenizer, resolve_model
+    from schemas.shard import tokenizer_fingerprint
+    from train.schedule import lr_at
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        model_path = resolve_model(cfg.model)
+        tokenizer = load_tokenizer(model_path, cfg.trust_remote_code, option="trust_remote_code=true")
+        manifest = open_annotated(cfg.data.train, tokenizer_fingerprint(tokenizer)["sha256"], cfg.importance.scorer)
+        train_config.validate_against_data(cfg, manifest)
+        stream = ShardStream(cfg.data.train, manifest, cfg.importance.scorer, rank=0, world_size=world_size, seed=cfg.seed,
+                             shuffle=cfg.data.shuffle, balance_tokens=True)
+        plan, total_steps = plan_steps(cfg, stream, world_size)
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype_name = train_config.resolve_dtype(cfg, cuda=device.type == "cuda")
+        zero_stage, why = resolve_zero_stage(cfg, model_path, world_size, device, dtype_name)
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    loss_fn = build_loss(cfg.loss.name, **train_config.loss_options(cfg))
+    lines = [f"dry run ({world_size} rank(s): WORLD_SIZE sets it); nothing is loaded or trained",
+             f"objective: {loss_fn.describe()}"]
+    decision = getattr(cfg.loss, "group_decision", None)
+    if decision is not None:
+        lines.append(f"group decision: {decision}")
+    lines.append(f"groups: {cfg.importance.scorer} at rho {cfg.importance.rho} in the {cfg.importance.scope} scope; "
+                 f"important share {important_share(cfg, stream, manifest):.4f} (1 - rho = {1 - cfg.importance.rho:.4f})")
+    lines += describe_plan(cfg, plan, total_steps, world_size)
+    lambda_at = getattr(loss_fn, "lambda_at", None)
+    if lambda_at is not None:
+        lines.append(f"lambda: {lambda_at(0.0):.4g} at the first step, {lambda_at(1.0):.4g} at the last")
+    lines.append(f"lr: {cfg.optim.lr * lr_at(0, total_steps, cfg.optim):.4g} at the first step, "
+                 f"{cfg.optim.lr * lr_at(total_steps - 1, total_steps, cfg.optim):.4g} at the last ({cfg.optim.schedule})")
+    lines.append(f"zero stage {zero_stage}: {why}")
+    print("\n".join(lines))
+    return 0
+
+
+def important_share(cfg: TrainConfig, stream: ShardStream, manifest: Any) -> float:
+    """The share of trainable tokens that will be important: exact in the sequence scope (ceil per example, from
+    the lengths), 1 - rho in the batch scope, the manifest sketch's share above the threshold in the corpus scope."""
+    from schemas.shard import ceil_count
+
+    rho, scope = cfg.importance.rho, cfg.importance.scope
+    if scope == "sequence":
+        stream.read_lengths()
+        trainable = stream.trainable[stream.trainable > 0]
+        return float(sum(ceil_count(1 - rho, int(n)) for n in trainable) / max(1, int(trainable.sum())))
+    if scope == "corpus":
+        summary = manifest.score_stats.get(cfg.importance.scorer) or {}
+        quantiles = summary.get("quantiles")
+        if quantiles:
+            threshold = corpus_threshold(manifest, cfg.importance.scorer, rho)
+            # Tokens at or above the threshold are important (>=): the sketch's share of them.
+            return float(np.mean(np.asarray(quantiles, dtype=np.float64) >= threshold))
+    return 1 - rho
+
+
 def run(argv: list[str] | None, progress: Progress) -> int:
-    """The whole run: setup, train, save."""
+    """The whole run: setup, train, save (``--dry-run``: setup only, printing what would be trained)."""
     # -- config: everything checked before any model loads ------------------------------------------
+    argv = list(sys.argv[1:] if argv is None else argv)
+    dry = "--dry-run" in argv
+    argv = [a for a in argv if a != "--dry-run"]
     try:
         cfg = train_config.load_config(argv)
         train_config.validate(cfg)
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if dry:
+        return dry_run(cfg)
     rank, world_size, device = setup_distributed()
     from data.models import load_tokenizer, resolve_model
     from schemas.shard import tokenizer_fingerprint
+
+    def refuse(message: str) -> int:
+        log0(f"error: {message}")
+        dist.destroy_process_group()
+        return 2
 
     try:
         model_path = resolve_model(cfg.model)
@@ -549,9 +711,7 @@ def run(argv: list[str] | None, progress: Progress) -> int:
             val_manifest = open_annotated(cfg.data.validation, fingerprint, cfg.importance.scorer, deep=cfg.data.deep_validate)
             train_config.validate_against_data(cfg, val_manifest, uri=cfg.data.validation)
     except (ValueError, OSError) as exc:
-        log0(f"error: {exc}")
-        dist.destroy_process_group()
-        return 2
+        return refuse(str(exc))
 
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
@@ -561,16 +721,39 @@ def run(argv: list[str] | None, progress: Progress) -> int:
     data_key = [{"totals": m.totals, "tokenizer": m.tokenizer.get("sha256"), "score": m.score_stats.get(cfg.importance.scorer)}
                 for m in (manifest, val_manifest) if m is not None]
     config_sha256 = hashlib.sha256((train_config.format_config(cfg) + json.dumps(data_key, sort_keys=True, default=str)).encode()).hexdigest()
+    # What decides the weights: every weight key of the config and the training data's fingerprint.
+    identity = {**train_config.weight_keys(cfg),
+                "data.train (contents)": hashlib.sha256(json.dumps(data_key[0], sort_keys=True, default=str).encode()).hexdigest()}
     finished = finished_run(out, config_sha256)
     if finished is not None:  # a rerun of a finished command (make demo twice): nothing to redo
         log0(f"{out}: already trained with this config ({finished['steps']} steps); model in {out / 'model'}. "
              "Nothing to do (another output_dir or any changed key trains again)")
         dist.destroy_process_group()
         return 0
+    explicit_resume = cfg.checkpoint.resume not in ("auto", "never", "")
+    resume = resume_path(cfg, ckpt_root)
+    history: dict[str, Any] = {"start": "fresh"}
+    if resume is not None:  # before any model loads: a checkpoint of another run, stage or world cannot resume
+        recorded = json.loads((resume / TRAINER_STATE).read_text()).get("identity") if (resume / TRAINER_STATE).is_file() else None
+        mismatch = run_mismatch(recorded, identity, f"checkpoint {resume.name}", out)
+        if mismatch is not None and not explicit_resume:
+            return refuse(mismatch)
+        history = {"start": f"resumed from {resume}"}
+        if mismatch is not None:
+            history["changed_keys"] = train_config.changed_keys(recorded or {}, identity)
+    elif cfg.checkpoint.resume != "never" and (out / "train_summary.json").is_file():
+        # A finished run whose checkpoints are gone (keep_final: false): its model and card must not be overwritten
+        # by another config's run unnoticed.
+        recorded = json.loads((out / "train_summary.json").read_text()).get("identity")
+        mismatch = run_mismatch(recorded, identity, "a finished run", out)
+        if mismatch is not None:
+            return refuse(mismatch)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         train_config.save_config(cfg, out / "config.yaml")
         log0("== train config ==\n" + train_config.format_config(cfg))
+        if "changed_keys" in history:
+            log0(f"checkpoint.resume={cfg.checkpoint.resume}: continuing under changed keys: " + "; ".join(history["changed_keys"]))
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
@@ -579,34 +762,35 @@ def run(argv: list[str] | None, progress: Progress) -> int:
     try:
         zero_stage, why = resolve_zero_stage(cfg, model_path, world_size, device, dtype_name)
         ds_config = train_config.deepspeed_dict(cfg, world_size=world_size, dtype=dtype_name, zero_stage=zero_stage)
+        if resume is not None:
+            check_resumable(resume, zero_stage, world_size)
     except ValueError as exc:
-        log0(f"error: {exc}")
-        dist.destroy_process_group()
-        return 2
+        return refuse(str(exc))
     log0(f"zero stage {zero_stage}: {why}")
     attn_implementation = resolve_attn_implementation(cfg.train.attn_implementation, device.type)
     log0(f"attention: {attn_implementation}")
     needs_ref_loss = train_config.loss_class(cfg).needs_ref_loss
+    # max_steps: an endless stream (the data cycles); else exactly train.epochs epochs.
     stream = ShardStream(cfg.data.train, manifest, cfg.importance.scorer, seed=cfg.seed, shuffle=cfg.data.shuffle,
-                         with_ref_loss=needs_ref_loss, epochs=cfg.train.epochs)
+                         with_ref_loss=needs_ref_loss, epochs=None if cfg.train.max_steps else cfg.train.epochs,
+                         balance_tokens=True)
+    plan, total_steps = plan_steps(cfg, stream, world_size)
+    if plan.loss_mask_tokens != manifest.totals.get("trainable_tokens", plan.loss_mask_tokens):
+        return refuse(f"{cfg.data.train}: the manifest counts {manifest.totals['trainable_tokens']} trainable tokens, the "
+                      f"shards' loss_mask holds {plan.loss_mask_tokens}; run python -m schemas.validate on it")
+    for line in describe_plan(cfg, plan, total_steps, world_size):
+        log0(line)
     threshold = corpus_threshold(manifest, cfg.importance.scorer, cfg.importance.rho) if cfg.importance.scope == "corpus" else None
     # The score's quantile sketch: rank weights in the corpus scope read the score's CDF off it.
     corpus_quantiles = (manifest.score_stats.get(cfg.importance.scorer) or {}).get("quantiles") if cfg.importance.scope == "corpus" else None
-    # Optimizer steps: max_steps, or an estimate from the manifest's token count (packing fills
-    # micro-batches nearly full); the loop also ends when the data does.
-    tokens_per_step = cfg.data.micro_batch_tokens * cfg.train.grad_accum * world_size
-    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * manifest.totals["tokens"] / tokens_per_step))
+    share = important_share(cfg, stream, manifest)
+    if abs(share - (1 - cfg.importance.rho)) > 0.05:
+        log0(f"warning: important share {share:.4f} differs from 1 - rho = {1 - cfg.importance.rho:.4f} by more than 0.05 "
+             f"({cfg.importance.scope} scope: ties at the threshold, or examples too short to cut finely)")
 
     # -- model and engine -------------------------------------------------------------------------------
     step = 0
-    resume = resume_path(cfg, ckpt_root)
-    if resume is not None:  # before any model loads: a checkpoint of another stage or world cannot resume
-        try:
-            check_resumable(resume, zero_stage, world_size)
-        except ValueError as exc:
-            log0(f"error: {exc}")
-            dist.destroy_process_group()
-            return 2
+    trained: dict[int, list[int]] = {}  # this rank's [examples, trainable tokens] per epoch
     dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
     model = load_model(cfg, model_path, ds_config, dtype, attn_implementation)
     engine, scheduler = build_engine(model, cfg, ds_config, total_steps)
@@ -616,6 +800,7 @@ def run(argv: list[str] | None, progress: Progress) -> int:
     # -- resume ---------------------------------------------------------------------------------------
     if resume is not None:
         step = load_checkpoint(engine, stream, resume, rank)
+        trained = load_trained_counts(resume, rank)
         progress.step = step
         log0(f"resumed from {resume} at step {step}")
 
@@ -630,7 +815,10 @@ def run(argv: list[str] | None, progress: Progress) -> int:
     metrics_file = None
     wandb_run = None
     if rank == 0:
-        metrics_file = open(out / "metrics.jsonl", "a", encoding="utf-8")
+        # A fresh start replaces an old metrics.jsonl; a resumed run continues it (redone steps log again).
+        metrics_file = open(out / "metrics.jsonl", "a" if resume is not None else "w", encoding="utf-8")
+        with open(out / "run_history.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "step": step, **history}) + "\n")
         if "tensorboard" in cfg.report_to:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -652,6 +840,9 @@ def run(argv: list[str] | None, progress: Progress) -> int:
         if wandb_run is not None:  # the same keys as metrics.jsonl, "step" the x axis
             wandb_run.log({key: value for key, value in record.items() if isinstance(value, (int, float))})
 
+    def checkpoint_extra() -> dict[str, Any]:
+        return {"total_steps": total_steps, "identity": identity}
+
     # -- train ----------------------------------------------------------------------------------------
     from tqdm import tqdm
 
@@ -661,8 +852,10 @@ def run(argv: list[str] | None, progress: Progress) -> int:
     while step < total_steps:
         started = time.perf_counter()
         micro = next_step_batches(batches, cfg.train.grad_accum, pad_id, device)
-        if micro is None:
-            break  # every rank is out of data: the epochs are done
+        if micro is None:  # the plan says how many steps the epochs hold: running out early is a bug
+            return refuse(f"the data ran out after {step} of {total_steps} planned steps; please report this with the config")
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler steps inside train_step)
+        count_trained(trained, micro)
         parts, step_tokens, seen_tokens = train_step(engine, micro, loss_fn, cfg, threshold, step / max(1, total_steps - 1), device,
                                                      corpus_quantiles)
         step += 1
@@ -679,7 +872,7 @@ def run(argv: list[str] | None, progress: Progress) -> int:
         record = {
             "step": step, "loss": float(total_loss.item()), "ce": mean("ce"), "important_loss": mean("important_loss"),
             "unimportant_loss": mean("unimportant_loss"), "worse_group": mean("worse_group"), "lambda": parts[-1]["lambda"],
-            "important_fraction": mean("important_fraction"), "lr": scheduler.get_last_lr()[0],
+            "important_fraction": mean("important_fraction"), "lr": lr,
             "grad_norm": parts[-1].get("grad_norm", float(engine.get_global_grad_norm() or 0.0)), "tokens_per_s": seen_tokens / seconds,
             "trainable_tokens": step_tokens, "epoch": stream.epoch, "skipped_no_trainable": stream.skipped_no_trainable,
         }
@@ -696,8 +889,17 @@ def run(argv: list[str] | None, progress: Progress) -> int:
                             unimp=f"{record['unimportant_loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
         bar.update(1)
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < total_steps:
-            save_checkpoint(engine, stream, ckpt_root, step, rank, cfg.checkpoint.keep, {"total_steps": total_steps})
+            save_checkpoint(engine, stream, ckpt_root, step, rank, cfg.checkpoint.keep, checkpoint_extra(), trained)
     bar.close()
+
+    # -- what was trained -------------------------------------------------------------------------------
+    per_epoch = gather_trained(trained, device)
+    problems = [] if cfg.train.max_steps else epoch_problems(per_epoch, plan, cfg.train.epochs)
+    if problems:  # never a silent short epoch: nothing is exported, the summary says why
+        if rank == 0:
+            atomic_write_text(out / "train_summary.json", json.dumps({
+                "steps": step, "total_steps": total_steps, "epochs_trained": per_epoch, "error": problems}, indent=2))
+        return refuse("what was trained is not train.epochs x every example once: " + "; ".join(problems))
 
     # -- save -------------------------------------------------------------------------------------------
     final_eval = None
@@ -706,7 +908,7 @@ def run(argv: list[str] | None, progress: Progress) -> int:
         final_eval = evaluate(engine, val_stream, cfg, val_threshold, device, pad_id)
         log({"step": step, **final_eval})
         log0("final eval: " + ", ".join(f"{k}={v:.4f}" for k, v in final_eval.items()))
-    save_checkpoint(engine, stream, ckpt_root, step, rank, cfg.checkpoint.keep, {"total_steps": total_steps})
+    save_checkpoint(engine, stream, ckpt_root, step, rank, cfg.checkpoint.keep, checkpoint_extra(), trained)
     card = model_card(base_model=cfg.model, loss_name=cfg.loss.name, objective=loss_fn.describe(),
                       loss_options=train_config.loss_options(cfg), scorer=cfg.importance.scorer, rho=cfg.importance.rho,
                       scope=cfg.importance.scope, train_data=cfg.data.train, train_manifest_sha256=manifest_sha256(cfg.data.train),
@@ -719,9 +921,13 @@ def run(argv: list[str] | None, progress: Progress) -> int:
             writer.close()
         if wandb_run is not None:
             wandb_run.finish()
+        runs = [json.loads(line) for line in (out / "run_history.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
         atomic_write_text(out / "train_summary.json", json.dumps({
-            "steps": step, "total_steps": total_steps, "skipped_no_trainable": stream.skipped_no_trainable,
-            "config_sha256": config_sha256}, indent=2))
+            "steps": step, "total_steps": total_steps, "max_steps": cfg.train.max_steps or None,
+            "epochs": None if cfg.train.max_steps else cfg.train.epochs, "epochs_trained": per_epoch,
+            "data_per_epoch": {"examples": plan.examples, "trainable_tokens": plan.trainable_tokens, "skipped_no_trainable": plan.skipped},
+            "important_share": share, "skipped_no_trainable": stream.skipped_no_trainable,
+            "config_sha256": config_sha256, "identity": identity, "history": runs}, indent=2))
         if not cfg.checkpoint.keep_final:
             shutil.rmtree(ckpt_root, ignore_errors=True)
             log0(f"checkpoint.keep_final=false: deleted {ckpt_root}")

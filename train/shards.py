@@ -9,8 +9,10 @@
 Order of one epoch (nanoGPT / nanochat's rank-sharded Parquet row-group stream, made exact):
 the (shard, row group) units are shuffled with a generator seeded by (seed, epoch) and the rows of each
 unit by (seed, epoch, shard, row group). The concatenation is the epoch's *global* example order. It is
-cut by example, not by unit, into ``world_size`` contiguous blocks (sizes differ by at most one), and
-each rank's block into one contiguous sub-block per DataLoader worker ("role"). So every example is
+cut by example, not by unit, into ``world_size`` contiguous blocks, and each rank's block into one
+contiguous sub-block per DataLoader worker ("role"): of equal example counts (sizes differ by at most
+one), or with ``balance_tokens`` of about equal tokens (trainable examples' lengths, read once from the
+``loss_mask`` column: :meth:`ShardStream.plan`), so ranks finish an epoch together. So every example is
 seen exactly once per epoch however the units divide, and a worker reads only the row groups that
 overlap its sub-block (one row group in memory at a time), never the whole dataset.
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import fsspec
@@ -58,9 +61,9 @@ from schemas.shard import (
 )
 from schemas.validate import check_directory
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: blocks may be balanced by tokens (balance_tokens), per epoch
 
-__all__ = ["open_annotated", "corpus_threshold", "pack", "ShardStream", "STATE_VERSION"]
+__all__ = ["open_annotated", "corpus_threshold", "pack", "pack_count", "balanced_cuts", "ShardStream", "StreamPlan", "STATE_VERSION"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,6 +187,36 @@ def pack(examples_iter: Iterable[dict[str, Any]], max_tokens: int) -> Iterator[d
         yield _collate(buffer)
 
 
+def pack_count(lengths: Iterable[int], max_tokens: int) -> int:
+    """How many micro-batches :func:`pack` makes of examples of these lengths, in this order (its rule, no data)."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    count, used = 0, 0
+    for n in lengths:
+        if used and used + n > max_tokens:
+            count, used = count + 1, 0
+        used += n
+        if used >= max_tokens:
+            count, used = count + 1, 0
+    return count + (1 if used else 0)
+
+
+def balanced_cuts(weights: np.ndarray, parts: int) -> np.ndarray:
+    """``parts + 1`` cut points cutting ``weights`` (in order) into contiguous parts of about equal sum.
+
+    Part ``k`` is ``weights[cuts[k]:cuts[k + 1]]``: an item belongs to the part in which its cumulative
+    sum (itself included) falls, so each part's sum is within one item of ``sum / parts``. All-zero
+    weights fall back to equal item counts.
+    """
+    n = len(weights)
+    cumulative = np.cumsum(weights, dtype=np.float64)
+    total = float(cumulative[-1]) if n else 0.0
+    if total <= 0:
+        return np.array([k * n // parts for k in range(parts + 1)], dtype=np.int64)
+    inner = np.searchsorted(cumulative, total * np.arange(1, parts) / parts, side="right")
+    return np.concatenate([[0], inner, [n]]).astype(np.int64)
+
+
 # ---------------------------------------------------------------------------------------------
 # The stream
 # ---------------------------------------------------------------------------------------------
@@ -204,6 +237,22 @@ def _list_column(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
     return offsets - offsets[0], array.flatten().to_numpy(zero_copy_only=False)
 
 
+@dataclass
+class StreamPlan:
+    """What one epoch of a stream holds, and how many micro-batches each rank packs per epoch (ShardStream.plan)."""
+
+    micro_batches: list[list[int]]  # [rank][epoch]
+    examples: int  # trained per epoch: the examples with a trainable token
+    tokens: int  # their tokens
+    trainable_tokens: int  # their trainable tokens (position 0 never is)
+    skipped: int  # examples without a trainable token: never trained
+    loss_mask_tokens: int  # true values of the loss_mask column (the manifest's trainable_tokens)
+
+    def steps(self, grad_accum: int) -> int:
+        """Optimizer steps of all the planned epochs: the busiest rank's micro-batches over ``grad_accum``."""
+        return max(-(-sum(per_epoch) // grad_accum) for per_epoch in self.micro_batches)
+
+
 class ShardStream(IterableDataset):
     """Examples or packed micro-batches of an annotated directory, sharded, shuffled and resumable.
 
@@ -218,6 +267,9 @@ class ShardStream(IterableDataset):
         with_ref_loss: also return the stored ``ref_loss`` per token (Rho-1's online form).
         epochs: number of epochs to yield (counted from epoch 0); None = endless, the trainer stops.
         max_tokens: when set, iterating yields packed micro-batches (see :func:`pack`).
+        balance_tokens: cut each epoch's order into ranks' and roles' blocks of about equal tokens
+            (trainable examples' lengths, read from the ``loss_mask`` column at construction) rather
+            than equal example counts: ranks then run out of data together (the trainer's choice).
 
     Iterating yields, per example: ``id``, ``input_ids`` long, ``loss_mask`` bool, ``score``
     float32, ``ref_loss`` float32 or None, ``epoch``, ``position``. The first token's loss_mask is
@@ -242,6 +294,7 @@ class ShardStream(IterableDataset):
         with_ref_loss: bool = False,
         epochs: int | None = None,
         max_tokens: int | None = None,
+        balance_tokens: bool = False,
     ) -> None:
         super().__init__()
         if rank is None or world_size is None:
@@ -259,6 +312,7 @@ class ShardStream(IterableDataset):
         self.uri, self.manifest, self.score = str(uri), manifest, score
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.with_ref_loss, self.epochs, self.max_tokens = with_ref_loss, epochs, max_tokens
+        self.balance_tokens = balance_tokens
         self._fs, self._root = fsspec.core.url_to_fs(self.uri)
 
         # Only these columns are ever read: never `source`, never another scorer's column.
@@ -279,12 +333,19 @@ class ShardStream(IterableDataset):
                         self.units.append((index, group, rows))
         self.num_examples = sum(rows for _, _, rows in self.units)
         self._unit_starts = np.concatenate([[0], np.cumsum([rows for _, _, rows in self.units])]).astype(np.int64)
+        # Per example (unit order): tokens and trainable tokens (position 0 excluded), once read_lengths() ran.
+        self.lengths: np.ndarray | None = None
+        self.trainable: np.ndarray | None = None
+        self.loss_mask_tokens = 0
+        self._bounds_cache: dict[tuple[int, int, int], tuple[int, int]] = {}
 
         # Position (main process): see the module docstring.
         self._num_roles: int | None = None
         self._roles: list[dict[str, int]] = []
         self._next_role = 0
         self._handle: tuple[int, Any] | None = None  # (shard index, open ParquetFile) of this process
+        if balance_tokens:
+            self.read_lengths()
 
     # --- files -------------------------------------------------------------------------------
 
@@ -306,14 +367,14 @@ class ShardStream(IterableDataset):
         state["_handle"] = None  # open files stay in their process; a worker opens its own
         return state
 
-    def _read_unit(self, shard: int, group: int) -> pa.Table:
-        """One row group, only :attr:`columns`; keeps the shard open for its next row group."""
+    def _read_unit(self, shard: int, group: int, columns: list[str] | None = None) -> pa.Table:
+        """One row group, only :attr:`columns` (or ``columns``); keeps the shard open for its next row group."""
         if self._handle is None or self._handle[0] != shard:
             if self._handle is not None:
                 self._handle[1].close()
             self._handle = (shard, self._open(shard))
         try:
-            return self._handle[1].read_row_group(group, columns=self.columns)
+            return self._handle[1].read_row_group(group, columns=columns or self.columns)
         except (pa.ArrowInvalid, OSError) as exc:
             raise ValueError(f"{self._shard_uri(shard)}: row group {group} is corrupt ({exc})") from exc
 
@@ -336,11 +397,80 @@ class ShardStream(IterableDataset):
         """The epoch's global example order as (shard, row group, row) — for tests and debugging."""
         return [(self.units[u][0], self.units[u][1], int(r)) for u in self._unit_order(epoch) for r in self._row_order(epoch, u)]
 
-    def _block(self, role: int, num_roles: int) -> tuple[int, int]:
-        """Global positions [start, stop) of this rank's role ``role`` in every epoch's order."""
-        lo, hi = _split(self.num_examples, self.world_size, self.rank)
-        a, b = _split(hi - lo, num_roles, role)
-        return lo + a, lo + b
+    def read_lengths(self) -> None:
+        """Read every example's length and trainable-token count (the ``loss_mask`` column only: bit-packed
+        booleans, no token ids or scores) into :attr:`lengths` and :attr:`trainable`, in unit order."""
+        if self.lengths is not None:
+            return
+        lengths, trainable = [], []
+        raw_total = 0
+        for shard, group, _ in self.units:
+            offsets, values = _list_column(self._read_unit(shard, group, columns=[LOSS_MASK]), LOSS_MASK)
+            values = values.astype(np.int64, copy=False)
+            starts, ends = offsets[:-1], offsets[1:]
+            summed = np.concatenate([[0], np.cumsum(values)])
+            first = np.zeros(len(starts), np.int64)
+            nonempty = ends > starts
+            first[nonempty] = values[starts[nonempty]]
+            raw_total += int(values.sum())
+            lengths.append(ends - starts)
+            trainable.append(summed[ends] - summed[starts] - first)  # position 0 predicts nothing (see _examples_of)
+        self.lengths = np.concatenate(lengths).astype(np.int64) if lengths else np.zeros(0, np.int64)
+        self.trainable = np.concatenate(trainable).astype(np.int64) if trainable else np.zeros(0, np.int64)
+        self.loss_mask_tokens = raw_total  # the column's true values, position 0 included (the manifest's count)
+        if self._handle is not None:
+            self._handle[1].close()
+            self._handle = None
+
+    def _epoch_indices(self, epoch: int) -> np.ndarray:
+        """The epoch's global order as indices into :attr:`lengths` (unit order)."""
+        parts = [self._unit_starts[u] + self._row_order(epoch, u) for u in self._unit_order(epoch)]
+        return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
+
+    def _bounds(self, epoch: int, rank: int, role: int, num_roles: int) -> tuple[int, int]:
+        """Global positions [start, stop) of ``rank``'s role ``role`` in epoch ``epoch``'s order."""
+        if not self.balance_tokens:  # equal example counts: the same positions every epoch
+            lo, hi = _split(self.num_examples, self.world_size, rank)
+            a, b = _split(hi - lo, num_roles, role)
+            return lo + a, lo + b
+        key = (epoch, rank, num_roles)
+        if key not in self._bounds_cache:
+            order = self._epoch_indices(epoch)
+            weight = np.where(self.trainable[order] > 0, self.lengths[order], 0)  # skipped examples weigh nothing
+            ranks = balanced_cuts(weight, self.world_size)
+            lo, hi = int(ranks[rank]), int(ranks[rank + 1])
+            roles = balanced_cuts(weight[lo:hi], num_roles)
+            if len(self._bounds_cache) > 64:
+                self._bounds_cache.clear()
+            self._bounds_cache[key] = (lo, hi, roles)  # type: ignore[assignment]
+        lo, hi, roles = self._bounds_cache[key]  # type: ignore[misc]
+        return lo + int(roles[role]), lo + int(roles[role + 1])
+
+    def _block(self, role: int, num_roles: int, epoch: int = 0) -> tuple[int, int]:
+        """Global positions [start, stop) of this rank's role ``role`` in epoch ``epoch``'s order."""
+        return self._bounds(epoch, self.rank, role, num_roles)
+
+    def plan(self, max_tokens: int, num_roles: int = 1, epochs: int = 1) -> "StreamPlan":
+        """What ``epochs`` epochs hold and how every rank packs them (a dry pack: lengths only, no tokens).
+
+        ``micro_batches[r][e]``: micro-batches rank ``r`` packs in epoch ``e`` (its roles' counts summed;
+        each role packs each epoch apart, as iteration does). The trainer's steps follow from it exactly.
+        """
+        self.read_lengths()
+        assert self.lengths is not None and self.trainable is not None
+        per_rank: list[list[int]] = [[0] * epochs for _ in range(self.world_size)]
+        for epoch in range(epochs):
+            order = self._epoch_indices(epoch)
+            for rank in range(self.world_size):
+                for role in range(num_roles):
+                    start, stop = self._bounds(epoch, rank, role, num_roles)
+                    picked = order[start:stop]
+                    picked = picked[self.trainable[picked] > 0]
+                    per_rank[rank][epoch] += pack_count(self.lengths[picked].tolist(), max_tokens)
+        kept = self.trainable > 0
+        return StreamPlan(micro_batches=per_rank, examples=int(kept.sum()), tokens=int(self.lengths[kept].sum()),
+                          trainable_tokens=int(self.trainable.sum()), skipped=int((~kept).sum()),
+                          loss_mask_tokens=self.loss_mask_tokens)
 
     def _epoch_rows(self, epoch: int, start: int, stop: int) -> Iterator[dict[str, Any]]:
         """Examples at global positions [start, stop) of epoch ``epoch``, reading only overlapping units."""
@@ -410,11 +540,13 @@ class ShardStream(IterableDataset):
         When the role's stream ends, ``final`` receives its last position (skips after the last
         example included), for the end-of-stream marker.
         """
-        start, stop = self._block(role, num_roles)
-        if stop <= start:
-            return  # more workers than examples in this rank's share: this role has nothing, ever
+        if not self.balance_tokens:
+            start, stop = self._block(role, num_roles)
+            if stop <= start:
+                return  # more workers than examples in this rank's share: this role has nothing, ever
         epoch, cursor, skipped = state["epoch"], state["cursor"], state["skipped"]
         while self.epochs is None or epoch < self.epochs:
+            start, stop = self._block(role, num_roles, epoch)  # token-balanced blocks differ by epoch
             yielded = False
             for example in self._epoch_rows(epoch, start + cursor, stop):
                 cursor += 1
@@ -517,6 +649,7 @@ class ShardStream(IterableDataset):
             "rank": self.rank,
             "world_size": self.world_size,
             "num_examples": self.num_examples,
+            "balance_tokens": self.balance_tokens,
             "num_roles": self._num_roles,
             "roles": copy.deepcopy(self._roles),
             "next_role": self._next_role,
@@ -527,8 +660,9 @@ class ShardStream(IterableDataset):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`; refuses a state whose order this stream would not reproduce."""
         if state.get("version") != STATE_VERSION:
-            raise ValueError(f"stream state version {state.get('version')}, this code reads {STATE_VERSION}")
-        for key in ("seed", "shuffle", "rank", "world_size", "num_examples"):
+            raise ValueError(f"stream state version {state.get('version')}, this code reads {STATE_VERSION} (version 1 "
+                             "split ranks by example count; its position cannot continue a token-balanced order)")
+        for key in ("seed", "shuffle", "rank", "world_size", "num_examples", "balance_tokens"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"stream state has {key}={state[key]!r}, this stream {getattr(self, key)!r}: "
                                  "resuming would not continue the same order (same data, seed and world_size needed)")

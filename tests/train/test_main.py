@@ -285,10 +285,19 @@ def test_signal_stops_with_one_line_and_resumes(tmp_path, tiny_llama_dir, shards
     assert all((tmp_path / "run" / "checkpoints" / f"step_{n}" / "COMPLETED").exists() for n in finished)
     assert not (tmp_path / "run" / "model").exists()
 
+    # The same command resumes; a shorter max_steps is another run (it changes the lr schedule): refused, unless
+    # the checkpoint is named, which continues it under the new keys and records that in the run's history.
     args = _config(tmp_path, tiny_llama_dir, shards, **{"train.max_steps": checkpoint + 2, "checkpoint.every": 2, "eval.every": 0})
-    _run(args, 1, tmp_path / "resume.log", launcher="python")
+    proc = _launch(args, 1, tmp_path / "changed.log", launcher="python")
+    assert proc.wait(timeout=300) == 2
+    assert "train.max_steps: 400 -> " in (tmp_path / "changed.log").read_text()
+    resume_from = tmp_path / "run" / "checkpoints" / f"step_{checkpoint}"
+    _run([*args, f"checkpoint.resume={resume_from}"], 1, tmp_path / "resume.log", launcher="python")
     assert f"at step {checkpoint}" in (tmp_path / "resume.log").read_text()
     assert sorted(_metrics(tmp_path / "run"))[-1] == checkpoint + 2
+    history = json.loads((tmp_path / "run" / "train_summary.json").read_text())["history"]
+    assert history[0]["start"] == "fresh" and history[-1]["start"] == f"resumed from {resume_from}"
+    assert any(key.startswith("train.max_steps: 400 -> ") for key in history[-1]["changed_keys"])
 
 
 def test_lr_zero_negative_control_exports_the_base_model_exactly(tmp_path, tiny_llama_dir, shards):

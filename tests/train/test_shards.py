@@ -97,6 +97,52 @@ def test_micro_batches_cover_every_example_once_with_workers(annotated_dir):
     assert len(ids) == len(set(ids)) == 21  # 23 minus the 2 without trainable tokens
 
 
+@pytest.mark.parametrize("world_size, workers, epochs, max_tokens", [
+    (1, 0, 1, 30), (1, 0, 2, 30), (2, 0, 1, 30), (2, 2, 2, 30), (3, 0, 2, 45), (2, 0, 3, 1000),
+])
+def test_token_balanced_plan_is_what_iteration_packs_and_every_example_once(tmp_path, world_size, workers, epochs, max_tokens):
+    """The dry pack (plan) counts exactly the micro-batches each rank yields per epoch; every trainable example
+    is in exactly one rank's batches once per epoch; the trainable tokens add up; ranks hold about equal tokens."""
+    examples = make_examples(23, SCORERS, untrainable=(4, 17), seed=5, max_len=40)
+    write_annotated_dir(tmp_path, examples, SCORERS, rows_per_shard=9, row_group_size=4)
+    plan = stream_of(tmp_path, rank=0, world_size=world_size, seed=3, balance_tokens=True).plan(max_tokens, max(1, workers), epochs)
+    trainable = {ex["id"]: int(ex["loss_mask"][1:].sum()) for i, ex in enumerate(examples) if i not in (4, 17)}
+    assert (plan.examples, plan.trainable_tokens, plan.skipped) == (21, sum(trainable.values()), 2)
+    seen: Counter[tuple[int, str]] = Counter()
+    tokens_per_epoch: Counter[int] = Counter()
+    rank_tokens = []
+    for rank in range(world_size):
+        stream = stream_of(tmp_path, rank=rank, world_size=world_size, seed=3, epochs=epochs, balance_tokens=True)
+        per_epoch: Counter[int] = Counter()
+        tokens = 0
+        for batch in stream.micro_batches(max_tokens, num_workers=workers):
+            per_epoch[batch["epoch"]] += 1
+            seen.update((batch["epoch"], i) for i in batch["ids"])
+            tokens_per_epoch[batch["epoch"]] += int(batch["loss_mask"].sum())
+            tokens += len(batch["input_ids"]) if batch["epoch"] == 0 else 0
+        assert [per_epoch[e] for e in range(epochs)] == plan.micro_batches[rank]
+        rank_tokens.append(tokens)
+    assert seen == Counter({(e, i): 1 for e in range(epochs) for i in trainable})
+    assert all(tokens_per_epoch[e] == plan.trainable_tokens for e in range(epochs))
+    assert max(rank_tokens) - min(rank_tokens) <= 2 * 40  # balanced to within an example or two, not by count
+    assert plan.steps(3) == max(-(-sum(row) // 3) for row in plan.micro_batches)
+
+
+def test_ranks_are_balanced_by_tokens_not_example_counts(tmp_path):
+    """Half the examples are 10x longer: an equal-count split gives one rank ~5x the other's tokens."""
+    examples = make_examples(20, SCORERS, min_len=8, max_len=8, seed=1)
+    for ex in examples[:10]:
+        ex["input_ids"] = np.resize(ex["input_ids"], 80)
+        ex["loss_mask"] = np.arange(80) >= 4
+        ex["scores"] = {name: np.resize(values, 80) for name, values in ex["scores"].items()}
+    write_annotated_dir(tmp_path, examples, SCORERS, rows_per_shard=20)
+    tokens = []
+    for rank in range(2):
+        stream = stream_of(tmp_path, rank=rank, world_size=2, epochs=1, shuffle=False, balance_tokens=True)
+        tokens.append(sum(len(ex["input_ids"]) for ex in stream.examples()))
+    assert sum(tokens) == 880 and abs(tokens[0] - tokens[1]) <= 80
+
+
 # ---------------------------------------------------------------------------------------------
 # Shuffle
 # ---------------------------------------------------------------------------------------------
