@@ -120,8 +120,8 @@ class OptimConfig:
 
 @dataclass
 class LoopConfig:
-    epochs: int = option(1, "passes over data.train")
-    max_steps: int = option(0, "optimizer steps to run; 0 = as many as epochs give")
+    epochs: int = option(1, "passes over data.train: every example exactly once per pass, on one rank (steps come from packing the real lengths)")
+    max_steps: int = option(0, "optimizer steps to run, exactly; overrides epochs (the data cycles as needed); 0 = exactly train.epochs epochs")
     grad_accum: int = option(1, "micro-batches per optimizer step, per rank")
     gradient_checkpointing: bool = option(True, "recompute activations in backward (less memory, ~30% slower)")
     dtype: str = option("auto", "auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16")

@@ -412,3 +412,95 @@ def test_report_to_wandb_logs_the_metrics_jsonl_keys(tmp_path, tiny_llama_dir, s
     assert run_files[0].name == f"run-{(run / 'wandb_run_id').read_text().strip()}.wandb"
     logged = [{k: v for k, v in row.items() if not k.startswith("_")} for row in _wandb_history(run_files[0])]
     assert logged == expected and [row["step"] for row in logged][:2] == [1, 2] and "eval_ce" in logged[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Exactly what the config says: epochs, max_steps, the logged lr, --dry-run, one run per directory
+# ---------------------------------------------------------------------------------------------
+
+
+def _dry_run_steps(args, ranks: int) -> tuple[int, str]:
+    env = _env(WORLD_SIZE=str(ranks))
+    proc = subprocess.run([sys.executable, str(REPO / "train" / "main.py"), *args, "--dry-run"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("steps: "))
+    return int(line.split()[1]), proc.stdout
+
+
+@pytest.mark.parametrize("ranks,grad_accum,epochs", [(1, 3, 2), (2, 1, 1), (2, 3, 2)])
+def test_epochs_train_every_example_exactly_once_each(tmp_path, tiny_llama_dir, shards, ranks, grad_accum, epochs):
+    """train.epochs=E: every example E times, the trainable tokens add up exactly (recorded per epoch in
+    train_summary.json), the steps are the dry run's, and a run stopped mid-way and resumed keeps all of it."""
+    train_tokens = json.loads((shards / "train" / MANIFEST_NAME).read_text())["totals"]["trainable_tokens"]
+    args = _config(tmp_path, tiny_llama_dir, shards, **{
+        "train.max_steps": 0, "train.epochs": epochs, "train.grad_accum": grad_accum, "data.micro_batch_tokens": 64,
+        "checkpoint.every": 2, "eval.every": 0, "data.validation": "''"})
+    planned, text = _dry_run_steps(args, ranks)
+    assert "nothing is loaded or trained" in text and "objective: " in text and "zero stage" in text
+    try:
+        if ranks == 1:  # stopped after the step-2 checkpoint, then the same command resumes
+            proc = _launch(args, 1, tmp_path / "first.log", launcher="python")
+            marker = tmp_path / "run" / "checkpoints" / "step_2" / "COMPLETED"
+            deadline = time.time() + 600
+            while not marker.exists() and proc.poll() is None and time.time() < deadline:
+                time.sleep(0.05)
+            os.killpg(proc.pid, signal.SIGTERM)
+            assert proc.wait(timeout=120) in (0, 143)
+        _run(args, ranks, tmp_path / "train.log", launcher="python" if ranks == 1 else "deepspeed")
+    finally:
+        _cleanup_shm()
+    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
+    assert summary["steps"] == summary["total_steps"] == planned
+    assert summary["epochs_trained"] == [{"epoch": e, "examples": 48, "trainable_tokens": train_tokens} for e in range(epochs)]
+    metrics = _metrics(tmp_path / "run")
+    assert sorted(metrics) == list(range(1, planned + 1))
+    assert sum(r["trainable_tokens"] for r in metrics.values()) == epochs * train_tokens
+    assert f"steps: {planned} for {epochs} epoch(s)" in (tmp_path / "train.log").read_text()
+
+
+def test_max_steps_trains_exactly_that_many_steps_and_logs_each_steps_lr(tmp_path, tiny_llama_dir, shards):
+    """max_steps=N overrides epochs (here 1 epoch holds fewer steps: the data cycles); the logged lr is the rate the
+    step used (warmup 1, cosine from 1e-3: step 1 at 5e-4, the last step above 0)."""
+    from train.config import OptimConfig
+    from train.schedule import lr_at
+
+    args = _config(tmp_path, tiny_llama_dir, shards, **{"train.max_steps": 9, "train.epochs": 1, "train.grad_accum": 2,
+                                                        "data.micro_batch_tokens": 512, "checkpoint.every": 0, "eval.every": 0})
+    _run(args, 1, tmp_path / "train.log", launcher="python")
+    text = (tmp_path / "train.log").read_text()
+    assert "train.max_steps=9 overrides train.epochs=1: exactly 9 steps" in text
+    metrics = _metrics(tmp_path / "run")
+    assert sorted(metrics) == list(range(1, 10)) and max(r["epoch"] for r in metrics.values()) >= 1
+    optim = OptimConfig(lr=1e-3, warmup_steps=1)
+    assert [metrics[s]["lr"] for s in range(1, 10)] == pytest.approx([1e-3 * lr_at(s - 1, 9, optim) for s in range(1, 10)])
+    assert metrics[1]["lr"] == pytest.approx(5e-4) and metrics[9]["lr"] > 0
+
+
+def test_a_run_directory_holds_one_run(tmp_path, tiny_llama_dir, shards):
+    """Another loss (or lr) in the same output_dir is refused before any model loads, naming the keys, whether the
+    old run kept its checkpoint or not; a refused or fresh start never appends to an old metrics.jsonl."""
+    base = {"train.max_steps": 1, "checkpoint.every": 0, "eval.every": 0, "data.validation": "''"}
+    _run(_config(tmp_path, tiny_llama_dir, shards, **base, **{"loss.name": "sft"}), 1, tmp_path / "sft.log", launcher="python")
+    weights = (tmp_path / "run" / "model" / "model.safetensors").read_bytes()
+    log = tmp_path / "sftgo.log"
+    proc = _launch(_config(tmp_path, tiny_llama_dir, shards, **base, **{"loss.name": "sftgo"}), 1, log, "python")
+    assert proc.wait(timeout=300) == 2
+    text = log.read_text()
+    assert "loss.name: 'sft' -> 'sftgo'" in text and "use another output_dir" in text and "Loading weights" not in text
+    assert (tmp_path / "run" / "model" / "model.safetensors").read_bytes() == weights
+    assert "name: sft\n" in (tmp_path / "run" / "config.yaml").read_text()
+
+    # No checkpoint left (keep_final: false): the finished run's summary is the record.
+    other = tmp_path / "other"
+    no_final = {**base, "checkpoint.keep_final": "false"}
+    _run(_config(other, tiny_llama_dir, shards, **no_final), 1, tmp_path / "first.log", launcher="python")
+    metrics = (other / "run" / "metrics.jsonl").read_text()
+    proc = _launch(_config(other, tiny_llama_dir, shards, **no_final, **{"optim.lr": 5e-4}), 1, log, "python")
+    assert proc.wait(timeout=300) == 2 and "optim.lr: 0.001 -> 0.0005" in log.read_text()
+    assert (other / "run" / "metrics.jsonl").read_text() == metrics
+    # checkpoint.resume=never trains the new config from scratch in its place: a fresh metrics.jsonl.
+    _run(_config(other, tiny_llama_dir, shards, **no_final, **{"optim.lr": 5e-4, "checkpoint.resume": "never"}), 1,
+         tmp_path / "again.log", launcher="python")
+    assert [json.loads(line)["step"] for line in (other / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert "lr: 0.0005" in (other / "run" / "model" / "README.md").read_text()
