@@ -79,7 +79,13 @@ def position_keys(example_id: str | None, positions: np.ndarray | Sequence[int])
     same pattern in every example: pass the ids).
     """
     pos = np.asarray(positions, dtype=np.uint64)
-    mixed = _splitmix64(np.uint64(id_hash("" if example_id is None else example_id)) ^ _splitmix64(pos))
+    return hashed_keys(np.full(pos.shape, id_hash("" if example_id is None else example_id), dtype=np.uint64), pos)
+
+
+def hashed_keys(id_hashes: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Vectorised tie keys from per-token id hashes (uint64, :func:`id_hash`) and positions."""
+    pos = np.asarray(positions, dtype=np.uint64)
+    mixed = _splitmix64(np.asarray(id_hashes, dtype=np.uint64) ^ _splitmix64(pos))
     return (mixed >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
@@ -245,6 +251,18 @@ def corpus_cut(summary: dict[str, Any], rho: float) -> CorpusCut:
     above = 1.0 - at_or_below
     fraction = 1.0 if tied <= 0.0 else float(np.clip(((1.0 - rho) - above) / tied, 0.0, 1.0))
     return CorpusCut(threshold, fraction, above=above, tied=tied)
+
+
+def manifest_corpus_cut(manifest: Any, score: str, rho: float) -> CorpusCut:
+    """The corpus cut of ``score`` at ``rho`` from an annotated directory's manifest (its merged
+    ``score_stats`` sketch; no pass over the data). The trainer's and held-out evaluation's corpus
+    scope use this instead of the bare threshold."""
+    check_rho(rho)
+    summary = manifest.score_stats.get(score)
+    if not summary or not summary.get("quantiles"):
+        raise ValueError(f"manifest has no score_stats for {score!r} (has {sorted(manifest.score_stats)}); "
+                         "re-annotate, or use the sequence or batch scope")
+    return corpus_cut(summary, rho)
 
 
 def _as_cut(threshold: float | CorpusCut) -> CorpusCut:

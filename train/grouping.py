@@ -29,13 +29,14 @@ from data.grouping import (
     corpus_cut,
     important_mask_packed,
     important_mask_sequence,
+    manifest_corpus_cut,
     tie_keys,
     top_mask,
 )
 from schemas.shard import ceil_count
 
 __all__ = [  # the rule's names stay importable from here, where the trainer's modules import them
-    "SCOPES", "CorpusCut", "corpus_cut", "tie_keys", "top_mask", "important_mask_sequence", "important_mask_packed",
+    "SCOPES", "CorpusCut", "corpus_cut", "manifest_corpus_cut", "tie_keys", "top_mask", "important_mask_sequence", "important_mask_packed",
     "batch_important_masks", "step_important_masks", "is_distributed", "collective_device", "all_reduce_sum",
     "gather_values", "distributed_top_mask",
 ]
