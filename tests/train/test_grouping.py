@@ -338,3 +338,22 @@ def test_no_cpu_tensor_reaches_an_nccl_collective(monkeypatch, call):
     assert all(device.type == "cuda" for device in seen), seen
     if not torch.cuda.is_available():  # the CUDA move itself failed: no collective ran on CPU tensors
         assert not seen and raised.type is not _Stop
+
+
+@pytest.mark.xfail(strict=True, reason="train/main.py's group_masks must call train.grouping.step_important_masks "
+                                       "(the wiring is the lead's); remove this marker once it does")
+@pytest.mark.parametrize("scope", ["sequence", "batch", "corpus"])
+def test_the_trainers_group_masks_break_ties_by_the_tie_keys(scope):
+    from types import SimpleNamespace
+
+    from train import main as train_main
+
+    lengths = [30, 25]
+    step = [{"score": torch.zeros(sum(lengths)), "loss_mask": torch.ones(sum(lengths), dtype=torch.bool),
+             "seq_lens": lengths, "ids": ["ex-a", "ex-b"]}]
+    step[0]["loss_mask"][[0, 30]] = False
+    cut = corpus_cut(summarize_scores(np.zeros(100)), 0.7) if scope == "corpus" else None
+    cfg = SimpleNamespace(importance=SimpleNamespace(rho=0.7, scope=scope))
+    expected = step_important_masks(step, 0.7, scope, cut)
+    got = train_main.group_masks(step, cfg, cut)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
