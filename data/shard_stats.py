@@ -507,7 +507,9 @@ def realised_important_share(shards_dir: str, score: str, rho: float, scope: str
     ``1 - rho``, e.g. a 1-token answer is 100% important). ``batch``: ``1 - rho`` (one ceiling over
     each step's thousands of tokens; the packing decides the rest). ``corpus``: from the manifest's
     sketch (:func:`data.grouping.corpus_cut`'s ``expected_share``; no pass), or with ``exact`` one
-    pass over ``id``, ``loss_mask`` and the score, applying the cut token by token.
+    pass over ``id``, ``loss_mask`` and the score, applying the cut token by token (it holds the id
+    and position of every token tied at the threshold in memory: for checks and tests, not a
+    billion-token corpus with a point mass).
 
     Returns ``{"share", "target" (1 - rho), "difference" (share - target), "differs" (|difference|
     > SHARE_TOLERANCE), "tokens" (trainable tokens; None when not counted), "important_tokens",
@@ -561,8 +563,11 @@ def realised_important_share(shards_dir: str, score: str, rho: float, scope: str
             tokens = int(counted["n"][0])
             important = int(counted["above"][0] or 0)
             if tied.height:
-                hashes = tied[ID].map_elements(id_hash, return_dtype=pl.UInt64).to_numpy()
-                keys = hashed_keys(hashes, tied["pos"].to_numpy())
+                # One BLAKE2b per example id, joined back to its tied tokens.
+                unique = tied[ID].unique()
+                hashes = pl.DataFrame({ID: unique, "h": pl.Series([id_hash(i) for i in unique.to_list()], dtype=pl.UInt64)})
+                tied = tied.join(hashes, on=ID, how="left")
+                keys = hashed_keys(tied["h"].to_numpy(), tied["pos"].to_numpy())
                 important += int((keys < cut.tie_fraction).sum())
             share = important / tokens if tokens else target
             method = "exact pass: score > threshold, or tied and tie key < tie fraction"
