@@ -49,8 +49,9 @@ def step_important_masks(step: Sequence[dict[str, Any]], rho: float, scope: str,
 
     Each micro-batch is a dict of ``train.shards`` (``score``, ``loss_mask``, ``seq_lens``, ``ids``).
     ``batch``: one ranking over every micro-batch on every rank (a collective: every rank calls it);
-    ``sequence`` / ``corpus``: each micro-batch on its own (``threshold`` = the corpus cut). Masks
-    are on the CPU, shaped like each ``loss_mask``.
+    ``sequence`` / ``corpus``: each micro-batch on its own (``threshold`` = the corpus cut,
+    :func:`manifest_corpus_cut`). Masks are shaped like each ``loss_mask``, on its device (the
+    trainer's CPU batches: CPU, whatever device the collective ran on).
     """
     if scope == "batch":
         return batch_important_masks([b["score"] for b in step], [b["loss_mask"] for b in step], rho, group,
