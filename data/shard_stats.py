@@ -50,6 +50,8 @@ __all__ = [
     "trainable_mask",
     "corpus_thresholds",
     "important_masks",
+    "realised_important_share",
+    "important_share_warning",
     "scorer_agreement",
 ]
 
@@ -436,9 +438,12 @@ def trainable_mask(loss_mask: Iterable[bool]) -> np.ndarray:
     return mask
 
 
-def corpus_thresholds(shards_dir: str, rho: float) -> dict[str, float]:
-    """Scope ``corpus`` thresholds: per score, the rho-quantile of the manifest's score_stats sketch
-    (what training uses: schemas.shard.quantile_from_summary). Scores without stats are left out."""
+def corpus_thresholds(shards_dir: str, rho: float) -> dict[str, "CorpusCut"]:  # noqa: F821
+    """Scope ``corpus`` cuts: per score, the rho-quantile of the manifest's score_stats sketch and the
+    share of tokens tied at it that are important (what training uses: data.grouping.corpus_cut;
+    ``float(cut)`` is the threshold). Scores without stats are left out."""
+    from data.grouping import corpus_cut
+
     if not 0.0 <= rho < 1.0:
         raise ValueError(f"rho must be in [0, 1), got {rho}")
     manifest = open_directory(shards_dir).manifest
@@ -446,17 +451,18 @@ def corpus_thresholds(shards_dir: str, rho: float) -> dict[str, float]:
     for name in score_names(manifest.scorer_names):
         summary = manifest.score_stats.get(name)
         if summary and summary.get("quantiles"):
-            out[name] = quantile_from_summary(summary, rho)
+            out[name] = corpus_cut(summary, rho)
     return out
 
 
 def important_masks(example: dict[str, Any], rho: float, scope: str = "sequence",
-                    thresholds: dict[str, float] | None = None) -> dict[str, list[bool]]:
+                    thresholds: dict[str, Any] | None = None) -> dict[str, list[bool]]:
     """Per score of ``example``, its important-token mask at ``rho``, by training's rule (data/grouping.py).
 
     ``sequence``: ``important_mask_sequence``; ``batch``: the example is its own batch (the same
-    rule); ``corpus``: ``score >= thresholds[name]`` (see :func:`corpus_thresholds`). Position 0 is
-    never trainable, hence never important. A score with NaN at a trainable token cannot be ranked
+    rule); ``corpus``: the cut ``thresholds[name]`` (see :func:`corpus_thresholds`). Ties are broken
+    by the tie keys of the example's ``id`` and positions, as in training. Position 0 is never
+    trainable, hence never important. A score with NaN at a trainable token cannot be ranked
     (training refuses it): it is left out of the result.
     """
     import torch  # torch (and the grouping rule) only when groups are asked for
@@ -468,6 +474,8 @@ def important_masks(example: dict[str, Any], rho: float, scope: str = "sequence"
     if scope == "corpus" and thresholds is None:
         raise ValueError("scope 'corpus' needs thresholds: corpus_thresholds(shards_dir, rho)")
     mask = torch.from_numpy(trainable_mask(example["loss_mask"]))
+    example_id = example.get("id")
+    example_id = None if example_id is None else str(example_id)
     out = {}
     for name, values in example["scores"].items():
         scores = torch.tensor(np.asarray(values, dtype=np.float32))
@@ -478,11 +486,103 @@ def important_masks(example: dict[str, Any], rho: float, scope: str = "sequence"
         if scope == "corpus":
             if name not in thresholds:
                 raise ValueError(f"no corpus threshold for {name!r} (have {sorted(thresholds)})")
-            important = important_mask_packed(scores, mask, [mask.numel()], rho, "corpus", threshold=thresholds[name])
+            important = important_mask_packed(scores, mask, [mask.numel()], rho, "corpus", threshold=thresholds[name],
+                                              ids=None if example_id is None else [example_id])
         else:
-            important = important_mask_sequence(scores, mask, rho)
+            important = important_mask_sequence(scores, mask, rho, example_id)
         out[name] = important.tolist()
     return out
+
+
+#: |realised important share - (1 - rho)| above this is worth a warning at the start of training.
+SHARE_TOLERANCE = 0.05
+
+
+def realised_important_share(shards_dir: str, score: str, rho: float, scope: str = "sequence",
+                             exact: bool = False) -> dict[str, Any]:
+    """The share of trainable tokens the grouping rule makes important over a directory, vs ``1 - rho``.
+
+    ``sequence``: exact, from one cheap pass over the ``loss_mask`` column only (per example
+    ``ceil((1 - rho) * n_i)`` of its ``n_i`` trainable tokens; short responses push the share above
+    ``1 - rho``, e.g. a 1-token answer is 100% important). ``batch``: ``1 - rho`` (one ceiling over
+    each step's thousands of tokens; the packing decides the rest). ``corpus``: from the manifest's
+    sketch (:func:`data.grouping.corpus_cut`'s ``expected_share``; no pass), or with ``exact`` one
+    pass over ``id``, ``loss_mask`` and the score, applying the cut token by token (it holds the id
+    and position of every token tied at the threshold in memory: for checks and tests, not a
+    billion-token corpus with a point mass).
+
+    Returns ``{"share", "target" (1 - rho), "difference" (share - target), "differs" (|difference|
+    > SHARE_TOLERANCE), "tokens" (trainable tokens; None when not counted), "important_tokens",
+    "scope", "score", "rho", "method"}``.
+    """
+    import polars as pl
+
+    from data.grouping import SCOPES, check_rho, corpus_cut, hashed_keys, id_hash
+
+    check_rho(rho)
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPES}")
+    d = open_directory(shards_dir)
+    scorers = d.manifest.scorer_names
+    if score not in score_names(scorers):
+        raise ValueError(f"{d.uri}: no score {score!r} (it has {score_names(scorers)})")
+    target = 1.0 - rho
+    tokens = important = None
+    if scope == "sequence":
+        lf = _scan(_shard_paths(d), scorers)
+        n = pl.col(LOSS_MASK).list.slice(1).list.sum().cast(pl.Int64)  # position 0 is never trainable
+        counts = _collect_all(d, [lf.select(n.alias("n"))])[0]["n"].to_numpy()
+        counts = counts[counts > 0]
+        tokens = int(counts.sum())
+        # ceil((1 - rho) * n) per example, robust to float error like schemas.shard.ceil_count.
+        important = int(np.ceil(np.round(target * counts, 9)).sum())
+        share, method = (important / tokens if tokens else target), "loss_mask pass: sum of per-example ceilings"
+    elif scope == "batch":
+        share, method = target, "1 - rho: one ceiling over each optimizer step's trainable tokens"
+    else:
+        summary = d.manifest.score_stats.get(score)
+        if not summary or not summary.get("quantiles"):
+            raise ValueError(f"{d.uri}: manifest has no score_stats for {score!r}; use the sequence or batch scope")
+        cut = corpus_cut(summary, rho)
+        share, method = float(cut.expected_share), "manifest sketch: share above the threshold + tie fraction x share tied"
+        if exact:
+            lf = _scan(_shard_paths(d), scorers)
+            value = _score_exprs(scorers)[score]
+            frame = lf.select(
+                pl.col(ID).cast(pl.String),
+                pl.int_ranges(0, pl.col(LOSS_MASK).list.len()).alias("pos"),
+                pl.col(LOSS_MASK),
+                *[pl.col(score_column(name)) for name in (EXCESS_LOSS_PARTS if score == EXCESS_LOSS else [score])],
+            )
+            listed = ["pos", LOSS_MASK] + [score_column(name) for name in (EXCESS_LOSS_PARTS if score == EXCESS_LOSS else [score])]
+            tokens_lf = (frame.select([pl.col(ID)] + [pl.col(c).list.slice(1) for c in listed]).explode(listed)
+                         .filter(pl.col(LOSS_MASK)).select(pl.col(ID), pl.col("pos"), value.alias("s")))
+            above_lf = tokens_lf.select((pl.col("s") > cut.threshold).sum().alias("above"), pl.len().alias("n"))
+            tied_lf = tokens_lf.filter(pl.col("s") == cut.threshold).select(pl.col(ID), pl.col("pos"))
+            counted, tied = _collect_all(d, [above_lf, tied_lf])
+            tokens = int(counted["n"][0])
+            important = int(counted["above"][0] or 0)
+            if tied.height:
+                # One BLAKE2b per example id, joined back to its tied tokens.
+                unique = tied[ID].unique()
+                hashes = pl.DataFrame({ID: unique, "h": pl.Series([id_hash(i) for i in unique.to_list()], dtype=pl.UInt64)})
+                tied = tied.join(hashes, on=ID, how="left")
+                keys = hashed_keys(tied["h"].to_numpy(), tied["pos"].to_numpy())
+                important += int((keys < cut.tie_fraction).sum())
+            share = important / tokens if tokens else target
+            method = "exact pass: score > threshold, or tied and tie key < tie fraction"
+    return {"share": share, "target": target, "difference": share - target,
+            "differs": abs(share - target) > SHARE_TOLERANCE, "tokens": tokens, "important_tokens": important,
+            "scope": scope, "score": score, "rho": rho, "method": method}
+
+
+def important_share_warning(result: dict[str, Any]) -> str | None:
+    """The line to log when :func:`realised_important_share`'s share is off ``1 - rho`` by more than
+    SHARE_TOLERANCE (None otherwise)."""
+    if not result["differs"]:
+        return None
+    return (f"realised important share {result['share']:.3f} differs from 1 - rho = {result['target']:.3f} "
+            f"(scope {result['scope']}, score {result['score']}; {result['method']})")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -64,6 +64,13 @@ def _attr(name: str) -> str:
     return re.sub(r"[^a-z0-9_-]", "-", name.lower())
 
 
+def _cut_text(name: str, cut: Any) -> str:
+    """``name > t`` plus, when tokens tie at ``t``, the share of them that is important."""
+    text = f"{html.escape(name)} > {_num(float(cut))}"
+    fraction = getattr(cut, "tie_fraction", 1.0)
+    return text + (f", {100 * fraction:.3g}% of those = {_num(float(cut))}" if getattr(cut, "tied", 0.0) else " (or =)")
+
+
 def _num(value: float) -> str:
     if math.isnan(value):
         return "nan"
@@ -104,7 +111,7 @@ def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:
 
 
 def token_viewer_html(examples: list[dict[str, Any]], tokenizer: Any, rho: float, scope: str = "sequence",
-                      thresholds: dict[str, float] | None = None, title: str = "Token viewer", *,
+                      thresholds: dict[str, Any] | None = None, title: str = "Token viewer", *,
                       max_tokens: int = 400) -> str:
     """A self-contained HTML fragment showing each example's tokens shaded by score.
 
@@ -128,8 +135,9 @@ def token_viewer_html(examples: list[dict[str, Any]], tokenizer: Any, rho: float
         out.append(f'<div class="tv-controls"><label>Score <select class="score-select">{options}</select></label></div>')
     top = f"top {100 * (1 - rho):.4g}% (ceil) of trainable tokens by score"
     if scope == "corpus":
-        rule = (f"scope corpus: a token is important when its score is at least the corpus threshold, the "
-                f"rho-quantile of the manifest's score statistics ({', '.join(f'{esc(n)} ≥ {_num(t)}' for n, t in (thresholds or {}).items())})")
+        rule = (f"scope corpus: a token is important when its score is above the corpus threshold, the "
+                f"rho-quantile of the manifest's score statistics ({', '.join(_cut_text(n, t) for n, t in (thresholds or {}).items())}); "
+                f"of the tokens tied at the threshold, the share shown is important, chosen by a hash of (example id, position)")
     elif scope == "batch":
         rule = f"scope batch, each example shown as its own batch: the {top}"
     else:

@@ -54,7 +54,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from data.token_loss import logit_softcap, token_ce
+from data.token_loss import LogitTransform, logit_transform, token_ce
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch.nn.attention.flex_attention import BlockMask
@@ -250,7 +250,7 @@ def pad_packed_row(input_ids: Tensor, position_ids: Tensor, seq_lens: list[int],
     return input_ids, position_ids, [*seq_lens, pad]
 
 
-def _chunk_ce(lm_head: nn.Module, softcap: float | None, hidden: Tensor, src: Tensor, labels: Tensor) -> Tensor:
+def _chunk_ce(lm_head: nn.Module, softcap: LogitTransform, hidden: Tensor, src: Tensor, labels: Tensor) -> Tensor:
     """Per-token CE of one chunk (at least fp32): logits of the rows ``src`` of ``hidden`` against ``labels``."""
     return token_ce(lm_head(hidden.index_select(0, src)), labels, softcap)
 
@@ -279,7 +279,7 @@ def chunked_token_ce(
     src = targets - 1
     labels = input_ids.index_select(0, targets)
     lm_head = model.get_output_embeddings()
-    softcap = logit_softcap(model)
+    softcap = logit_transform(model)  # the model's own final-logit transform (scaling, soft-cap), not only Gemma's cap
     # Checkpoint whenever autograd records (lm_head may be trainable even if hidden is not).
     use_checkpoint = torch.is_grad_enabled()
     pieces = []

@@ -1,31 +1,64 @@
 """Token groups in training: the batch scope across micro-batches and ranks, and the collectives.
 
-The grouping rule itself (scopes, tie-break, :func:`important_mask_sequence`,
-:func:`important_mask_packed`) is in data/grouping.py, shared with the token viewer; it is
-re-exported here for the trainer's modules. :func:`batch_important_masks` ranks every micro-batch
-of one optimizer step on every data-parallel rank (Rho-1's scope ``batch``), ties broken by
-(rank, micro-batch, position).
+The grouping rule itself (scopes, tie keys, :func:`important_mask_sequence`,
+:func:`important_mask_packed`, :func:`corpus_cut`) is in data/grouping.py, shared with the token
+viewer; it is re-exported here for the trainer's modules. :func:`batch_important_masks` ranks every
+micro-batch of one optimizer step on every data-parallel rank (Rho-1's scope ``batch``), ties broken
+by the tie keys of (example id, position), so the groups do not depend on how the step is split
+into micro-batches and ranks. :func:`step_important_masks` is the trainer's one call per step.
 
 The small collective helpers here (:func:`all_reduce_sum`, :func:`gather_values`,
 :func:`distributed_top_mask`) are shared with ``train/losses.py``; they fall back to local
-computation when torch.distributed is not initialized.
+computation when torch.distributed is not initialized. Each moves its tensors to the device the
+process group's backend takes (:func:`collective_device`: CUDA for NCCL, CPU for gloo) and returns
+its result on the caller's device, so CPU score and mask tensors work on an NCCL group.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from data.grouping import SCOPES, check_rho, important_mask_packed, important_mask_sequence, top_mask
+from data.grouping import (
+    SCOPES,
+    CorpusCut,
+    check_rho,
+    corpus_cut,
+    important_mask_packed,
+    important_mask_sequence,
+    manifest_corpus_cut,
+    tie_keys,
+    top_mask,
+)
 from schemas.shard import ceil_count
 
 __all__ = [  # the rule's names stay importable from here, where the trainer's modules import them
-    "SCOPES", "top_mask", "important_mask_sequence", "important_mask_packed",
-    "batch_important_masks", "is_distributed", "all_reduce_sum", "gather_values", "distributed_top_mask",
+    "SCOPES", "CorpusCut", "corpus_cut", "manifest_corpus_cut", "tie_keys", "top_mask", "important_mask_sequence", "important_mask_packed",
+    "batch_important_masks", "step_important_masks", "is_distributed", "collective_device", "all_reduce_sum",
+    "gather_values", "distributed_top_mask",
 ]
+
+
+def step_important_masks(step: Sequence[dict[str, Any]], rho: float, scope: str,
+                         threshold: float | CorpusCut | None = None,
+                         group: dist.ProcessGroup | None = None) -> list[Tensor]:
+    """Important-token masks of one optimizer step's micro-batches (this rank's), at ``rho`` in ``scope``.
+
+    Each micro-batch is a dict of ``train.shards`` (``score``, ``loss_mask``, ``seq_lens``, ``ids``).
+    ``batch``: one ranking over every micro-batch on every rank (a collective: every rank calls it);
+    ``sequence`` / ``corpus``: each micro-batch on its own (``threshold`` = the corpus cut,
+    :func:`manifest_corpus_cut`). Masks are shaped like each ``loss_mask``, on its device (the
+    trainer's CPU batches: CPU, whatever device the collective ran on).
+    """
+    if scope == "batch":
+        return batch_important_masks([b["score"] for b in step], [b["loss_mask"] for b in step], rho, group,
+                                     ids_list=[b.get("ids") for b in step],
+                                     seq_lens_list=[b["seq_lens"] for b in step])
+    return [important_mask_packed(b["score"], b["loss_mask"], b["seq_lens"], rho, scope, threshold=threshold,
+                                  ids=b.get("ids")) for b in step]
 
 
 def batch_important_masks(
@@ -33,39 +66,62 @@ def batch_important_masks(
     loss_mask_list: Sequence[Tensor],
     rho: float,
     group: dist.ProcessGroup | None = None,
+    ids_list: Sequence[Sequence[str] | None] | None = None,
+    seq_lens_list: Sequence[Sequence[int]] | None = None,
 ) -> list[Tensor]:
     """Scope ``batch``: one ranking over all micro-batches of an optimizer step on all ranks.
 
-    Each rank passes its own micro-batches of the step; the trainable scores are all-gathered (no
-    gradient) when torch.distributed is initialized, the top ``ceil((1 - rho) * N_global)`` are
-    important, and each rank gets back the masks of its own micro-batches. Ties are broken by
-    (rank, micro-batch, position): the result equals :func:`important_mask_sequence` on the
-    concatenation rank 0's micro-batches, then rank 1's, and so on. Single-process it ranks the
+    Each rank passes its own micro-batches of the step; the trainable scores and their tie keys are
+    all-gathered (no gradient) when torch.distributed is initialized, the top
+    ``ceil((1 - rho) * N_global)`` are important, and each rank gets back the masks of its own
+    micro-batches. Ties are broken by the tie keys of (example id, position) (data/grouping.py),
+    which do not depend on the rank or micro-batch a token lands in. Single-process it ranks the
     given micro-batches alone. Every rank must call it (a collective), even with no tokens.
 
+    Args:
+        ids_list, seq_lens_list: per micro-batch, its examples' ids and lengths (the batch's ``ids``
+            and ``seq_lens``). Without them a micro-batch is one example with the empty id.
+
     Returns:
-        one bool mask per micro-batch, shaped like its ``loss_mask``.
+        one bool mask per micro-batch, shaped like its ``loss_mask``, on its device.
     """
     check_rho(rho)
     if len(scores_list) != len(loss_mask_list):
         raise ValueError("scores_list and loss_mask_list differ in length")
+    count = len(scores_list)
+    ids_list = list(ids_list) if ids_list is not None else [None] * count
+    seq_lens_list = list(seq_lens_list) if seq_lens_list is not None else [None] * count
+    if len(ids_list) != count or len(seq_lens_list) != count:
+        raise ValueError("ids_list and seq_lens_list need one entry per micro-batch")
     flat_masks = [mask.reshape(-1).bool() for mask in loss_mask_list]
-    local_scores = []
-    for scores, mask, flat_mask in zip(scores_list, loss_mask_list, flat_masks):
+    local_scores, local_keys = [], []
+    for scores, mask, flat_mask, ids, lengths in zip(scores_list, loss_mask_list, flat_masks, ids_list, seq_lens_list):
         if scores.shape != mask.shape:
             raise ValueError(f"scores {tuple(scores.shape)} and loss_mask {tuple(mask.shape)} differ in shape")
-        local_scores.append(scores.reshape(-1)[flat_mask].detach().double())
-    device = flat_masks[0].device if flat_masks else torch.device("cpu")
-    local = torch.cat(local_scores) if local_scores else torch.zeros(0, dtype=torch.float64, device=device)
-    local_important = distributed_top_mask(local, rho, group)
+        lengths = [flat_mask.numel()] if lengths is None else [int(n) for n in lengths]
+        if sum(lengths) > flat_mask.numel():
+            raise ValueError(f"seq_lens {lengths} do not fit {flat_mask.numel()} tokens")
+        flat_mask = flat_mask.clone()
+        flat_mask[sum(lengths):] = False  # padding past the examples is never important
+        if not flat_mask.any():  # e.g. the trainer's empty padding batch (ids [], seq_lens [1])
+            continue
+        keys = tie_keys(ids, lengths, flat_mask.numel())
+        local_scores.append(scores.reshape(-1)[flat_mask].detach().double().cpu())
+        local_keys.append(keys[flat_mask.cpu()])
+    local = torch.cat(local_scores) if local_scores else torch.zeros(0, dtype=torch.float64)
+    keys = torch.cat(local_keys) if local_keys else torch.zeros(0, dtype=torch.float64)
+    local_important = distributed_top_mask(local, rho, group, keys=keys)
 
     masks, start = [], 0
-    for mask, flat_mask in zip(loss_mask_list, flat_masks):
-        count = int(flat_mask.sum())
-        important = torch.zeros_like(flat_mask)
-        important[flat_mask] = local_important[start : start + count]
+    for mask, flat_mask, lengths in zip(loss_mask_list, flat_masks, seq_lens_list):
+        trainable = flat_mask.clone()
+        if lengths is not None:
+            trainable[sum(int(n) for n in lengths):] = False
+        n = int(trainable.sum())
+        important = torch.zeros_like(trainable)
+        important[trainable] = local_important[start : start + n].to(trainable.device)
         masks.append(important.reshape(mask.shape))
-        start += count
+        start += n
     return masks
 
 
@@ -79,47 +135,87 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """The device a collective on ``group`` takes its tensors on.
+
+    NCCL takes CUDA tensors only (a CPU tensor fails: "No backend type associated with device type
+    cpu"), gloo takes CPU tensors; a group with one backend per device type
+    (``"cpu:gloo,cuda:nccl"``) takes CPU tensors through its CPU entry. CUDA means the current
+    device, the one the rank bound (``torch.cuda.set_device``). Not distributed: the CPU.
+    """
+    if not is_distributed():
+        return torch.device("cpu")
+    backend = str(dist.get_backend(group)).lower()
+    if ":" in backend:  # "cpu:gloo,cuda:nccl": device type -> backend
+        device_types = {entry.split(":", 1)[0].strip() for entry in backend.split(",")}
+        if "cpu" in device_types:
+            return torch.device("cpu")
+        backend = "nccl" if "cuda" in device_types else backend
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    if backend == "xccl":
+        return torch.device("xpu", torch.xpu.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(values: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
-    """Sum of a detached tensor over ranks (a copy; the input itself is left as is)."""
+    """Sum of a detached tensor over ranks (a copy on the input's device; the input is left as is)."""
     total = values.detach().clone()
     if is_distributed():
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        on_backend = total.to(collective_device(group))
+        dist.all_reduce(on_backend, op=dist.ReduceOp.SUM, group=group)
+        total = on_backend.to(values.device)
     return total
 
 
 def gather_values(values: Tensor, group: dist.ProcessGroup | None = None) -> tuple[Tensor, int]:
-    """All ranks' 1-D ``values`` concatenated in rank order, and this rank's offset in it.
+    """All ranks' 1-D ``values`` concatenated in rank order (on ``values``' device), and this rank's
+    offset in it.
 
     Sizes may differ between ranks (and be zero): sizes are gathered first, values padded to the
-    largest, then trimmed. No gradient.
+    largest, then trimmed. The collectives run on :func:`collective_device`. No gradient.
     """
     values = values.detach().reshape(-1)
     if not is_distributed():
         return values, 0
+    device = collective_device(group)
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
-    size = torch.tensor([values.numel()], dtype=torch.int64, device=values.device)
+    size = torch.tensor([values.numel()], dtype=torch.int64, device=device)
     sizes = [torch.zeros_like(size) for _ in range(world)]
     dist.all_gather(sizes, size, group=group)
     counts = [int(s.item()) for s in sizes]
     if max(counts) == 0:  # every rank agrees on this, so all skip the second collective together
         return values, 0
-    padded = torch.zeros(max(counts), dtype=values.dtype, device=values.device)
-    padded[: values.numel()] = values
+    padded = torch.zeros(max(counts), dtype=values.dtype, device=device)
+    padded[: values.numel()] = values.to(device)
     gathered = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(gathered, padded, group=group)
     everything = torch.cat([part[:count] for part, count in zip(gathered, counts)])
-    return everything, sum(counts[:rank])
+    return everything.to(values.device), sum(counts[:rank])
 
 
-def distributed_top_mask(values: Tensor, rho: float, group: dist.ProcessGroup | None = None) -> Tensor:
+def distributed_top_mask(values: Tensor, rho: float, group: dist.ProcessGroup | None = None,
+                         keys: Tensor | None = None) -> Tensor:
     """This rank's part of the global top ``ceil((1 - rho) * N_global)`` of ``values`` over all ranks.
 
-    ``values`` are this rank's entries (1-D); ties are broken by (rank, local index). Every rank
-    must call it. Single-process it is ``top_mask(values, ceil((1 - rho) * n))``.
+    ``values`` are this rank's entries (1-D). Ties are broken by the smaller ``keys`` entry (tie keys,
+    gathered with the values in the same collective), else by (rank, local index). Every rank must
+    call it, all with keys or all without. Single-process it is
+    ``top_mask(values, ceil((1 - rho) * n), keys)``. The mask is on ``values``' device.
     """
     check_rho(rho)
     local = values.detach().reshape(-1).double()
-    everything, offset = gather_values(local, group)
-    important = top_mask(everything, ceil_count(1.0 - rho, everything.numel()))
-    return important[offset : offset + local.numel()]
+    if keys is None:
+        everything, offset = gather_values(local, group)
+        important = top_mask(everything, ceil_count(1.0 - rho, everything.numel()))
+        return important[offset : offset + local.numel()]
+    keys = keys.detach().reshape(-1).double().to(local.device)
+    if keys.shape != local.shape:
+        raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(local.shape)} differ in shape")
+    # One gather of (value, key) pairs: interleaved, so offsets count pairs twice.
+    pairs, offset = gather_values(torch.stack([local, keys], dim=1).reshape(-1), group)
+    pairs = pairs.reshape(-1, 2)
+    important = top_mask(pairs[:, 0], ceil_count(1.0 - rho, pairs.shape[0]), pairs[:, 1])
+    start = offset // 2
+    return important[start : start + local.numel()]

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from train.forward import token_losses
-from train.grouping import SCOPES, batch_important_masks, important_mask_packed
-from train.shards import ShardStream, corpus_threshold, open_annotated
+from train.grouping import SCOPES, CorpusCut, batch_important_masks, important_mask_packed, manifest_corpus_cut
+from train.shards import ShardStream, open_annotated
 
 __all__ = ["GROUP_SUM_NAMES", "group_loss_sums", "summarize_group_sums", "micro_batch_important", "open_heldout", "heldout_losses"]
 
@@ -63,20 +63,24 @@ def summarize_group_sums(sums: Tensor) -> dict[str, Any]:
             "tokens": int(round(n)), "important_tokens": int(round(imp_n))}
 
 
-def micro_batch_important(batch: dict[str, Any], rho: float, scope: str, threshold: float | None) -> Tensor:
+def micro_batch_important(batch: dict[str, Any], rho: float, scope: str, threshold: float | CorpusCut | None) -> Tensor:
     """Important-token mask of one micro-batch evaluated on its own, as the trainer's evaluation does.
 
     The trainer evaluates one micro-batch per step (``grad_accum`` 1), so scope ``batch`` ranks the
     micro-batch's trainable tokens (across ranks there; single-process here), ``sequence`` each
-    example, and ``corpus`` compares with the manifest's threshold.
+    example, and ``corpus`` applies the manifest's cut (:func:`train.grouping.manifest_corpus_cut`).
+    Ties are broken by the tie keys of the batch's ``ids`` and positions, as in training.
     """
     if scope == "batch":
-        return batch_important_masks([batch["score"]], [batch["loss_mask"]], rho)[0]
-    return important_mask_packed(batch["score"], batch["loss_mask"], batch["seq_lens"], rho, scope, threshold=threshold)
+        return batch_important_masks([batch["score"]], [batch["loss_mask"]], rho, ids_list=[batch.get("ids")],
+                                     seq_lens_list=[batch["seq_lens"]])[0]
+    return important_mask_packed(batch["score"], batch["loss_mask"], batch["seq_lens"], rho, scope, threshold=threshold,
+                                 ids=batch.get("ids"))
 
 
-def open_heldout(uri: str, tokenizer_sha256: str | None, scorer: str, rho: float, scope: str) -> tuple[Any, float | None]:
-    """Check an annotated directory for a held-out evaluation; return its manifest and corpus threshold.
+def open_heldout(uri: str, tokenizer_sha256: str | None, scorer: str, rho: float, scope: str) -> tuple[Any, CorpusCut | None]:
+    """Check an annotated directory for a held-out evaluation; return its manifest and corpus cut
+    (threshold and tie fraction, :func:`train.grouping.manifest_corpus_cut`; None outside scope corpus).
 
     Raises ``ValueError`` (naming the directory) on a tokenizer fingerprint mismatch, a broken
     directory, a scorer it does not hold, a scope unknown or (``corpus``) without score statistics,
@@ -90,14 +94,14 @@ def open_heldout(uri: str, tokenizer_sha256: str | None, scorer: str, rho: float
     threshold = None
     if scope == "corpus":
         try:
-            threshold = corpus_threshold(manifest, scorer, rho)
+            threshold = manifest_corpus_cut(manifest, scorer, rho)
         except ValueError as exc:
             raise ValueError(f"{uri}: {exc}") from None
     return manifest, threshold
 
 
 def heldout_losses(model: nn.Module, uri: str, manifest: Any, scorer: str, rho: float, scope: str,
-                   threshold: float | None, micro_batch_tokens: int = 4096, device: torch.device | str = "cpu",
+                   threshold: float | CorpusCut | None, micro_batch_tokens: int = 4096, device: torch.device | str = "cpu",
                    chunk_size: int = 1024, progress: bool = True) -> dict[str, Any]:
     """Held-out CE and per-group losses of ``model`` over a whole annotated directory, in file order.
 

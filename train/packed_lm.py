@@ -24,7 +24,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.models.utils import _add_special_kwargs, has_bos_prefix, resolve_max_length
 from tqdm import tqdm
 
-from data.token_loss import logit_softcap, token_logprobs
+from data.token_loss import logit_transform, token_logprobs
 from train.forward import packed_hidden_states
 
 
@@ -93,7 +93,7 @@ class PackedLM(TemplateLM):
                 rows.append([i])
 
         results: list[tuple[float, bool] | None] = [None] * len(wanted)
-        lm_head, softcap = self.model.get_output_embeddings(), logit_softcap(self.model)
+        lm_head, softcap = self.model.get_output_embeddings(), logit_transform(self.model)
         bar = tqdm(total=len(wanted), desc="benchmark loglikelihoods", unit="request", disable=disable_tqdm or not self.progress,
                    file=self.progress_file)
         with torch.no_grad():

@@ -3,7 +3,7 @@
     from trl import SFTConfig, SFTTrainer
     from train.trl_bridge import TokenScoreCollator, TrlLoss, annotated_dataset, trl_config_kwargs
 
-    dataset = annotated_dataset("shards/lima", score="tfidf")            # input_ids, completion_mask, token_scores
+    dataset = annotated_dataset("shards/lima", score="tfidf")            # input_ids, completion_mask, token_scores, token_score_ids
     loss = TrlLoss("sftgo", rho=0.7, lambda_=0.9)                         # or rho1 (score="ref_loss"), weighted, select
     trainer = SFTTrainer(model=model, args=SFTConfig(output_dir="runs/trl", **trl_config_kwargs()),
                          train_dataset=dataset, processing_class=tokenizer,
@@ -15,8 +15,9 @@
 How the score reaches the loss: Trainer hands ``compute_loss_func`` only the model's outputs and the
 labels, so the collator adds a padded ``token_scores`` tensor to the batch and a forward pre-hook on
 the model (``attach``) takes it out of the forward's keyword arguments (the model never sees it)
-just before the forward whose outputs the loss receives. The per-token CE is the trainer's own
-(``data.token_loss``: fp32 upcast, final-logit soft-capping).
+just before the forward whose outputs the loss receives. The example ids travel the same way, as the
+tie keys of (id, position) (``token_tie_keys``; data/grouping.py), so ties are broken as in train/main.py. The per-token CE is the trainer's own
+(``data.token_loss``: fp32 upcast; the model's forward has already applied its final-logit transform).
 
 Exactness: the loss normalises by Trainer's ``num_items_in_batch`` (the step's trainable tokens over
 every accumulated micro-batch), as train/main.py normalises by the step's tokens; group statistics
@@ -37,18 +38,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from data.token_loss import logit_softcap, token_ce
-from schemas.shard import EXCESS_LOSS, EXCESS_LOSS_PARTS, INPUT_IDS, LOSS_MASK, Manifest, quantile_from_summary, score_column
+from data.token_loss import token_ce
+from data.grouping import corpus_cut, corpus_important, position_keys
+from schemas.shard import EXCESS_LOSS, EXCESS_LOSS_PARTS, ID, INPUT_IDS, LOSS_MASK, Manifest, score_column
 from train.grouping import important_mask_sequence
 from train.losses import build_loss
 
 SCORES = "token_scores"  # the batch key the collator adds and attach()'s hook removes
+SCORE_IDS = "token_score_ids"  # the dataset's example-id column (the collator turns it into TIE_KEYS)
+TIE_KEYS = "token_tie_keys"  # the batch key of the tie keys of (example id, position), removed by the hook too
 SUPPORTED = ("sftgo", "rho1", "weighted", "select", "sft")
 
 
 def annotated_dataset(directory: str | Path, score: str) -> Any:
     """A ``datasets.Dataset`` of an annotated directory: ``input_ids``, ``completion_mask`` (1 = trainable, the
-    shard's loss_mask) and ``token_scores`` (the chosen score; ``excess_loss`` = base_loss - ref_loss)."""
+    shard's loss_mask), ``token_scores`` (the chosen score; ``excess_loss`` = base_loss - ref_loss) and
+    ``token_score_ids`` (the example id, for the grouping's tie-break)."""
     import datasets
 
     manifest = Manifest.load(directory)
@@ -56,7 +61,7 @@ def annotated_dataset(directory: str | Path, score: str) -> Any:
     missing = [p for p in parts if p not in manifest.scorer_names]
     if missing:
         raise ValueError(f"{directory}: no {missing} score (it has {manifest.scorer_names})")
-    columns = [INPUT_IDS, LOSS_MASK, *(score_column(p) for p in parts)]
+    columns = [ID, INPUT_IDS, LOSS_MASK, *(score_column(p) for p in parts)]
     table = pa.concat_tables([pq.read_table(Path(directory) / entry.path, columns=columns) for entry in manifest.shards])
     table = table.combine_chunks()
     lists = {name: table[name].chunk(0) for name in columns}  # one chunk each after combine_chunks
@@ -67,7 +72,8 @@ def annotated_dataset(directory: str | Path, score: str) -> Any:
     else:
         values = lists[score_column(score)]
     completion = pa.ListArray.from_arrays(offsets, lists[LOSS_MASK].flatten().cast(pa.int8()))
-    out = pa.table({"input_ids": lists[INPUT_IDS], "completion_mask": completion, SCORES: values})
+    out = pa.table({"input_ids": lists[INPUT_IDS], "completion_mask": completion, SCORES: values,
+                    SCORE_IDS: table[ID].cast(pa.string())})
     return datasets.Dataset(out)
 
 
@@ -84,19 +90,24 @@ def _collator_base() -> type:
 
 
 class TokenScoreCollator:
-    """TRL's language-modelling collator plus the padded ``token_scores`` (right padding, like input_ids)."""
+    """TRL's language-modelling collator plus the padded ``token_scores`` and ``token_tie_keys`` (right
+    padding, like input_ids; padded keys are 1.0, above every real key)."""
 
     def __init__(self, pad_token_id: int) -> None:
         self.inner = _collator_base()(pad_token_id=pad_token_id)
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         scores = [torch.tensor(example.pop(SCORES), dtype=torch.float32) for example in examples]
+        ids = [example.pop(SCORE_IDS, None) for example in examples]
         batch = self.inner(examples)
         padded = torch.zeros(batch["input_ids"].shape, dtype=torch.float32)
-        for row, values in enumerate(scores):
+        keys = torch.ones(batch["input_ids"].shape, dtype=torch.float64)
+        for row, (values, example_id) in enumerate(zip(scores, ids)):
             n = min(len(values), padded.shape[1])
             padded[row, :n] = values[:n]
+            keys[row, :n] = torch.from_numpy(position_keys(None if example_id is None else str(example_id), np.arange(n)))
         batch[SCORES] = padded
+        batch[TIE_KEYS] = keys
         return batch
 
 
@@ -117,37 +128,48 @@ class TrlLoss:
             options.setdefault("rho", rho)  # Rho-1 keeps the top 1 - rho by live excess loss
         self.loss_fn = build_loss(loss, **options)
         self.pending: torch.Tensor | None = None
+        self.pending_keys: torch.Tensor | None = None
         self.logged: dict[str, list[float]] = defaultdict(list)
 
     def attach(self, model: torch.nn.Module) -> None:
         """Register the pre-hook that takes ``token_scores`` out of the model's forward kwargs."""
         def take_scores(module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
             scores = kwargs.pop(SCORES, None)
+            keys = kwargs.pop(TIE_KEYS, None)
             if scores is not None:
-                self.pending = scores
+                self.pending, self.pending_keys = scores, keys
             return args, kwargs
 
         model.register_forward_pre_hook(take_scores, with_kwargs=True)
         self.model = model
 
-    def _important(self, scores: torch.Tensor, trainable: torch.Tensor) -> torch.Tensor:
+    def _important(self, scores: torch.Tensor, trainable: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """The grouping rule of data/grouping.py on the shifted rows (``keys``: their tie keys)."""
         if self.corpus_quantiles is not None:
-            threshold = quantile_from_summary({"quantiles": self.corpus_quantiles}, self.rho)
-            return (scores >= threshold) & trainable
-        return torch.stack([important_mask_sequence(s, m, self.rho) for s, m in zip(scores, trainable)])
+            important = torch.zeros_like(trainable)
+            cut = corpus_cut({"quantiles": self.corpus_quantiles}, self.rho)
+            important[trainable] = corpus_important(scores[trainable], keys[trainable], cut)
+            return important
+        return torch.stack([important_mask_sequence(s, m, self.rho, keys=k) for s, m, k in zip(scores, trainable, keys)])
 
     def __call__(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
         if self.pending is None:
             raise RuntimeError("no token_scores reached the loss: use TokenScoreCollator and call TrlLoss.attach(trainer.model)")
         scores, self.pending = self.pending.to(labels.device), None
+        keys, self.pending_keys = self.pending_keys, None
+        if keys is None:  # batches from another collator: every row hashes as the empty id
+            keys = torch.from_numpy(position_keys(None, np.arange(scores.shape[1]))).expand(scores.shape[0], -1)
+        keys = keys.to(labels.device)
         logits = outputs.logits[:, :-1]
         targets = labels[:, 1:]
         trainable = targets != -100
         # Position t's score belongs to token t, predicted from position t - 1: shift like the labels.
-        token_scores = scores[:, 1:]
-        token_loss = token_ce(logits[trainable], targets[trainable], logit_softcap(self.model))
+        token_scores, token_keys = scores[:, 1:], keys[:, 1:]
+        # outputs.logits come from the model's own forward, which already applied its final-logit
+        # transform (Gemma-2's soft-cap, Granite's scaling, ...): upcast only, never transform twice.
+        token_loss = token_ce(logits[trainable], targets[trainable], None)
         step_tokens = int(num_items_in_batch) if num_items_in_batch is not None else int(trainable.sum())
-        important = self._important(token_scores, trainable)[trainable]
+        important = self._important(token_scores, trainable, token_keys)[trainable]
         kwargs: dict[str, Any] = {}
         ref_loss = None
         if self.name == "rho1":

@@ -119,7 +119,7 @@ class TokenLossScorer:
         """[B, T] per kind: "loss" at t is -log p(ids[t] | ids[<t]), "entropy" at t is H(p(. | ids[<t])); 0 at t = 0."""
         import torch
 
-        from data.token_loss import logit_softcap, token_ce, token_logprobs
+        from data.token_loss import logit_transform, token_ce, token_logprobs
 
         hidden = self.model.base_model(input_ids=ids, attention_mask=attention).last_hidden_state
         head = self.model.get_output_embeddings()
@@ -127,7 +127,7 @@ class TokenLossScorer:
         flat_hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
         flat_targets = ids[:, 1:].reshape(-1)
         flat = {kind: torch.empty(flat_targets.shape[0], dtype=torch.float32, device=ids.device) for kind in kinds}
-        softcap = logit_softcap(self.model)
+        softcap = logit_transform(self.model)  # the model's own final-logit transform (scaling, soft-cap)
         for s in range(0, flat_targets.shape[0], self.options.logits_chunk):
             chunk = slice(s, s + self.options.logits_chunk)
             logits = head(flat_hidden[chunk])

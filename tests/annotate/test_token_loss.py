@@ -55,51 +55,114 @@ def test_missing_model_path_fails_before_loading(tmp_path):
         registry.get("ref_loss")(registry.build_options("ref_loss", {"model": str(tmp_path / "nope")}), ScorerContext(model="x"))
 
 
-@pytest.fixture(scope="module")
-def tiny_softcapped_dir(tmp_path_factory, smol_tokenizer_dir):
-    """A tiny random Gemma-2 (final-logit soft-capping, small cap so it matters) with SmolLM2's tokenizer."""
+def _save_with_tokenizer(model, out, smol_tokenizer_dir):
     import shutil
     from pathlib import Path
 
+    model.save_pretrained(out, safe_serialization=True)
+    for item in Path(smol_tokenizer_dir).iterdir():
+        shutil.copy(item, out / item.name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_softcapped_dir(tmp_path_factory, smol_tokenizer_dir):
+    """A tiny random Gemma-2 (final-logit soft-capping, small cap so it matters) with SmolLM2's tokenizer."""
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
     torch.manual_seed(0)
     config = Gemma2Config(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                           num_key_value_heads=2, head_dim=16, max_position_embeddings=512, final_logit_softcapping=0.5,
                           attn_logit_softcapping=None, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    out = tmp_path_factory.mktemp("tiny_gemma2")
-    Gemma2ForCausalLM(config).save_pretrained(out, safe_serialization=True)
-    for item in Path(smol_tokenizer_dir).iterdir():
-        shutil.copy(item, out / item.name)
-    return out
+    return _save_with_tokenizer(Gemma2ForCausalLM(config), tmp_path_factory.mktemp("tiny_gemma2"), smol_tokenizer_dir)
 
 
-@pytest.mark.parametrize("model_fixture", ["tiny_llama_dir", "tiny_softcapped_dir"])
+@pytest.fixture(scope="module")
+def tiny_granite_dir(tmp_path_factory, smol_tokenizer_dir):
+    """A tiny random Granite: its forward divides the logits by config.logits_scaling (0.125 here, so it matters)."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    torch.manual_seed(0)
+    config = GraniteConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=512, logits_scaling=0.125, embedding_multiplier=2.0,
+                           residual_multiplier=0.5, attention_multiplier=0.25, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return _save_with_tokenizer(GraniteForCausalLM(config), tmp_path_factory.mktemp("tiny_granite"), smol_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_cohere_dir(tmp_path_factory, smol_tokenizer_dir):
+    """A tiny random Cohere: its forward multiplies the logits by config.logit_scale (8 here, so it matters)."""
+    from transformers import CohereConfig, CohereForCausalLM
+
+    torch.manual_seed(0)
+    config = CohereConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=512, logit_scale=8.0, bos_token_id=1, eos_token_id=2,
+                          pad_token_id=2)
+    return _save_with_tokenizer(CohereForCausalLM(config), tmp_path_factory.mktemp("tiny_cohere"), smol_tokenizer_dir)
+
+
+#: fixture -> (attention implementation, the transform data.token_loss must find)
+FAMILIES = {
+    "tiny_llama_dir": ("sdpa", {}),
+    "tiny_softcapped_dir": ("eager", {"softcap": 0.5}),  # Gemma-2 has no sdpa path in transformers
+    "tiny_granite_dir": ("sdpa", {"divide": 0.125}),
+    "tiny_cohere_dir": ("sdpa", {"multiply": 8.0}),
+}
+
+
+@pytest.mark.parametrize("model_fixture", list(FAMILIES))
 def test_stored_base_loss_is_the_trainers_per_token_loss(request, model_fixture):
-    """annotate's base_loss on rows = train.forward.token_losses on the same rows packed (1e-5), soft-capping included."""
-    from data.token_loss import logit_softcap
+    """annotate's base_loss on rows = train.forward.token_losses on the same rows packed = CE of the HF model's own
+    logits (1e-5): each family's final-logit transform (Gemma-2's soft-cap, Granite's logits_scaling, Cohere's
+    logit_scale) included."""
+    from data.token_loss import LogitTransform, check_logit_transform, logit_transform
     from train.forward import token_losses
 
     model_dir = request.getfixturevalue(model_fixture)
+    attn, transform = FAMILIES[model_fixture]
     rng = np.random.default_rng(1)
     rows = [rng.integers(3, 49152, size=n).tolist() for n in (9, 23, 5)]
     stored = _scorer("base_loss", model_dir, max_batch_tokens=4096, logits_chunk=7).score(_table(rows))
-    attn = "eager" if model_fixture == "tiny_softcapped_dir" else "sdpa"  # Gemma-2 has no sdpa path in transformers
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn).eval()
+    assert logit_transform(model) == LogitTransform(**transform)
     packed = torch.tensor([t for r in rows for t in r])
     positions = torch.tensor([p for r in rows for p in range(len(r))])
     loss_mask = positions > 0  # every token but each example's first is a target
     with torch.no_grad():
         trainer = token_losses(model, packed, positions, [len(r) for r in rows], loss_mask, chunk_size=5).numpy()
     np.testing.assert_allclose(np.concatenate([s[1:] for s in stored]), trainer, rtol=1e-5, atol=1e-5)
-    if model_fixture == "tiny_softcapped_dir":
-        assert logit_softcap(model) == 0.5
-        # HF's own forward caps its logits too: the same losses. Raw lm_head logits without the cap differ.
-        np.testing.assert_allclose(np.concatenate([_reference(model_dir, r)[1:] for r in rows]), trainer, rtol=1e-5, atol=1e-5)
+    # HF's own forward transforms its logits: the same losses.
+    own = np.concatenate([_reference(model_dir, r)[1:] for r in rows])
+    np.testing.assert_allclose(own, trainer, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.concatenate([s[1:] for s in stored]), own, rtol=1e-5, atol=1e-5)
+    assert check_logit_transform(model, torch.tensor([rows[0]])) < 1e-4
+    if transform:  # raw lm_head logits without the transform differ: the test means something
         with torch.no_grad():
             raw = [model.lm_head(model.model(torch.tensor([r])).last_hidden_state[0, :-1]) for r in rows]
-            uncapped = torch.cat([torch.nn.functional.cross_entropy(l, torch.tensor(r[1:]), reduction="none") for l, r in zip(raw, rows)])
-        assert np.abs(uncapped.numpy() - trainer).max() > 1e-3, "the cap must matter for this test to mean anything"
+            untransformed = torch.cat([torch.nn.functional.cross_entropy(l, torch.tensor(r[1:]), reduction="none") for l, r in zip(raw, rows)])
+        assert np.abs(untransformed.numpy() - trainer).max() > 1e-3, "the transform must matter for this test to mean anything"
+
+
+def test_an_unknown_final_logit_transform_is_refused(tiny_granite_dir, monkeypatch):
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig
+
+    import data.token_loss as token_loss
+
+    # A model type outside the known list that announces a transform: refused, naming the attribute.
+    config = LlamaConfig(vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1)
+    config.logit_scale = 2.0
+    with pytest.raises(ValueError, match=r"model type 'llama' sets config.logit_scale = 2.0"):
+        token_loss.logit_transform(SimpleNamespace(config=config))
+    config.logit_scale = 1.0  # neutral values are no transform
+    assert token_loss.logit_transform(SimpleNamespace(config=config)) == token_loss.IDENTITY
+    assert token_loss.logit_transform(SimpleNamespace(config=SimpleNamespace(final_logit_softcapping=None))) == token_loss.IDENTITY
+    # The start-up check against the model's own logits catches a transform the table gets wrong.
+    model = AutoModelForCausalLM.from_pretrained(tiny_granite_dir, dtype=torch.float32).eval()
+    monkeypatch.setattr(token_loss, "logit_transform", lambda m: token_loss.IDENTITY)
+    with pytest.raises(ValueError, match="differ from sftgo's"):
+        token_loss.check_logit_transform(model, torch.tensor([[5, 6, 7, 8]]))
 
 
 def test_entropy_is_the_base_models_predictive_entropy_and_shares_its_pass(tiny_llama_dir):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import data.shard_stats as shard_stats
-from data.grouping import important_mask_sequence
+from data.grouping import corpus_cut, important_mask_sequence, position_keys
 from data.shard_stats import (
     corpus_thresholds,
     important_masks,
@@ -243,7 +243,7 @@ def test_important_masks_are_the_training_groups(clean, scope):
         assert set(masks) == set(ALL_SCORES)
         mask = torch.tensor(trainable_of(ex))
         for name in ALL_SCORES:
-            expected = important_mask_sequence(torch.tensor(score_of(ex, name)), mask, 0.7)
+            expected = important_mask_sequence(torch.tensor(score_of(ex, name)), mask, 0.7, ex["id"])
             assert masks[name] == expected.tolist()
             assert not masks[name][0]
 
@@ -259,11 +259,15 @@ def test_corpus_scope_uses_the_manifest_threshold(clean):
     thresholds = corpus_thresholds(str(path), 0.6)
     assert set(thresholds) == set(ALL_SCORES)
     for name in ALL_SCORES:
-        assert thresholds[name] == quantile_from_summary(manifest.score_stats[name], 0.6)
+        assert thresholds[name].threshold == quantile_from_summary(manifest.score_stats[name], 0.6)
+        assert thresholds[name] == corpus_cut(manifest.score_stats[name], 0.6)
     for ex in sample_examples(str(path), n=5, seed=2):
         masks = important_masks(ex, 0.6, "corpus", thresholds)
+        keys = position_keys(ex["id"], np.arange(len(ex["loss_mask"])))
         for name in ALL_SCORES:
-            assert masks[name] == ((score_of(ex, name) >= thresholds[name]) & trainable_of(ex)).tolist()
+            cut, score = thresholds[name], score_of(ex, name).astype(np.float64)
+            chosen = (score > cut.threshold) | ((score == cut.threshold) & (keys < cut.tie_fraction))
+            assert masks[name] == (chosen & trainable_of(ex)).tolist()
     with pytest.raises(ValueError, match="needs thresholds"):
         important_masks(ex, 0.6, "corpus")
 

@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as functional
 
-from train.grouping import batch_important_masks, important_mask_sequence
+from train.grouping import batch_important_masks
 from train.losses import build_loss
 
 WORLD_SIZE = 2
@@ -59,6 +59,16 @@ def make_data() -> list[list[dict[str, torch.Tensor]]]:
             )
         data.append(micro_batches)
     return data
+
+
+def batch_ids(rank: int, micro_batch: int) -> list[str]:
+    """Example ids of a grouping micro-batch: two packed examples each (the tie keys hash them)."""
+    return [f"r{rank}-m{micro_batch}-a", f"r{rank}-m{micro_batch}-b"]
+
+
+def batch_lens(micro_batch: dict[str, torch.Tensor]) -> list[int]:
+    """Two packed examples: the first two positions, then the rest."""
+    return [2, micro_batch["loss_mask"].numel() - 2]
 
 
 def step_loss_and_grads(
@@ -103,7 +113,8 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 results[f"{scenario}/{name}/loss"] = total.item()
                 results[f"{scenario}/{name}/grads"] = grads
         results["batch_masks"] = batch_important_masks(
-            [mb["scores"] for mb in data], [mb["loss_mask"] for mb in data], rho=0.5
+            [mb["scores"] for mb in data], [mb["loss_mask"] for mb in data], rho=0.5,
+            ids_list=[batch_ids(rank, i) for i in range(len(data))], seq_lens_list=[batch_lens(mb) for mb in data],
         )
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
@@ -165,13 +176,21 @@ def test_single_micro_batch_matches_the_method_formula(rank_results):
 @pytest.mark.timeout(120)
 def test_batch_grouping_across_ranks_equals_single_process(rank_results):
     data = make_data()
-    # Single process: rank 0's micro-batches, then rank 1's (tie-break: rank, micro-batch, position).
-    in_order = [mb for rank in range(WORLD_SIZE) for mb in data[rank]]
-    expected = important_mask_sequence(
-        torch.cat([mb["scores"] for mb in in_order]), torch.cat([mb["loss_mask"] for mb in in_order]), 0.5
-    )
+    # Single process, the micro-batches in any order: the tie keys follow (example id, position), not
+    # the rank or micro-batch, so rank 0's-then-rank 1's and the reverse give the same groups.
+    in_order = [(rank, i, mb) for rank in range(WORLD_SIZE) for i, mb in enumerate(data[rank])]
     got = torch.cat([mask for result in rank_results for mask in result["batch_masks"]])
-    assert torch.equal(got, expected)
+    for order in (in_order, in_order[::-1]):
+        expected = batch_important_masks([mb["scores"] for _, _, mb in order], [mb["loss_mask"] for _, _, mb in order], 0.5,
+                                         ids_list=[batch_ids(r, i) for r, i, _ in order],
+                                         seq_lens_list=[batch_lens(mb) for _, _, mb in order])
+        by_batch = {(r, i): m for (r, i, _), m in zip(order, expected)}
+        assert torch.equal(got, torch.cat([by_batch[(r, i)] for r, i, _ in in_order]))
     # 14 trainable tokens, ceil(0.5 * 14) = 7 important, none of them a non-trainable position.
     assert int(got.sum()) == 7
-    assert not (got & ~torch.cat([mb["loss_mask"] for mb in in_order])).any()
+    trainable = torch.cat([mb["loss_mask"] for _, _, mb in in_order])
+    assert not (got & ~trainable).any()
+    # Every token scoring above the cut is in, every token below is out; ties at the cut split by key.
+    scores = torch.cat([mb["scores"] for _, _, mb in in_order])[trainable]
+    cut = scores[got[trainable]].min()
+    assert bool((scores[~got[trainable]] <= cut).all()) and bool((scores > cut).sum() <= 7)

@@ -259,7 +259,7 @@ def _unpacked_group_losses(model, heldout_dir: Path, rho: float) -> dict:
         ce = F.cross_entropy(logits[:-1], ex["input_ids"][1:], reduction="none")
         mask = ex["loss_mask"]
         losses.append(ce[mask[1:]].double())
-        groups.append(important_mask_sequence(ex["score"], mask, rho)[mask])
+        groups.append(important_mask_sequence(ex["score"], mask, rho, ex["id"])[mask])  # ties by (id, position)
     loss, imp = torch.cat(losses), torch.cat(groups)
     return {"ce": loss.mean().item(), "important_loss": loss[imp].mean().item(), "unimportant_loss": loss[~imp].mean().item(),
             "tokens": loss.numel(), "important_tokens": int(imp.sum())}

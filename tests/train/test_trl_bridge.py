@@ -7,9 +7,9 @@ import torch
 pytest.importorskip("trl")
 
 from train.forward import token_losses  # noqa: E402
-from train.grouping import important_mask_packed  # noqa: E402
+from data.grouping import important_mask_sequence, position_keys  # noqa: E402
 from train.losses import build_loss  # noqa: E402
-from train.trl_bridge import SCORES, TokenScoreCollator, TrlLoss, annotated_dataset, trl_config_kwargs  # noqa: E402
+from train.trl_bridge import SCORE_IDS, SCORES, TIE_KEYS, TokenScoreCollator, TrlLoss, annotated_dataset, trl_config_kwargs  # noqa: E402
 from tests.train.conftest import make_examples, write_annotated_dir  # noqa: E402
 
 
@@ -23,7 +23,7 @@ def test_trl_first_step_loss_equals_ours(tmp_path, tiny_llama_dir, loss, options
     shards = tmp_path / "shards"
     write_annotated_dir(shards, make_examples(8, ["tfidf", "ref_loss"], min_len=6, max_len=20), ["tfidf", "ref_loss"])
     dataset = annotated_dataset(shards, score=score)
-    assert dataset.column_names == ["input_ids", "completion_mask", SCORES]
+    assert dataset.column_names == ["input_ids", "completion_mask", SCORES, SCORE_IDS]
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, attn_implementation="sdpa")
     bridge = TrlLoss(loss, rho=0.7, **options)
@@ -55,7 +55,14 @@ def test_trl_first_step_loss_equals_ours(tmp_path, tiny_llama_dir, loss, options
     positions = torch.cat([torch.arange(n) for n in lengths])
     with torch.no_grad():
         token_loss = token_losses(initial, ids, positions, lengths, trainable)
-    important = important_mask_packed(scores, trainable, lengths, 0.7, "sequence")[trainable]
+    # Each row's tie keys are those of its example id (found by its tokens) and positions, as in training.
+    by_tokens = {tuple(row["input_ids"]): row[SCORE_IDS] for row in dataset}
+    row_ids = [by_tokens[tuple(row[:n].tolist())] for row, n in zip(first["input_ids"], lengths)]
+    for row, n, example_id in zip(first[TIE_KEYS], lengths, row_ids):
+        assert row[:n].tolist() == position_keys(example_id, range(n)).tolist()
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    important = torch.cat([important_mask_sequence(scores[a : a + n], trainable[a : a + n], 0.7, example_id)
+                           for a, n, example_id in zip(starts, lengths, row_ids)])[trainable]
     ours = build_loss(loss, **({"rho": 0.7, **options} if loss == "rho1" else options))
     extra = {}
     if loss == "weighted":
