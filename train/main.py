@@ -44,11 +44,12 @@ from train import config as train_config  # noqa: E402
 from train.card import model_card  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
 from train.forward import resolve_attn_implementation, token_losses  # noqa: E402
-from train.grouping import batch_important_masks, important_mask_packed  # noqa: E402
+from data.shard_stats import important_share_warning, realised_important_share  # noqa: E402
+from train.grouping import CorpusCut, manifest_corpus_cut, step_important_masks  # noqa: E402
 from train.losses import build_loss  # noqa: E402
 from train.schedule import make_scheduler  # noqa: E402
 from train.shards import STATE_VERSION as STREAM_STATE_VERSION  # noqa: E402
-from train.shards import ShardStream, StreamPlan, corpus_threshold, open_annotated  # noqa: E402
+from train.shards import ShardStream, StreamPlan, open_annotated  # noqa: E402
 
 # DeepSpeed's ZeRO stages call this every step (3 warnings a step); nothing a user of this trainer can change.
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.reduce_scatter_tensor` is deprecated", category=FutureWarning)
@@ -262,12 +263,10 @@ def next_step_batches(batches: Iterator[dict[str, Any]], grad_accum: int, pad_id
     return step if has_data.item() > 0 else None
 
 
-def group_masks(step: list[dict[str, Any]], cfg: TrainConfig, threshold: float | None) -> list[torch.Tensor]:
-    """Important-token masks of the step's micro-batches at ``importance.rho`` in ``importance.scope``."""
-    rho, scope = cfg.importance.rho, cfg.importance.scope
-    if scope == "batch":  # across the step's micro-batches on every rank
-        return batch_important_masks([b["score"] for b in step], [b["loss_mask"] for b in step], rho)
-    return [important_mask_packed(b["score"], b["loss_mask"], b["seq_lens"], rho, scope, threshold=threshold) for b in step]
+def group_masks(step: list[dict[str, Any]], cfg: TrainConfig, threshold: CorpusCut | None) -> list[torch.Tensor]:
+    """Important-token masks of the step's micro-batches at ``importance.rho`` in ``importance.scope`` (the batch
+    scope across the step's micro-batches on every rank; ties broken by a hash of example id and position)."""
+    return step_important_masks(step, cfg.importance.rho, cfg.importance.scope, threshold)
 
 
 def run_micro_batch(engine: Any, batch: dict[str, Any], important: torch.Tensor, loss_fn: Any, step_tokens: int,
@@ -644,8 +643,9 @@ def dry_run(cfg: TrainConfig) -> int:
     decision = getattr(cfg.loss, "group_decision", None)
     if decision is not None:
         lines.append(f"group decision: {decision}")
+    share = realised_important_share(cfg.data.train, cfg.importance.scorer, cfg.importance.rho, cfg.importance.scope)
     lines.append(f"groups: {cfg.importance.scorer} at rho {cfg.importance.rho} in the {cfg.importance.scope} scope; "
-                 f"important share {important_share(cfg, stream, manifest):.4f} (1 - rho = {1 - cfg.importance.rho:.4f})")
+                 f"realised important share {share['share']:.4f} (1 - rho = {share['target']:.4f}; {share['method']})")
     lines += describe_plan(cfg, plan, total_steps, world_size)
     lambda_at = getattr(loss_fn, "lambda_at", None)
     if lambda_at is not None:
@@ -655,26 +655,6 @@ def dry_run(cfg: TrainConfig) -> int:
     lines.append(f"zero stage {zero_stage}: {why}")
     print("\n".join(lines))
     return 0
-
-
-def important_share(cfg: TrainConfig, stream: ShardStream, manifest: Any) -> float:
-    """The share of trainable tokens that will be important: exact in the sequence scope (ceil per example, from
-    the lengths), 1 - rho in the batch scope, the manifest sketch's share above the threshold in the corpus scope."""
-    from schemas.shard import ceil_count
-
-    rho, scope = cfg.importance.rho, cfg.importance.scope
-    if scope == "sequence":
-        stream.read_lengths()
-        trainable = stream.trainable[stream.trainable > 0]
-        return float(sum(ceil_count(1 - rho, int(n)) for n in trainable) / max(1, int(trainable.sum())))
-    if scope == "corpus":
-        summary = manifest.score_stats.get(cfg.importance.scorer) or {}
-        quantiles = summary.get("quantiles")
-        if quantiles:
-            threshold = corpus_threshold(manifest, cfg.importance.scorer, rho)
-            # Tokens at or above the threshold are important (>=): the sketch's share of them.
-            return float(np.mean(np.asarray(quantiles, dtype=np.float64) >= threshold))
-    return 1 - rho
 
 
 def run(argv: list[str] | None, progress: Progress) -> int:
@@ -780,13 +760,14 @@ def run(argv: list[str] | None, progress: Progress) -> int:
                       f"shards' loss_mask holds {plan.loss_mask_tokens}; run python -m schemas.validate on it")
     for line in describe_plan(cfg, plan, total_steps, world_size):
         log0(line)
-    threshold = corpus_threshold(manifest, cfg.importance.scorer, cfg.importance.rho) if cfg.importance.scope == "corpus" else None
+    threshold = manifest_corpus_cut(manifest, cfg.importance.scorer, cfg.importance.rho) if cfg.importance.scope == "corpus" else None
     # The score's quantile sketch: rank weights in the corpus scope read the score's CDF off it.
     corpus_quantiles = (manifest.score_stats.get(cfg.importance.scorer) or {}).get("quantiles") if cfg.importance.scope == "corpus" else None
-    share = important_share(cfg, stream, manifest)
-    if abs(share - (1 - cfg.importance.rho)) > 0.05:
-        log0(f"warning: important share {share:.4f} differs from 1 - rho = {1 - cfg.importance.rho:.4f} by more than 0.05 "
-             f"({cfg.importance.scope} scope: ties at the threshold, or examples too short to cut finely)")
+    share = realised_important_share(cfg.data.train, cfg.importance.scorer, cfg.importance.rho, cfg.importance.scope)
+    log0(f"groups: {cfg.importance.scorer} at rho {cfg.importance.rho} ({cfg.importance.scope} scope): realised important "
+         f"share {share['share']:.4f}, 1 - rho = {share['target']:.4f}")
+    if (warning := important_share_warning(share)) is not None:
+        log0(f"warning: {warning}")
 
     # -- model and engine -------------------------------------------------------------------------------
     step = 0
@@ -926,7 +907,8 @@ def run(argv: list[str] | None, progress: Progress) -> int:
             "steps": step, "total_steps": total_steps, "max_steps": cfg.train.max_steps or None,
             "epochs": None if cfg.train.max_steps else cfg.train.epochs, "epochs_trained": per_epoch,
             "data_per_epoch": {"examples": plan.examples, "trainable_tokens": plan.trainable_tokens, "skipped_no_trainable": plan.skipped},
-            "important_share": share, "skipped_no_trainable": stream.skipped_no_trainable,
+            "important_share": {key: share[key] for key in ("share", "target", "differs", "scope", "method")},
+            "skipped_no_trainable": stream.skipped_no_trainable,
             "config_sha256": config_sha256, "identity": identity, "history": runs}, indent=2))
         if not cfg.checkpoint.keep_final:
             shutil.rmtree(ckpt_root, ignore_errors=True)

@@ -340,8 +340,6 @@ def test_no_cpu_tensor_reaches_an_nccl_collective(monkeypatch, call):
         assert not seen and raised.type is not _Stop
 
 
-@pytest.mark.xfail(strict=True, reason="train/main.py's group_masks must call train.grouping.step_important_masks "
-                                       "(the wiring is the lead's); remove this marker once it does")
 @pytest.mark.parametrize("scope", ["sequence", "batch", "corpus"])
 def test_the_trainers_group_masks_break_ties_by_the_tie_keys(scope):
     from types import SimpleNamespace
