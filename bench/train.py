@@ -25,6 +25,13 @@ How it measures:
   checkpointing the hardware does ~8 * params FLOPs per token; 6N is the usual convention.
 
     python bench/train.py --device cpu --model tiny --steps 5 --warmup 2 --out bench/results/train_cpu.json
+    python bench/train.py --device cpu --model tiny --tiny-layers 30 --tiny-vocab 1024 --losses sftgo,rho1 \
+        --grad-accum 4 --group-decision-compare --steps 6 --warmup 1 --threads 1 --out bench/results/group_decision_cpu.json
+
+``--group-decision-compare``: each worker times ``loss.group_decision=step`` against ``micro_batch``
+in the same process on the same engine, alternating step by step (step/micro_batch, then
+micro_batch/step, ...) on the same micro-batches; the per-step ratio's median is
+``group_decision.ratio_step_over_micro_batch``.
     python3 bench/train.py --device cuda --model .bench/lm --random-weights --micro-batch-tokens 8192 \
         --grad-accum 1 --steps 20 --warmup 5 --rounds 2 --out $OUT/train_gpu.json
 """
@@ -244,7 +251,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     model = load_model(cfg, cfg.model, ds_config, dtype, attn, random_weights=args.random_weights)
-    engine, _ = build_engine(model, cfg, ds_config, n_steps)  # exactly the trainer's engine and optimizer
+    compare = args.group_decision_compare
+    # --group-decision-compare: two optimizer steps per loop (one per mode) on the same engine.
+    engine, _ = build_engine(model, cfg, ds_config, n_steps * (2 if compare else 1))  # exactly the trainer's engine and optimizer
     loss_fn = build_loss(cfg.loss.name, **train_config.loss_options(cfg))
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
 
@@ -269,9 +278,32 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
     engine.module.train()
     records = []
+    mode_cfgs = {}
+    if compare:
+        import dataclasses
+
+        mode_cfgs = {mode: dataclasses.replace(cfg, loss=dataclasses.replace(cfg.loss, group_decision=mode))
+                     for mode in ("step", "micro_batch")}
     for step in range(n_steps):
         micro = batches[step * cfg.train.grad_accum:(step + 1) * cfg.train.grad_accum]
         micro = next_step_batches(iter(micro), cfg.train.grad_accum, pad_id, device)
+        if compare:  # both modes on the same micro-batches, alternating which goes first
+            order = ["step", "micro_batch"] if step % 2 == 0 else ["micro_batch", "step"]
+            record = {"step": step, "timed": step >= args.warmup, "tokens": 0, "first": order[0]}
+            for mode in order:
+                cpu0 = time.process_time()
+                (parts, step_tokens, seen_tokens), seconds = timed(
+                    lambda: train_step(engine, micro, loss_fn, mode_cfgs[mode], None, step / max(1, n_steps - 1), device), "project")
+                record[f"{mode}_seconds"] = seconds
+                # Process CPU time: on a shared CPU box wall time swings with other people's load; with
+                # --threads 1 the step's compute is this process's CPU time (the trainer-profile note's measure).
+                record[f"{mode}_cpu_seconds"] = time.process_time() - cpu0
+                record[f"{mode}_loss"] = float(sum(p["loss"] for p in parts))
+                record[f"{mode}_worse_group"] = float(sum(p["worse_group"] * p["tokens"] for p in parts) / max(1.0, sum(p["tokens"] for p in parts)))
+                record["tokens"], record["trainable_tokens"] = seen_tokens, step_tokens
+            record["seconds"] = record["step_seconds"]
+            records.append(record)
+            continue
         (parts, step_tokens, seen_tokens), seconds = timed(
             lambda: train_step(engine, micro, loss_fn, cfg, None, step / max(1, n_steps - 1), device), "project")
         record = {"step": step, "seconds": seconds, "tokens": seen_tokens, "trainable_tokens": step_tokens,
@@ -294,6 +326,19 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "tokens_per_s": tokens / seconds, "tokens_hash": sum(int(b["input_ids"].sum()) for b in batches),
         "steps": records,
     }
+    if compare:
+        result["group_decision"] = {
+            "step_seconds_median": statistics.median(r["step_seconds"] for r in timed_records),
+            "micro_batch_seconds_median": statistics.median(r["micro_batch_seconds"] for r in timed_records),
+            # Per-step ratio, then the median: both modes ran back to back on the same micro-batches.
+            "ratio_step_over_micro_batch": statistics.median(r["step_seconds"] / r["micro_batch_seconds"] for r in timed_records),
+            "ratio_of_sums": sum(r["step_seconds"] for r in timed_records) / sum(r["micro_batch_seconds"] for r in timed_records),
+            "step_cpu_seconds_median": statistics.median(r["step_cpu_seconds"] for r in timed_records),
+            "micro_batch_cpu_seconds_median": statistics.median(r["micro_batch_cpu_seconds"] for r in timed_records),
+            "ratio_step_over_micro_batch_cpu": statistics.median(r["step_cpu_seconds"] / r["micro_batch_cpu_seconds"] for r in timed_records),
+            "ratio_of_sums_cpu": sum(r["step_cpu_seconds"] for r in timed_records) / sum(r["micro_batch_cpu_seconds"] for r in timed_records),
+            "grad_accum": cfg.train.grad_accum, "gradient_checkpointing": cfg.train.gradient_checkpointing,
+        }
     if plain is not None:
         plain_seconds = sum(r["plain_seconds"] for r in timed_records)
         result["plain"] = {"step_seconds_median": statistics.median(r["plain_seconds"] for r in timed_records),
@@ -457,6 +502,9 @@ def main() -> int:
     ap.add_argument("--variant", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE...]",
                     help="also run every loss with these train-config overrides, in the same rotation (repeatable); "
                          "ratios 'LOSS@NAME/LOSS' compare it with the default config, e.g. zero3:train.zero_stage=3")
+    ap.add_argument("--group-decision-compare", action="store_true",
+                    help="time loss.group_decision=step against micro_batch in the same worker, alternating step by step on the same "
+                         "micro-batches (use --grad-accum > 1: with one micro-batch per step both modes are the same computation)")
     ap.add_argument("--out", default="bench/results/train.json")
     ap.add_argument("--work", default="", help="folder for the tiny model and synthetic data (default: a temporary one)")
     # internal
@@ -521,6 +569,11 @@ def main() -> int:
             res["round"], res["process_seconds"] = r, time.time() - t0
             runs[name].append(res)
             order_log.append(name)
+            if "group_decision" in res:
+                gd = res["group_decision"]
+                print(f"round {r} {name}: group_decision step {gd['step_seconds_median']*1e3:.1f} ms, micro_batch "
+                      f"{gd['micro_batch_seconds_median']*1e3:.1f} ms, step/micro_batch x{gd['ratio_step_over_micro_batch']:.3f} wall, "
+                      f"x{gd['ratio_step_over_micro_batch_cpu']:.3f} process CPU", flush=True)
             print(f"round {r} {name}: {res['tokens_per_s']:.0f} tokens/s, step {res['step_seconds_median']*1e3:.1f} ms, "
                   f"peak {res['peak_mem_mib']:.1f} MiB" + (f", mfu {res['mfu']:.3f}" if "mfu" in res else "")
                   + (f", x{res['ratio_to_plain_step_seconds']:.3f} plain ({res['plain']['step_seconds_median']*1e3:.1f} ms)"
@@ -571,6 +624,14 @@ def main() -> int:
                 # to load that differs between the processes (a shared machine).
                 ratios[f"{name}/sft"]["step_seconds_via_plain"] = (ratios[f"{name}/plain"]["step_seconds"]
                                                                     / ratios["sft/plain"]["step_seconds"])
+    for name, rs in runs.items():
+        if "group_decision" in rs[0]:
+            ratios[f"{name}:group_decision_step/micro_batch"] = {
+                "step_seconds": statistics.median(r["group_decision"]["ratio_step_over_micro_batch"] for r in rs),
+                "step_cpu_seconds": statistics.median(r["group_decision"]["ratio_step_over_micro_batch_cpu"] for r in rs),
+                "step_cpu_seconds_ratio_of_sums": statistics.median(r["group_decision"]["ratio_of_sums_cpu"] for r in rs),
+                "step_seconds_median_step": statistics.median(r["group_decision"]["step_seconds_median"] for r in rs),
+                "step_seconds_median_micro_batch": statistics.median(r["group_decision"]["micro_batch_seconds_median"] for r in rs)}
     target = None
     if "sftgo/sft" in ratios:
         rr = ratios["sftgo/sft"]

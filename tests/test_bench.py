@@ -46,6 +46,27 @@ def test_train_bench_plain_baseline_and_variant(tmp_path):
     assert json.loads((tiny / "config.json").read_text())["num_hidden_layers"] == 3
 
 
+def test_train_bench_group_decision_side_by_side(tmp_path):
+    """--group-decision-compare: both modes in one worker, alternating, on the same micro-batches."""
+    out = tmp_path / "gd.json"
+    cmd = [sys.executable, "bench/train.py", "--device", "cpu", "--model", "tiny", "--tiny-layers", "2", "--tiny-vocab", "1024",
+           "--losses", "sftgo", "--grad-accum", "2", "--group-decision-compare", "--steps", "2", "--warmup", "1", "--threads", "1",
+           "--examples", "24", "--work", str(tmp_path / "work"), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    run = report["runs"]["sftgo"][0]
+    assert [s["first"] for s in run["steps"]] == ["step", "micro_batch", "step"]
+    for s in run["steps"]:
+        assert s["step_seconds"] > 0 and s["micro_batch_seconds"] > 0 and s["step_cpu_seconds"] > 0
+        assert s["trainable_tokens"] > 0 and 0.0 <= s["step_worse_group"] <= 1.0
+    # step's worse group is one decision for the whole step: 0 or 1, never a mix of micro-batches
+    assert all(s["step_worse_group"] in (0.0, 1.0) for s in run["steps"])
+    ratio = report["ratios"]["sftgo:group_decision_step/micro_batch"]
+    assert ratio["step_seconds"] > 0 and ratio["step_cpu_seconds"] > 0
+    assert run["group_decision"]["grad_accum"] == 2 and run["group_decision"]["gradient_checkpointing"] is True
+
+
 def test_train_bench_trl_baseline(tmp_path):
     pytest.importorskip("trl", reason="the trl extra: pip install -e '.[trl]'")
     out = tmp_path / "trl.json"

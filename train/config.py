@@ -39,7 +39,7 @@ from typing import Any
 from data import config as config_mechanism
 from data.config import ConfigError, option
 from schemas.shard import EXCESS_LOSS, EXCESS_LOSS_PARTS, Manifest, has_ref_loss, has_score, score_names
-from train.losses import LOSSES, Loss
+from train.losses import GROUP_DECISIONS, LOSSES, Loss
 from train.schedule import SCHEDULES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,6 +74,10 @@ def _loss_attribute(f: dataclasses.Field) -> str:
     return key if key.isidentifier() and not keyword.iskeyword(key) else f.name
 
 
+# loss.group_decision's default (bench/README.md "group decision": the look-ahead's measured cost).
+GROUP_DECISION_DEFAULT = "step"
+
+
 def _loss_config_class() -> type:
     """The ``loss`` section: ``name`` plus every registered loss's Options, keyed as in YAML.
 
@@ -81,7 +85,10 @@ def _loss_config_class() -> type:
     except ``lambda_`` (``lambda`` is a Python keyword). Adding a loss adds its keys here.
     """
     names = " | ".join(LOSSES)
-    fields: list[tuple[str, Any, Any]] = [("name", str, option("sftgo", f"objective: {names} (METHOD.md 'Losses'; select = CE over the important group only, Token Cleaning; weighted = sum w*CE / sum w, w from the score)"))]
+    fields: list[tuple[str, Any, Any]] = [
+        ("name", str, option("sftgo", f"objective: {names} (METHOD.md 'Losses'; select = CE over the important group only, Token Cleaning; weighted = sum w*CE / sum w, w from the score)")),
+        ("group_decision", str, option(GROUP_DECISION_DEFAULT, "where sftgo's worse group, rho1's top-k and select's important count are decided: step (the whole optimizer step, all micro-batches and ranks: the objective does not depend on the split; sftgo and rho1 run a no-grad look-ahead forward when train.grad_accum > 1) | micro_batch (per micro-batch: cheaper, split-dependent)")),
+    ]
     for loss_cls in LOSSES.values():
         hints = typing.get_type_hints(loss_cls.Options)
         for f in dataclasses.fields(loss_cls.Options):
@@ -319,6 +326,8 @@ def validate(config: TrainConfig) -> None:
     need(imp.scope in SCOPES, f"importance.scope: {imp.scope!r} is not one of {list(SCOPES)}")
 
     need(c.loss.name in LOSSES, f"loss.name: {c.loss.name!r} is not one of {sorted(LOSSES)}")
+    need(c.loss.group_decision in GROUP_DECISIONS,
+         f"loss.group_decision: {c.loss.group_decision!r} is not one of {list(GROUP_DECISIONS)}")
     for loss_cls in LOSSES.values():  # every loss's options, chosen or not: a typo never waits for the day it is used
         p.extend(loss_options_of(c.loss, loss_cls).problems(as_key=True))
     if c.loss.name in LOSSES:

@@ -16,19 +16,34 @@ The returned scalar is this rank's exact contribution: summed over ranks and ove
 of the step it is METHOD.md's loss on the global batch, and so is its gradient. The trainer only
 undoes DeepSpeed's gradient averaging (multiplies by the world size).
 
-Group means are means over the micro-batch's tokens on ALL ranks: per-group loss sums and token
-counts are all-reduced (no gradient), so every rank takes the same decisions. With gradient
-accumulation the data-dependent choices (SFT-GO's worse group, Rho-1's top set) are made per
-micro-batch, and micro-batch m's group term is weighted by ``w_m = N_m / step_tokens`` (N_m: its
-trainable tokens over all ranks): with one micro-batch per step this is exactly the global-batch
-formula, with several it is the token-weighted mean of per-micro-batch group losses.
+Group means are means over ALL ranks: per-group loss sums and token counts are all-reduced (no
+gradient), so every rank takes the same decisions. Where the data-dependent choices (SFT-GO's worse
+group, Rho-1's top set, select's important count) are made is ``loss.group_decision``:
+
+- ``step`` (METHOD.md "Distributed correctness"): over the whole optimizer step, every micro-batch
+  on every rank, before any of its micro-batches' losses. The trainer calls
+  ``loss_fn.decide(important, token_losses, ref_losses)`` once per step with every micro-batch's
+  inputs (``token_losses``: the step's live per-token losses from a no-grad look-ahead forward, for
+  the losses with ``needs_lookahead``; select's count needs only the masks) and passes each
+  micro-batch its :class:`StepDecision` (``decision=``). The objective is then the global-batch
+  formula exactly, however the step is split into micro-batches and ranks.
+- ``micro_batch``: per micro-batch; micro-batch m's group term is weighted by ``w_m = N_m / step_tokens``
+  (N_m: its trainable tokens over all ranks). One micro-batch per step: the global-batch formula;
+  with several, the token-weighted mean of per-micro-batch group losses, which depends on the split
+  (``sum_m N_m / N * max_g L_g,m >= max_g L_g``). No look-ahead forward.
+
+A loss with ``decides_per_step`` (sftgo, rho1, select) also takes ``decision=`` (a :class:`StepDecision`
+from its ``decide``); the others take none (``weighted`` is exact over the step by construction: the
+trainer all-reduces the step's weight sum before the step).
 
 Every call is a collective when torch.distributed is initialized: every rank must call the loss for
 every micro-batch, even with no trainable tokens.
 
 Metrics (python floats, the same keys for every loss):
     loss: this rank's contribution (sum over ranks and micro-batches = the step's loss);
-    ce: mean CE over the micro-batch's tokens on all ranks;
+    ce: mean CE over the micro-batch's tokens on all ranks (with a look-ahead step decision, sftgo and
+        rho1 report the step's ce, group losses, worse group and important fraction instead, so the
+        trainer's token-weighted mean over micro-batches is the step's value);
     important_loss / unimportant_loss: mean CE of each group over the same tokens, 0.0 for an empty
         group (no NaN in logs); for rho1 the "important" group is the live top-k selection;
     worse_group: 1.0 if the important group has the larger mean (ties and an empty unimportant
@@ -55,6 +70,8 @@ from train.grouping import all_reduce_sum, distributed_top_mask
 
 
 LOSSES: dict[str, type[Loss]] = {}
+# loss.group_decision: where SFT-GO's worse group, Rho-1's top set and select's count are decided.
+GROUP_DECISIONS = ("step", "micro_batch")
 
 
 def register(cls: type[Loss]) -> type[Loss]:
@@ -89,6 +106,8 @@ class Loss:
     needs_ref_loss: ClassVar[bool] = False  # the trainer must load and pass ref_loss
     needs_groups: ClassVar[bool] = False  # the loss reads `important` (others only log it)
     needs_weights: ClassVar[bool] = False  # the trainer computes token_weights and passes weight / step_weight
+    decides_per_step: ClassVar[bool] = False  # group_decision=step: the trainer calls decide() and passes decision=
+    needs_lookahead: ClassVar[bool] = False  # decide() needs the step's live per-token losses (a no-grad forward)
 
     def __init__(self, group: dist.ProcessGroup | None = None, **options: Any) -> None:
         # TypeError on an unknown option, as any keyword; ValueError listing every bad value.
@@ -118,6 +137,17 @@ class Loss:
     def describe(self) -> str:
         """The objective in one line, with its settings (reports and logs)."""
         raise NotImplementedError
+
+    def decide(self, important: list[Tensor], token_losses: list[Tensor] | None = None,
+               ref_losses: list[Tensor | None] | None = None) -> list[StepDecision]:
+        """The step's group decision for each of its micro-batches (``loss.group_decision=step``).
+
+        Every argument holds one entry per micro-batch of the step on this rank, over its local
+        trainable tokens: ``important`` the load-time groups, ``token_losses`` the live per-token losses
+        (detached; required when ``needs_lookahead``), ``ref_losses`` the stored reference losses
+        (rho1). A collective when torch.distributed is initialized: every rank calls it once per step.
+        """
+        raise NotImplementedError(f"{self.name} takes no group decision (decides_per_step is False)")
 
 
 def _shown(options: Any, name: str, as_key: bool) -> str:
@@ -184,6 +214,46 @@ def group_stats(token_loss: Tensor, important: Tensor, group: dist.ProcessGroup 
     )
     loss_sum, tokens, important_sum, important_tokens = all_reduce_sum(local, group).tolist()
     return GroupStats(loss_sum, int(round(tokens)), important_sum, int(round(important_tokens)))
+
+
+@dataclass(frozen=True)
+class StepDecision:
+    """A group decision over the whole optimizer step (all micro-batches, all ranks), for one micro-batch.
+
+    ``trained_tokens``: tokens of the trained group over the step on all ranks (SFT-GO's worse group,
+    Rho-1's top set, select's important group): the group term's denominator. ``worse_group``: 1 when
+    the important group (rho1: the live top set) is the trained one. ``selected``: rho1's top set over
+    this micro-batch's local trainable tokens. ``stats``: the step's group statistics (None for select,
+    which decides from the masks alone).
+    """
+
+    trained_tokens: int
+    worse_group: int
+    selected: Tensor | None = None
+    stats: GroupStats | None = None
+
+
+def _step_stats(token_losses: list[Tensor] | None, groups: list[Tensor], group: dist.ProcessGroup | None) -> GroupStats:
+    """:func:`group_stats` over every micro-batch of the step (concatenated in order)."""
+    if token_losses is None:
+        raise ValueError("this decision needs the step's live token losses (needs_lookahead)")
+    if len(token_losses) != len(groups):
+        raise ValueError(f"{len(token_losses)} token_losses for {len(groups)} micro-batches")
+    return group_stats(_cat([t.detach().double() for t in token_losses]), _cat(groups, torch.bool), group)
+
+
+def _cat(parts: list[Tensor], dtype: torch.dtype = torch.float64) -> Tensor:
+    return torch.cat([p.reshape(-1) for p in parts]) if parts else torch.zeros(0, dtype=dtype)
+
+
+def _check_decision(decision: StepDecision, token_loss: Tensor) -> None:
+    if decision.selected is not None and decision.selected.shape != token_loss.shape:
+        raise ValueError(f"decision.selected {tuple(decision.selected.shape)} does not match token_loss {tuple(token_loss.shape)}")
+
+
+def _step_metrics(contribution: Tensor, stats: GroupStats, lambda_: float, tokens: int) -> dict[str, float]:
+    """The step's group statistics as this micro-batch's metrics; ``tokens`` stays the micro-batch's."""
+    return {**_metrics(contribution, stats, lambda_), "tokens": float(tokens)}
 
 
 def _check_inputs(
@@ -275,7 +345,12 @@ class SftGoLoss(Loss):
     group (larger mean over all ranks; if one group is empty, the other) is decided per micro-batch
     without gradient. One micro-batch per step: exactly METHOD.md's global-batch loss. With
     gradient accumulation the worse group is chosen per micro-batch and the group term is the
-    token-weighted mean of the micro-batches' worse-group losses.
+    token-weighted mean of the micro-batches' worse-group losses (``group_decision=micro_batch``).
+
+    With a step decision (``decide``: the group means over the step's look-ahead losses) the group
+    term is ``lambda * sum_{t in worse, local} l_t / N_worse`` with the worse group and N_worse of the
+    whole step: summed over micro-batches and ranks, exactly ``(1 - lambda) L_CE + lambda max(L_1, L_0)``
+    on the global batch.
 
     Options: lambda_ (static lambda, paper 0.9) with ``lambda_schedule="static"``; ``"linear"`` goes
     from lambda_max at progress 0 to lambda_min at 1 (paper: 0.9 -> 0.07 and 0.9 -> 0.05).
@@ -284,6 +359,8 @@ class SftGoLoss(Loss):
     name = "sftgo"
     Options = SftGoOptions
     needs_groups = True
+    decides_per_step = True
+    needs_lookahead = True
     SCHEDULES = ("static", "linear")
 
     def describe(self) -> str:
@@ -299,14 +376,29 @@ class SftGoLoss(Loss):
         progress = min(max(progress, 0.0), 1.0)
         return self.options.lambda_max + (self.options.lambda_min - self.options.lambda_max) * progress
 
+    def decide(self, important: list[Tensor], token_losses: list[Tensor] | None = None,
+               ref_losses: list[Tensor | None] | None = None) -> list[StepDecision]:
+        """The worse group of the whole step from its look-ahead losses (group sums all-reduced)."""
+        stats = _step_stats(token_losses, important, self.group)
+        worse = stats.worse_group
+        decision = StepDecision(stats.important_tokens if worse == 1 else stats.unimportant_tokens, worse, stats=stats)
+        return [decision] * len(important)
+
     def __call__(
-        self, token_loss: Tensor, important: Tensor, ref_loss: Tensor | None, step_tokens: int, progress: float
+        self, token_loss: Tensor, important: Tensor, ref_loss: Tensor | None, step_tokens: int, progress: float,
+        decision: StepDecision | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         _check_inputs(token_loss, important, ref_loss, step_tokens, progress)
         stats = group_stats(token_loss, important, self.group)
         lambda_ = self.lambda_at(progress)
         scale = _per_token_scale(step_tokens)
         contribution = (1.0 - lambda_) * scale * token_loss.sum()
+        if decision is not None:  # the step's worse group and its size: the global-batch max, exactly
+            _check_decision(decision, token_loss)
+            if decision.trained_tokens > 0:
+                worse_mask = important if decision.worse_group == 1 else ~important
+                contribution = contribution + lambda_ / decision.trained_tokens * token_loss[worse_mask].sum()
+            return contribution, _step_metrics(contribution, decision.stats or stats, lambda_, stats.tokens)
         worse_group = stats.worse_group
         worse_mask = important if worse_group == 1 else ~important
         worse_tokens = stats.important_tokens if worse_group == 1 else stats.unimportant_tokens
@@ -335,8 +427,11 @@ class Rho1Loss(Loss):
     Contribution: ``w_m * sum_{t in top, local} l_t / K_m`` with ``w_m = N_m / step_tokens`` and K_m
     the selected count over all ranks. One micro-batch per step: METHOD.md's
     ``sum_{t in top} l_t / |top|`` on the global batch; with accumulation the top set is chosen
-    per micro-batch, treated like SFT-GO's worse group. ``important`` is not used; the metrics
-    report the live selection as the important group.
+    per micro-batch, treated like SFT-GO's worse group (``group_decision=micro_batch``). With a step
+    decision (``decide``) the top ``ceil((1 - rho) * N_step)`` of the whole step's look-ahead excess
+    over all ranks (all-gathered; ties: rank, micro-batch, position) is selected and the contribution
+    is ``sum_{t in top, local} l_t / K_step``: the global-batch formula exactly. ``important`` is not
+    used; the metrics report the live selection as the important group.
 
     Options: rho in [0, 1); the top ``1 - rho`` fraction is trained (Rho-1's k = 60-70%: rho 0.3-0.4).
     """
@@ -344,6 +439,8 @@ class Rho1Loss(Loss):
     name = "rho1"
     Options = Rho1Options
     needs_ref_loss = True
+    decides_per_step = True
+    needs_lookahead = True
 
     def __init__(self, rho: float, group: dist.ProcessGroup | None = None) -> None:
         super().__init__(group, rho=rho)
@@ -361,12 +458,39 @@ class Rho1Loss(Loss):
         """The objective in one line, with its settings (reports and logs)."""
         return f"CE over the top {1 - self.options.rho:.0%} of tokens by excess loss (rho1 rho {self.options.rho:g})"
 
+    def decide(self, important: list[Tensor], token_losses: list[Tensor] | None = None,
+               ref_losses: list[Tensor | None] | None = None) -> list[StepDecision]:
+        """The top set of the whole step's live excess over all ranks (values all-gathered: exact)."""
+        if token_losses is None or ref_losses is None or len(ref_losses) != len(token_losses):
+            raise ValueError("rho1's step decision needs the look-ahead token losses and ref_loss of every micro-batch")
+        if any(r is None and t.numel() for t, r in zip(token_losses, ref_losses)):
+            raise ValueError("rho1 needs ref_loss (annotate with the ref_loss scorer)")
+        # A rank out of data pads its step with empty micro-batches, which carry no ref_loss.
+        excess = _cat([t.detach().double() - (r.detach().to(device=t.device, dtype=torch.float64) if r is not None else 0.0)
+                       for t, r in zip(token_losses, ref_losses)])
+        selected = distributed_top_mask(excess, self.options.rho, self.group)
+        parts = list(torch.split(selected, [t.numel() for t in token_losses]))
+        stats = _step_stats(token_losses, parts, self.group)
+        return [StepDecision(stats.important_tokens, 1, selected=part, stats=stats) for part in parts]
+
     def __call__(
-        self, token_loss: Tensor, important: Tensor, ref_loss: Tensor | None, step_tokens: int, progress: float
+        self, token_loss: Tensor, important: Tensor, ref_loss: Tensor | None, step_tokens: int, progress: float,
+        decision: StepDecision | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         _check_inputs(token_loss, important, ref_loss, step_tokens, progress)
-        if ref_loss is None:
+        if decision is not None:  # the step's top set, fixed by the look-ahead
+            _check_decision(decision, token_loss)
+            selected = decision.selected.to(token_loss.device)
+            stats = group_stats(token_loss, selected, self.group)
+            if decision.trained_tokens > 0:
+                contribution = token_loss[selected].sum() / decision.trained_tokens
+            else:  # no tokens anywhere in this step; keep the graph for backward
+                contribution = token_loss.sum() * 0.0
+            return contribution, _step_metrics(contribution, decision.stats or stats, 1.0, stats.tokens)
+        if ref_loss is None and token_loss.numel():
             raise ValueError("rho1 needs ref_loss (annotate with the ref_loss scorer)")
+        if ref_loss is None:  # an empty micro-batch of a rank out of data: nothing to rank, still a collective
+            ref_loss = token_loss.detach()
         excess = token_loss.detach().double() - ref_loss.detach().to(device=token_loss.device, dtype=torch.float64)
         selected = distributed_top_mask(excess, self.options.rho, self.group)
         stats = group_stats(token_loss, selected, self.group)
@@ -458,23 +582,42 @@ class SelectLoss(Loss):
     micro-batch m is ``w_m * sum_{t important, local} l_t / N_{important, m}`` with
     ``w_m = N_m / step_tokens``, as SFT-GO's group term: one micro-batch per step gives exactly the
     global-batch mean over the important tokens; with accumulation, the token-weighted mean of the
-    micro-batches' important-group means. A micro-batch without an important token contributes 0.
+    micro-batches' important-group means (``group_decision=micro_batch``). With a step decision the
+    denominator is the step's important count over all ranks, known from the masks alone (``decide``
+    needs no look-ahead): exactly the global-batch mean. A micro-batch without an important token
+    contributes 0.
     Logs ``important_fraction`` (the fraction kept) and ``lambda`` 1.0 (all weight on the group term).
     Token Cleaning scores by base-minus-reference loss: ``importance.scorer=excess_loss``.
     """
 
     name = "select"
     needs_groups = True
+    decides_per_step = True
 
     def describe(self) -> str:
         """The objective in one line, with its settings (reports and logs)."""
         return "CE over the important tokens only (token selection)"
 
+    def decide(self, important: list[Tensor], token_losses: list[Tensor] | None = None,
+               ref_losses: list[Tensor | None] | None = None) -> list[StepDecision]:
+        """The step's important count over all ranks (from the masks: no look-ahead)."""
+        device = important[0].device if important else torch.device("cpu")
+        local = torch.tensor([float(sum(int(m.sum()) for m in important))], dtype=torch.float64, device=device)
+        count = int(round(float(all_reduce_sum(local, self.group)[0])))
+        return [StepDecision(count, 1)] * len(important)
+
     def __call__(
-        self, token_loss: Tensor, important: Tensor, ref_loss: Tensor | None, step_tokens: int, progress: float
+        self, token_loss: Tensor, important: Tensor, ref_loss: Tensor | None, step_tokens: int, progress: float,
+        decision: StepDecision | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
         _check_inputs(token_loss, important, ref_loss, step_tokens, progress)
         stats = group_stats(token_loss, important, self.group)
+        if decision is not None:  # the step's important count: the global-batch mean exactly
+            if decision.trained_tokens > 0:
+                contribution = token_loss[important].sum() / decision.trained_tokens
+            else:
+                contribution = token_loss.sum() * 0.0
+            return contribution, _metrics(contribution, stats, 1.0)
         if stats.important_tokens > 0:
             weight = stats.tokens * _per_token_scale(step_tokens) / stats.important_tokens
             contribution = weight * token_loss[important].sum()

@@ -271,8 +271,9 @@ def group_masks(step: list[dict[str, Any]], cfg: TrainConfig, threshold: CorpusC
 
 def run_micro_batch(engine: Any, batch: dict[str, Any], important: torch.Tensor, loss_fn: Any, step_tokens: int,
                     progress: float, cfg: TrainConfig, device: torch.device, scale: float,
-                    weighting: dict[str, Any] | None = None) -> dict[str, float]:
-    """Forward, backward and (at the step's last micro-batch) optimizer step of one packed micro-batch."""
+                    weighting: dict[str, Any] | None = None, decision: Any = None) -> dict[str, float]:
+    """Forward, backward and (at the step's last micro-batch) optimizer step of one packed micro-batch.
+    ``decision``: the step's group decision for this micro-batch (``loss.group_decision=step``), or None."""
     # DeepSpeed (0.19) advances ZeRO's micro-step counter in engine.forward(); we call the module's
     # backbone and lm_head ourselves, so advance it here. Without this, ZeRO-3 copies each
     # micro-batch's gradient over the last one instead of accumulating: only the step's last
@@ -286,6 +287,8 @@ def run_micro_batch(engine: Any, batch: dict[str, Any], important: torch.Tensor,
     trainable = batch["loss_mask"]
     ref = batch["ref_loss"][trainable].to(device) if batch.get("ref_loss") is not None else None
     extra = {} if weighting is None else {"weight": weighting["weight"][trainable].to(device), "step_weight": weighting["step_weight"]}
+    if decision is not None:
+        extra["decision"] = decision
     loss, metrics = loss_fn(token_loss, important[trainable].to(device), ref, step_tokens, progress, **extra)
     # The loss is this rank's exact share of the global objective; DeepSpeed averages gradients
     # over ranks and divides by grad_accum, so scale both back.
@@ -304,7 +307,13 @@ def train_step(engine: Any, micro: list[dict[str, Any]], loss_fn: Any, cfg: Trai
                ) -> tuple[list[dict[str, float]], int, int]:
     """One optimizer step over its micro-batches: returns their metrics, the step's trainable tokens
     (all ranks: every loss normalises by it) and the tokens seen (all ranks, for tokens/s). A loss
-    with per-token weights (``needs_weights``) also gets the step's weight sum over all ranks."""
+    with per-token weights (``needs_weights``) also gets the step's weight sum over all ranks.
+
+    ``loss.group_decision=step``: a loss that decides groups (``decides_per_step``: sftgo, rho1,
+    select) decides once over every micro-batch of the step on every rank before any backward; sftgo
+    and rho1 (``needs_lookahead``) first compute every micro-batch's per-token losses in a no-grad
+    forward with the same weights. With one micro-batch per step the per-micro-batch decision (all
+    ranks) already is the step's, so nothing extra runs."""
     weights = None
     if loss_fn.needs_weights:
         weights = [loss_fn.token_weights(b["score"], b["loss_mask"], list(b["seq_lens"]), cfg.importance.scope, corpus_quantiles)
@@ -316,10 +325,23 @@ def train_step(engine: Any, micro: list[dict[str, Any]], loss_fn: Any, cfg: Trai
     dist.all_reduce(counts)
     step_tokens, seen_tokens, step_weight = int(counts[0].item()), int(counts[1].item()), float(counts[2].item())
     masks = group_masks(micro, cfg, threshold)
+    decisions: list[Any] = [None] * len(micro)
+    if cfg.loss.group_decision == "step" and loss_fn.decides_per_step and len(micro) > 1:
+        trainable = [b["loss_mask"] for b in micro]
+        ahead = None
+        if loss_fn.needs_lookahead:
+            # The decision needs the whole step's live losses before the first backward: a forward
+            # without a graph (every rank runs one per micro-batch, as ZeRO-3's gathers require).
+            with torch.no_grad():
+                ahead = [token_losses(engine.module, b["input_ids"].to(device), b["position_ids"].to(device), list(b["seq_lens"]),
+                                      b["loss_mask"].to(device), chunk_size=cfg.train.ce_chunk, row_multiple=cfg.data.micro_batch_tokens)
+                         for b in micro]
+        refs = [b["ref_loss"][t].to(device) if b.get("ref_loss") is not None else None for b, t in zip(micro, trainable)]
+        decisions = loss_fn.decide([m[t].to(device) for m, t in zip(masks, trainable)], ahead, refs)
     scale = float(dist.get_world_size() * cfg.train.grad_accum)
     parts = [run_micro_batch(engine, b, m, loss_fn, step_tokens, progress, cfg, device, scale,
-                             None if weights is None else {"weight": w, "step_weight": step_weight})
-             for b, m, w in zip(micro, masks, weights or [None] * len(micro))]
+                             None if weights is None else {"weight": w, "step_weight": step_weight}, d)
+             for b, m, w, d in zip(micro, masks, weights or [None] * len(micro), decisions)]
     return parts, step_tokens, seen_tokens
 
 

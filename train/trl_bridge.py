@@ -22,9 +22,15 @@ tie keys of (id, position) (``token_tie_keys``; data/grouping.py), so ties are b
 Exactness: the loss normalises by Trainer's ``num_items_in_batch`` (the step's trainable tokens over
 every accumulated micro-batch), as train/main.py normalises by the step's tokens; group statistics
 (SFT-GO's worse group, Rho-1's top set, the weighted loss's weight sum) are those of each
-micro-batch on its own process. One process and no accumulation: the same loss as train/main.py on
-the same batch (tests/train/test_trl_bridge.py). Across several processes the group statistics are
-per process, not all-reduced as in train/main.py.
+micro-batch on its own process (as ``loss.group_decision=micro_batch``: Trainer gives the loss one
+micro-batch at a time, so no step-wide decision). One process and no accumulation: the same loss as
+train/main.py on the same batch (tests/train/test_trl_bridge.py). Across several processes the group
+statistics are per process, not all-reduced as in train/main.py.
+
+Progress (SFT-GO's ``lambda_schedule=linear``): ``state.global_step / (state.max_steps - 1)`` of the
+Trainer, read at every loss call from the state the callback (``loss.callback()``) hands over at
+train start, as train/main.py's ``step / (total_steps - 1)``: lambda_max at the first step, lambda_min at
+the last. A schedule that needs progress without the callback registered is refused at the first call.
 """
 
 from __future__ import annotations
@@ -129,6 +135,7 @@ class TrlLoss:
         self.loss_fn = build_loss(loss, **options)
         self.pending: torch.Tensor | None = None
         self.pending_keys: torch.Tensor | None = None
+        self.state: Any = None  # Trainer's TrainerState, from the callback at train start (progress)
         self.logged: dict[str, list[float]] = defaultdict(list)
 
     def attach(self, model: torch.nn.Module) -> None:
@@ -181,10 +188,18 @@ class TrlLoss:
             # The micro-batch's own weight sum, scaled to its share of the step's tokens (exact with one micro-batch).
             micro_weight = float(weight.double().sum())
             kwargs = {"weight": weight, "step_weight": micro_weight * step_tokens / max(1, int(trainable.sum()))}
-        contribution, metrics = self.loss_fn(token_loss, important, ref_loss, step_tokens, 0.0, **kwargs)
-        for key in ("ce", "important_loss", "unimportant_loss", "important_fraction"):
+        contribution, metrics = self.loss_fn(token_loss, important, ref_loss, step_tokens, self.progress(), **kwargs)
+        for key in ("ce", "important_loss", "unimportant_loss", "important_fraction", "lambda"):
             self.logged[key].append(metrics[key])
         return contribution
+
+    def progress(self) -> float:
+        """Training progress in [0, 1] from the Trainer's own step count: 0 at the first step, 1 at the last."""
+        if self.state is None:
+            if getattr(self.loss_fn.options, "lambda_schedule", "static") != "static":
+                raise RuntimeError("lambda_schedule needs the training progress: pass callbacks=[loss.callback()] to the trainer")
+            return 0.0
+        return min(1.0, max(0.0, self.state.global_step / max(1, self.state.max_steps - 1)))
 
     def callback(self) -> Any:
         """A TrainerCallback that adds the mean group losses since the last log to each log entry."""
@@ -193,6 +208,12 @@ class TrlLoss:
         bridge = self
 
         class GroupLossCallback(TrainerCallback):
+            def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                bridge.state = state  # the live TrainerState: global_step advances after each optimizer step
+
+            def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+                bridge.state = state  # the same object; kept current should Trainer ever replace it
+
             def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, float] | None = None, **kwargs: Any) -> None:
                 if not bridge.logged or not state.log_history:
                     return

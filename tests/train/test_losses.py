@@ -378,3 +378,98 @@ def test_each_loss_declares_what_the_trainer_must_load():
     assert [n for n, cls in LOSSES.items() if cls.needs_ref_loss] == ["rho1"]
     assert sorted(n for n, cls in LOSSES.items() if cls.needs_groups) == ["select", "sftgo"]
     assert [n for n, cls in LOSSES.items() if cls.needs_weights] == ["weighted"]
+
+
+# ---------------------------------------------------------------------------------------------
+# group_decision=step: the decision over the whole optimizer step (single process)
+# ---------------------------------------------------------------------------------------------
+
+
+def step_contributions(loss_fn, micro, decide, ref=None):
+    """Each micro-batch's (value, grad) with the step's token count; decisions from ``decide`` or none."""
+    step_tokens = sum(len(l) for l, _ in micro)
+    decisions = (loss_fn.decide([m for _, m in micro], [torch.tensor(l) for l, _ in micro], ref) if decide
+                 else [None] * len(micro))
+    out = []
+    for i, ((values, important), decision) in enumerate(zip(micro, decisions)):
+        l = leaf(*values)
+        kwargs = {} if decision is None else {"decision": decision}
+        contribution, metrics = loss_fn(l, important, None if ref is None else ref[i], step_tokens, 0.0, **kwargs)
+        (grad,) = torch.autograd.grad(contribution, l)
+        out.append((contribution.item(), grad.tolist(), metrics))
+    return out
+
+
+def test_sftgo_step_decision_is_the_max_over_the_step_not_the_mean_of_micro_batch_maxima():
+    # Micro-batch A: important [3], unimportant [1]; B: important [1], unimportant [2]. lambda 1.
+    # Per micro-batch: A's max 3, B's max 2, weighted 2/4 each -> 2.5.
+    # The step: important mean (3 + 1) / 2 = 2, unimportant (1 + 2) / 2 = 1.5 -> max 2.0, the important group.
+    micro = [([3.0, 1.0], mask(T, F)), ([1.0, 2.0], mask(T, F))]
+    loss_fn = SftGoLoss(lambda_=1.0)
+    per_micro = step_contributions(loss_fn, micro, decide=False)
+    assert sum(v for v, _, _ in per_micro) == approx(2.5)
+    step = step_contributions(loss_fn, micro, decide=True)
+    assert sum(v for v, _, _ in step) == approx(2.0)
+    # Gradient: 1 / 2 on each important token (the step's 2 important tokens), 0 on the others.
+    assert [g for _, grad, _ in step for g in grad] == approx([0.5, 0.0, 0.5, 0.0])
+    # Every micro-batch logs the step's groups: the trainer's token-weighted mean is the step's value.
+    for _, _, metrics in step:
+        assert metrics["worse_group"] == 1.0
+        assert metrics["important_loss"] == approx(2.0)
+        assert metrics["unimportant_loss"] == approx(1.5)
+        assert metrics["ce"] == approx(7 / 4)
+        assert metrics["tokens"] == 2.0
+    # B alone would train its unimportant group; per micro-batch it does.
+    assert per_micro[1][2]["worse_group"] == 0.0
+
+
+def test_sftgo_step_decision_with_lambda_mixes_the_step_ce():
+    micro = [([3.0, 1.0], mask(T, F)), ([1.0, 2.0], mask(T, F))]
+    step = step_contributions(SftGoLoss(lambda_=0.9), micro, decide=True)
+    assert sum(v for v, _, _ in step) == approx(0.1 * 7 / 4 + 0.9 * 2.0)
+    assert [g for _, grad, _ in step for g in grad] == approx([0.025 + 0.45, 0.025, 0.025 + 0.45, 0.025])
+
+
+def test_rho1_step_decision_ranks_the_whole_step():
+    # Excess = l - ref: A [2.0, 0.5], B [1.5, 0.1]; rho 0.5 -> the top ceil(0.5 * 4) = 2 of the step: A0 and B0.
+    # Per micro-batch each keeps its own top 1 too here; make B's top token lose: B [0.4, 0.1].
+    micro = [([2.0, 0.5], mask(F, F)), ([0.4, 0.1], mask(F, F))]
+    ref = [torch.zeros(2), torch.zeros(2)]
+    loss_fn = Rho1Loss(rho=0.5)
+    step = step_contributions(loss_fn, micro, decide=True, ref=ref)
+    assert sum(v for v, _, _ in step) == approx((2.0 + 0.5) / 2)  # A's two tokens: the step's top 2
+    assert [g for _, grad, _ in step for g in grad] == approx([0.5, 0.5, 0.0, 0.0])
+    for _, _, metrics in step:
+        assert metrics["important_fraction"] == approx(0.5)
+        assert metrics["important_loss"] == approx(1.25)
+    per_micro = step_contributions(loss_fn, micro, decide=False, ref=ref)
+    assert sum(v for v, _, _ in per_micro) == approx(0.5 * 2.0 + 0.5 * 0.4)  # each micro-batch's own top 1
+
+
+def test_select_step_decision_divides_by_the_steps_important_count():
+    # A: 1 important of 2 (loss 3); B: 2 important of 2 (losses 1, 2). Step mean over important: (3 + 1 + 2) / 3 = 2.
+    # Per micro-batch: 2/4 * 3 + 2/4 * 1.5 = 2.25.
+    micro = [([3.0, 1.0], mask(T, F)), ([1.0, 2.0], mask(T, T))]
+    loss_fn = SelectLoss()
+    step = step_contributions(loss_fn, micro, decide=True)
+    assert sum(v for v, _, _ in step) == approx(2.0)
+    assert [g for _, grad, _ in step for g in grad] == approx([1 / 3, 0.0, 1 / 3, 1 / 3])
+    # select decides from the masks alone: no token losses needed.
+    assert loss_fn.decide([m for _, m in micro])[0].trained_tokens == 3
+    assert sum(v for v, _, _ in step_contributions(loss_fn, micro, decide=False)) == approx(2.25)
+
+
+def test_step_decision_flags_and_errors():
+    assert {name for name, cls in LOSSES.items() if cls.decides_per_step} == {"sftgo", "rho1", "select"}
+    assert {name for name, cls in LOSSES.items() if cls.needs_lookahead} == {"sftgo", "rho1"}
+    with pytest.raises(ValueError, match="live token losses"):
+        SftGoLoss().decide([mask(T, F)])
+    with pytest.raises(ValueError, match="ref_loss"):
+        Rho1Loss(rho=0.5).decide([mask(T, F)], [torch.tensor([1.0, 2.0])], [None])
+    with pytest.raises(NotImplementedError):
+        SftLoss().decide([mask(T, F)])
+    # An empty micro-batch (a rank out of data) carries no ref_loss: rho1 still decides and contributes 0.
+    (decision,) = Rho1Loss(rho=0.5).decide([mask()], [torch.zeros(0)], [None])
+    assert decision.trained_tokens == 0
+    value, _, _ = run(Rho1Loss(rho=0.5), leaf(), mask(), None, step_tokens=0)
+    assert value == 0.0

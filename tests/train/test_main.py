@@ -204,10 +204,16 @@ def _plain_step1_grad_norm(tiny_llama_dir, shards, micro_batches: int) -> tuple[
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, attn_implementation="sdpa")
     loss_fn = build_loss("sftgo", **train_config.loss_options(cfg))
     step_tokens = sum(int(b["loss_mask"].sum()) for b in micro)
+    masks = group_masks(micro, cfg, None)
+    decisions = [{}] * len(micro)
+    if cfg.loss.group_decision == "step" and micro_batches > 1:  # the worse group of the whole step, from its losses
+        with torch.no_grad():
+            ahead = [token_losses(model, b["input_ids"], b["position_ids"], list(b["seq_lens"]), b["loss_mask"]) for b in micro]
+        decisions = [{"decision": d} for d in loss_fn.decide([m[b["loss_mask"]] for m, b in zip(masks, micro)], ahead)]
     total = 0.0
-    for batch, important in zip(micro, group_masks(micro, cfg, None)):
+    for batch, important, decision in zip(micro, masks, decisions):
         token_loss = token_losses(model, batch["input_ids"], batch["position_ids"], list(batch["seq_lens"]), batch["loss_mask"])
-        loss, _ = loss_fn(token_loss, important[batch["loss_mask"]], None, step_tokens, 0.0)
+        loss, _ = loss_fn(token_loss, important[batch["loss_mask"]], None, step_tokens, 0.0, **decision)
         loss.backward()
         total += loss.item()
     return total, float(torch.nn.utils.get_total_norm([p.grad for p in model.parameters()]))

@@ -72,3 +72,34 @@ def test_trl_first_step_loss_equals_ours(tmp_path, tiny_llama_dir, loss, options
     # (padded sdpa in TRL vs packed rows here: ~3e-5 relative apart at most)
     assert logs[0]["loss"] == pytest.approx(expected.item(), rel=5e-5)
     assert abs(expected.item() - token_loss.mean().item()) > 5 * 5e-5 * expected.item(), "the loss must differ from plain CE"
+
+
+@pytest.mark.slow
+def test_trl_lambda_follows_the_linear_schedule_over_the_trainers_steps(tmp_path, tiny_llama_dir):
+    """lambda_schedule=linear: lambda_max at TRL's first step, lambda_min at its last (max_steps), linear between."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    shards = tmp_path / "shards"
+    write_annotated_dir(shards, make_examples(8, ["tfidf"], min_len=6, max_len=20), ["tfidf"])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, attn_implementation="sdpa")
+    bridge = TrlLoss("sftgo", rho=0.7, lambda_schedule="linear", lambda_max=0.9, lambda_min=0.1)
+    # Two micro-batches per step: lambda is the step's, the same in both.
+    args = SFTConfig(output_dir=str(tmp_path / "trl"), max_steps=5, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                     learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
+                     dataloader_num_workers=0, seed=0, **trl_config_kwargs())
+    trainer = SFTTrainer(model=model, args=args, train_dataset=annotated_dataset(shards, score="tfidf"), processing_class=tokenizer,
+                         data_collator=TokenScoreCollator(pad_token_id=tokenizer.pad_token_id), compute_loss_func=bridge,
+                         callbacks=[bridge.callback()])
+    bridge.attach(trainer.model)
+    trainer.train()
+    lambdas = [entry["sftgo/lambda"] for entry in trainer.state.log_history if "sftgo/lambda" in entry]
+    assert lambdas == pytest.approx([0.9, 0.7, 0.5, 0.3, 0.1], abs=1e-6)
+
+
+def test_trl_linear_schedule_without_the_callback_is_refused():
+    bridge = TrlLoss("sftgo", rho=0.7, lambda_schedule="linear")
+    with pytest.raises(RuntimeError, match="callback"):
+        bridge.progress()
+    assert TrlLoss("sftgo", rho=0.7, lambda_=0.5).progress() == 0.0  # a static lambda needs no progress
