@@ -152,3 +152,38 @@ def test_annotate_job_writes_the_given_column_and_rejects(tmp_path, smol_tokeniz
     rejects = [json.loads(l) for l in (out / "_rejects.jsonl").read_text().splitlines()]
     assert [(r["file"], r["line"], r["reason"]) for r in rejects] == [(str(corpus), 2, "given_negative")]
     assert main(["--output", str(out), "--model", str(tiny_llama_dir), "--add-scorers", "given"]) == 2
+
+
+def test_any_json_in_the_given_fields_is_accepted_or_a_given_reject():
+    """Fuzz: whatever JSON a corpus puts in weight / loss_weight / loss_scale / spans, read_given either
+    accepts it (values finite and >= 0) or raises a RecordError whose reason names the problem."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from data.formats import RecordError
+    from data.given import read_given, token_values
+
+    scalars = st.one_of(st.none(), st.booleans(), st.integers(-10, 60), st.floats(allow_nan=True, allow_infinity=True),
+                        st.text(max_size=3))
+    json_value = st.recursive(scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=5), c, max_size=3),
+                              max_leaves=8)
+    span = st.fixed_dictionaries({"start": st.one_of(st.integers(-2, 40), json_value), "end": st.integers(-2, 40),
+                                  "value": st.one_of(st.floats(-1, 5), json_value)})
+    field = st.sampled_from(["weight", "loss_weight", "loss_scale", "spans"])
+
+    @settings(max_examples=400, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(field, st.one_of(json_value, st.lists(span, max_size=3)))
+    def check(name, value):
+        messages = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": ANSWER}]
+        record = {"messages": [dict(m) for m in messages]}
+        record["messages"][1][name] = value
+        try:
+            turns = read_given(record, "messages", messages)
+        except RecordError as exc:
+            assert exc.reason.startswith("given_") and "messages[1]" in exc.detail
+            return
+        offsets = np.array([[0, 2], [2, 5], [5, 5 + len(ANSWER)]])
+        values = token_values(turns, [(0, 2), (5, 5 + len(ANSWER))], offsets)
+        assert np.all(np.isnan(values) | (np.isfinite(values) & (values >= 0)))
+
+    check()
