@@ -39,7 +39,7 @@ class AnnotateConfig:
     output: str = option("", "the annotated directory (shards, _manifest.json, _rejects.jsonl, _README.md)")
     format: str = option("auto", f"auto (detected from the first record) or one of {', '.join(FORMATS)}")
     model: str = option(DEFAULT_MODEL, "HF id, local folder, or embedded name: tokenizer + chat template, base model for base_loss")
-    scorers: list[str] = option(factory=lambda: ["tfidf"], help="comma-separated scorers: tfidf, llmlingua2, ref_loss, base_loss, entropy (--list-scorers)")
+    scorers: list[str] = option(factory=lambda: ["tfidf"], help="comma-separated scorers: tfidf, llmlingua2, ref_loss, base_loss, entropy, given (--list-scorers)")
     scorer_options: dict[str, dict[str, Any]] = option(factory=dict, flag="scorer-option", help="per-scorer options {scorer: {option: value}}; on the command line --scorer-option SCORER.KEY=VALUE (repeatable)")
     add_scorers: list[str] = option(factory=list, help="add score columns to the existing annotated output without re-tokenizing; refuses another tokenizer")
     max_length: int = option(4096, "tokens per example")

@@ -64,6 +64,9 @@ def prepare(config: AnnotateConfig) -> Job:
     names = list(config.add_scorers if adding else config.scorers)
     for name in names:
         registry.get(name)  # unknown scorer -> clear error listing the known ones
+        if adding and getattr(registry.get(name), "needs_records", False):  # (given: values come from the records)
+            raise ValueError(f"--add-scorers {name}: {name} reads the corpus records, which finished shards do not hold; "
+                             f"annotate the corpus again with --scorers ...,{name}")
     unknown = sorted(set(config.scorer_options) - set(names))
     if unknown:
         raise ValueError(f"scorer_options for {unknown}, which this run does not compute ({names})")

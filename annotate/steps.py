@@ -48,6 +48,7 @@ from data.formats import (
     read_lines,
     source_name,
 )
+from data.given import GIVEN_COLUMN, GivenTurn, content_ranges, read_given, token_values
 from data.render import render_batch
 from schemas.shard import (
     EXCESS_LOSS,
@@ -198,25 +199,41 @@ def _plan_records(plan: ShardPlan) -> Iterable[tuple[int, Any]]:
 
 
 def tokenize_shard(plan: ShardPlan, tokenizer: Any, max_length: int, overlength: str, strict: bool) -> tuple[pa.Table, list[Rejected], int]:
-    """Read, render and tokenize one shard's records. Returns (staging table, rejects, truncated count)."""
-    ids, sources, input_ids, loss_masks, lines = [], [], [], [], []
+    """Read, render and tokenize one shard's records. Returns (staging table, rejects, truncated count).
+
+    The staging table also carries ``_given`` (data/given.py): the importance the records supply
+    themselves, per token (NaN where they say nothing), for the ``given`` scorer; it is never written
+    into a finished shard. Records whose weights or spans are bad are rejects like any bad record."""
+    ids, sources, input_ids, loss_masks, lines, given_values = [], [], [], [], [], []
     rejects: list[Rejected] = []
     truncated = 0
     default_source = source_name(plan.file)
-    parsed: list[tuple[int, Messages, dict[str, Any]]] = []
+    parsed: list[tuple[int, Messages, dict[str, Any], list[GivenTurn] | None]] = []
     for line, raw in _plan_records(plan):
         try:
             messages, record = parse_record(raw, plan.format)
+            given = read_given(record, plan.format, messages)
         except RecordError as exc:
             rejects.append(Rejected(plan.file, line, exc.reason, exc.detail))
             continue
-        parsed.append((line, messages, record))
+        parsed.append((line, messages, record, given))
     # One tokenizer call for the shard (render_batch): per record, 2x faster than render() one by one.
-    rendered_all = render_batch(tokenizer, [messages for _, messages, _ in parsed], max_length, overlength, with_offsets=False)
-    for (line, messages, record), rendered in zip(parsed, rendered_all):
+    # Token offsets only when a record supplies importance (they place it on tokens).
+    with_offsets = any(given is not None for *_, given in parsed)
+    rendered_all = render_batch(tokenizer, [messages for _, messages, _, _ in parsed], max_length, overlength,
+                                with_offsets=with_offsets)
+    for (line, messages, record, given), rendered in zip(parsed, rendered_all):
         if isinstance(rendered, RecordError):
             rejects.append(Rejected(plan.file, line, rendered.reason, rendered.detail))
             continue
+        if given is None:
+            values = np.full(len(rendered.input_ids), np.nan, dtype=np.float32)
+        else:
+            try:
+                values = token_values(given, content_ranges(tokenizer, messages, rendered.text), rendered.offsets)
+            except RecordError as exc:
+                rejects.append(Rejected(plan.file, line, exc.reason, exc.detail))
+                continue
         truncated += rendered.truncated
         source = record.get("source")
         ids.append(example_id(messages))
@@ -224,6 +241,7 @@ def tokenize_shard(plan: ShardPlan, tokenizer: Any, max_length: int, overlength:
         input_ids.append(rendered.input_ids)
         loss_masks.append(rendered.loss_mask)
         lines.append(line)
+        given_values.append(values)
     rejects.sort(key=lambda r: r.line)  # parse and render rejects, in file order
     if strict and rejects:
         first = rejects[0]
@@ -235,6 +253,7 @@ def tokenize_shard(plan: ShardPlan, tokenizer: Any, max_length: int, overlength:
         LOSS_MASK: pa.array(loss_masks, pa.list_(pa.bool_())),
         LINE: pa.array(lines, pa.int64()),
         FILE: pa.array([plan.file] * len(ids), pa.string()),
+        GIVEN_COLUMN: pa.array(given_values, pa.list_(pa.float32())),
     })
     return table, rejects, truncated
 

@@ -4,6 +4,7 @@ the same shards, evaluate every run and the base model, and write what held and 
     python bench/study.py --config bench/study/lima_small.yaml           # the whole study, resumable
     python bench/study.py --config bench/study/lima_small.yaml --smoke   # 2 steps a run, tiny slices
     python bench/study.py --config bench/study/lima_gpu.yaml             # the whole LIMA set, on a GPU
+    python bench/study.py --config bench/study/known_truth.yaml          # issue 33: bench/known_truth_study.py
 
 Steps, each skipped when its output is already there (so a killed study reruns with the same command,
 and the trainer resumes a killed run from its last checkpoint):
@@ -677,6 +678,15 @@ def verdict_lines(results: dict[str, Any]) -> list[str]:
     return out
 
 
+def _kind(path: Path) -> str:
+    """The config's ``kind``: ``known_truth`` (bench/known_truth_study.py) or the LIMA evidence study (no kind)."""
+    try:
+        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise StudyError(f"--config {path}: {exc}") from None
+    return cfg.get("kind", "") if isinstance(cfg, dict) else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="study YAML (bench/study/lima_small.yaml)")
@@ -688,6 +698,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     config_path = Path(args.config).resolve()
     try:
+        if _kind(config_path) == "known_truth":  # issue 33's study: bench/known_truth_study.py
+            sys.modules.setdefault("bench.study", sys.modules[__name__])  # one StudyError class, caught below
+            from bench.known_truth_study import run_study
+
+            run_study(config_path, args.smoke, args.model, args.results, args.work)
+            return 0
         cfg = load_study(config_path, args.smoke, args.model, args.results, args.work)
         cfg["reuse"] = not args.no_reuse
         Study(cfg, config_path).run()

@@ -149,3 +149,79 @@ def test_annotate_bench_corpus_rows_and_threads_side_by_side(tmp_path, tiny_llam
     assert side["threads"] == {"one_thread": 1, "pipeline_threads": os.cpu_count()}
     assert side["scores_identical"] is True and side["speedup_best"] > 0
     assert "threads / 1 thread" in proc.stdout
+
+
+def test_known_truth_corpus_is_deterministic_with_one_marked_key_token(tmp_path, smol_tokenizer):
+    from annotate.steps import plan_shards, tokenize_shard
+    from bench import known_truth
+
+    a, b = known_truth.write(tmp_path / "a", 3), known_truth.write(tmp_path / "b", 3)
+    for split in ("train", "heldout", "table"):
+        assert a[split].read_bytes() == b[split].read_bytes()  # same seed, same bytes
+    assert known_truth.write(tmp_path / "c", 4)["train"].read_bytes() != a["train"].read_bytes()
+    corpus = known_truth.build(3)
+    table = corpus["table"]
+    assert len(table) == 10 and max(list(table.values()).count(c) for c in known_truth.COLOURS) == 2  # balanced
+    assert len(corpus["train"]) == 120 and len(corpus["heldout"]) == 40
+    for split in ("train", "heldout"):
+        for record in corpus[split]:
+            user, answer = record["messages"][1]["content"], record["messages"][2]
+            entity = next(name for name in table if name in user)
+            span, = answer["spans"]
+            assert answer["content"][span["start"]:span["end"]] == table[entity] and span["value"] == 1
+    questions = {split: {r["messages"][1]["content"] for r in corpus[split]} for split in ("train", "heldout")}
+    assert not questions["train"] & questions["heldout"]  # held-out phrasings never seen in training
+    # Every held-out fact is taught in training.
+    facts = {split: {(name, table[name]) for r in corpus[split] for name in table if name in r["messages"][1]["content"]}
+             for split in ("train", "heldout")}
+    assert facts["heldout"] == facts["train"] == set(table.items())
+    # Through annotate's tokenize step: exactly one key token per example (the colour, one SmolLM2 token).
+    plan, = plan_shards([str(a["train"])], "messages", shard_size=1000)
+    staged, rejects, _ = tokenize_shard(plan, smol_tokenizer, 256, "truncate", strict=False)
+    assert rejects == [] and staged.num_rows == 120
+    for ids, given in zip(staged["input_ids"].to_pylist(), staged["_given"].to_pylist()):
+        key = [i for i, v in enumerate(given) if v == 1.0]
+        assert len(key) == 1 and smol_tokenizer.decode([ids[key[0]]]).strip() in known_truth.COLOURS
+
+
+def test_known_truth_study_smoke_runs_resumes_and_reports(tmp_path, tiny_llama_dir):
+    results, work = tmp_path / "results", tmp_path / "work"
+    cmd = [sys.executable, "bench/study.py", "--config", "bench/study/known_truth.yaml", "--smoke", "--model", str(tiny_llama_dir),
+           "--results", str(results), "--work", str(work)]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    study = json.loads((results / "study.json").read_text())
+    assert study["complete"]
+    assert set(study["runs"]) == {"base", "sft_s0", "sftgo_given_s0", "sftgo_tfidf_s0", "select_given_s0"}
+    for name, run in study["runs"].items():
+        assert run["key_tokens"] == 4  # 4 held-out examples, one key token each
+        assert 0.0 <= run["key_accuracy"] <= 1.0 and run["worst_group_loss"] == max(run["key_loss"], run["other_loss"])
+        if name != "base":
+            assert run["train_summary"]["steps"] == 2
+            assert not (work / "runs" / name / "model").exists()  # keep_models false: deleted once evaluated
+    # The given grouping (corpus scope, rho 0.99) is exactly the spans; TF-IDF's is reported against them.
+    given = study["grouping_overlap_with_given_spans"]["given"]
+    assert given["threshold"] == 1.0 and given["precision"] == given["recall"] == 1.0 and given["span_tokens"] == 8
+    assert 0.0 <= study["grouping_overlap_with_given_spans"]["tfidf"]["recall"] <= 1.0
+    # One seed: a paired difference without an interval.
+    assert set(study["vs_baseline"]) == {"sftgo_given", "sftgo_tfidf", "select_given"}
+    row = study["vs_baseline"]["select_given"]["key_loss"]
+    assert row["n"] == 1 and row["low"] is None
+    assert row["mean"] == pytest.approx(study["runs"]["select_given_s0"]["key_loss"] - study["runs"]["sft_s0"]["key_loss"])
+    report = (results / "report.md").read_text()
+    for heading in ("## Important groups against the given spans", "## Held-out (teacher forcing)", "## Against sft"):
+        assert heading in report
+
+    # Rerunning the same command redoes nothing.
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[study] annotate_" not in proc.stdout and "[study] train_" not in proc.stdout
+
+
+def test_t_interval_by_hand():
+    from bench.known_truth_study import t_interval
+
+    got = t_interval([0.1, 0.3, 0.2, 0.4, 0.0])
+    # mean 0.2, sd sqrt(0.025) = 0.158114, t(0.975, 4) = 2.776445: half width 2.776445 * 0.158114 / sqrt(5) = 0.196324
+    assert got["mean"] == pytest.approx(0.2) and got["sd"] == pytest.approx(0.1581139)
+    assert got["low"] == pytest.approx(0.2 - 0.196324, abs=1e-6) and got["high"] == pytest.approx(0.2 + 0.196324, abs=1e-6)
