@@ -103,7 +103,9 @@ class KnownTruthStudy(Study):
             return
         self.sh(f"annotate_{name}", [sys.executable, "annotate/run.py", "--input", str(corpus), "--format", "messages",
                                      "--model", self.cfg["model"], "--max-length", str(self.cfg["max_length"]),
-                                     "--scorers", "given,tfidf", "--scorer-option", "given.default=0", "--output", str(folder)])
+                                     "--scorers", "given,tfidf", "--scorer-option", "given.default=0",
+                                     # The paper's TF-IDF (raw counts, smoothed IDF), whatever the installed default.
+                                     "--scorer-option", "tfidf.sublinear_tf=false", "--output", str(folder)])
 
     # -- evaluation ---------------------------------------------------------------------------------
 
