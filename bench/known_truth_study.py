@@ -39,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.study import Study, StudyError, _resolve  # noqa: E402
+from bench.study import Study, StudyError, _f, _resolve  # noqa: E402
 from schemas.shard import MANIFEST_NAME, atomic_write_text  # noqa: E402
 
 SCHEMA = "sftgo-known-truth-study/1"
@@ -301,10 +301,6 @@ def paired_differences(evaluations: dict[str, Any], cfg: dict[str, Any]) -> dict
 # ---------------------------------------------------------------------------------------------
 # The report
 # ---------------------------------------------------------------------------------------------
-
-
-def _f(value: Any, digits: int = 4) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def write_report(study: KnownTruthStudy, results: dict[str, Any]) -> None:

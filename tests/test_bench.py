@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -81,12 +82,18 @@ def test_train_bench_trl_baseline(tmp_path):
     assert report["ratios"]["sft/trl"]["tokens_per_s"] > 0
 
 
-def test_study_smoke_runs_resumes_and_reports(tmp_path, tiny_llama_dir):
+def _study_smoke(config: str, tmp_path: Path, model: Path) -> tuple[list[str], Path, Path]:
+    """Run ``bench/study.py --smoke`` on ``config`` with the tiny model; returns (command, results, work)."""
     results, work = tmp_path / "results", tmp_path / "work"
-    cmd = [sys.executable, "bench/study.py", "--config", "bench/study/lima_small.yaml", "--smoke", "--model", str(tiny_llama_dir),
+    cmd = [sys.executable, "bench/study.py", "--config", config, "--smoke", "--model", str(model),
            "--results", str(results), "--work", str(work)]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return cmd, results, work
+
+
+def test_study_smoke_runs_resumes_and_reports(tmp_path, tiny_llama_dir):
+    cmd, results, work = _study_smoke("bench/study/lima_small.yaml", tmp_path, tiny_llama_dir)
     study = json.loads((results / "study.json").read_text())
     assert study["complete"] and set(study["runs"]) == {"base", "sft_s0", "sft_s1", "sftgo_tfidf_s0", "sftgo_tfidf_s1",
                                                          "sftgo_excess_s0", "rho1_s0", "infosft_s0", "dft_s0"}
@@ -185,11 +192,7 @@ def test_known_truth_corpus_is_deterministic_with_one_marked_key_token(tmp_path,
 
 
 def test_known_truth_study_smoke_runs_resumes_and_reports(tmp_path, tiny_llama_dir):
-    results, work = tmp_path / "results", tmp_path / "work"
-    cmd = [sys.executable, "bench/study.py", "--config", "bench/study/known_truth.yaml", "--smoke", "--model", str(tiny_llama_dir),
-           "--results", str(results), "--work", str(work)]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    cmd, results, work = _study_smoke("bench/study/known_truth.yaml", tmp_path, tiny_llama_dir)
     study = json.loads((results / "study.json").read_text())
     assert study["complete"]
     assert set(study["runs"]) == {"base", "sft_s0", "sftgo_given_s0", "sftgo_tfidf_s0", "select_given_s0"}
