@@ -37,8 +37,16 @@ packed position t is scored by the logits at position t - 1 of the same example.
 example has no context and is never a target; a ``loss_mask`` that marks one is rejected, so the output
 always has exactly ``loss_mask.sum()`` entries, aligned with the trainable tokens in order.
 
-DeepSpeed ZeRO-3: ``lm_head`` is only ever *called* as a module (never ``.weight``), so ZeRO-3's
-module hooks gather its partitioned weight, also during the checkpoint recomputation in backward.
+DeepSpeed ZeRO-3 (issue 32): every rank must issue the same collectives whatever its data, and
+ZeRO-3 gathers a module's weights around each *call* of the module. So the data-dependent CE chunk loop
+runs inside ONE call of ``lm_head`` (:func:`chunked_token_ce` puts the loop in place of the head's
+``forward`` for that call): the head's weight is gathered once for the forward, once before the backward
+(its pre-backward hook, ahead of every chunk's checkpoint recomputation) and released after the last
+chunk's gradient; inside, chunks run the head class's own ``forward`` (no hooks). Calling ``lm_head``
+once per chunk made a rank with more trainable targets gather more often: the ranks' collectives
+mismatched (gloo aborted, NCCL hangs). Likewise :func:`token_losses` runs the whole forward as one call
+of the top-level model, whose forward pre-hook is where ZeRO-3 resets its prefetch trace each step:
+calling ``model.model`` and ``lm_head`` directly left the trace invalid for ever (no prefetch).
 The checkpoint is non-reentrant so that a weight used by several chunks (and, with tied embeddings, by
 the embedding too) receives one accumulated gradient in one backward pass, as ZeRO-3's per-parameter
 reduce hooks expect. Tied embeddings need no special handling: ``get_output_embeddings()`` is the
@@ -47,8 +55,9 @@ reduce hooks expect. Tied embeddings need no special handling: ``get_output_embe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -250,9 +259,25 @@ def pad_packed_row(input_ids: Tensor, position_ids: Tensor, seq_lens: list[int],
     return input_ids, position_ids, [*seq_lens, pad]
 
 
-def _chunk_ce(lm_head: nn.Module, softcap: float | None, hidden: Tensor, src: Tensor, labels: Tensor) -> Tensor:
+@contextmanager
+def _forward_replaced(module: nn.Module, forward: Callable[..., Any]) -> Iterator[nn.Module]:
+    """``module`` with ``forward`` in place of its own forward for the duration: ``module(...)`` then runs
+    ``forward`` inside ``nn.Module.__call__``, so every hook on the module (ZeRO-3's gather, release,
+    pre-backward fetch and trace reset) fires exactly once around it."""
+    previous = module.__dict__.get("forward")  # an instance-level forward someone else installed
+    module.forward = forward  # instance attribute: shadows the class's forward (nn.Module.__call__ reads self.forward)
+    try:
+        yield module
+    finally:
+        if previous is not None:
+            module.forward = previous
+        else:
+            del module.forward
+
+
+def _chunk_ce(head: Callable[[Tensor], Tensor], softcap: float | None, hidden: Tensor, src: Tensor, labels: Tensor) -> Tensor:
     """Per-token CE of one chunk (at least fp32): logits of the rows ``src`` of ``hidden`` against ``labels``."""
-    return token_ce(lm_head(hidden.index_select(0, src)), labels, softcap)
+    return token_ce(head(hidden.index_select(0, src)), labels, softcap)
 
 
 def chunked_token_ce(
@@ -267,7 +292,8 @@ def chunked_token_ce(
 
     ``lm_head`` runs on at most ``chunk_size`` target rows at a time, each chunk under a non-reentrant
     ``torch.utils.checkpoint`` so its logits are freed after the forward and recomputed in the backward.
-    Without autograd (``torch.no_grad``, scoring) chunks run directly.
+    Without autograd (``torch.no_grad``, scoring) chunks run directly. The chunk loop is one call of the
+    ``lm_head`` module whatever the number of chunks (ZeRO-3: one gather, the same on every rank).
 
     Returns:
         Tensor[n] (float32; float64 for a float64 model), n = ``loss_mask.sum()``, in packed order.
@@ -280,22 +306,37 @@ def chunked_token_ce(
     labels = input_ids.index_select(0, targets)
     lm_head = model.get_output_embeddings()
     softcap = logit_softcap(model)
+    # The head's own computation without module hooks: inside the one lm_head call below (and in the
+    # checkpoint recomputation, after ZeRO-3's pre-backward hook gathered the weight) the weight is whole.
+    head_class_forward = type(lm_head).forward
+
+    def head(rows: Tensor) -> Tensor:
+        return head_class_forward(lm_head, rows)
+
     # Checkpoint whenever autograd records (lm_head may be trainable even if hidden is not).
     use_checkpoint = torch.is_grad_enabled()
-    pieces = []
-    # range(0, max(n, 1)): with no targets we still run one empty chunk so the result is attached to
-    # the graph through lm_head (backward() then works and every rank touches the same parameters).
-    for start in range(0, max(targets.numel(), 1), chunk_size):
-        src_c, labels_c = src[start : start + chunk_size], labels[start : start + chunk_size]
-        if use_checkpoint:
-            # preserve_rng_state=False: the chunk has no randomness, so skip stashing RNG states.
-            piece = checkpoint(
-                _chunk_ce, lm_head, softcap, hidden, src_c, labels_c, use_reentrant=False, preserve_rng_state=False
-            )
-        else:
-            piece = _chunk_ce(lm_head, softcap, hidden, src_c, labels_c)
-        pieces.append(piece)
-    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+    def all_chunks(hidden_in: Tensor) -> Tensor:
+        # hidden_in, not hidden: ZeRO-3's pre-forward hook hands the head a wrapped input whose backward
+        # releases the gathered weight once every chunk's gradient has arrived.
+        pieces = []
+        # range(0, max(n, 1)): with no targets we still run one empty chunk so the result is attached to
+        # the graph through lm_head (backward() then works and every rank touches the same parameters).
+        for start in range(0, max(targets.numel(), 1), chunk_size):
+            src_c, labels_c = src[start : start + chunk_size], labels[start : start + chunk_size]
+            if use_checkpoint:
+                # preserve_rng_state=False: the chunk has no randomness, so skip stashing RNG states.
+                piece = checkpoint(
+                    _chunk_ce, head, softcap, hidden_in, src_c, labels_c, use_reentrant=False, preserve_rng_state=False
+                )
+            else:
+                piece = _chunk_ce(head, softcap, hidden_in, src_c, labels_c)
+            pieces.append(piece)
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+    # hidden positional: ZeRO-3's hooks see (and wrap) positional inputs only.
+    with _forward_replaced(lm_head, all_chunks):
+        return lm_head(hidden)
 
 
 def token_losses(
@@ -325,6 +366,13 @@ def token_losses(
         Tensor[n] float32 (float64 for a float64 model) with n = ``loss_mask.sum()``: the losses of the trainable tokens in packed order;
         differentiable w.r.t. the model's parameters.
     """
-    hidden = packed_hidden_states(model, input_ids, position_ids, seq_lens, attn_implementation, row_multiple)
-    return chunked_token_ce(model, hidden, input_ids, seq_lens, loss_mask, chunk_size=chunk_size)
+
+    def forward() -> Tensor:
+        hidden = packed_hidden_states(model, input_ids, position_ids, seq_lens, attn_implementation, row_multiple)
+        return chunked_token_ce(model, hidden, input_ids, seq_lens, loss_mask, chunk_size=chunk_size)
+
+    # One call of the top-level module: ZeRO-3 resets its prefetch trace in that module's forward
+    # pre-hook (deepspeed/runtime/zero/parameter_offload.py), so the trace completes after one step.
+    with _forward_replaced(model, forward):
+        return model()
 
