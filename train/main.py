@@ -43,6 +43,9 @@ from schemas.shard import atomic_write_text, manifest_sha256  # noqa: E402
 from train import config as train_config  # noqa: E402
 from train.card import model_card  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
+# The ZeRO plan lives in train/engine_setup.py; these names stay importable from here.
+from train.engine_setup import (STATE_BYTES_PER_PARAM, STATE_FRACTION, ZeroPlan, choose_zero_stage,  # noqa: E402,F401
+                                count_parameters, device_memory_bytes, resolve_zero_stage)
 from train.forward import resolve_attn_implementation, token_losses  # noqa: E402
 from train.grouping import batch_important_masks, important_mask_packed  # noqa: E402
 from train.losses import build_loss  # noqa: E402
@@ -143,55 +146,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ZeRO stage, model
 # ---------------------------------------------------------------------------------------------
 
-# Bytes per parameter of model + optimizer state on one device without partitioning: weights and
-# gradients in the compute dtype, AdamW's two fp32 moments, and (bf16) DeepSpeed's fp32 master copy.
-STATE_BYTES_PER_PARAM = {"float32": 4 + 4 + 8, "bfloat16": 2 + 4 + 4 + 8}
-# States may take at most this share of a device: activations, logits chunks and the allocator need the rest.
-STATE_FRACTION = 0.5
 _HF_DS_CONFIG: Any = None  # transformers' HfDeepSpeedConfig of a ZeRO-3 run (load_model)
-
-
-def count_parameters(model_path: str, trust_remote_code: bool = False) -> int:
-    """Parameters of the model at ``model_path``, counted on the meta device (no weights read)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return sum(p.numel() for p in model.parameters())  # tied weights count once
-
-
-def device_memory_bytes(device: torch.device) -> int:
-    """Memory of one device for one rank: the GPU's, or this host's RAM shared by its local ranks."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, local_ranks)
-
-
-def choose_zero_stage(requested: str, json_stage: int | None, n_params: int, dtype: str, world_size: int,
-                      device_bytes: int) -> tuple[int, str]:
-    """The ZeRO stage to run and why: an explicit ``train.zero_stage`` (or a stage written in the
-    DeepSpeed JSON) wins; ``auto`` takes 3 only when unpartitioned states would not fit one device."""
-    if requested != "auto":
-        return int(requested), f"train.zero_stage={requested}"
-    if json_stage is not None:
-        return json_stage, f"zero_optimization.stage={json_stage} in deepspeed_config"
-    need = n_params * STATE_BYTES_PER_PARAM[dtype]
-    budget = STATE_FRACTION * device_bytes
-    sizes = (f"model + optimizer states ~{need / 2**30:.2f} GiB ({n_params / 1e6:.1f}M params x "
-             f"{STATE_BYTES_PER_PARAM[dtype]} B, {dtype}) vs {STATE_FRACTION:.0%} of {device_bytes / 2**30:.1f} GiB per device")
-    if need > budget:
-        return 3, f"auto: {sizes}: do not fit, so ZeRO-3 partitions them over {world_size} rank(s)"
-    if world_size == 1:
-        return 0, f"auto: {sizes}: fit, one rank, so no partitioning (stage 0)"
-    return 2, f"auto: {sizes}: fit, {world_size} ranks, so stage 2 shards gradients and optimizer states"
-
-
-def resolve_zero_stage(cfg: TrainConfig, model_path: str, world_size: int, device: torch.device, dtype: str) -> tuple[int, str]:
-    """:func:`choose_zero_stage` for this config, model and device."""
-    return choose_zero_stage(cfg.train.zero_stage, train_config.json_zero_stage(cfg), count_parameters(model_path, cfg.trust_remote_code), dtype,
-                             world_size, device_memory_bytes(device))
 
 
 def decoder_layer_classes(model: torch.nn.Module) -> list[type]:
@@ -577,8 +532,10 @@ def run(argv: list[str] | None, progress: Progress) -> int:
 
     dtype_name = train_config.resolve_dtype(cfg, cuda=device.type == "cuda")
     try:
-        zero_stage, why = resolve_zero_stage(cfg, model_path, world_size, device, dtype_name)
-        ds_config = train_config.deepspeed_dict(cfg, world_size=world_size, dtype=dtype_name, zero_stage=zero_stage)
+        plan = resolve_zero_stage(cfg, model_path, world_size, device, dtype_name)
+        zero_stage, why = plan
+        ds_config = train_config.deepspeed_dict(cfg, world_size=world_size, dtype=dtype_name, zero_stage=zero_stage,
+                                                offload_optimizer=plan.offload_optimizer)
     except ValueError as exc:
         log0(f"error: {exc}")
         dist.destroy_process_group()
