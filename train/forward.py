@@ -12,16 +12,19 @@ One packed row holds several examples back to back. Two things make this module 
    - ``sdpa``: a 4D boolean block-diagonal causal mask ``[1, 1, T, T]`` (True = may attend);
    - ``eager``: the same mask as an *additive* float mask (0 / dtype min). Llama's eager attention does
      ``scores + mask``; a boolean mask would be added as 0/1 and isolate nothing (measured);
-   - ``flex_attention``: a ``BlockMask`` from ``torch.nn.attention.flex_attention.create_block_mask``
-     with a document mask, which skips fully masked blocks (the efficient choice for long packs on GPU;
+   - ``flex_attention``: a document-causal ``BlockMask`` built at block granularity on the host
+     (:func:`document_block_mask`, equal to ``create_block_mask``'s), which skips fully masked blocks
+     (the efficient choice for long packs on GPU;
      the sdpa/eager masks are dense T x T). Rows are padded to a multiple of ``row_multiple`` (the
      trainer passes ``data.micro_batch_tokens``) with one padding "document" that no real token sees,
      so the kernel and mask compile once. On CPU (torch 2.13) flex is forward-only (no backward), a
      second distinct row length triggers a dynamic-shape recompile that fails to compile, and head_dim
      16 gave wrong values: train on CPU with sdpa.
-   - ``flash_attention_2``: no mask; transformers reads the restarting ``position_ids`` of a batch of
-     one row as packed sequences and calls flash-attn's varlen kernel (``cu_seqlens``), which isolates
-     them. Used when the ``flash-attn`` package is installed (``resolve_attn_implementation``).
+   - ``flash_attention_2``: no mask; the row's ``cu_seq_lens`` / ``max_length`` built on the host from
+     ``seq_lens`` (:func:`flash_varlen_kwargs`) go to flash-attn's varlen kernel, which isolates the
+     examples (transformers would otherwise infer them from the restarting ``position_ids`` on the device).
+     Used when transformers reports flash-attention 2 available and the dtype is half
+     (``resolve_attn_implementation``).
 
    transformers returns any 4D tensor or ``BlockMask`` given as ``attention_mask`` unchanged
    (``_preprocess_mask_arguments`` early exit), so what we build is exactly what the kernel sees.
@@ -71,7 +74,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "SUPPORTED_ATTN_IMPLEMENTATIONS",
     "chunked_token_ce",
+    "document_block_mask",
     "document_ids",
+    "flash_varlen_kwargs",
     "packed_attention_mask",
     "packed_hidden_states",
     "pad_packed_row",
@@ -84,16 +89,79 @@ __all__ = [
 SUPPORTED_ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2")
 
 
-def resolve_attn_implementation(requested: str, device_type: str) -> str:
-    """``train.attn_implementation`` with ``auto`` resolved: on CUDA flash-attn's varlen kernel when the
-    package is installed, else FlexAttention with a document BlockMask; sdpa with a dense mask on CPU."""
+def resolve_attn_implementation(requested: str, device_type: str, dtype: str | torch.dtype | None = None) -> str:
+    """``train.attn_implementation`` with ``auto`` resolved: on CUDA flash-attn's varlen kernel when
+    transformers reports flash-attention 2 available and the compute dtype is half precision (flash-attn
+    has no fp32 kernel), else FlexAttention with a document BlockMask; sdpa with a dense mask on CPU.
+    ``dtype`` None (unknown) never picks flash-attn."""
     if requested != "auto":
         return requested
     if device_type == "cuda":
-        import importlib.util
+        from transformers.utils import is_flash_attn_2_available
 
-        return "flash_attention_2" if importlib.util.find_spec("flash_attn") is not None else "flex_attention"
+        half = str(dtype).removeprefix("torch.") in ("bfloat16", "float16")
+        return "flash_attention_2" if half and is_flash_attn_2_available() else "flex_attention"
     return "sdpa"
+
+
+def flash_varlen_kwargs(seq_lens: Sequence[int], device: torch.device | str) -> dict[str, Any]:
+    """flash-attn varlen arguments of one packed row, from the host's ``seq_lens``: ``cu_seq_lens_q/k``
+    (int32 cumulative lengths, one host-to-device copy) and ``max_length_q/k`` (Python ints). transformers'
+    ``_flash_attention_forward`` takes them as given; without them it infers them from ``position_ids``
+    (a device scan and ``.item()`` syncs in every layer)."""
+    lens = [int(n) for n in seq_lens]
+    cumulative = [0]
+    for n in lens:
+        cumulative.append(cumulative[-1] + n)
+    cu = torch.tensor(cumulative, dtype=torch.int32).to(device, non_blocking=True)
+    longest = max(lens)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
+def document_block_mask(seq_lens: Sequence[int], device: torch.device | str, block_size: int = 128) -> BlockMask:
+    """The document-causal ``BlockMask`` of one packed row built at block granularity on the host from
+    ``seq_lens``: no T x T mask is materialised (``create_block_mask`` evaluates the mask function on every
+    (query, key) pair first: 1 GiB at T = 32k). Equal to ``create_block_mask`` of the same mask function
+    (tests/train/test_forward.py). Block (i, j) is listed when some query of block i may see some key of
+    block j, and is *full* (no mask function applied) when j < i and both blocks are whole and lie in one example."""
+    import numpy as np
+    from torch.nn.attention.flex_attention import BlockMask
+
+    lens = np.asarray([int(n) for n in seq_lens], dtype=np.int64)
+    total = int(lens.sum())
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    doc = np.repeat(np.arange(len(lens)), lens)
+    n_blocks = -(-total // block_size)
+    first = np.arange(n_blocks) * block_size
+    last = np.minimum(first + block_size, total) - 1
+    # A block is "full" only if complete: create_block_mask pads the row to whole blocks with masked
+    # positions, so a cut-off last block is never full (kept so: the two masks are equal block for block).
+    one_doc = (doc[first] == doc[last]) & (last - first + 1 == block_size)
+    # Keys a query block needs: from the start of its first query's example up to its own last query.
+    lo = starts[doc[first]] // block_size
+    partial_rows, full_rows = [], []
+    for i in range(n_blocks):
+        j = np.arange(lo[i], i + 1)
+        full = (j < i) & one_doc[i] & one_doc[j] & (doc[first[j]] == doc[first[i]])
+        full_rows.append(j[full])
+        partial_rows.append(j[~full])
+
+    def pack(rows: list) -> tuple[Tensor, Tensor]:
+        counts = torch.tensor([len(r) for r in rows], dtype=torch.int32)
+        indices = torch.zeros((n_blocks, n_blocks), dtype=torch.int32)
+        for i, r in enumerate(rows):
+            indices[i, : len(r)] = torch.from_numpy(r.astype(np.int32))
+        return counts[None, None].to(device), indices[None, None].to(device)
+
+    doc_ids = torch.from_numpy(doc).to(device)
+
+    def document_causal(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return (doc_ids[q_idx] == doc_ids[kv_idx]) & (kv_idx <= q_idx)
+
+    kv_num, kv_idx = pack(partial_rows)
+    full_num, full_idx = pack(full_rows)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=document_causal,
+                                    seq_lengths=(total, total))
 
 
 def _check_seq_lens(seq_lens: Sequence[int], total: int) -> list[int]:
@@ -134,17 +202,11 @@ def packed_attention_mask(
     lens = [int(n) for n in seq_lens]
     if attn_implementation == "flash_attention_2":
         return None
+    if attn_implementation == "flex_attention":
+        # Built from seq_lens at block granularity on the host: no transient T x T mask on the device.
+        return document_block_mask(lens, device)
     total = sum(lens)
     doc = document_ids(lens, device=device)
-    if attn_implementation == "flex_attention":
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        def document_causal(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            return (doc[q_idx] == doc[kv_idx]) & (kv_idx <= q_idx)
-
-        # B=None / H=None broadcast over batch and heads. create_block_mask materialises a transient
-        # T x T bool mask (1 GiB at T = 32k) before compressing it into blocks; fine for training rows.
-        return create_block_mask(document_causal, None, None, total, total, device=device)
 
     pos = torch.arange(total, device=device)
     allowed = (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
@@ -238,12 +300,15 @@ def packed_hidden_states(
     if impl == "flex_attention" and row_multiple:
         input_ids, position_ids, lens = pad_packed_row(input_ids, position_ids, lens, row_multiple)
     mask = packed_attention_mask(lens, impl, device=input_ids.device, dtype=_model_dtype(model))
+    # flash-attn: the varlen boundaries from the host, so transformers does not infer them on the device.
+    varlen = flash_varlen_kwargs(lens, input_ids.device) if impl == "flash_attention_2" else {}
     out = _backbone(model)(
         input_ids=input_ids[None],
         position_ids=position_ids[None],
         attention_mask=mask,
         # No KV cache in training: it would only hold K/V that autograd keeps anyway.
         use_cache=False,
+        **varlen,
     )
     return out.last_hidden_state[0, :total]
 

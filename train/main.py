@@ -541,7 +541,7 @@ def run(argv: list[str] | None, progress: Progress) -> int:
         dist.destroy_process_group()
         return 2
     log0(f"zero stage {zero_stage}: {why}")
-    attn_implementation = resolve_attn_implementation(cfg.train.attn_implementation, device.type)
+    attn_implementation = resolve_attn_implementation(cfg.train.attn_implementation, device.type, dtype_name)
     log0(f"attention: {attn_implementation}")
     needs_ref_loss = train_config.loss_class(cfg).needs_ref_loss
     stream = ShardStream(cfg.data.train, manifest, cfg.importance.scorer, seed=cfg.seed, shuffle=cfg.data.shuffle,
