@@ -84,3 +84,25 @@ def test_step_timer_synchronises_the_device_before_reading_the_clock(monkeypatch
     assert cpu.stop() >= 0 and len(calls) == 2  # nothing to synchronise on the CPU
     with pytest.raises(RuntimeError):
         StepTimer(torch.device("cpu")).stop()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_table_peak_and_synced_timer_agree_with_a_bf16_matmul_on_this_gpu():  # pragma: no cover - GPU only
+    """A large bf16 matmul timed with StepTimer reaches a plausible share of the table's peak (never above
+    it: a peak too low, e.g. the sparse number's half, or an unsynced timer would show up here)."""
+    device = torch.device("cuda")
+    peak = device_peak_flops(device, "bfloat16")
+    if peak is None:
+        pytest.skip(f"{torch.cuda.get_device_name(device)} is not in PEAK_TFLOPS")
+    n, reps = 8192, 20
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b  # warm-up (cuBLAS heuristics, clocks)
+    timer = StepTimer(device)
+    timer.start()
+    for _ in range(reps):
+        a @ b
+    seconds = timer.stop()
+    share = mfu(2.0 * n**3 * reps, seconds, peak)
+    assert 0.3 < share <= 1.0, share
