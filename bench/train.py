@@ -224,9 +224,11 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
     dtype_name = train_config.resolve_dtype(cfg, cuda=device.type == "cuda")
     dtype = torch.bfloat16 if dtype_name == "bfloat16" else torch.float32
-    attn = resolve_attn_implementation(cfg.train.attn_implementation, device.type)
-    zero_stage, zero_why = resolve_zero_stage(cfg, cfg.model, world_size, device, dtype_name)
-    ds_config = train_config.deepspeed_dict(cfg, world_size=world_size, dtype=dtype_name, zero_stage=zero_stage)
+    attn = resolve_attn_implementation(cfg.train.attn_implementation, device.type, dtype_name)
+    zero_plan = resolve_zero_stage(cfg, cfg.model, world_size, device, dtype_name)
+    zero_stage, zero_why = zero_plan
+    ds_config = train_config.deepspeed_dict(cfg, world_size=world_size, dtype=dtype_name, zero_stage=zero_stage,
+                                            offload_optimizer=zero_plan.offload_optimizer)
 
     plain = None
     if "plain" in args.baseline.split(","):  # (trl runs in its own worker: trl_worker)

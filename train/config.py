@@ -19,7 +19,13 @@ Values written as the string ``"auto"`` are filled from this config by :func:`de
     bf16.enabled                 <- the resolved train.dtype == "bfloat16"
     train_micro_batch_size_per_gpu <- 1 (one packed row of up to data.micro_batch_tokens tokens)
     train_batch_size             <- grad_accum * world_size (packed rows per optimizer step)
-    zero_optimization.stage      <- train.zero_stage, resolved (``auto``: :func:`train.main.choose_zero_stage`)
+    zero_optimization.stage      <- train.zero_stage, resolved (``auto``: :func:`train.engine_setup.choose_zero_stage`)
+
+Always set, not placeholders: ``data_types.grad_accum_dtype = "fp32"`` whenever the weights are bf16
+(DeepSpeed otherwise accumulates gradients in the model dtype; it refuses this at stage 0, so bf16 runs
+at stage >= 1), and ``zero_optimization.offload_optimizer = {"device": "cpu"}`` with
+``zero_force_ds_cpu_optimizer = false`` when the ZeRO plan offloads the optimizer (the client AdamW
+steps on the host copy).
 
 Any other "auto" is an error, so a new placeholder cannot pass silently.
 """
@@ -132,7 +138,7 @@ class LoopConfig:
     grad_accum: int = option(1, "micro-batches per optimizer step, per rank")
     gradient_checkpointing: bool = option(True, "recompute activations in backward (less memory, ~30% slower)")
     dtype: str = option("auto", "auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16")
-    zero_stage: str = option("auto", "DeepSpeed ZeRO stage: 0 | 1 | 2 | 3 | auto (3 only when model + optimizer states would not fit on one device, else 0 on one device and 2 on several; the log says which and why)")
+    zero_stage: str = option("auto", "DeepSpeed ZeRO stage: 0 | 1 | 2 | 3 | auto (one rank: 0 when model + optimizer states fit the device (1 in bf16), else the optimizer offloaded to the CPU, else refused; several ranks: 2 when they fit, else 3; bf16 accumulates gradients in fp32, so bf16 stage 0 runs as 1; the log says which and why)")
     zero3_leaf_modules: bool = option(True, "ZeRO-3: gather each decoder layer whole (DeepSpeed set_z3_leaf_modules on the model's _no_split_modules class): ~2x fewer hook calls per step; false = per-submodule gathers")
     attn_implementation: str = option("auto", "attention kernel: auto (flash_attention_2 on CUDA when flash-attn is installed, else flex_attention on CUDA, sdpa on CPU) | sdpa | eager | flex_attention | flash_attention_2; packed examples are isolated on every path")
     ce_chunk: int = option(1024, "target tokens per lm_head + cross-entropy chunk: bounds fp32 logits memory (bench/ce_memory.py: 1024 cuts the extra peak ~3x vs 4096 at seq 4096)")
@@ -433,11 +439,35 @@ def json_zero_stage(config: TrainConfig) -> int | None:
     return None if stage == "auto" else int(stage)
 
 
-def deepspeed_dict(config: TrainConfig, *, world_size: int, dtype: str, zero_stage: int = 3) -> dict[str, Any]:
+#: DeepSpeed's name of the gradient accumulation dtype the trainer sets for bf16 weights.
+GRAD_ACCUM_DTYPE_BF16 = "fp32"
+
+
+def deepspeed_dict(config: TrainConfig, *, world_size: int, dtype: str, zero_stage: int = 3,
+                   offload_optimizer: bool = False) -> dict[str, Any]:
     """The DeepSpeed JSON with its "auto" values filled (see the module docstring); ``dtype`` and
-    ``zero_stage`` resolved. A stage written in the JSON must agree with ``zero_stage``."""
+    ``zero_stage`` resolved. A stage written in the JSON must agree with ``zero_stage``.
+
+    bf16 weights get fp32 gradient accumulation (``data_types.grad_accum_dtype``); stage 0 with bf16
+    is refused (DeepSpeed 0.19 raises on that mix: :func:`train.engine_setup.choose_zero_stage` moves it
+    to stage 1). ``offload_optimizer`` puts AdamW's states on the CPU (stages 1-3)."""
     path = deepspeed_config_path(config)
     raw = json.loads(path.read_text(encoding="utf-8"))
+    if dtype == "bfloat16":
+        if zero_stage == 0:
+            raise ConfigError("bf16 weights accumulate gradients in fp32 (data_types.grad_accum_dtype), which DeepSpeed "
+                              "refuses without ZeRO: use ZeRO stage >= 1 (train.zero_stage=auto picks 1)")
+        written_accum = (raw.get("data_types") or {}).get("grad_accum_dtype", GRAD_ACCUM_DTYPE_BF16)
+        if written_accum != GRAD_ACCUM_DTYPE_BF16:
+            raise ConfigError(f"deepspeed_config: {path}: data_types.grad_accum_dtype is {written_accum!r}: bf16 weights "
+                              f"must accumulate gradients in fp32 (leave it out or write \"fp32\")")
+        raw.setdefault("data_types", {})["grad_accum_dtype"] = GRAD_ACCUM_DTYPE_BF16
+    if offload_optimizer:
+        if zero_stage == 0:
+            raise ConfigError("offload_optimizer needs ZeRO stage >= 1")
+        raw.setdefault("zero_optimization", {})["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        # The client torch AdamW steps on the host copy: no cpu_adam compile (DeepSpeed refuses it unless told).
+        raw["zero_force_ds_cpu_optimizer"] = False
     written = (raw.get("zero_optimization") or {}).get("stage", "auto")
     if written != "auto" and int(written) != zero_stage:
         raise ConfigError(f"deepspeed_config: {path}: zero_optimization.stage is {written} but train.zero_stage "

@@ -12,16 +12,19 @@ One packed row holds several examples back to back. Two things make this module 
    - ``sdpa``: a 4D boolean block-diagonal causal mask ``[1, 1, T, T]`` (True = may attend);
    - ``eager``: the same mask as an *additive* float mask (0 / dtype min). Llama's eager attention does
      ``scores + mask``; a boolean mask would be added as 0/1 and isolate nothing (measured);
-   - ``flex_attention``: a ``BlockMask`` from ``torch.nn.attention.flex_attention.create_block_mask``
-     with a document mask, which skips fully masked blocks (the efficient choice for long packs on GPU;
+   - ``flex_attention``: a document-causal ``BlockMask`` built at block granularity on the host
+     (:func:`document_block_mask`, equal to ``create_block_mask``'s), which skips fully masked blocks
+     (the efficient choice for long packs on GPU;
      the sdpa/eager masks are dense T x T). Rows are padded to a multiple of ``row_multiple`` (the
      trainer passes ``data.micro_batch_tokens``) with one padding "document" that no real token sees,
      so the kernel and mask compile once. On CPU (torch 2.13) flex is forward-only (no backward), a
      second distinct row length triggers a dynamic-shape recompile that fails to compile, and head_dim
      16 gave wrong values: train on CPU with sdpa.
-   - ``flash_attention_2``: no mask; transformers reads the restarting ``position_ids`` of a batch of
-     one row as packed sequences and calls flash-attn's varlen kernel (``cu_seqlens``), which isolates
-     them. Used when the ``flash-attn`` package is installed (``resolve_attn_implementation``).
+   - ``flash_attention_2``: no mask; the row's ``cu_seq_lens`` / ``max_length`` built on the host from
+     ``seq_lens`` (:func:`flash_varlen_kwargs`) go to flash-attn's varlen kernel, which isolates the
+     examples (transformers would otherwise infer them from the restarting ``position_ids`` on the device).
+     Used when transformers reports flash-attention 2 available and the dtype is half
+     (``resolve_attn_implementation``).
 
    transformers returns any 4D tensor or ``BlockMask`` given as ``attention_mask`` unchanged
    (``_preprocess_mask_arguments`` early exit), so what we build is exactly what the kernel sees.
@@ -37,8 +40,16 @@ packed position t is scored by the logits at position t - 1 of the same example.
 example has no context and is never a target; a ``loss_mask`` that marks one is rejected, so the output
 always has exactly ``loss_mask.sum()`` entries, aligned with the trainable tokens in order.
 
-DeepSpeed ZeRO-3: ``lm_head`` is only ever *called* as a module (never ``.weight``), so ZeRO-3's
-module hooks gather its partitioned weight, also during the checkpoint recomputation in backward.
+DeepSpeed ZeRO-3 (issue 32): every rank must issue the same collectives whatever its data, and
+ZeRO-3 gathers a module's weights around each *call* of the module. So the data-dependent CE chunk loop
+runs inside ONE call of ``lm_head`` (:func:`chunked_token_ce` puts the loop in place of the head's
+``forward`` for that call): the head's weight is gathered once for the forward, once before the backward
+(its pre-backward hook, ahead of every chunk's checkpoint recomputation) and released after the last
+chunk's gradient; inside, chunks run the head class's own ``forward`` (no hooks). Calling ``lm_head``
+once per chunk made a rank with more trainable targets gather more often: the ranks' collectives
+mismatched (gloo aborted, NCCL hangs). Likewise :func:`token_losses` runs the whole forward as one call
+of the top-level model, whose forward pre-hook is where ZeRO-3 resets its prefetch trace each step:
+calling ``model.model`` and ``lm_head`` directly left the trace invalid for ever (no prefetch).
 The checkpoint is non-reentrant so that a weight used by several chunks (and, with tied embeddings, by
 the embedding too) receives one accumulated gradient in one backward pass, as ZeRO-3's per-parameter
 reduce hooks expect. Tied embeddings need no special handling: ``get_output_embeddings()`` is the
@@ -47,8 +58,9 @@ reduce hooks expect. Tied embeddings need no special handling: ``get_output_embe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -62,7 +74,9 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "SUPPORTED_ATTN_IMPLEMENTATIONS",
     "chunked_token_ce",
+    "document_block_mask",
     "document_ids",
+    "flash_varlen_kwargs",
     "packed_attention_mask",
     "packed_hidden_states",
     "pad_packed_row",
@@ -75,16 +89,79 @@ __all__ = [
 SUPPORTED_ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2")
 
 
-def resolve_attn_implementation(requested: str, device_type: str) -> str:
-    """``train.attn_implementation`` with ``auto`` resolved: on CUDA flash-attn's varlen kernel when the
-    package is installed, else FlexAttention with a document BlockMask; sdpa with a dense mask on CPU."""
+def resolve_attn_implementation(requested: str, device_type: str, dtype: str | torch.dtype | None = None) -> str:
+    """``train.attn_implementation`` with ``auto`` resolved: on CUDA flash-attn's varlen kernel when
+    transformers reports flash-attention 2 available and the compute dtype is half precision (flash-attn
+    has no fp32 kernel), else FlexAttention with a document BlockMask; sdpa with a dense mask on CPU.
+    ``dtype`` None (unknown) never picks flash-attn."""
     if requested != "auto":
         return requested
     if device_type == "cuda":
-        import importlib.util
+        from transformers.utils import is_flash_attn_2_available
 
-        return "flash_attention_2" if importlib.util.find_spec("flash_attn") is not None else "flex_attention"
+        half = str(dtype).removeprefix("torch.") in ("bfloat16", "float16")
+        return "flash_attention_2" if half and is_flash_attn_2_available() else "flex_attention"
     return "sdpa"
+
+
+def flash_varlen_kwargs(seq_lens: Sequence[int], device: torch.device | str) -> dict[str, Any]:
+    """flash-attn varlen arguments of one packed row, from the host's ``seq_lens``: ``cu_seq_lens_q/k``
+    (int32 cumulative lengths, one host-to-device copy) and ``max_length_q/k`` (Python ints). transformers'
+    ``_flash_attention_forward`` takes them as given; without them it infers them from ``position_ids``
+    (a device scan and ``.item()`` syncs in every layer)."""
+    lens = [int(n) for n in seq_lens]
+    cumulative = [0]
+    for n in lens:
+        cumulative.append(cumulative[-1] + n)
+    cu = torch.tensor(cumulative, dtype=torch.int32).to(device, non_blocking=True)
+    longest = max(lens)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
+def document_block_mask(seq_lens: Sequence[int], device: torch.device | str, block_size: int = 128) -> BlockMask:
+    """The document-causal ``BlockMask`` of one packed row built at block granularity on the host from
+    ``seq_lens``: no T x T mask is materialised (``create_block_mask`` evaluates the mask function on every
+    (query, key) pair first: 1 GiB at T = 32k). Equal to ``create_block_mask`` of the same mask function
+    (tests/train/test_forward.py). Block (i, j) is listed when some query of block i may see some key of
+    block j, and is *full* (no mask function applied) when j < i and both blocks are whole and lie in one example."""
+    import numpy as np
+    from torch.nn.attention.flex_attention import BlockMask
+
+    lens = np.asarray([int(n) for n in seq_lens], dtype=np.int64)
+    total = int(lens.sum())
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    doc = np.repeat(np.arange(len(lens)), lens)
+    n_blocks = -(-total // block_size)
+    first = np.arange(n_blocks) * block_size
+    last = np.minimum(first + block_size, total) - 1
+    # A block is "full" only if complete: create_block_mask pads the row to whole blocks with masked
+    # positions, so a cut-off last block is never full (kept so: the two masks are equal block for block).
+    one_doc = (doc[first] == doc[last]) & (last - first + 1 == block_size)
+    # Keys a query block needs: from the start of its first query's example up to its own last query.
+    lo = starts[doc[first]] // block_size
+    partial_rows, full_rows = [], []
+    for i in range(n_blocks):
+        j = np.arange(lo[i], i + 1)
+        full = (j < i) & one_doc[i] & one_doc[j] & (doc[first[j]] == doc[first[i]])
+        full_rows.append(j[full])
+        partial_rows.append(j[~full])
+
+    def pack(rows: list) -> tuple[Tensor, Tensor]:
+        counts = torch.tensor([len(r) for r in rows], dtype=torch.int32)
+        indices = torch.zeros((n_blocks, n_blocks), dtype=torch.int32)
+        for i, r in enumerate(rows):
+            indices[i, : len(r)] = torch.from_numpy(r.astype(np.int32))
+        return counts[None, None].to(device), indices[None, None].to(device)
+
+    doc_ids = torch.from_numpy(doc).to(device)
+
+    def document_causal(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return (doc_ids[q_idx] == doc_ids[kv_idx]) & (kv_idx <= q_idx)
+
+    kv_num, kv_idx = pack(partial_rows)
+    full_num, full_idx = pack(full_rows)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=document_causal,
+                                    seq_lengths=(total, total))
 
 
 def _check_seq_lens(seq_lens: Sequence[int], total: int) -> list[int]:
@@ -125,17 +202,11 @@ def packed_attention_mask(
     lens = [int(n) for n in seq_lens]
     if attn_implementation == "flash_attention_2":
         return None
+    if attn_implementation == "flex_attention":
+        # Built from seq_lens at block granularity on the host: no transient T x T mask on the device.
+        return document_block_mask(lens, device)
     total = sum(lens)
     doc = document_ids(lens, device=device)
-    if attn_implementation == "flex_attention":
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        def document_causal(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            return (doc[q_idx] == doc[kv_idx]) & (kv_idx <= q_idx)
-
-        # B=None / H=None broadcast over batch and heads. create_block_mask materialises a transient
-        # T x T bool mask (1 GiB at T = 32k) before compressing it into blocks; fine for training rows.
-        return create_block_mask(document_causal, None, None, total, total, device=device)
 
     pos = torch.arange(total, device=device)
     allowed = (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
@@ -229,12 +300,15 @@ def packed_hidden_states(
     if impl == "flex_attention" and row_multiple:
         input_ids, position_ids, lens = pad_packed_row(input_ids, position_ids, lens, row_multiple)
     mask = packed_attention_mask(lens, impl, device=input_ids.device, dtype=_model_dtype(model))
+    # flash-attn: the varlen boundaries from the host, so transformers does not infer them on the device.
+    varlen = flash_varlen_kwargs(lens, input_ids.device) if impl == "flash_attention_2" else {}
     out = _backbone(model)(
         input_ids=input_ids[None],
         position_ids=position_ids[None],
         attention_mask=mask,
         # No KV cache in training: it would only hold K/V that autograd keeps anyway.
         use_cache=False,
+        **varlen,
     )
     return out.last_hidden_state[0, :total]
 
@@ -250,9 +324,25 @@ def pad_packed_row(input_ids: Tensor, position_ids: Tensor, seq_lens: list[int],
     return input_ids, position_ids, [*seq_lens, pad]
 
 
-def _chunk_ce(lm_head: nn.Module, softcap: LogitTransform, hidden: Tensor, src: Tensor, labels: Tensor) -> Tensor:
+@contextmanager
+def _forward_replaced(module: nn.Module, forward: Callable[..., Any]) -> Iterator[nn.Module]:
+    """``module`` with ``forward`` in place of its own forward for the duration: ``module(...)`` then runs
+    ``forward`` inside ``nn.Module.__call__``, so every hook on the module (ZeRO-3's gather, release,
+    pre-backward fetch and trace reset) fires exactly once around it."""
+    previous = module.__dict__.get("forward")  # an instance-level forward someone else installed
+    module.forward = forward  # instance attribute: shadows the class's forward (nn.Module.__call__ reads self.forward)
+    try:
+        yield module
+    finally:
+        if previous is not None:
+            module.forward = previous
+        else:
+            del module.forward
+
+
+def _chunk_ce(head: Callable[[Tensor], Tensor], softcap: LogitTransform, hidden: Tensor, src: Tensor, labels: Tensor) -> Tensor:
     """Per-token CE of one chunk (at least fp32): logits of the rows ``src`` of ``hidden`` against ``labels``."""
-    return token_ce(lm_head(hidden.index_select(0, src)), labels, softcap)
+    return token_ce(head(hidden.index_select(0, src)), labels, softcap)
 
 
 def chunked_token_ce(
@@ -267,7 +357,8 @@ def chunked_token_ce(
 
     ``lm_head`` runs on at most ``chunk_size`` target rows at a time, each chunk under a non-reentrant
     ``torch.utils.checkpoint`` so its logits are freed after the forward and recomputed in the backward.
-    Without autograd (``torch.no_grad``, scoring) chunks run directly.
+    Without autograd (``torch.no_grad``, scoring) chunks run directly. The chunk loop is one call of the
+    ``lm_head`` module whatever the number of chunks (ZeRO-3: one gather, the same on every rank).
 
     Returns:
         Tensor[n] (float32; float64 for a float64 model), n = ``loss_mask.sum()``, in packed order.
@@ -280,22 +371,37 @@ def chunked_token_ce(
     labels = input_ids.index_select(0, targets)
     lm_head = model.get_output_embeddings()
     softcap = logit_transform(model)  # the model's own final-logit transform (scaling, soft-cap), not only Gemma's cap
+    # The head's own computation without module hooks: inside the one lm_head call below (and in the
+    # checkpoint recomputation, after ZeRO-3's pre-backward hook gathered the weight) the weight is whole.
+    head_class_forward = type(lm_head).forward
+
+    def head(rows: Tensor) -> Tensor:
+        return head_class_forward(lm_head, rows)
+
     # Checkpoint whenever autograd records (lm_head may be trainable even if hidden is not).
     use_checkpoint = torch.is_grad_enabled()
-    pieces = []
-    # range(0, max(n, 1)): with no targets we still run one empty chunk so the result is attached to
-    # the graph through lm_head (backward() then works and every rank touches the same parameters).
-    for start in range(0, max(targets.numel(), 1), chunk_size):
-        src_c, labels_c = src[start : start + chunk_size], labels[start : start + chunk_size]
-        if use_checkpoint:
-            # preserve_rng_state=False: the chunk has no randomness, so skip stashing RNG states.
-            piece = checkpoint(
-                _chunk_ce, lm_head, softcap, hidden, src_c, labels_c, use_reentrant=False, preserve_rng_state=False
-            )
-        else:
-            piece = _chunk_ce(lm_head, softcap, hidden, src_c, labels_c)
-        pieces.append(piece)
-    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+    def all_chunks(hidden_in: Tensor) -> Tensor:
+        # hidden_in, not hidden: ZeRO-3's pre-forward hook hands the head a wrapped input whose backward
+        # releases the gathered weight once every chunk's gradient has arrived.
+        pieces = []
+        # range(0, max(n, 1)): with no targets we still run one empty chunk so the result is attached to
+        # the graph through lm_head (backward() then works and every rank touches the same parameters).
+        for start in range(0, max(targets.numel(), 1), chunk_size):
+            src_c, labels_c = src[start : start + chunk_size], labels[start : start + chunk_size]
+            if use_checkpoint:
+                # preserve_rng_state=False: the chunk has no randomness, so skip stashing RNG states.
+                piece = checkpoint(
+                    _chunk_ce, head, softcap, hidden_in, src_c, labels_c, use_reentrant=False, preserve_rng_state=False
+                )
+            else:
+                piece = _chunk_ce(head, softcap, hidden_in, src_c, labels_c)
+            pieces.append(piece)
+        return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+    # hidden positional: ZeRO-3's hooks see (and wrap) positional inputs only.
+    with _forward_replaced(lm_head, all_chunks):
+        return lm_head(hidden)
 
 
 def token_losses(
@@ -325,6 +431,13 @@ def token_losses(
         Tensor[n] float32 (float64 for a float64 model) with n = ``loss_mask.sum()``: the losses of the trainable tokens in packed order;
         differentiable w.r.t. the model's parameters.
     """
-    hidden = packed_hidden_states(model, input_ids, position_ids, seq_lens, attn_implementation, row_multiple)
-    return chunked_token_ce(model, hidden, input_ids, seq_lens, loss_mask, chunk_size=chunk_size)
+
+    def forward() -> Tensor:
+        hidden = packed_hidden_states(model, input_ids, position_ids, seq_lens, attn_implementation, row_multiple)
+        return chunked_token_ce(model, hidden, input_ids, seq_lens, loss_mask, chunk_size=chunk_size)
+
+    # One call of the top-level module: ZeRO-3 resets its prefetch trace in that module's forward
+    # pre-hook (deepspeed/runtime/zero/parameter_offload.py), so the trace completes after one step.
+    with _forward_replaced(model, forward):
+        return model()
 

@@ -43,10 +43,14 @@ from schemas.shard import atomic_write_text, manifest_sha256  # noqa: E402
 from train import config as train_config  # noqa: E402
 from train.card import model_card  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
+# The ZeRO plan lives in train/engine_setup.py; these names stay importable from here.
+from train.engine_setup import (STATE_BYTES_PER_PARAM, STATE_FRACTION, ZeroPlan, choose_zero_stage,  # noqa: E402,F401
+                                count_parameters, device_memory_bytes, resolve_zero_stage)
 from train.forward import resolve_attn_implementation, token_losses  # noqa: E402
 from data.shard_stats import important_share_warning, realised_important_share  # noqa: E402
 from train.grouping import CorpusCut, manifest_corpus_cut, step_important_masks  # noqa: E402
 from train.losses import build_loss  # noqa: E402
+from train.mfu import ModelFlops, StepTimer, device_peak_flops, mfu  # noqa: E402
 from train.schedule import make_scheduler  # noqa: E402
 from train.shards import STATE_VERSION as STREAM_STATE_VERSION  # noqa: E402
 from train.shards import ShardStream, StreamPlan, open_annotated  # noqa: E402
@@ -145,55 +149,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # ZeRO stage, model
 # ---------------------------------------------------------------------------------------------
 
-# Bytes per parameter of model + optimizer state on one device without partitioning: weights and
-# gradients in the compute dtype, AdamW's two fp32 moments, and (bf16) DeepSpeed's fp32 master copy.
-STATE_BYTES_PER_PARAM = {"float32": 4 + 4 + 8, "bfloat16": 2 + 4 + 4 + 8}
-# States may take at most this share of a device: activations, logits chunks and the allocator need the rest.
-STATE_FRACTION = 0.5
 _HF_DS_CONFIG: Any = None  # transformers' HfDeepSpeedConfig of a ZeRO-3 run (load_model)
-
-
-def count_parameters(model_path: str, trust_remote_code: bool = False) -> int:
-    """Parameters of the model at ``model_path``, counted on the meta device (no weights read)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    with torch.device("meta"):
-        config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return sum(p.numel() for p in model.parameters())  # tied weights count once
-
-
-def device_memory_bytes(device: torch.device) -> int:
-    """Memory of one device for one rank: the GPU's, or this host's RAM shared by its local ranks."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).total_memory
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, local_ranks)
-
-
-def choose_zero_stage(requested: str, json_stage: int | None, n_params: int, dtype: str, world_size: int,
-                      device_bytes: int) -> tuple[int, str]:
-    """The ZeRO stage to run and why: an explicit ``train.zero_stage`` (or a stage written in the
-    DeepSpeed JSON) wins; ``auto`` takes 3 only when unpartitioned states would not fit one device."""
-    if requested != "auto":
-        return int(requested), f"train.zero_stage={requested}"
-    if json_stage is not None:
-        return json_stage, f"zero_optimization.stage={json_stage} in deepspeed_config"
-    need = n_params * STATE_BYTES_PER_PARAM[dtype]
-    budget = STATE_FRACTION * device_bytes
-    sizes = (f"model + optimizer states ~{need / 2**30:.2f} GiB ({n_params / 1e6:.1f}M params x "
-             f"{STATE_BYTES_PER_PARAM[dtype]} B, {dtype}) vs {STATE_FRACTION:.0%} of {device_bytes / 2**30:.1f} GiB per device")
-    if need > budget:
-        return 3, f"auto: {sizes}: do not fit, so ZeRO-3 partitions them over {world_size} rank(s)"
-    if world_size == 1:
-        return 0, f"auto: {sizes}: fit, one rank, so no partitioning (stage 0)"
-    return 2, f"auto: {sizes}: fit, {world_size} ranks, so stage 2 shards gradients and optimizer states"
-
-
-def resolve_zero_stage(cfg: TrainConfig, model_path: str, world_size: int, device: torch.device, dtype: str) -> tuple[int, str]:
-    """:func:`choose_zero_stage` for this config, model and device."""
-    return choose_zero_stage(cfg.train.zero_stage, train_config.json_zero_stage(cfg), count_parameters(model_path, cfg.trust_remote_code), dtype,
-                             world_size, device_memory_bytes(device))
 
 
 def decoder_layer_classes(model: torch.nn.Module) -> list[type]:
@@ -274,8 +230,8 @@ def run_micro_batch(engine: Any, batch: dict[str, Any], important: torch.Tensor,
                     weighting: dict[str, Any] | None = None, decision: Any = None) -> dict[str, float]:
     """Forward, backward and (at the step's last micro-batch) optimizer step of one packed micro-batch.
     ``decision``: the step's group decision for this micro-batch (``loss.group_decision=step``), or None."""
-    # DeepSpeed (0.19) advances ZeRO's micro-step counter in engine.forward(); we call the module's
-    # backbone and lm_head ourselves, so advance it here. Without this, ZeRO-3 copies each
+    # DeepSpeed (0.19) advances ZeRO's micro-step counter in engine.forward(); we call engine.module
+    # ourselves (train.forward.token_losses), so advance it here. Without this, ZeRO-3 copies each
     # micro-batch's gradient over the last one instead of accumulating: only the step's last
     # micro-batch would train (measured: step-1 grad norm = the last micro-batch's alone).
     if hasattr(engine.optimizer, "clear_backward_seen_flag"):
@@ -762,14 +718,16 @@ def run(argv: list[str] | None, progress: Progress) -> int:
 
     dtype_name = train_config.resolve_dtype(cfg, cuda=device.type == "cuda")
     try:
-        zero_stage, why = resolve_zero_stage(cfg, model_path, world_size, device, dtype_name)
-        ds_config = train_config.deepspeed_dict(cfg, world_size=world_size, dtype=dtype_name, zero_stage=zero_stage)
+        zero_plan = resolve_zero_stage(cfg, model_path, world_size, device, dtype_name)
+        zero_stage, why = zero_plan
+        ds_config = train_config.deepspeed_dict(cfg, world_size=world_size, dtype=dtype_name, zero_stage=zero_stage,
+                                                offload_optimizer=zero_plan.offload_optimizer)
         if resume is not None:
             check_resumable(resume, zero_stage, world_size)
     except ValueError as exc:
         return refuse(str(exc))
     log0(f"zero stage {zero_stage}: {why}")
-    attn_implementation = resolve_attn_implementation(cfg.train.attn_implementation, device.type)
+    attn_implementation = resolve_attn_implementation(cfg.train.attn_implementation, device.type, dtype_name)
     log0(f"attention: {attn_implementation}")
     needs_ref_loss = train_config.loss_class(cfg).needs_ref_loss
     # max_steps: an endless stream (the data cycles); else exactly train.epochs epochs.
@@ -828,8 +786,9 @@ def run(argv: list[str] | None, progress: Progress) -> int:
             writer = SummaryWriter(str(out / "tensorboard"))
         if "wandb" in cfg.report_to:
             wandb_run = start_wandb(cfg, out)
-    n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
-    peak_flops = 989e12 if device.type == "cuda" else None  # H100 dense bf16; MFU only on GPU
+    # MFU: the model's real FLOPs per step over the device's own peak (train/mfu.py; not reported where unknown).
+    model_flops, peak = ModelFlops.of(engine.module), device_peak_flops(device, dtype_name)
+    timer = StepTimer(device)
 
     def log(record: dict[str, Any]) -> None:
         if rank != 0:
@@ -853,7 +812,7 @@ def run(argv: list[str] | None, progress: Progress) -> int:
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=rank != 0, dynamic_ncols=True)
     engine.module.train()
     while step < total_steps:
-        started = time.perf_counter()
+        timer.start()
         micro = next_step_batches(batches, cfg.train.grad_accum, pad_id, device)
         if micro is None:  # the plan says how many steps the epochs hold: running out early is a bug
             return refuse(f"the data ran out after {step} of {total_steps} planned steps; please report this with the config")
@@ -863,8 +822,9 @@ def run(argv: list[str] | None, progress: Progress) -> int:
                                                      corpus_quantiles)
         step += 1
         progress.step = step
-        seconds = time.perf_counter() - started
-        total_loss = torch.tensor([sum(p["loss"] for p in parts)], device=device, dtype=torch.float64)
+        seconds = timer.stop()
+        # Loss and FLOPs summed over ranks in one collective.
+        total_loss = torch.tensor([sum(p["loss"] for p in parts), model_flops.step_flops(micro)], device=device, dtype=torch.float64)
         dist.all_reduce(total_loss)
         weights = [p.get("tokens", 0) for p in parts]
         weight_sum = sum(weights) or 1
@@ -873,7 +833,7 @@ def run(argv: list[str] | None, progress: Progress) -> int:
             return float(sum(p[key] * w for p, w in zip(parts, weights)) / weight_sum)
 
         record = {
-            "step": step, "loss": float(total_loss.item()), "ce": mean("ce"), "important_loss": mean("important_loss"),
+            "step": step, "loss": float(total_loss[0].item()), "ce": mean("ce"), "important_loss": mean("important_loss"),
             "unimportant_loss": mean("unimportant_loss"), "worse_group": mean("worse_group"), "lambda": parts[-1]["lambda"],
             "important_fraction": mean("important_fraction"), "lr": lr,
             "grad_norm": parts[-1].get("grad_norm", float(engine.get_global_grad_norm() or 0.0)), "tokens_per_s": seen_tokens / seconds,
@@ -881,8 +841,9 @@ def run(argv: list[str] | None, progress: Progress) -> int:
         }
         if "mean_weight" in parts[0]:
             record["mean_weight"] = mean("mean_weight")
-        if peak_flops:
-            record["mfu"] = 6 * n_params * seen_tokens / seconds / (peak_flops * world_size)
+        utilisation = mfu(float(total_loss[1].item()), seconds, peak, world_size)
+        if utilisation is not None:
+            record["mfu"] = utilisation
         if val_stream is not None and cfg.eval.every and step % cfg.eval.every == 0:
             val_stream.load_state_dict(val_start)
             record.update(evaluate(engine, val_stream, cfg, val_threshold, device, pad_id))

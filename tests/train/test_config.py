@@ -321,7 +321,30 @@ def test_deepspeed_json_has_no_optimizer_and_fills_auto():
     # Stage 0 in fp32: the trainer clips (and logs the norm), so DeepSpeed must not clip a second time.
     stage0 = deepspeed_dict(config, world_size=1, dtype="float32", zero_stage=0)
     assert stage0["zero_optimization"]["stage"] == 0 and stage0["gradient_clipping"] == 0.0
-    assert deepspeed_dict(config, world_size=1, dtype="bfloat16", zero_stage=0)["gradient_clipping"] == 0.5
+    assert deepspeed_dict(config, world_size=1, dtype="bfloat16", zero_stage=1)["gradient_clipping"] == 0.5
+
+
+def test_bf16_weights_accumulate_gradients_in_fp32_and_offload_reaches_the_json(tmp_path):
+    config = valid()
+    for stage in (1, 2, 3):
+        filled = deepspeed_dict(config, world_size=2, dtype="bfloat16", zero_stage=stage)
+        assert filled["data_types"] == {"grad_accum_dtype": "fp32"} and filled["bf16"]["enabled"] is True
+        assert "offload_optimizer" not in filled["zero_optimization"]
+    # fp32 weights: DeepSpeed's default (the model dtype) is already fp32.
+    assert "data_types" not in deepspeed_dict(config, world_size=1, dtype="float32", zero_stage=0)
+    # DeepSpeed 0.19 raises "unsupported mix" for bf16 + fp32 accumulation without ZeRO: refused here first.
+    with pytest.raises(ConfigError, match="stage >= 1"):
+        deepspeed_dict(config, world_size=1, dtype="bfloat16", zero_stage=0)
+    offloaded = deepspeed_dict(config, world_size=1, dtype="bfloat16", zero_stage=2, offload_optimizer=True)
+    assert offloaded["zero_optimization"]["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
+    assert offloaded["zero_force_ds_cpu_optimizer"] is False and offloaded["zero_optimization"]["stage"] == 2
+    # A JSON asking for bf16 accumulation is refused, not silently overridden.
+    path = tmp_path / "ds.json"
+    raw = json.loads((CONFIGS / "deepspeed.json").read_text())
+    raw["data_types"] = {"grad_accum_dtype": "bf16"}
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match="grad_accum_dtype is 'bf16'"):
+        deepspeed_dict(valid(**{"deepspeed_config": str(path)}), world_size=1, dtype="bfloat16", zero_stage=1)
 
 
 def test_zero_stage_key_and_a_stage_written_in_the_json(tmp_path):

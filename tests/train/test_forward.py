@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from train.forward import (
     chunked_token_ce,
+    document_ids,
     packed_attention_mask,
     packed_hidden_states,
     target_positions,
@@ -155,12 +156,90 @@ def test_pad_packed_row_adds_one_document():
     assert same[0].numel() == 64 and same[2] == [64]
 
 
-def test_attn_implementation_auto():
+def test_attn_implementation_auto(monkeypatch):
+    import transformers.utils
+
     from train.forward import resolve_attn_implementation
 
-    assert resolve_attn_implementation("auto", "cpu") == "sdpa"
-    assert resolve_attn_implementation("auto", "cuda") in ("flex_attention", "flash_attention_2")
-    assert resolve_attn_implementation("eager", "cuda") == "eager"
+    assert resolve_attn_implementation("auto", "cpu", "float32") == "sdpa"
+    assert resolve_attn_implementation("eager", "cuda", "bfloat16") == "eager"
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: True)
+    assert resolve_attn_implementation("auto", "cuda", "bfloat16") == "flash_attention_2"
+    assert resolve_attn_implementation("auto", "cuda", torch.float16) == "flash_attention_2"
+    # flash-attn has no fp32 kernel; an unknown dtype does not guess.
+    assert resolve_attn_implementation("auto", "cuda", "float32") == "flex_attention"
+    assert resolve_attn_implementation("auto", "cuda") == "flex_attention"
+    monkeypatch.setattr(transformers.utils, "is_flash_attn_2_available", lambda: False)  # transformers says no
+    assert resolve_attn_implementation("auto", "cuda", "bfloat16") == "flex_attention"
+
+
+def test_flash_varlen_kwargs_from_host_lengths():
+    from train.forward import flash_varlen_kwargs
+
+    kwargs = flash_varlen_kwargs([2, 3, 4], "cpu")
+    assert kwargs["cu_seq_lens_q"].dtype == torch.int32 and kwargs["cu_seq_lens_q"].tolist() == [0, 2, 5, 9]
+    assert kwargs["cu_seq_lens_k"] is kwargs["cu_seq_lens_q"]
+    assert kwargs["max_length_q"] == kwargs["max_length_k"] == 4 and isinstance(kwargs["max_length_q"], int)
+
+
+def test_flash_path_hands_the_kernel_host_built_varlen_arguments(tiny_llama_dir, monkeypatch):
+    """With attn_implementation flash_attention_2, transformers' attention interface receives the row's
+    cu_seq_lens / max_length as built from seq_lens. The kernel is stood in for (no flash-attn on CPU) by
+    per-example sdpa over those boundaries: the losses then equal the unpacked ones."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    seen = []
+
+    def varlen_sdpa(module, query, key, value, attention_mask, **kwargs):  # query [1, heads, T, d]
+        seen.append({k: kwargs.get(k) for k in ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")})
+        assert attention_mask is None
+        cu = kwargs["cu_seq_lens_q"].tolist()
+        groups = query.shape[1] // key.shape[1]
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+        out = torch.cat([F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
+                                                        scale=module.scaling) for a, b in zip(cu[:-1], cu[1:])], dim=2)
+        return out.transpose(1, 2).contiguous(), None
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "flash_attention_2", varlen_sdpa)
+    model = _load(tiny_llama_dir, "sdpa")
+    input_ids, position_ids, loss_mask = _packed_batch(seed=4)
+    with torch.no_grad():
+        reference = _unpacked_reference(model, input_ids, SEQ_LENS, loss_mask)
+        model.config._attn_implementation = "flash_attention_2"  # the layers read the config at call time
+        packed = token_losses(model, input_ids, position_ids, SEQ_LENS, loss_mask, chunk_size=7)
+    assert len(seen) == model.config.num_hidden_layers
+    for kwargs in seen:
+        assert kwargs["cu_seq_lens_q"].tolist() == [0, 9, 23, 29, 40] and kwargs["max_length_q"] == 14
+    torch.testing.assert_close(packed, reference, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("seq_lens,block", [([5, 40, 3, 100, 60, 17], 16), ([300], 128), ([1] * 50, 16), ([37, 91], 128),
+                                            ([128, 128, 5], 128), ([200, 56, 300], 64)])
+def test_document_block_mask_equals_create_block_mask(seq_lens, block):
+    """The BlockMask built on the host from seq_lens equals create_block_mask of the document-causal mask
+    function (what the trainer built before), block for block: partial and full blocks, both directions."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from train.forward import document_block_mask
+
+    doc = document_ids(seq_lens)
+
+    def document_causal(b, h, q_idx, kv_idx):
+        return (doc[q_idx] == doc[kv_idx]) & (kv_idx <= q_idx)
+
+    total = sum(seq_lens)
+    expected = create_block_mask(document_causal, None, None, total, total, device="cpu", BLOCK_SIZE=block)
+    got = document_block_mask(seq_lens, "cpu", block_size=block)
+    assert got.shape == expected.shape and got.BLOCK_SIZE == expected.BLOCK_SIZE
+    assert torch.equal(got.to_dense(), expected.to_dense())
+    for name in ("kv_num_blocks", "full_kv_num_blocks", "q_num_blocks", "full_q_num_blocks"):
+        assert torch.equal(getattr(got, name), getattr(expected, name)), name
+    for counts, indices in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices")):
+        for row, n in enumerate(getattr(got, counts)[0, 0].tolist()):
+            assert sorted(getattr(got, indices)[0, 0, row, :n].tolist()) == sorted(getattr(expected, indices)[0, 0, row, :n].tolist())
+    # The mask function inside is the same rule (token level).
+    q, k = torch.arange(total)[:, None], torch.arange(total)[None, :]
+    assert torch.equal(got.mask_mod(0, 0, q, k), document_causal(0, 0, q, k))
 
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
