@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from train.shards import STATE_VERSION as STREAM_STATE_VERSION
 from train.main import (
     STATE_BYTES_PER_PARAM,
     check_resumable,
@@ -111,6 +112,7 @@ def test_resume_refuses_another_stage_or_world_size(tmp_path):
     ckpt.mkdir()
     (ckpt / "rng_rank0.json").write_text("{}")
     (ckpt / "trainer_state.json").write_text(json.dumps({"step": 4, "zero_stage": 3, "world_size": 2}))
+    (ckpt / "data_rank0.json").write_text(json.dumps({"version": STREAM_STATE_VERSION}))
     check_resumable(ckpt, 3, 2)
     with pytest.raises(ValueError, match=r"ZeRO stage 3 on 2 rank\(s\); this run is stage 0 on 1.*train.zero_stage=3"):
         check_resumable(ckpt, 0, 1)
@@ -119,3 +121,7 @@ def test_resume_refuses_another_stage_or_world_size(tmp_path):
     (old / "rng_rank0.pt").write_bytes(b"pickle")
     with pytest.raises(ValueError, match="older sftgo.*checkpoint.resume=never"):
         check_resumable(old, 3, 1)
+    # A data position from before ranks were balanced by tokens cannot continue this order exactly.
+    (ckpt / "data_rank0.json").write_text(json.dumps({"version": 1}))
+    with pytest.raises(ValueError, match="older sftgo.*version 1.*by tokens.*checkpoint.resume=never"):
+        check_resumable(ckpt, 3, 2)
