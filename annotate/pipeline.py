@@ -77,8 +77,10 @@ def prepare(config: AnnotateConfig) -> Job:
                             tokenizer_class=tokenizer_class)
     options = {name: registry.build_options(name, config.scorer_options.get(name)) for name in names}
     # Constructing a scorer checks its options (model paths, names) without loading any model.
-    infos = [registry.get(name)(options[name], context).info() for name in names]
+    built = {name: registry.get(name)(options[name], context) for name in names}
+    infos = [scorer.info() for scorer in built.values()]
     out = Path(config.output)
+    check_scorer_tokenizers(built, config, model_path, tokenizer, lambda: _probe_texts(config, out, tokenizer, adding))
     if is_v1_directory(out):
         for line in migrate_directory(out):  # resume and --add-scorers write v2 names
             print(f"{out}: schema v1 -> v2: {line}")
@@ -102,6 +104,70 @@ def prepare(config: AnnotateConfig) -> Job:
     except OSError as exc:
         raise OSError(f"output {out} is not writable: {exc}") from None
     return Job(config, out, model_path, fp, tokenizer_class, names, options, infos, existing)
+
+
+PROBE_ROWS = 4  # of the job's rows, tokenized by both tokenizers in check_scorer_tokenizers
+
+
+def check_scorer_tokenizers(scorers: dict[str, Any], config: AnnotateConfig, model_path: str, tokenizer: Any,
+                            texts: Callable[[], list[str]]) -> None:
+    """ValueError naming both models when a scorer runs a causal LM of its own (``ref_loss.model``,
+    ``base_loss.model``, ``entropy.model``) whose tokenizer would give other ids than the job's ``--model``:
+    that model would score tokens it does not mean (:func:`data.models.token_id_mismatch`), or ids past its
+    embeddings. ``texts``: a few of the job's rows (called only when some scorer has a model of its own)."""
+    from data.models import model_vocab_size, token_id_mismatch
+
+    rows: list[str] | None = None
+    for name, scorer in scorers.items():
+        other = getattr(scorer, "model_path", None)
+        if not isinstance(other, str) or not hasattr(scorer, "model_name") or other == model_path:
+            continue
+        option = f"--scorer-option {name}.model={scorer.model_name}"
+        needed = max(tokenizer.get_vocab().values()) + 1
+        size = model_vocab_size(other)
+        if size is not None and size < needed:
+            raise ValueError(f"{option}: its embeddings have {size} rows, but --model {config.model}'s tokenizer gives ids up "
+                             f"to {needed - 1}; a scorer's model must use the job's tokenizer")
+        try:
+            other_tokenizer = load_tokenizer(other, scorer.options.trust_remote_code,
+                                             option=f"--scorer-option {name}.trust_remote_code=true")
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{option}: cannot load its tokenizer, needed to check that it gives --model "
+                             f"{config.model}'s token ids: {exc}") from None
+        if rows is None:
+            rows = texts()
+        why = token_id_mismatch(tokenizer, other_tokenizer, rows)
+        if why is not None:
+            raise ValueError(f"{option}: its tokenizer gives other token ids than --model {config.model}'s ({why}); "
+                             f"{name} scores the job's token ids, so its model must share the job's tokenizer")
+
+
+def _probe_texts(config: AnnotateConfig, out: Path, tokenizer: Any, adding: bool) -> list[str]:
+    """A few of the job's rows as text: the first readable records of the first input rendered with the chat
+    template, or (--add-scorers) the first shard's first rows decoded."""
+    texts: list[str] = []
+    if adding:
+        shards = sorted(out.glob(SHARD_GLOB))
+        if shards:
+            ids = pq.ParquetFile(shards[0]).read_row_group(0, columns=[INPUT_IDS])[INPUT_IDS].to_pylist()
+            texts = [tokenizer.decode(row) for row in ids[:PROBE_ROWS]]
+        return texts
+    from data.formats import iter_raw_records, parse_record
+
+    path = config.input[0]
+    fmt = steps._detect_file_format(path, config.format, config.max_record_bytes)
+    for _, raw in iter_raw_records(path, config.max_record_bytes):
+        try:
+            messages, _ = parse_record(raw, fmt)
+        except ValueError:
+            continue  # a bad record is the tokenize stage's to reject
+        try:
+            texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+        except Exception:  # noqa: BLE001 - a tokenizer without a chat template: the contents alone
+            texts.append("\n".join(m["content"] for m in messages))
+        if len(texts) >= PROBE_ROWS:
+            break
+    return texts
 
 
 def _existing_annotation(out: Path) -> Manifest:

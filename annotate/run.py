@@ -1,7 +1,8 @@
 """Annotate instruction corpora into scored Parquet shards (shard schema v1).
 
     python annotate/run.py --input ../shared/data/lima/train.jsonl --format lima \\
-        --model smollm2-135m-instruct --scorers tfidf,ref_loss,base_loss --output shards/lima
+        --model smollm2-135m-instruct --scorers tfidf,ref_loss,base_loss --scorer-option ref_loss.model=/path/to/reference \\
+        --output shards/lima
     ray job submit --working-dir . -- python annotate/run.py ...    # on a running Ray cluster
     ray submit docker/ray-cluster.yaml annotate/run.py ...          # on a cluster launched from a config
 
