@@ -159,6 +159,19 @@ class ScorerInfo:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+def scorer_variant(info: ScorerInfo) -> str | None:
+    """In words, which variant of its method a score column holds, where a scorer has variants that its name
+    does not tell (None otherwise). tfidf: raw term counts (the paper's, the default since issue 27) or
+    1 + log(tf) (``sublinear_tf``, the default before); a column whose options lack the key says so."""
+    if info.name != "tfidf":
+        return None
+    if "sublinear_tf" not in info.params:
+        return "term frequency not recorded (its options have no sublinear_tf): raw counts or 1 + log(tf) unknown"
+    if info.params["sublinear_tf"]:
+        return "1 + log(tf) (sublinear_tf=True: sftgo's variant, the default before issue 27), smoothed IDF"
+    return "raw term counts (sublinear_tf=False: the paper's), smoothed IDF"
+
+
 @dataclass
 class ShardMetadata:
     """Per-file metadata (Parquet key-value metadata under ``METADATA_KEY``)."""
