@@ -449,15 +449,9 @@ def run(job: Job) -> dict[str, Any]:
     model_names = [n for n in groups if getattr(registry.get(n), "uses_gpu", False)]  # scorers that run a torch model
     gpu_names = model_names if gpus else []
     pools: dict[str, list] = {}  # scorer group leader -> its actors
-    # Auto: one actor per GPU for a GPU scorer, one for a model scorer on CPU (its torch threads use the
-    # cores), and the CPUs split among the groups for the cheap CPU scorers (tfidf), which would
-    # otherwise score on one core while the rest idle once tokenizing is done.
-    cheap_size = max(1, cpus // len(groups))
-    pool_sizes = {name: cfg.scorer_actors or (gpus if name in gpu_names else 1 if name in model_names else cheap_size)
-                  for name in groups}
-    # Half a CPU per actor, less when the scorers would take all but half a CPU: that half is left for the
-    # tokenize actors, which would otherwise wait for ever beside idle score actors.
-    score_cpus = min(0.5, max(0.01, (cpu_total - 0.5) / max(1, sum(pool_sizes.values()))))
+    plan = plan_actors(list(groups), model_names, gpus, cpu_total, cfg.scorer_actors, cfg.tokenize_actors,
+                       {n: o.actors_per_gpu for n in groups if hasattr(o := job.scorer_options[n], "actors_per_gpu")})
+    pool_sizes, score_cpus = plan.pool_sizes, plan.score_cpus
     # Model actors on CPU (base_loss, llmlingua2 without a GPU) split the cluster's cores between them.
     cpu_model_names = [n for n in model_names if n not in gpu_names]
     cpu_model_actors = sum(pool_sizes[n] for n in cpu_model_names)
@@ -466,7 +460,7 @@ def run(job: Job) -> dict[str, Any]:
     def start_pool(name: str) -> None:
         on_gpu = name in gpu_names
         n_actors = pool_sizes[name]
-        actor_cls = ray.remote(num_cpus=score_cpus, num_gpus=(1.0 / len(gpu_names)) if on_gpu else 0, max_restarts=RETRIES,
+        actor_cls = ray.remote(num_cpus=score_cpus, num_gpus=plan.gpus_per_actor[name], max_restarts=RETRIES,
                                max_task_retries=-1)(ScoreActor)
         context = ScorerContext(model=cfg.model, device="cuda" if on_gpu else "cpu", trust_remote_code=cfg.trust_remote_code,
                                 tokenizer_class=job.tokenizer_class)
@@ -650,6 +644,65 @@ def _node_summary(nodes: dict[str, dict[str, dict[str, float]]]) -> list[dict[st
 
     addresses = {n["NodeID"]: n.get("NodeManagerAddress", "") for n in ray.nodes()}
     return [{"node_id": node, "address": addresses.get(node, "gone"), "stages": stages} for node, stages in sorted(nodes.items())]
+
+
+class ClusterTooSmall(ValueError):
+    """The job asks for more actors than the cluster can host at once (Ray would wait for ever for the rest)."""
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    pool_sizes: dict[str, int]  # scorer group leader -> its actors
+    gpus_per_actor: dict[str, float]  # scorer group leader -> each actor's num_gpus (0 on CPU)
+    score_cpus: float  # num_cpus of each score actor
+
+
+TOKENIZE_CPUS = 0.5  # num_cpus of a tokenize actor
+
+
+def plan_actors(groups: list[str], model_names: list[str], gpus: int, cpu_total: float, scorer_actors: int = 0,
+                tokenize_actors: int = 0, actors_per_gpu: dict[str, int] | None = None) -> ActorPlan:
+    """How many actors each scorer group gets and what each reserves, from the cluster's totals; a pure function.
+
+    Model scorers (``model_names``) run on GPUs when the cluster has some: each GPU is split evenly between
+    them, and a scorer's share between its ``actors_per_gpu`` actors (a host-bound scorer, llmlingua2, keeps a
+    GPU busy only with several), so auto = ``gpus x actors_per_gpu`` actors, each ``1 / (len(model_names) x
+    actors_per_gpu)`` of a GPU. On CPU a model scorer gets one actor (its torch threads use the cores); the
+    cheap CPU scorers (tfidf) split the CPUs among the groups, which would otherwise score on one core while
+    the rest idle once tokenizing is done. ``scorer_actors`` (``--scorer-actors``) overrides every group's size.
+
+    ClusterTooSmall, naming the option, when the actors could not all be placed at once: more GPU actors than
+    the GPUs' shares hold, or more score and tokenize actors than the CPUs hold (a check of the cluster's
+    totals: Ray would start what fits and wait for ever for the rest)."""
+    apg = {name: (actors_per_gpu or {}).get(name, 1) for name in groups}
+    gpu_names = [n for n in groups if n in model_names] if gpus else []
+    cheap_size = max(1, int(cpu_total) // max(1, len(groups)))
+    sizes = {name: scorer_actors or (gpus * apg[name] if name in gpu_names else 1 if name in model_names else cheap_size)
+             for name in groups}
+    per_actor = {name: 1.0 / (len(gpu_names) * apg[name]) if name in gpu_names else 0.0 for name in groups}
+    for name in gpu_names:
+        fit = gpus * apg[name]
+        if sizes[name] > fit:
+            hint = (f" (--scorer-option {name}.actors_per_gpu=N lets N share a GPU)" if apg[name] == 1 and
+                    name in (actors_per_gpu or {}) else "")
+            shared = f", each GPU split between {', '.join(gpu_names)}" if len(gpu_names) > 1 else ""
+            raise ClusterTooSmall(
+                f"--scorer-actors {scorer_actors}: {sizes[name]} {name} actors of {per_actor[name]:g} GPU each need "
+                f"{sizes[name] * per_actor[name]:g} GPUs, the cluster has {gpus}{shared}: at most {fit} fit, and Ray would "
+                f"wait for ever for the rest. Use --scorer-actors {fit} or less, or 0 (auto){hint}")
+    total = sum(sizes.values())
+    # Half a CPU per actor, less when the scorers would take all but half a CPU: that half is left for the
+    # tokenize actors, which would otherwise wait for ever beside idle score actors.
+    score_cpus = min(0.5, max(0.01, (cpu_total - TOKENIZE_CPUS) / max(1, total)))
+    free = cpu_total - score_cpus * total
+    if free < TOKENIZE_CPUS - 1e-9:
+        raise ClusterTooSmall(f"--scorer-actors {scorer_actors}: {total} score actors leave no room for a tokenize actor "
+                              f"on the cluster's {cpu_total:g} CPUs; use fewer, or 0 (auto)")
+    if tokenize_actors and tokenize_actors * TOKENIZE_CPUS > free + 1e-9:
+        raise ClusterTooSmall(f"--tokenize-actors {tokenize_actors}: each takes {TOKENIZE_CPUS:g} CPU and the score actors "
+                              f"leave {free:g} of the cluster's {cpu_total:g} CPUs: at most {int(free / TOKENIZE_CPUS + 1e-9)} "
+                              f"fit; Ray would wait for ever for the rest. Use fewer, or 0 (auto)")
+    return ActorPlan(sizes, per_actor, score_cpus)
 
 
 def share_groups(job: Job) -> dict[str, list[str]]:

@@ -28,7 +28,7 @@ import yaml  # noqa: E402
 
 from annotate import scorers as registry  # noqa: E402
 from annotate.config import load_config  # noqa: E402
-from annotate.pipeline import finished_shards, init_ray, prepare, print_summary, received_interrupts, run  # noqa: E402
+from annotate.pipeline import ClusterTooSmall, finished_shards, init_ray, prepare, print_summary, received_interrupts, run  # noqa: E402
 from annotate.steps import OutputLock, StrictModeError  # noqa: E402
 from schemas.shard import SUMMARY_NAME, atomic_write_text  # noqa: E402
 
@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             # Stop the job's other shards in flight: run on (in a Ray that outlives this call) they would
             # still write, under the feet of the rerun.
             ray.shutdown()
+            if isinstance(exc, ClusterTooSmall):  # refused at the start, as a pre-flight error
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
             if isinstance(exc, Exception):
                 return _report_failure(exc)
             raise

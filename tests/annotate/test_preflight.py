@@ -134,3 +134,64 @@ def test_scorer_model_with_fewer_embeddings_is_refused(tmp_path, tiny_llama_dir,
     small = make_tiny_llama(tmp_path / "small_vocab", smol_tokenizer_dir, vocab=1024)
     with pytest.raises(ValueError, match=rf"ref_loss.model={small}: its embeddings have 1024 rows, but --model .* gives ids up to 49151"):
         prepare(_config(tmp_path, tiny_llama_dir, scorers=["ref_loss"], scorer_options={"ref_loss": {"model": str(small)}}))
+
+
+# -- actors the cluster can host: refused at start rather than waited for ---------------------------------------
+
+
+def test_plan_actors_sizes_and_shares():
+    from annotate.pipeline import plan_actors
+
+    # 2 CPUs, no GPU: one actor per model scorer, the CPUs split among the groups for tfidf; half a CPU each.
+    cpu = plan_actors(["tfidf", "base_loss"], ["base_loss"], gpus=0, cpu_total=2.0)
+    assert cpu.pool_sizes == {"tfidf": 1, "base_loss": 1} and cpu.gpus_per_actor == {"tfidf": 0.0, "base_loss": 0.0}
+    assert cpu.score_cpus == 0.5
+    # 2 GPUs shared by two model scorers; llmlingua2 (host-bound) with 4 actors per GPU: 8 actors of 1/8 GPU.
+    gpu = plan_actors(["tfidf", "base_loss", "llmlingua2"], ["base_loss", "llmlingua2"], gpus=2, cpu_total=16.0,
+                      actors_per_gpu={"llmlingua2": 4})
+    assert gpu.pool_sizes == {"tfidf": 5, "base_loss": 2, "llmlingua2": 8}
+    assert gpu.gpus_per_actor == {"tfidf": 0.0, "base_loss": 0.5, "llmlingua2": 0.125}
+    assert sum(gpu.pool_sizes[n] * gpu.gpus_per_actor[n] for n in gpu.pool_sizes) == 2.0  # every GPU share, no more
+    # --scorer-actors within the shares: 2 llmlingua2 actors on one GPU with actors_per_gpu 2.
+    two = plan_actors(["llmlingua2"], ["llmlingua2"], gpus=1, cpu_total=4.0, scorer_actors=2, actors_per_gpu={"llmlingua2": 2})
+    assert two.pool_sizes == {"llmlingua2": 2} and two.gpus_per_actor == {"llmlingua2": 0.5}
+
+
+def test_plan_actors_refuses_what_the_cluster_cannot_host():
+    from annotate.pipeline import ClusterTooSmall, plan_actors
+
+    with pytest.raises(ClusterTooSmall) as info:
+        plan_actors(["base_loss"], ["base_loss"], gpus=2, cpu_total=8.0, scorer_actors=3)
+    assert str(info.value) == ("--scorer-actors 3: 3 base_loss actors of 1 GPU each need 3 GPUs, the cluster has 2: at most "
+                               "2 fit, and Ray would wait for ever for the rest. Use --scorer-actors 2 or less, or 0 (auto)")
+    with pytest.raises(ClusterTooSmall, match=r"--scorer-actors 2: 2 llmlingua2 actors of 0.5 GPU each need 1 GPUs, the "
+                                              r"cluster has 1, each GPU split between llmlingua2, base_loss: at most 1 fit.*"
+                                              r"--scorer-option llmlingua2.actors_per_gpu=N lets N share a GPU"):
+        plan_actors(["llmlingua2", "base_loss"], ["base_loss", "llmlingua2"], gpus=1, cpu_total=8.0, scorer_actors=2,
+                    actors_per_gpu={"llmlingua2": 1})
+    with pytest.raises(ClusterTooSmall, match=r"--tokenize-actors 4: each takes 0.5 CPU and the score actors leave 1 of the "
+                                              r"cluster's 2 CPUs: at most 2 fit"):
+        plan_actors(["tfidf", "base_loss"], ["base_loss"], gpus=0, cpu_total=2.0, tokenize_actors=4)
+    assert plan_actors(["tfidf", "base_loss"], ["base_loss"], gpus=0, cpu_total=2.0, tokenize_actors=2).pool_sizes
+
+
+@pytest.mark.parametrize("args, said", [
+    (["--scorers", "base_loss", "--scorer-actors", "2"],
+     "error: --scorer-actors 2: 2 base_loss actors of 1 GPU each need 2 GPUs, the cluster has 1: at most 1 fit"),
+    (["--scorers", "tfidf", "--tokenize-actors", "9"], "error: --tokenize-actors 9: each takes 0.5 CPU"),
+], ids=["gpu-actors", "tokenize-actors"])
+def test_more_actors_than_a_local_ray_hosts_are_refused_at_start(tmp_path, lima_slice, tiny_llama_dir, capsys, args, said):
+    """A local Ray of 2 CPUs and 1 (declared) GPU: without the check the extra actors would wait for ever."""
+    import ray
+
+    from annotate.run import main
+
+    ray.shutdown()
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False)
+    try:
+        out = tmp_path / "out"
+        assert main(["--input", str(lima_slice), "--model", str(tiny_llama_dir), "--output", str(out), *args]) == 2
+        assert said in capsys.readouterr().err
+        assert not list(out.glob("shard-*.parquet"))
+    finally:
+        ray.shutdown()
