@@ -70,7 +70,7 @@ def _manifest(stats, scorers=()):
 
 
 def test_score_spread_problem_reads_the_exact_min_and_max():
-    from schemas.shard import ScorerInfo, score_spread_problem
+    from schemas.shard import score_spread_problem
 
     rng = np.random.default_rng(0)
     base = rng.random(500).astype(np.float32) * 4
