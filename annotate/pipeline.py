@@ -144,13 +144,14 @@ def check_scorer_tokenizers(scorers: dict[str, Any], config: AnnotateConfig, mod
 
 def _probe_texts(config: AnnotateConfig, out: Path, tokenizer: Any, adding: bool) -> list[str]:
     """A few of the job's rows as text: the first readable records of the first input rendered with the chat
-    template, or (--add-scorers) the first shard's first rows decoded."""
+    template, or (--add-scorers) the first rows of the first shard that has any, decoded."""
     texts: list[str] = []
     if adding:
-        shards = sorted(out.glob(SHARD_GLOB))
-        if shards:
-            ids = pq.ParquetFile(shards[0]).read_row_group(0, columns=[INPUT_IDS])[INPUT_IDS].to_pylist()
-            texts = [tokenizer.decode(row) for row in ids[:PROBE_ROWS]]
+        for shard in sorted(out.glob(SHARD_GLOB)):
+            parquet = pq.ParquetFile(shard)
+            if parquet.metadata.num_rows:  # a shard whose records were all rejected has none
+                ids = parquet.read_row_group(0, columns=[INPUT_IDS])[INPUT_IDS].to_pylist()
+                return [tokenizer.decode(row) for row in ids[:PROBE_ROWS]]
         return texts
     from data.formats import iter_raw_records, parse_record
 

@@ -195,3 +195,26 @@ def test_more_actors_than_a_local_ray_hosts_are_refused_at_start(tmp_path, lima_
         assert not list(out.glob("shard-*.parquet"))
     finally:
         ray.shutdown()
+
+
+def test_the_tokenizer_check_reads_the_jobs_own_rows(tmp_path, smol_tokenizer, tiny_llama_dir):
+    """New job: the first input records through the chat template; --add-scorers: the first shard's rows decoded."""
+    import pyarrow.parquet as pq
+
+    from annotate.pipeline import PROBE_ROWS, _probe_texts
+    from data.formats import parse_record
+    from schemas.shard import tokenizer_fingerprint
+    from tests.train.conftest import make_examples, write_annotated_dir
+
+    config = _config(tmp_path, tiny_llama_dir, format="lima")
+    records = [parse_record(line, "lima")[0] for line in LIMA.read_text(encoding="utf-8").splitlines()[:PROBE_ROWS]]
+    assert _probe_texts(config, tmp_path / "out", smol_tokenizer, adding=False) == [
+        smol_tokenizer.apply_chat_template(m, tokenize=False) for m in records]
+    examples = make_examples(6, ["tfidf"], seed=4)
+    out = tmp_path / "annotated"
+    write_annotated_dir(out, examples, ["tfidf"], tokenizer_fp=tokenizer_fingerprint(smol_tokenizer), rows_per_shard=6)
+    (out / "shard-00000.parquet").rename(out / "shard-00001.parquet")
+    write_annotated_dir(out, [], ["tfidf"], tokenizer_fp=tokenizer_fingerprint(smol_tokenizer))  # shard 0: no rows
+    assert pq.ParquetFile(out / "shard-00000.parquet").metadata.num_rows == 0
+    assert _probe_texts(config, out, smol_tokenizer, adding=True) == [
+        smol_tokenizer.decode(e["input_ids"].tolist()) for e in examples[:PROBE_ROWS]]
