@@ -65,7 +65,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 def classifier_dtype(option: str, device: str) -> str:
     """The torch dtype name the classifier runs in: ``option`` itself, or for ``auto`` bfloat16 on CUDA and
     float32 elsewhere. The default option is float32 everywhere: what llmlingua's own PromptCompressor runs
-    (float32 on CPU; on CUDA the checkpoint's dtype, float32 for the published LLMLingua-2 models), so the
+    (float32 on CPU; on CUDA the checkpoint's dtype, so float32 for a float32 checkpoint), so the
     scores are llmlingua's; bfloat16 is faster on a GPU but moves the keep probabilities (by up to 0.07 on the
     tests' tiny random classifier)."""
     if option == "auto":
