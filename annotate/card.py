@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from schemas.shard import CARD_NAME, REJECTS_NAME, SHARD_GLOB, SOURCE, Manifest, arrow_schema, atomic_write_text
+from schemas.shard import CARD_NAME, REJECTS_NAME, SHARD_GLOB, SOURCE, Manifest, arrow_schema, atomic_write_text, scorer_variant
 
 
 _HF_DTYPES = {"float": "float32", "double": "float64", "halffloat": "float16"}  # Arrow's names -> the Hub's
@@ -89,6 +89,9 @@ def dataset_card(manifest: Manifest, sources: dict[str, int]) -> str:
     for scorer in manifest.scorers:
         options = ", ".join(f"{k}={v!r}" for k, v in sorted(scorer.params.items())) or "-"
         lines.append(f"| {scorer.name} | `score_{scorer.name}` | {scorer.model or '-'} | {options} |")
+    variants = [f"{scorer.name}: {variant}." for scorer in manifest.scorers if (variant := scorer_variant(scorer))]
+    if variants:
+        lines += [""] + variants
     rejected = manifest.rejected
     reasons = ", ".join(f"{reason} {count:,}" for reason, count in rejected.items())
     lines += ["", "## Counts", "",

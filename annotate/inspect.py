@@ -49,6 +49,8 @@ def _print_summary(summary: dict[str, Any], agreement: dict[str, Any] | None, ou
     line("tokenizer", f"{tok.get('name', '?')} (sha256 {str(tok.get('sha256', '?'))[:12]})")
     line("model", str(summary.get("model") or "-"))
     line("scorers", ", ".join(summary["scorers"]) or "-")
+    for name, variant in (summary.get("variants") or {}).items():
+        line("variant", f"{name}: {variant}")
     derived = [s for s in summary["scores"] if s not in summary["scorers"]]
     if derived:
         line("derived scores", ", ".join(derived))

@@ -80,8 +80,10 @@ def prepare(config: AnnotateConfig) -> Job:
                             tokenizer_class=tokenizer_class)
     options = {name: registry.build_options(name, config.scorer_options.get(name)) for name in names}
     # Constructing a scorer checks its options (model paths, names) without loading any model.
-    infos = [registry.get(name)(options[name], context).info() for name in names]
+    built = {name: registry.get(name)(options[name], context) for name in names}
+    infos = [scorer.info() for scorer in built.values()]
     out = Path(config.output)
+    check_scorer_tokenizers(built, config, model_path, tokenizer, lambda: _probe_texts(config, out, tokenizer, adding))
     if is_v1_directory(out):
         for line in migrate_directory(out):  # resume and --add-scorers write v2 names
             print(f"{out}: schema v1 -> v2: {line}")
@@ -105,6 +107,71 @@ def prepare(config: AnnotateConfig) -> Job:
     except OSError as exc:
         raise OSError(f"output {out} is not writable: {exc}") from None
     return Job(config, out, model_path, fp, tokenizer_class, names, options, infos, existing)
+
+
+PROBE_ROWS = 4  # of the job's rows, tokenized by both tokenizers in check_scorer_tokenizers
+
+
+def check_scorer_tokenizers(scorers: dict[str, Any], config: AnnotateConfig, model_path: str, tokenizer: Any,
+                            texts: Callable[[], list[str]]) -> None:
+    """ValueError naming both models when a scorer runs a causal LM of its own (``ref_loss.model``,
+    ``base_loss.model``, ``entropy.model``) whose tokenizer would give other ids than the job's ``--model``:
+    that model would score tokens it does not mean (:func:`data.models.token_id_mismatch`), or ids past its
+    embeddings. ``texts``: a few of the job's rows (called only when some scorer has a model of its own)."""
+    from data.models import model_vocab_size, token_id_mismatch
+
+    rows: list[str] | None = None
+    for name, scorer in scorers.items():
+        other = getattr(scorer, "model_path", None)
+        if not isinstance(other, str) or not hasattr(scorer, "model_name") or other == model_path:
+            continue
+        option = f"--scorer-option {name}.model={scorer.model_name}"
+        needed = max(tokenizer.get_vocab().values()) + 1
+        size = model_vocab_size(other)
+        if size is not None and size < needed:
+            raise ValueError(f"{option}: its embeddings have {size} rows, but --model {config.model}'s tokenizer gives ids up "
+                             f"to {needed - 1}; a scorer's model must use the job's tokenizer")
+        try:
+            other_tokenizer = load_tokenizer(other, scorer.options.trust_remote_code,
+                                             option=f"--scorer-option {name}.trust_remote_code=true")
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{option}: cannot load its tokenizer, needed to check that it gives --model "
+                             f"{config.model}'s token ids: {exc}") from None
+        if rows is None:
+            rows = texts()
+        why = token_id_mismatch(tokenizer, other_tokenizer, rows)
+        if why is not None:
+            raise ValueError(f"{option}: its tokenizer gives other token ids than --model {config.model}'s ({why}); "
+                             f"{name} scores the job's token ids, so its model must share the job's tokenizer")
+
+
+def _probe_texts(config: AnnotateConfig, out: Path, tokenizer: Any, adding: bool) -> list[str]:
+    """A few of the job's rows as text: the first readable records of the first input rendered with the chat
+    template, or (--add-scorers) the first rows of the first shard that has any, decoded."""
+    texts: list[str] = []
+    if adding:
+        for shard in sorted(out.glob(SHARD_GLOB)):
+            parquet = pq.ParquetFile(shard)
+            if parquet.metadata.num_rows:  # a shard whose records were all rejected has none
+                ids = parquet.read_row_group(0, columns=[INPUT_IDS])[INPUT_IDS].to_pylist()
+                return [tokenizer.decode(row) for row in ids[:PROBE_ROWS]]
+        return texts
+    from data.formats import iter_raw_records, parse_record
+
+    path = config.input[0]
+    fmt = steps._detect_file_format(path, config.format, config.max_record_bytes)
+    for _, raw in iter_raw_records(path, config.max_record_bytes):
+        try:
+            messages, _ = parse_record(raw, fmt)
+        except ValueError:
+            continue  # a bad record is the tokenize stage's to reject
+        try:
+            texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+        except Exception:  # noqa: BLE001 - a tokenizer without a chat template: the contents alone
+            texts.append("\n".join(m["content"] for m in messages))
+        if len(texts) >= PROBE_ROWS:
+            break
+    return texts
 
 
 def _existing_annotation(out: Path) -> Manifest:
@@ -386,15 +453,9 @@ def run(job: Job) -> dict[str, Any]:
     model_names = [n for n in groups if getattr(registry.get(n), "uses_gpu", False)]  # scorers that run a torch model
     gpu_names = model_names if gpus else []
     pools: dict[str, list] = {}  # scorer group leader -> its actors
-    # Auto: one actor per GPU for a GPU scorer, one for a model scorer on CPU (its torch threads use the
-    # cores), and the CPUs split among the groups for the cheap CPU scorers (tfidf), which would
-    # otherwise score on one core while the rest idle once tokenizing is done.
-    cheap_size = max(1, cpus // len(groups))
-    pool_sizes = {name: cfg.scorer_actors or (gpus if name in gpu_names else 1 if name in model_names else cheap_size)
-                  for name in groups}
-    # Half a CPU per actor, less when the scorers would take all but half a CPU: that half is left for the
-    # tokenize actors, which would otherwise wait for ever beside idle score actors.
-    score_cpus = min(0.5, max(0.01, (cpu_total - 0.5) / max(1, sum(pool_sizes.values()))))
+    plan = plan_actors(list(groups), model_names, gpus, cpu_total, cfg.scorer_actors, cfg.tokenize_actors,
+                       {n: o.actors_per_gpu for n in groups if hasattr(o := job.scorer_options[n], "actors_per_gpu")})
+    pool_sizes, score_cpus = plan.pool_sizes, plan.score_cpus
     # Model actors on CPU (base_loss, llmlingua2 without a GPU) split the cluster's cores between them.
     cpu_model_names = [n for n in model_names if n not in gpu_names]
     cpu_model_actors = sum(pool_sizes[n] for n in cpu_model_names)
@@ -403,7 +464,7 @@ def run(job: Job) -> dict[str, Any]:
     def start_pool(name: str) -> None:
         on_gpu = name in gpu_names
         n_actors = pool_sizes[name]
-        actor_cls = ray.remote(num_cpus=score_cpus, num_gpus=(1.0 / len(gpu_names)) if on_gpu else 0, max_restarts=RETRIES,
+        actor_cls = ray.remote(num_cpus=score_cpus, num_gpus=plan.gpus_per_actor[name], max_restarts=RETRIES,
                                max_task_retries=-1)(ScoreActor)
         context = ScorerContext(model=cfg.model, device="cuda" if on_gpu else "cpu", trust_remote_code=cfg.trust_remote_code,
                                 tokenizer_class=job.tokenizer_class)
@@ -587,6 +648,65 @@ def _node_summary(nodes: dict[str, dict[str, dict[str, float]]]) -> list[dict[st
 
     addresses = {n["NodeID"]: n.get("NodeManagerAddress", "") for n in ray.nodes()}
     return [{"node_id": node, "address": addresses.get(node, "gone"), "stages": stages} for node, stages in sorted(nodes.items())]
+
+
+class ClusterTooSmall(ValueError):
+    """The job asks for more actors than the cluster can host at once (Ray would wait for ever for the rest)."""
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    pool_sizes: dict[str, int]  # scorer group leader -> its actors
+    gpus_per_actor: dict[str, float]  # scorer group leader -> each actor's num_gpus (0 on CPU)
+    score_cpus: float  # num_cpus of each score actor
+
+
+TOKENIZE_CPUS = 0.5  # num_cpus of a tokenize actor
+
+
+def plan_actors(groups: list[str], model_names: list[str], gpus: int, cpu_total: float, scorer_actors: int = 0,
+                tokenize_actors: int = 0, actors_per_gpu: dict[str, int] | None = None) -> ActorPlan:
+    """How many actors each scorer group gets and what each reserves, from the cluster's totals; a pure function.
+
+    Model scorers (``model_names``) run on GPUs when the cluster has some: each GPU is split evenly between
+    them, and a scorer's share between its ``actors_per_gpu`` actors (a host-bound scorer, llmlingua2, keeps a
+    GPU busy only with several), so auto = ``gpus x actors_per_gpu`` actors, each ``1 / (len(model_names) x
+    actors_per_gpu)`` of a GPU. On CPU a model scorer gets one actor (its torch threads use the cores); the
+    cheap CPU scorers (tfidf) split the CPUs among the groups, which would otherwise score on one core while
+    the rest idle once tokenizing is done. ``scorer_actors`` (``--scorer-actors``) overrides every group's size.
+
+    ClusterTooSmall, naming the option, when the actors could not all be placed at once: more GPU actors than
+    the GPUs' shares hold, or more score and tokenize actors than the CPUs hold (a check of the cluster's
+    totals: Ray would start what fits and wait for ever for the rest)."""
+    apg = {name: (actors_per_gpu or {}).get(name, 1) for name in groups}
+    gpu_names = [n for n in groups if n in model_names] if gpus else []
+    cheap_size = max(1, int(cpu_total) // max(1, len(groups)))
+    sizes = {name: scorer_actors or (gpus * apg[name] if name in gpu_names else 1 if name in model_names else cheap_size)
+             for name in groups}
+    per_actor = {name: 1.0 / (len(gpu_names) * apg[name]) if name in gpu_names else 0.0 for name in groups}
+    for name in gpu_names:
+        fit = gpus * apg[name]
+        if sizes[name] > fit:
+            hint = (f" (--scorer-option {name}.actors_per_gpu=N lets N share a GPU)" if apg[name] == 1 and
+                    name in (actors_per_gpu or {}) else "")
+            shared = f", each GPU split between {', '.join(gpu_names)}" if len(gpu_names) > 1 else ""
+            raise ClusterTooSmall(
+                f"--scorer-actors {scorer_actors}: {sizes[name]} {name} actors of {per_actor[name]:g} GPU each need "
+                f"{sizes[name] * per_actor[name]:g} GPUs, the cluster has {gpus}{shared}: at most {fit} fit, and Ray would "
+                f"wait for ever for the rest. Use --scorer-actors {fit} or less, or 0 (auto){hint}")
+    total = sum(sizes.values())
+    # Half a CPU per actor, less when the scorers would take all but half a CPU: that half is left for the
+    # tokenize actors, which would otherwise wait for ever beside idle score actors.
+    score_cpus = min(0.5, max(0.01, (cpu_total - TOKENIZE_CPUS) / max(1, total)))
+    free = cpu_total - score_cpus * total
+    if free < TOKENIZE_CPUS - 1e-9:
+        raise ClusterTooSmall(f"--scorer-actors {scorer_actors}: {total} score actors leave no room for a tokenize actor "
+                              f"on the cluster's {cpu_total:g} CPUs; use fewer, or 0 (auto)")
+    if tokenize_actors and tokenize_actors * TOKENIZE_CPUS > free + 1e-9:
+        raise ClusterTooSmall(f"--tokenize-actors {tokenize_actors}: each takes {TOKENIZE_CPUS:g} CPU and the score actors "
+                              f"leave {free:g} of the cluster's {cpu_total:g} CPUs: at most {int(free / TOKENIZE_CPUS + 1e-9)} "
+                              f"fit; Ray would wait for ever for the rest. Use fewer, or 0 (auto)")
+    return ActorPlan(sizes, per_actor, score_cpus)
 
 
 def share_groups(job: Job) -> dict[str, list[str]]:

@@ -1,7 +1,8 @@
 """Annotate instruction corpora into scored Parquet shards (shard schema v1).
 
     python annotate/run.py --input ../shared/data/lima/train.jsonl --format lima \\
-        --model smollm2-135m-instruct --scorers tfidf,ref_loss,base_loss --output shards/lima
+        --model smollm2-135m-instruct --scorers tfidf,ref_loss,base_loss --scorer-option ref_loss.model=/path/to/reference \\
+        --output shards/lima
     ray job submit --working-dir . -- python annotate/run.py ...    # on a running Ray cluster
     ray submit docker/ray-cluster.yaml annotate/run.py ...          # on a cluster launched from a config
 
@@ -27,7 +28,7 @@ import yaml  # noqa: E402
 
 from annotate import scorers as registry  # noqa: E402
 from annotate.config import load_config  # noqa: E402
-from annotate.pipeline import finished_shards, init_ray, prepare, print_summary, received_interrupts, run  # noqa: E402
+from annotate.pipeline import ClusterTooSmall, finished_shards, init_ray, prepare, print_summary, received_interrupts, run  # noqa: E402
 from annotate.steps import OutputLock, StrictModeError  # noqa: E402
 from schemas.shard import SUMMARY_NAME, atomic_write_text  # noqa: E402
 
@@ -76,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
             # Stop the job's other shards in flight: run on (in a Ray that outlives this call) they would
             # still write, under the feet of the rerun.
             ray.shutdown()
+            if isinstance(exc, ClusterTooSmall):  # refused at the start, as a pre-flight error
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
             if isinstance(exc, Exception):
                 return _report_failure(exc)
             raise

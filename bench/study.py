@@ -80,6 +80,10 @@ def same_heldout(recorded: dict[str, Any], now: dict[str, Any], rel_tol: float =
 # ---------------------------------------------------------------------------------------------
 
 REQUIRED = ("model", "results", "work", "data", "train", "reference_train", "groupings", "runs", "evaluate", "tfidf_variants")
+# scorer_options: annotate's --scorer-option for every directory the study annotates ({"tfidf.sublinear_tf": true}),
+# so a recorded study keeps its scores when a scorer's default changes. Not a RESULT_KEY: a change of the scores it
+# makes shows in the base model's held-out group losses, which reuse recomputes and compares.
+OPTIONAL = ("scorer_options",)
 
 
 def load_study(path: Path, smoke: bool, model: str | None, results: str | None, work: str | None) -> dict[str, Any]:
@@ -91,7 +95,7 @@ def load_study(path: Path, smoke: bool, model: str | None, results: str | None, 
     if not isinstance(cfg, dict):
         raise StudyError(f"--config {path}: expected a mapping of keys")
     missing = [k for k in REQUIRED if k not in cfg]
-    unknown = sorted(set(cfg) - set(REQUIRED))
+    unknown = sorted(set(cfg) - set(REQUIRED) - set(OPTIONAL))
     if missing or unknown:
         raise StudyError(f"--config {path}: missing keys {missing}, unknown keys {unknown}")
     for name in ("train", "reference", "heldout"):
@@ -207,7 +211,9 @@ class Study:
         cmd = [sys.executable, "annotate/run.py", "--input", str(corpus), "--format", self.cfg["data"][data]["format"],
                "--model", self.cfg["model"], "--max-length", str(self.cfg["data"]["max_length"]), "--scorers", scorers,
                "--output", str(folder)]
-        for key, value in (options or {}).items():
+        # The study's own scorer options for the scorers of this directory, then the call's (a tfidf variant's).
+        chosen = {k: v for k, v in (self.cfg.get("scorer_options") or {}).items() if k.split(".")[0] in scorers.split(",")}
+        for key, value in {**chosen, **(options or {})}.items():
             cmd += ["--scorer-option", f"{key}={json.dumps(value) if isinstance(value, bool) else value}"]
         self.sh(f"annotate_{name}", cmd)
 

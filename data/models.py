@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 EMBEDDED = {
     "smollm2-135m-instruct": {
@@ -147,3 +147,48 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, option: s
 def tokenizer_class_name(tokenizer: Any) -> str:
     """``module:QualName`` of a loaded tokenizer's class: what :func:`load_tokenizer` takes as ``tokenizer_class``."""
     return f"{type(tokenizer).__module__}:{type(tokenizer).__qualname__}"
+
+
+# Texts every token-id comparison tries besides the job's own rows: whitespace runs, digits, code and
+# non-Latin scripts, where tokenizers with one vocabulary but other merges or normalisers part ways.
+PROBE_TEXTS = (
+    "The quick brown fox jumps over the lazy dog. It isn't 1,234.56 -- it's 2026!",
+    "def f(x):\n    return {'a': [1, 2, 3]}  # comment\n\n\n\tindented\r\n",
+    "Zürich, São Paulo, Москва, 東京, القاهرة, 😀 naïve café   spaces  ",
+)
+
+
+def model_vocab_size(name_or_path: str) -> int | None:
+    """The embedding rows a local model folder's config.json declares (``vocab_size``, or its text model's), or None."""
+    try:
+        raw = json.loads((Path(resolve_model(name_or_path)) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    for section in (raw, raw.get("text_config") or {}):
+        if isinstance(section, dict) and isinstance(section.get("vocab_size"), int):
+            return section["vocab_size"]
+    return None
+
+
+def token_id_mismatch(tokenizer: Any, other: Any, texts: Iterable[str] = ()) -> str | None:
+    """Why a model whose tokenizer is ``other`` would read ``tokenizer``'s token ids differently; None when it
+    would not.
+
+    Exact over every id: each (token, id) entry of ``tokenizer``'s vocabulary (added tokens included) must be
+    ``other``'s too, so an id means the same token to both. Same vocabulary, other merges or normalisation
+    would still split the same text differently: ``texts`` (a few of the job's rows, plus :data:`PROBE_TEXTS`)
+    must encode to the same ids. Both are cheap (a dict comparison, a few encodes)."""
+    mine, theirs = tokenizer.get_vocab(), other.get_vocab()
+    differ = sorted((i, token) for token, i in mine.items() if theirs.get(token) != i)
+    if differ:
+        i, token = differ[0]
+        there = theirs.get(token)
+        return (f"{len(differ)} of its {len(mine)} vocabulary entries differ (id {i} is {token!r} in one, "
+                f"{'absent' if there is None else f'id {there}'} in the other)")
+    for text in [*texts, *PROBE_TEXTS]:
+        a = tokenizer(text, add_special_tokens=False)["input_ids"]
+        b = other(text, add_special_tokens=False)["input_ids"]
+        if a != b:
+            at = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            return f"the text {text[:60]!r} tokenizes to other ids (first difference at token {at}: {a[at:at + 3]} vs {b[at:at + 3]})"
+    return None

@@ -40,6 +40,7 @@ from schemas.shard import (
     quantile_from_summary,
     score_column,
     score_names,
+    scorer_variant,
 )
 
 __all__ = [
@@ -352,6 +353,7 @@ def summarize(shards_dir: str) -> dict[str, Any]:
         "rows_without_trainable": int(c["rows_without_trainable"] or 0),
         "shards": len(manifest.shards),
         "scorers": list(scorers),
+        "variants": {info.name: variant for info in manifest.scorers if (variant := scorer_variant(info)) is not None},
         "scores": list(exprs),
         "stats": stats,
         "rejects": {"total": sum(by_reason.values()), "by_reason": by_reason,

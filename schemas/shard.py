@@ -159,6 +159,19 @@ class ScorerInfo:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+def scorer_variant(info: ScorerInfo) -> str | None:
+    """In words, which variant of its method a score column holds, where a scorer has variants that its name
+    does not tell (None otherwise). tfidf: raw term counts (the paper's, the default since issue 27) or
+    1 + log(tf) (``sublinear_tf``, the default before); a column whose options lack the key says so."""
+    if info.name != "tfidf":
+        return None
+    if "sublinear_tf" not in info.params:
+        return "term frequency not recorded (its options have no sublinear_tf): raw counts or 1 + log(tf) unknown"
+    if info.params["sublinear_tf"]:
+        return "1 + log(tf) (sublinear_tf=True: sftgo's variant, the default before issue 27), smoothed IDF"
+    return "raw term counts (sublinear_tf=False: the paper's), smoothed IDF"
+
+
 @dataclass
 class ShardMetadata:
     """Per-file metadata (Parquet key-value metadata under ``METADATA_KEY``)."""
@@ -361,6 +374,44 @@ def has_score(manifest: Manifest, name: str) -> bool:
 def has_ref_loss(manifest: Manifest) -> bool:
     """True when ``ref_loss`` is stored (what Rho-1's online loss reads per token)."""
     return REF_LOSS in manifest.scorer_names
+
+
+# Likely causes of a score that is the same on every trainable token, by scorer.
+_NO_SPREAD_CAUSES = {
+    EXCESS_LOSS: f"{REF_LOSS} was computed with the base model itself (excess_loss of a model against itself); "
+                 f"re-annotate with --add-scorers {REF_LOSS} --scorer-option {REF_LOSS}.model=REFERENCE (another model)",
+    "tfidf": "a corpus of one example, or examples that are one repeated term",
+}
+# Relative spread below which a score counts as constant (float32 scores; rounding of equal values).
+NO_SPREAD_TOLERANCE = 1e-6
+
+
+def score_spread_problem(manifest: Manifest, name: str, where: str = "the data") -> str | None:
+    """Why score ``name`` of ``manifest`` cannot rank tokens (None when it can): it has the same value on every
+    trainable token, so groups or weights drawn from it are arbitrary (ties) or uniform.
+
+    Read from the manifest alone: ``score_stats[name]`` holds the exact min and max over the trainable tokens
+    (a shard's are exact, and merging takes the min of the mins), for excess_loss too, whose statistics annotate
+    computes from the per-token differences base_loss - ref_loss, not from the two columns' own statistics.
+    For excess_loss the scorer metadata also settles the case of a model against itself, whatever its rounding
+    (bf16, another batching): ref_loss's model and revision equal base_loss's."""
+    if name == EXCESS_LOSS:
+        infos = {s.name: s for s in manifest.scorers}
+        base, ref = infos.get(BASE_LOSS), infos.get(REF_LOSS)
+        if base is not None and ref is not None and base.model and ref.model and \
+                str(base.model).rstrip("/") == str(ref.model).rstrip("/") and base.revision == ref.revision:
+            return (f"importance.scorer: {EXCESS_LOSS} in {where} is 0 up to rounding: {REF_LOSS} and {BASE_LOSS} were "
+                    f"computed with the same model ({ref.model}, revision {ref.revision}); likely cause: "
+                    f"{_NO_SPREAD_CAUSES[EXCESS_LOSS]}")
+    stats = manifest.score_stats.get(name) or {}
+    lo, hi, count = stats.get("min"), stats.get("max"), stats.get("count", 0)
+    if not count or lo is None or hi is None or count < 2:
+        return None
+    if hi - lo > NO_SPREAD_TOLERANCE * max(1.0, abs(lo), abs(hi)):
+        return None
+    cause = _NO_SPREAD_CAUSES.get(name, f"the {name} scorer's model or options give every token the same value")
+    return (f"importance.scorer: {name!r} has no spread in {where}: {lo:.6g} on all {count:,} trainable tokens, so its "
+            f"important / unimportant groups (or weights) would be arbitrary; likely cause: {cause}")
 
 
 # ---------------------------------------------------------------------------------------------

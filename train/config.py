@@ -44,7 +44,7 @@ from typing import Any
 
 from data import config as config_mechanism
 from data.config import ConfigError, option
-from schemas.shard import EXCESS_LOSS, EXCESS_LOSS_PARTS, Manifest, has_ref_loss, has_score, score_names
+from schemas.shard import EXCESS_LOSS, EXCESS_LOSS_PARTS, Manifest, has_ref_loss, has_score, score_names, score_spread_problem
 from train.losses import GROUP_DECISIONS, LOSSES, Loss
 from train.schedule import SCHEDULES
 
@@ -384,7 +384,8 @@ def validate_against_data(config: TrainConfig, manifest: Manifest, uri: str | No
     """Check the config against an annotated directory's manifest (``uri`` names it; default data.train).
 
     The importance scorer must be offered (stored, or excess_loss from base_loss + ref_loss); a loss
-    that needs ref_loss (rho1) needs it stored; scope corpus needs the scorer's score_stats.
+    that needs ref_loss (rho1) needs it stored; scope corpus needs the scorer's score_stats; a loss that trains
+    by the score's groups or weights (sftgo, select, weighted) needs a score with spread (score_spread_problem).
     """
     where = uri if uri is not None else config.data.train
     offered = score_names(manifest.scorer_names)
@@ -399,6 +400,11 @@ def validate_against_data(config: TrainConfig, manifest: Manifest, uri: str | No
     if loss_cls is not None and loss_cls.needs_ref_loss and not has_ref_loss(manifest):
         p.append(f"loss.name: {config.loss.name} needs stored {REF_LOSS}; {where} offers {offered} "
                  f"(annotate --add-scorers {REF_LOSS})")
+    if loss_cls is not None and (loss_cls.needs_groups or loss_cls.needs_weights) and has_score(manifest, scorer):
+        # A loss that trains by the score's groups or weights: a constant score would make them arbitrary.
+        spread = score_spread_problem(manifest, scorer, where)
+        if spread:
+            p.append(spread)
     if config.importance.scope == "corpus" and has_score(manifest, scorer):
         stats = manifest.score_stats.get(scorer) or {}
         if not stats.get("quantiles"):

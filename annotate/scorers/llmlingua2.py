@@ -61,6 +61,17 @@ CL100K_CACHE_KEY = "9b5ad71b2ce5302211f9c61530b329a4922fc6a4"
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
+
+def classifier_dtype(option: str, device: str) -> str:
+    """The torch dtype name the classifier runs in: ``option`` itself, or for ``auto`` bfloat16 on CUDA and
+    float32 elsewhere. The default option is float32 everywhere: what llmlingua's own PromptCompressor runs
+    (float32 on CPU; on CUDA the checkpoint's dtype, so float32 for a float32 checkpoint), so the
+    scores are llmlingua's; bfloat16 is faster on a GPU but moves the keep probabilities (by up to 0.07 on the
+    tests' tiny random classifier)."""
+    if option == "auto":
+        return "bfloat16" if str(device).startswith("cuda") else "float32"
+    return option
+
 # Per-token-id word-merging flags, cached in LLMLingua2Scorer._flags (-1: not computed yet).
 _SKIP = 1  # a special token: llmlingua drops it when merging into words
 _BEGIN = 2  # llmlingua's is_begin_of_new_word
@@ -321,8 +332,11 @@ class LLMLingua2Scorer:
         model: str = "microsoft/llmlingua-2-xlm-roberta-large-meetingbank"
         batch_size: int = 32  # classifier chunks per forward pass
         max_chunk_tokens: int = 512  # llmlingua's max_seq_len: chunk length including the 2 boundary tokens
-        dtype: str = "auto"  # auto = bfloat16 on cuda, float32 on cpu
+        dtype: str = "float32"  # float32 (llmlingua's own) | bfloat16 | float16 | auto (bfloat16 on cuda, float32 on cpu)
         fill_value: float = 0.0  # score of LM tokens that overlap no word (whitespace, template tokens)
+        # Actors sharing one GPU (each takes 1 / actors_per_gpu of the GPU share): the scorer is host-bound (word
+        # merging and projection run on the CPU between forward passes), so one actor leaves its GPU mostly idle.
+        actors_per_gpu: int = 1
 
     def __init__(self, options: Options, context: ScorerContext) -> None:
         # Runs on the driver too (option validation before Ray starts): check, load nothing.
@@ -339,6 +353,8 @@ class LLMLingua2Scorer:
             raise ValueError(f"llmlingua2: max_chunk_tokens must be >= 3 (2 boundary tokens + text), got {options.max_chunk_tokens}")
         if options.dtype not in DTYPES:
             raise ValueError(f"llmlingua2: dtype must be one of {list(DTYPES)}, got {options.dtype!r}")
+        if options.actors_per_gpu < 1:
+            raise ValueError(f"llmlingua2: actors_per_gpu must be >= 1, got {options.actors_per_gpu}")
         if not math.isfinite(options.fill_value):
             raise ValueError(f"llmlingua2: fill_value must be finite, got {options.fill_value}")
         from data.models import check_model
@@ -382,10 +398,7 @@ class LLMLingua2Scorer:
             limit = limit - 2 if limit else limit  # RoBERTa positions start after the padding index
         if limit and self.options.max_chunk_tokens > limit:
             raise ValueError(f"llmlingua2: max_chunk_tokens {self.options.max_chunk_tokens} > the classifier's {limit} positions")
-        dtype = self.options.dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if str(device).startswith("cuda") else "float32"
-        self.model.to(getattr(torch, dtype)).eval()
+        self.model.to(getattr(torch, classifier_dtype(self.options.dtype, device))).eval()
         # The boundary tokens llmlingua's __compress feeds the model: it builds TokenClfDataset
         # without model_name, so these are the mBERT strings whatever the model (for XLM-R they
         # map to <unk>). We take them from llmlingua rather than guess, to match it exactly.
@@ -630,4 +643,6 @@ class LLMLingua2Scorer:
             from data.models import model_revision
 
             revision = model_revision(self.options.model)
-        return ScorerInfo(name=self.name, model=self.options.model, revision=revision, params=asdict(self.options))
+        params = asdict(self.options)
+        params.pop("actors_per_gpu")  # how the job is laid out, not what the scores are
+        return ScorerInfo(name=self.name, model=self.options.model, revision=revision, params=params)

@@ -27,10 +27,13 @@ class TokenLossScorer:
     name = "token_loss"
     output = "loss"  # what this scorer's column holds: "loss" or "entropy" (see _token_outputs)
     uses_gpu = True
+    # ref_loss names its model: defaulted to --model it would score the base model against itself,
+    # and excess_loss = base_loss - ref_loss would be 0 everywhere (METHOD.md).
+    requires_model = False
 
     @dataclass
     class Options:
-        model: str = ""  # "" = the job's --model
+        model: str = ""  # "" = the job's --model (ref_loss: required)
         dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16
         max_batch_tokens: int = 8192  # padded tokens per forward pass
         logits_chunk: int = 2048  # positions per lm_head chunk
@@ -40,6 +43,10 @@ class TokenLossScorer:
     def __init__(self, options: Options, context: ScorerContext):
         from data.models import check_model, refuse_remote_code
 
+        if self.requires_model and not options.model:
+            raise ValueError(f"{self.name}: --scorer-option {self.name}.model=PATH is required (the reference model, "
+                             f"e.g. the base model fine-tuned on a clean reference set); it is not defaulted to --model, "
+                             f"against which excess_loss = base_loss - {self.name} would be 0 everywhere")
         if options.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"{self.name}.dtype: {options.dtype!r} is not auto, float32 or bfloat16")
         if options.max_batch_tokens < 1 or options.logits_chunk < 1:
@@ -146,9 +153,10 @@ class TokenLossScorer:
 
 @register
 class RefLossScorer(TokenLossScorer):
-    """Loss under a reference model (Rho-1's reference); set ``ref_loss.model`` to it."""
+    """Loss under a reference model (Rho-1's reference); ``ref_loss.model`` names it (required)."""
 
     name = "ref_loss"
+    requires_model = True
 
 
 @register

@@ -64,7 +64,8 @@ def test_every_tool_reads_the_directory_and_the_card_describes_it(tmp_path, lima
     assert f"| `{lima_slice}` | lima | cc-by-nc-sa-4.0 |" in card.text
     assert manifest.tokenizer["sha256"] in card.text
     assert f"{manifest.totals['rows']:,} rows, {manifest.totals['tokens']:,} tokens" in card.text
-    assert "| tfidf | `score_tfidf` | - | " in card.text and "sublinear_tf=True" in card.text
+    assert "| tfidf | `score_tfidf` | - | " in card.text and "sublinear_tf=False" in card.text
+    assert "tfidf: raw term counts (sublinear_tf=False: the paper's), smoothed IDF." in card.text
 
 
 def test_add_scorers_migrates_a_v1_directory_and_updates_its_card(tmp_path, lima_slice, tiny_llama_dir, capsys):

@@ -134,3 +134,23 @@ def test_scripts_do_not_shadow_modules_by_their_folders():
         result = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, (script, result.stderr)
         assert "usage:" in result.stdout
+
+@pytest.mark.parametrize("params, said", [
+    ({"term": "token", "sublinear_tf": True}, "1 + log(tf) (sublinear_tf=True: sftgo's variant, the default before issue 27), smoothed IDF"),
+    ({"term": "token", "sublinear_tf": False}, "raw term counts (sublinear_tf=False: the paper's), smoothed IDF"),
+    ({"term": "token"}, "term frequency not recorded (its options have no sublinear_tf): raw counts or 1 + log(tf) unknown"),
+], ids=["old-default-sublinear", "paper-raw", "key-missing"])
+def test_inspect_and_card_say_which_tfidf_variant(tmp_path, capsys, params, said):
+    """A directory made with the old default (1 + log tf) still reads, and says so; one without the key says that."""
+    from annotate.card import write_card
+    from schemas.shard import CARD_NAME, ScorerInfo
+
+    out = tmp_path / "ann"
+    manifest = write_annotated_dir(out, make_examples(5, ["tfidf", "base_loss"], seed=2), ["tfidf", "base_loss"])
+    manifest.scorers = [ScorerInfo("tfidf", params=params), ScorerInfo("base_loss", model="m")]
+    manifest.save(out)
+    assert main([str(out)]) == 0
+    assert f"  variant           tfidf: {said}\n" in capsys.readouterr().out
+    assert summarize(str(out))["variants"] == {"tfidf": said}  # base_loss has no variants
+    write_card(out, Manifest.load(out))
+    assert f"\ntfidf: {said}.\n" in (out / CARD_NAME).read_text()

@@ -31,6 +31,7 @@ from annotate.scorers.llmlingua2 import (  # noqa: E402
     _backend_encode,
     _project_rows,
     chunk_bounds,
+    classifier_dtype,
     project_onto_tokens,
 )
 
@@ -185,6 +186,40 @@ def _reference_texts(tokenizer) -> dict[str, str]:
         # unknown id), accents, whitespace runs, a literal pad token (masked out by llmlingua).
         "unicode": "Caf\u00e9 na\u00efve \u2603 snow\u2744man   \t\t tabs\n\n\n\u4e2d\u6587 \U0001f600 [PAD] <pad> end.",
     }
+
+
+def test_default_dtype_is_llmlingua_own_float32_everywhere():
+    """The classifier's dtype by option and device (a pure function: the CUDA rows are checked on CPU too)."""
+    assert LLMLingua2Scorer.Options().dtype == "float32"
+    assert [classifier_dtype("float32", d) for d in ("cpu", "cuda", "cuda:1")] == ["float32"] * 3
+    assert [classifier_dtype("auto", d) for d in ("cpu", "cuda", "cuda:1")] == ["float32", "bfloat16", "bfloat16"]
+    assert classifier_dtype("bfloat16", "cpu") == "bfloat16"
+
+
+def test_default_dtype_scores_equal_a_separate_llmlingua(tiny_classifier_dir, smol_tokenizer_dir, tiktoken_cache):
+    """With default options the scorer runs the classifier as llmlingua's own PromptCompressor loads it (float32),
+    and its word probabilities equal those of a second PromptCompressor, one with its own copy of the model (the
+    comparison above shares one model object, so it would not see a cast); bfloat16, the option, differs."""
+    from llmlingua import PromptCompressor
+
+    ours = LLMLingua2Scorer(LLMLingua2Scorer.Options(model=str(tiny_classifier_dir)), ScorerContext(model=str(smol_tokenizer_dir)))
+    ours.setup()
+    theirs = PromptCompressor(model_name=str(tiny_classifier_dir), device_map="cpu", use_llmlingua2=True,
+                              model_config={"trust_remote_code": False})
+    assert theirs.model is not ours.model and ours.model.dtype == theirs.model.dtype == torch.float32
+    texts = _reference_texts(ours.tokenizer)
+    mine = ours.word_probabilities(list(texts.values()))
+    for (name, text), got in zip(texts.items(), mine):
+        reference = llmlingua_reference(theirs, text)
+        assert got.chunks == reference["chunks"], name
+        np.testing.assert_allclose(got.probs, reference["probs"], rtol=0, atol=1e-5, err_msg=name)
+    half = LLMLingua2Scorer(LLMLingua2Scorer.Options(model=str(tiny_classifier_dir), dtype="bfloat16"),
+                            ScorerContext(model=str(smol_tokenizer_dir)))
+    half.setup()
+    assert half.model.dtype == torch.bfloat16
+    rounded = half.word_probabilities(list(texts.values()))
+    gap = max(float(np.abs(a.probs - b.probs).max()) for a, b in zip(mine, rounded) if len(a.probs))
+    assert 1e-3 < gap < 0.2  # 0.067 measured on this tiny random classifier
 
 
 @pytest.mark.parametrize("family", ["scorer", "xlmr_scorer"])

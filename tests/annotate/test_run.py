@@ -60,7 +60,7 @@ def test_lima_slice_end_to_end(tmp_path, lima_slice, tiny_llama_dir, tiny_llama_
     assert rc == 2
 
 
-def test_add_scorers_and_tokenizer_mismatch(tmp_path, lima_slice, tiny_llama_dir, smol_tokenizer_dir):
+def test_add_scorers_and_tokenizer_mismatch(tmp_path, lima_slice, tiny_llama_dir, smol_tokenizer_dir, capsys):
     out = tmp_path / "add"
     assert main(["--input", str(lima_slice), "--model", str(tiny_llama_dir), "--scorers", "tfidf",
                  "--output", str(out), "--shard-size", "12"]) == 0
@@ -77,7 +77,10 @@ def test_add_scorers_and_tokenizer_mismatch(tmp_path, lima_slice, tiny_llama_dir
     other = tmp_path / "other_tokenizer"
     shutil.copytree(tiny_llama_dir, other)
     (other / "chat_template.jinja").write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    assert main(["--output", str(out), "--model", str(other), "--add-scorers", "ref_loss"]) == 2
+    capsys.readouterr()
+    assert main(["--output", str(out), "--model", str(other), "--add-scorers", "ref_loss",
+                 "--scorer-option", f"ref_loss.model={tiny_llama_dir}"]) == 2
+    assert "--add-scorers needs the same tokenizer" in capsys.readouterr().err
 
 
 def test_annotate_then_add_scorers_then_the_same_annotate_again(tmp_path, lima_slice, tiny_llama_dir, capsys):

@@ -32,8 +32,8 @@ def _reference(model_dir, ids):
 def test_ref_loss_equals_hf_forward_and_is_batch_invariant(tiny_llama_dir):
     rng = np.random.default_rng(0)
     rows = [rng.integers(0, 49152, size=n).tolist() for n in (7, 31, 12, 64, 3)]
-    alone = [_scorer("ref_loss", tiny_llama_dir, max_batch_tokens=1).score(_table([r]))[0] for r in rows]
-    together = _scorer("ref_loss", tiny_llama_dir, max_batch_tokens=4096, logits_chunk=16).score(_table(rows))
+    alone = [_scorer("ref_loss", tiny_llama_dir, model=str(tiny_llama_dir), max_batch_tokens=1).score(_table([r]))[0] for r in rows]
+    together = _scorer("ref_loss", tiny_llama_dir, model=str(tiny_llama_dir), max_batch_tokens=4096, logits_chunk=16).score(_table(rows))
     for r, a, b in zip(rows, alone, together):
         assert a.dtype == np.float32 and len(a) == len(r) and a[0] == 0.0
         np.testing.assert_allclose(a, _reference(tiny_llama_dir, r), rtol=1e-4, atol=1e-4)

@@ -61,3 +61,43 @@ def test_tokenizer_fingerprint_changes_with_template(smol_tokenizer):
     finally:
         smol_tokenizer.chat_template = original
     assert tokenizer_fingerprint(smol_tokenizer) == fp
+
+
+def _manifest(stats, scorers=()):
+    from schemas.shard import Manifest
+
+    return Manifest(2, {"name": "t", "sha256": "x"}, list(scorers), [], {}, {}, stats, {})
+
+
+def test_score_spread_problem_reads_the_exact_min_and_max():
+    from schemas.shard import score_spread_problem
+
+    rng = np.random.default_rng(0)
+    base = rng.random(500).astype(np.float32) * 4
+    # Two shards merged: min and max stay exact, so a constant score is told apart from a narrow one.
+    spread = merge_summaries([summarize_scores(base[:200]), summarize_scores(base[200:])])
+    flat = merge_summaries([summarize_scores(np.zeros(200)), summarize_scores(np.zeros(300))])
+    narrow = merge_summaries([summarize_scores(np.full(300, 2.0)), summarize_scores(np.array([2.0, 2.001]))])
+    m = _manifest({"tfidf": spread, EXCESS_LOSS: flat, "base_loss": narrow})
+    assert score_spread_problem(m, "tfidf") is None and score_spread_problem(m, "base_loss") is None
+    problem = score_spread_problem(m, EXCESS_LOSS, "shards/lima")
+    assert problem == ("importance.scorer: 'excess_loss' has no spread in shards/lima: 0 on all 500 trainable tokens, so "
+                       "its important / unimportant groups (or weights) would be arbitrary; likely cause: ref_loss was "
+                       "computed with the base model itself (excess_loss of a model against itself); re-annotate with "
+                       "--add-scorers ref_loss --scorer-option ref_loss.model=REFERENCE (another model)")
+    tied = _manifest({"entropy": merge_summaries([summarize_scores(np.full(40, 3.25))])})
+    assert "'entropy' has no spread in the data: 3.25 on all 40" in score_spread_problem(tied, "entropy")
+    assert score_spread_problem(_manifest({}), "tfidf") is None  # no statistics: other checks name that
+
+
+def test_excess_loss_of_a_model_against_itself_is_named_from_the_metadata():
+    """bf16 or another batching leaves rounding noise in base - ref: the scorer metadata still tells."""
+    from schemas.shard import ScorerInfo, score_spread_problem
+
+    noise = merge_summaries([summarize_scores(np.random.default_rng(1).normal(0, 0.02, 300))])
+    same = [ScorerInfo("base_loss", "models/base/", "sha256:ab"), ScorerInfo("ref_loss", "models/base", "sha256:ab")]
+    problem = score_spread_problem(_manifest({EXCESS_LOSS: noise}, same), EXCESS_LOSS, "d")
+    assert problem.startswith("importance.scorer: excess_loss in d is 0 up to rounding: ref_loss and base_loss were "
+                              "computed with the same model (models/base, revision sha256:ab)")
+    other = [ScorerInfo("base_loss", "models/base", "sha256:ab"), ScorerInfo("ref_loss", "runs/sft/model", "sha256:ab")]
+    assert score_spread_problem(_manifest({EXCESS_LOSS: noise}, other), EXCESS_LOSS) is None

@@ -462,3 +462,20 @@ def test_save_config_round_trip(tmp_path):
 def test_config_from_dict_rejects_unknown_keys():
     with pytest.raises(ConfigError, match=r"checkpoint: unknown key 'optim.l_r'"):
         config_from_dict({"optim": {"l_r": 1}}, source="checkpoint")
+
+
+def test_data_check_refuses_a_score_without_spread_for_losses_that_use_it(tmp_path):
+    """excess_loss of a model against itself (ref_loss = base_loss): sftgo / select / weighted refuse it, naming the
+    scorer and the cause; sft, which only logs the groups, trains."""
+    scorers = ["tfidf", "base_loss", "ref_loss"]
+    examples = make_examples(6, scorers)
+    for example in examples:
+        example["scores"]["ref_loss"] = example["scores"]["base_loss"].copy()
+    out = tmp_path / "self_ref"
+    manifest = write_annotated_dir(out, examples, scorers, rows_per_shard=4)
+    for loss in ("sftgo", "select", "weighted"):
+        with pytest.raises(ConfigError, match=rf"importance.scorer: 'excess_loss' has no spread in {out}: 0 on all .*likely "
+                                              r"cause: ref_loss was computed with the base model itself"):
+            validate_against_data(valid(**{"data.train": str(out), "importance.scorer": "excess_loss", "loss.name": loss}), manifest)
+    validate_against_data(valid(**{"data.train": str(out), "importance.scorer": "excess_loss", "loss.name": "sft"}), manifest)
+    validate_against_data(valid(**{"data.train": str(out), "importance.scorer": "tfidf", "loss.name": "sftgo"}), manifest)
