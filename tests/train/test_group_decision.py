@@ -73,6 +73,7 @@ def make_micro_batches() -> list[dict[str, object]]:
     """4 packed micro-batches of 2-3 examples each: a prompt, then trainable tokens; scores and ref losses."""
     generator = torch.Generator().manual_seed(3)
     micro = []
+    count = 0
     for n_examples in (2, 3, 2, 3):
         lengths = torch.randint(8, 20, (n_examples,), generator=generator).tolist()
         masks = []
@@ -88,8 +89,9 @@ def make_micro_batches() -> list[dict[str, object]]:
             "score": torch.rand(total, generator=generator) * 5,
             # around the model's initial CE (~log 256 = 5.5), so the live excess has both signs
             "ref_loss": 4.5 + 2 * torch.rand(total, generator=generator),
-            "ids": [],
+            "ids": [f"ex-{count + i}" for i in range(n_examples)],  # the grouping's tie keys hash them
         })
+        count += n_examples
     return micro
 
 
@@ -97,7 +99,7 @@ def packed(micro: list[dict[str, object]]) -> dict[str, object]:
     """The micro-batches' examples back to back in one micro-batch."""
     out = {key: torch.cat([b[key] for b in micro]) for key in ("input_ids", "position_ids", "loss_mask", "score", "ref_loss")}
     out["seq_lens"] = [n for b in micro for n in b["seq_lens"]]
-    out["ids"] = []
+    out["ids"] = [i for b in micro for i in b["ids"]]
     return out
 
 
