@@ -420,9 +420,11 @@ def _run_bounded(items: list, submit: Callable[[Any], Any], max_in_flight: int, 
             while queue and len(pending) < max_in_flight:
                 item = queue.popleft()
                 pending[submit(item)] = item
-            # A timeout, so the main thread runs Python between waits: a SIGTERM handler cannot run inside
-            # an unbounded ray.wait whose raylet the same signal has already stopped (process-group kill).
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=1.0)
+            # A short timeout, so the main thread runs Python between waits: a SIGTERM handler cannot run
+            # inside ray.wait, and after a process-group kill the same signal has stopped the raylet, whose
+            # death the core worker answers by exiting the process (status 1, no line) within about a second
+            # (one CI run of the sigterm-group test lost that race at 1.0 s). 0.1 s answers first.
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=0.1)
             if received_interrupts:
                 raise received_interrupts[0]()
             for ref in done:
