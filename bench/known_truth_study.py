@@ -47,6 +47,8 @@ REQUIRED = ("kind", "model", "results", "work", "corpus", "max_length", "train",
             "baseline", "evaluate")
 OPTIONAL = ("keep_models",)
 METRICS = ("key_accuracy", "key_loss", "other_loss", "worst_group_loss")
+#: ``importance.rho: span`` (scope corpus): the rho whose corpus cut is exactly the given spans (:func:`span_rho`).
+SPAN = "span"
 
 
 def load_config(path: Path, smoke: bool, model: str | None, results: str | None, work: str | None) -> dict[str, Any]:
@@ -64,6 +66,9 @@ def load_config(path: Path, smoke: bool, model: str | None, results: str | None,
     for name, overrides in cfg["methods"].items():
         if "seed" in overrides:
             raise StudyError(f"--config {path}: methods.{name} sets seed; seeds come from `seeds` (paired across methods)")
+        rho = overrides.get("importance.rho")
+        if isinstance(rho, str) and (rho != SPAN or overrides.get("importance.scope") != "corpus"):
+            raise StudyError(f"--config {path}: methods.{name}: importance.rho {rho!r}: a number, or {SPAN!r} with importance.scope corpus")
     for scorer in cfg["groupings"]:
         if scorer not in ("given", "tfidf"):
             raise StudyError(f"--config {path}: groupings.{scorer}: the study annotates given and tfidf only")
@@ -74,6 +79,7 @@ def load_config(path: Path, smoke: bool, model: str | None, results: str | None,
         cfg["corpus"].update(entities=4, repeats=2, heldout_repeats=1)
         cfg["train"].update({"train.max_steps": 2, "checkpoint.every": 1})
         cfg["seeds"] = cfg["seeds"][:1]
+        cfg["evaluate"] = {**cfg["evaluate"], "every": 1}
     cfg["smoke"] = smoke
     return cfg
 
@@ -87,8 +93,34 @@ class KnownTruthStudy(Study):
 
     def runs(self) -> dict[str, dict[str, Any]]:
         """``{method}_s{seed}``: the method's train keys with the seed, in seed-major order (a partial
-        study then has every method at its first seeds)."""
-        return {f"{m}_s{s}": {**o, "seed": s} for s in self.cfg["seeds"] for m, o in self.cfg["methods"].items()}
+        study then has every method at its first seeds); ``importance.rho: span`` made a number."""
+        out = {}
+        for seed in self.cfg["seeds"]:
+            for method, overrides in self.cfg["methods"].items():
+                keys = {**overrides, "seed": seed}
+                if keys.get("importance.rho") == SPAN:
+                    keys["importance.rho"] = self.span_rho()
+                out[f"{method}_s{seed}"] = keys
+        return out
+
+    def span_rho(self) -> float:
+        """:func:`span_rho` of the train shards' given score."""
+        manifest = json.loads((self.shards("train") / MANIFEST_NAME).read_text())
+        return span_rho(manifest["score_stats"]["given"])
+
+    def span_share(self) -> float:
+        """The share of the train shards' trainable tokens inside a given span."""
+        stats = json.loads((self.shards("train") / MANIFEST_NAME).read_text())["score_stats"]["given"]
+        return stats["sum"] / stats["count"]
+
+    def validation_keys(self) -> dict[str, Any]:
+        """Train keys that evaluate the held-out split during training, grouped by the given spans: the
+        trainer's ``eval_important_accuracy`` is then the held-out key-token accuracy at that step."""
+        every = int(self.cfg["evaluate"].get("every", 0))
+        if not every:
+            return {}
+        return {"data.validation": str(self.shards("heldout")), "eval.every": every, "eval.scorer": "given",
+                "eval.rho": self.span_rho(), "eval.scope": "corpus"}
 
     def corpus(self) -> dict[str, Path]:
         from bench import known_truth
@@ -114,7 +146,7 @@ class KnownTruthStudy(Study):
         import hashlib
 
         manifest = hashlib.sha256((self.shards("heldout") / MANIFEST_NAME).read_bytes()).hexdigest()
-        train = {**self.cfg["train"], **self.runs()[name]} if name != "base" else None
+        train = {**self.cfg["train"], **self.validation_keys(), **self.runs()[name]} if name != "base" else None
         return {"model": model, "heldout_manifest_sha256": manifest, "train": train}
 
     def cached(self, name: str, settings: dict[str, Any]) -> dict[str, Any] | None:
@@ -132,7 +164,8 @@ class KnownTruthStudy(Study):
         if cached is not None:
             return cached
         started = time.time()
-        result = {"settings": settings, "heldout": key_token_metrics(model, self.shards("heldout"))}
+        result = {"settings": settings, "heldout": key_token_metrics(model, self.shards("heldout")),
+                  "curve": read_eval_curve(self.run_dir(name)) if name != "base" else []}
         self.timings[f"heldout_{name}"] = time.time() - started
         atomic_write_text(self.work / "timings.json", json.dumps(self.timings, indent=2))
         atomic_write_text(self.work / "eval" / f"{name}.json", json.dumps(result, indent=2))
@@ -151,7 +184,7 @@ class KnownTruthStudy(Study):
             model = str(self.run_dir(name) / "model")
             cached = self.cached(name, self.eval_settings(name, model))
             if cached is None:  # (a cached one needs no model: keep_models false deletes it)
-                run = self.train(name, self.shards("train"), {**self.cfg["train"], **overrides})
+                run = self.train(name, self.shards("train"), {**self.cfg["train"], **self.validation_keys(), **overrides})
                 cached = self.evaluate(name, model)
                 shutil.rmtree(run / "checkpoints", ignore_errors=True)
                 if not self.cfg.get("keep_models", False):
@@ -167,8 +200,9 @@ class KnownTruthStudy(Study):
             "config_file": str(self.config_path), "table": json.loads((self.work / "data" / "table.json").read_text()),
             "data_totals": {s: json.loads((self.shards(s) / MANIFEST_NAME).read_text())["totals"] for s in ("train", "heldout")},
             "grouping_overlap_with_given_spans": overlap,
-            "runs": {name: {"overrides": runs.get(name, {}), **ev["heldout"],
+            "runs": {name: {"overrides": runs.get(name, {}), **ev["heldout"], "curve": ev.get("curve", []),
                             "train_summary": _train_summary(self.run_dir(name))} for name, ev in evaluations.items()},
+            "span_share": self.span_share(),
             "vs_baseline": paired_differences(evaluations, self.cfg), "step_seconds": self.timings,
             "generated_at": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
@@ -176,6 +210,37 @@ class KnownTruthStudy(Study):
         write_report(self, results)
         print(f"[study] wrote {self.results / 'study.json'} and report.md ({len(evaluations) - 1} of {len(runs)} runs)", flush=True)
         return results
+
+
+def span_rho(summary: dict[str, Any]) -> float:
+    """The rho whose corpus cut (data.grouping.corpus_cut) marks exactly the tokens of the given spans.
+
+    Given scores are 0 outside the spans and 1 inside: a point mass at each value. At a rho whose
+    quantile is 0 or 1 the cut would pick a share 1 - rho of the tied tokens by their tie keys (some
+    span tokens, or some others); between the sketch's last 0 point and its first 1 point the
+    interpolated threshold lies strictly between 0 and 1, nothing is tied, and important = score > t
+    = the spans, whatever their exact share.
+    """
+    quantiles = summary["quantiles"]
+    top = max(quantiles)
+    first = quantiles.index(top)
+    if first == 0 or min(quantiles) == top:
+        raise StudyError("the given score has one value: no span to group by")
+    return (first - 0.5) / (len(quantiles) - 1)
+
+
+def read_eval_curve(run: Path) -> list[dict[str, float]]:
+    """The run's in-training held-out evaluations (metrics.jsonl): step, key accuracy and the group losses."""
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        if "eval_important_accuracy" in record:
+            out.append({"step": record["step"], "key_accuracy": record["eval_important_accuracy"],
+                        "key_loss": record["eval_important_loss"], "other_loss": record["eval_unimportant_loss"]})
+    return out
 
 
 def _train_summary(run: Path) -> dict[str, Any] | None:
@@ -240,29 +305,32 @@ def key_token_metrics(model_path: str, heldout: Path) -> dict[str, Any]:
 
 
 def grouping_overlap(train: Path, groupings: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Each grouping's important tokens (the trainer's rule) on the train shards against the given spans."""
+    """Each grouping's important tokens on the train shards, by the trainer's own rule (data/grouping.py:
+    the corpus cut with its tie keys, or the per-example top share), against the given spans."""
     import torch
 
-    from data.grouping import important_mask_sequence
-    from schemas.shard import quantile_from_summary
+    from data.grouping import important_mask_packed, manifest_corpus_cut
+    from schemas.shard import Manifest
 
-    manifest = json.loads((train / MANIFEST_NAME).read_text())
+    manifest = Manifest.load(train)
+    manifest_data = json.loads((train / MANIFEST_NAME).read_text())
     out = {}
     for scorer, spec in groupings.items():
-        rho, scope = float(spec["rho"]), spec.get("scope", "sequence")
-        threshold = quantile_from_summary(manifest["score_stats"][scorer], rho) if scope == "corpus" else None
+        scope = spec.get("scope", "sequence")
+        rho = span_rho(manifest_data["score_stats"]["given"]) if spec["rho"] == SPAN else float(spec["rho"])
+        cut = manifest_corpus_cut(manifest, scorer, rho) if scope == "corpus" else None
         both = important = spans = trainable = 0
-        for row in _rows(train, ["loss_mask", "score_given", f"score_{scorer}"]):
+        for row in _rows(train, ["id", "loss_mask", "score_given", f"score_{scorer}"]):
             mask = torch.tensor(row["loss_mask"])
             score = torch.tensor(row[f"score_{scorer}"], dtype=torch.float32)
-            imp = (score >= threshold) & mask if scope == "corpus" else important_mask_sequence(score, mask, rho)
+            imp = important_mask_packed(score, mask, [len(row["loss_mask"])], rho, scope, threshold=cut, ids=[row["id"]])
             key = mask & (torch.tensor(row["score_given"]) > 0)
             both += int((imp & key).sum())
             important += int(imp.sum())
             spans += int(key.sum())
             trainable += int(mask.sum())
-        out[scorer] = {"rho": rho, "scope": scope, "threshold": threshold, "trainable_tokens": trainable,
-                       "important_tokens": important, "span_tokens": spans, "both": both,
+        out[scorer] = {"rho": rho, "scope": scope, "threshold": None if cut is None else cut.threshold,
+                       "trainable_tokens": trainable, "important_tokens": important, "span_tokens": spans, "both": both,
                        "precision": both / important if important else None, "recall": both / spans if spans else None,
                        "jaccard": both / (important + spans - both) if important + spans - both else None}
     return out
@@ -303,6 +371,49 @@ def paired_differences(evaluations: dict[str, Any], cfg: dict[str, Any]) -> dict
 # ---------------------------------------------------------------------------------------------
 
 
+def plot_key_accuracy(results: dict[str, Any], path: Path) -> bool:
+    """Held-out key-token accuracy per step, one line per method (mean over its finished seeds) with a
+    band from the lowest to the highest seed; step 0 is the base model. False when no run has a curve."""
+    cfg = results["config"]
+    base = results["runs"].get("base", {}).get("key_accuracy")
+    curves: dict[str, list[list[dict[str, float]]]] = {}
+    for method in cfg["methods"]:
+        for seed in cfg["seeds"]:
+            curve = results["runs"].get(f"{method}_s{seed}", {}).get("curve")
+            if curve:
+                curves.setdefault(method, []).append(curve)
+    if not curves:
+        return False
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for method, runs in curves.items():
+        steps = sorted(set.intersection(*({c["step"] for c in run} for run in runs)))
+        values = [[next(c["key_accuracy"] for c in run if c["step"] == step) for run in runs] for step in steps]
+        if base is not None:
+            steps, values = [0, *steps], [[base] * len(runs), *values]
+        line = ax.plot(steps, [statistics.fmean(v) for v in values], label=f"{method} ({len(runs)} seeds)")[0]
+        if len(runs) > 1:
+            ax.fill_between(steps, [min(v) for v in values], [max(v) for v in values], color=line.get_color(), alpha=0.2)
+    ax.axhline(results["table"]["chance_accuracy"], color="grey", linestyle=":", linewidth=1, label="chance")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("held-out key-token accuracy")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    ax.set_title("Known-truth study: mean over seeds, band = min..max", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return True
+
+
 def write_report(study: KnownTruthStudy, results: dict[str, Any]) -> None:
     cfg = results["config"]
     table = results["table"]
@@ -337,7 +448,13 @@ def write_report(study: KnownTruthStudy, results: dict[str, Any]) -> None:
             cells.append(f"{x['mean']:+.4f}" + ("" if x["low"] is None else f" [{x['low']:+.4f}, {x['high']:+.4f}]"))
         lines.append(f"| {method} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
     lines += ["", "Higher key accuracy is better; lower losses are better. An interval that excludes 0 is a difference "
-              "beyond seed noise at 95% (t over the paired seed differences).", "",
+              "beyond seed noise at 95% (t over the paired seed differences).", ""]
+    if plot_key_accuracy(results, study.results / "key_accuracy.png"):
+        lines += ["## Held-out key-token accuracy per step", "", "![key accuracy](key_accuracy.png)", "",
+                  "The trainer's in-training evaluation of the held-out split (`eval.scorer given`, the span cut): "
+                  "`eval_important_accuracy` = greedy accuracy on the key tokens under teacher forcing, packed as in "
+                  "training; the table above is a separate pass over the final models, one example per forward.", ""]
+    lines += [f"Given spans: {results['span_share']:.4f} of the train shards' trainable tokens.", "",
               "## Time", "", "| step | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.0f} |" for k, v in results["step_seconds"].items()]
     lines.append(f"| total | {sum(results['step_seconds'].values()):.0f} |")

@@ -274,7 +274,7 @@ class Study:
         from schemas.shard import tokenizer_fingerprint
         from train.evaluate import CE_CHUNK, load_model
         from train.forward import token_losses
-        from train.heldout import GROUP_SUM_NAMES, micro_batch_important, open_heldout, summarize_group_sums
+        from train.heldout import GROUP_SUM_NAMES, micro_batch_important, open_heldout, reduce_group_sums, summarize_group_sums
         from train.shards import ShardStream
 
         uri = str(self.shards("heldout"))
@@ -291,13 +291,11 @@ class Study:
             for batches in zip(*streams):  # the same rows in the same packing; only the score differs
                 first = batches[0]
                 assert all(torch.equal(b["input_ids"], first["input_ids"]) for b in batches)
-                loss = token_losses(model, first["input_ids"].to(device), first["position_ids"].to(device), list(first["seq_lens"]),
-                                    first["loss_mask"].to(device), chunk_size=CE_CHUNK).double().cpu()
-                n = torch.tensor(float(loss.numel()), dtype=torch.float64)
+                loss_hits = token_losses(model, first["input_ids"].to(device), first["position_ids"].to(device), list(first["seq_lens"]),
+                                         first["loss_mask"].to(device), chunk_size=CE_CHUNK, with_hits=True).cpu()
                 for (scorer, (rho, _, threshold)), batch in zip(groupings.items(), batches):
                     imp = micro_batch_important(batch, rho, "sequence", threshold)[batch["loss_mask"]]
-                    sums[scorer] += torch.stack([loss.sum(), n, loss[imp].sum(), imp.sum().double(), loss[~imp].sum(),
-                                                 (~imp).sum().double()])
+                    sums[scorer] += reduce_group_sums(loss_hits, imp)
         return {scorer: {"rho": groupings[scorer][0], **summarize_group_sums(total)} for scorer, total in sums.items()}
 
     # -- the whole study --------------------------------------------------------------------------------

@@ -202,9 +202,21 @@ def test_known_truth_study_smoke_runs_resumes_and_reports(tmp_path, tiny_llama_d
         if name != "base":
             assert run["train_summary"]["steps"] == 2
             assert not (work / "runs" / name / "model").exists()  # keep_models false: deleted once evaluated
-    # The given grouping (corpus scope, rho 0.99) is exactly the spans; TF-IDF's is reported against them.
+            # In-training held-out evaluation grouped by the spans: every step (smoke), the 4 key tokens.
+            assert [c["step"] for c in run["curve"]] == [1, 2, 2]  # eval.every 1, then the final evaluation
+            assert all(0.0 <= c["key_accuracy"] <= 1.0 for c in run["curve"])
+    # The given grouping (corpus scope, rho span) is exactly the spans, also in the trainer (its realised
+    # share is the spans' share); TF-IDF's is reported against them.
     given = study["grouping_overlap_with_given_spans"]["given"]
-    assert given["threshold"] == 1.0 and given["precision"] == given["recall"] == 1.0 and given["span_tokens"] == 8
+    assert 0.0 < given["threshold"] < 1.0 and given["precision"] == given["recall"] == 1.0 and given["span_tokens"] == 8
+    from data.shard_stats import realised_important_share
+
+    exact = realised_important_share(str(work / "shards" / "train"), "given", given["rho"], "corpus", exact=True)
+    assert exact["important_tokens"] == 8 and exact["share"] == pytest.approx(study["span_share"])
+    # The final model's in-training evaluation (packed) equals the exact pass (one example a forward).
+    final = study["runs"]["sftgo_given_s0"]
+    assert final["curve"][-1]["key_accuracy"] == pytest.approx(final["key_accuracy"], abs=1e-9)
+    assert final["curve"][-1]["key_loss"] == pytest.approx(final["key_loss"], rel=1e-4)
     assert 0.0 <= study["grouping_overlap_with_given_spans"]["tfidf"]["recall"] <= 1.0
     # One seed: a paired difference without an interval.
     assert set(study["vs_baseline"]) == {"sftgo_given", "sftgo_tfidf", "select_given"}
@@ -212,8 +224,10 @@ def test_known_truth_study_smoke_runs_resumes_and_reports(tmp_path, tiny_llama_d
     assert row["n"] == 1 and row["low"] is None
     assert row["mean"] == pytest.approx(study["runs"]["select_given_s0"]["key_loss"] - study["runs"]["sft_s0"]["key_loss"])
     report = (results / "report.md").read_text()
-    for heading in ("## Important groups against the given spans", "## Held-out (teacher forcing)", "## Against sft"):
+    for heading in ("## Important groups against the given spans", "## Held-out (teacher forcing)", "## Against sft",
+                    "![key accuracy](key_accuracy.png)"):
         assert heading in report
+    assert (results / "key_accuracy.png").stat().st_size > 10_000
 
     # Rerunning the same command redoes nothing.
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)

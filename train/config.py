@@ -157,6 +157,9 @@ class CheckpointConfig:
 class EvalConfig:
     every: int = option(0, "optimizer steps between evaluations on data.validation; 0 = only at the end (when data.validation is set)")
     max_batches: int = option(0, "micro-batches per evaluation; 0 = the whole validation set")
+    scorer: str = option("", "score that groups data.validation's tokens for eval_important_* / eval_unimportant_*; '' = importance.scorer (set it to compare runs trained on different scores under one held-out grouping)")
+    rho: float | None = option(None, "rho of the evaluation grouping; null = importance.rho")
+    scope: str = option("", "scope of the evaluation grouping: sequence | batch | corpus; '' = importance.scope (corpus: the cut of data.train's manifest when it holds the score, else data.validation's)")
 
 
 @dataclass
@@ -375,6 +378,9 @@ def validate(config: TrainConfig) -> None:
     need(e.every >= 0, f"eval.every: {e.every} must be >= 0")
     need(e.max_batches >= 0, f"eval.max_batches: {e.max_batches} must be >= 0 (0 = all)")
     need(e.every == 0 or bool(d.validation), f"eval.every: {e.every} needs data.validation (a held-out annotated directory)")
+    if e.rho is not None:
+        unit("eval.rho", e.rho, closed=False)
+    need(not e.scope or e.scope in SCOPES, f"eval.scope: {e.scope!r} is not one of {['', *SCOPES]}")
 
     if p:
         raise ConfigError("invalid train config:\n  " + "\n  ".join(p))
@@ -412,6 +418,26 @@ def validate_against_data(config: TrainConfig, manifest: Manifest, uri: str | No
                      f"(has {sorted(manifest.score_stats)}); re-annotate, or use scope sequence or batch")
     if p:
         raise ConfigError(f"train config does not fit the data in {where}:\n  " + "\n  ".join(p))
+
+
+def eval_grouping(config: TrainConfig) -> tuple[str, float, str]:
+    """``(scorer, rho, scope)`` that group data.validation's tokens: the ``eval`` keys where set, else
+    the ``importance`` ones (the training grouping)."""
+    e, imp = config.eval, config.importance
+    return e.scorer or imp.scorer, imp.rho if e.rho is None else e.rho, e.scope or imp.scope
+
+
+def validate_eval_data(config: TrainConfig, manifest: Manifest, uri: str) -> None:
+    """Check data.validation's manifest against the evaluation grouping (:func:`eval_grouping`): its score
+    is stored there; scope corpus has the score's statistics in ``corpus_manifest`` or there."""
+    scorer, _, scope = eval_grouping(config)
+    p: list[str] = []
+    if not has_score(manifest, scorer):
+        p.append(f"eval.scorer: {scorer!r} is not in {uri}; it offers {score_names(manifest.scorer_names)}")
+    elif scope == "corpus" and not (manifest.score_stats.get(scorer) or {}).get("quantiles"):
+        p.append(f"eval.scope: corpus needs score_stats for {scorer!r} in {uri}'s manifest; use scope sequence or batch")
+    if p:
+        raise ConfigError(f"train config does not fit the data in {uri}:\n  " + "\n  ".join(p))
 
 
 # ---------------------------------------------------------------------------------------------

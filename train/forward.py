@@ -345,6 +345,16 @@ def _chunk_ce(head: Callable[[Tensor], Tensor], softcap: LogitTransform, hidden:
     return token_ce(head(hidden.index_select(0, src)), labels, softcap)
 
 
+def _chunk_ce_hits(head: Callable[[Tensor], Tensor], softcap: LogitTransform, hidden: Tensor, src: Tensor,
+                   labels: Tensor) -> Tensor:
+    """``[n, 2]``: :func:`_chunk_ce`'s CE and 1.0 where the greedy prediction is the label. The argmax is
+    taken on the head's raw logits: the final-logit transforms (a positive scale, a tanh soft-cap) are
+    monotone, so they cannot change it."""
+    logits = head(hidden.index_select(0, src))
+    ce = token_ce(logits, labels, softcap)
+    return torch.stack([ce, (logits.argmax(-1) == labels).to(ce.dtype)], 1)
+
+
 def chunked_token_ce(
     model: nn.Module,
     hidden: Tensor,
@@ -352,6 +362,7 @@ def chunked_token_ce(
     seq_lens: Sequence[int],
     loss_mask: Tensor,
     chunk_size: int = 4096,
+    with_hits: bool = False,
 ) -> Tensor:
     """Per-token cross-entropy (fp32, or fp64 for an fp64 model) of the trainable targets from hidden states ``[T, H]``.
 
@@ -360,11 +371,16 @@ def chunked_token_ce(
     Without autograd (``torch.no_grad``, scoring) chunks run directly. The chunk loop is one call of the
     ``lm_head`` module whatever the number of chunks (ZeRO-3: one gather, the same on every rank).
 
+    ``with_hits`` (evaluation, no autograd only): also whether each target is the greedy prediction.
+
     Returns:
-        Tensor[n] (float32; float64 for a float64 model), n = ``loss_mask.sum()``, in packed order.
+        Tensor[n] (float32; float64 for a float64 model), n = ``loss_mask.sum()``, in packed order;
+        with ``with_hits``, Tensor[n, 2]: the CE and 1.0 / 0.0 for a hit.
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if with_hits and torch.is_grad_enabled():
+        raise ValueError("with_hits is for evaluation: call it under torch.no_grad()")
     input_ids = input_ids.reshape(-1)
     targets = target_positions(seq_lens, loss_mask.to(input_ids.device))
     src = targets - 1
@@ -395,7 +411,7 @@ def chunked_token_ce(
                     _chunk_ce, head, softcap, hidden_in, src_c, labels_c, use_reentrant=False, preserve_rng_state=False
                 )
             else:
-                piece = _chunk_ce(head, softcap, hidden_in, src_c, labels_c)
+                piece = (_chunk_ce_hits if with_hits else _chunk_ce)(head, softcap, hidden_in, src_c, labels_c)
             pieces.append(piece)
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
@@ -413,6 +429,7 @@ def token_losses(
     chunk_size: int = 4096,
     attn_implementation: str | None = None,
     row_multiple: int | None = None,
+    with_hits: bool = False,
 ) -> Tensor:
     """Per-token cross-entropy l_t = -log p(y_t | y_<t) of the trainable tokens of one packed row.
 
@@ -426,15 +443,16 @@ def token_losses(
         attn_implementation: defaults to ``model.config._attn_implementation``; one of
             ``"sdpa"``, ``"eager"``, ``"flex_attention"``, ``"flash_attention_2"``.
         row_multiple: flex_attention pads the row to a multiple of this (see :func:`packed_hidden_states`).
+        with_hits: evaluation under ``torch.no_grad()``: also 1.0 where the greedy prediction is the target.
 
     Returns:
         Tensor[n] float32 (float64 for a float64 model) with n = ``loss_mask.sum()``: the losses of the trainable tokens in packed order;
-        differentiable w.r.t. the model's parameters.
+        differentiable w.r.t. the model's parameters. With ``with_hits``: Tensor[n, 2], losses and hits.
     """
 
     def forward() -> Tensor:
         hidden = packed_hidden_states(model, input_ids, position_ids, seq_lens, attn_implementation, row_multiple)
-        return chunked_token_ce(model, hidden, input_ids, seq_lens, loss_mask, chunk_size=chunk_size)
+        return chunked_token_ce(model, hidden, input_ids, seq_lens, loss_mask, chunk_size=chunk_size, with_hits=with_hits)
 
     # One call of the top-level module: ZeRO-3 resets its prefetch trace in that module's forward
     # pre-hook (deepspeed/runtime/zero/parameter_offload.py), so the trace completes after one step.

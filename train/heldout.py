@@ -5,7 +5,7 @@
     summary["ce"], summary["important_loss"], summary["unimportant_loss"], summary["worse_group"]
 
 Two pieces are shared with the trainer's in-training evaluation (``train/main.py: evaluate``):
-:func:`group_loss_sums` (one packed micro-batch -> six float64 sums) and :func:`summarize_group_sums`
+:func:`group_loss_sums` (one packed micro-batch -> nine float64 sums: losses, counts and greedy hits) and :func:`summarize_group_sums`
 (sums -> losses). The trainer all-reduces the sums over ranks in between; :func:`heldout_losses` is the
 single-process loop used by ``python -m train.evaluate`` (no DeepSpeed, no torch.distributed).
 """
@@ -21,15 +21,25 @@ from train.forward import token_losses
 from train.grouping import SCOPES, CorpusCut, batch_important_masks, important_mask_packed, manifest_corpus_cut
 from train.shards import ShardStream, open_annotated
 
-__all__ = ["GROUP_SUM_NAMES", "group_loss_sums", "summarize_group_sums", "micro_batch_important", "open_heldout", "heldout_losses"]
+__all__ = ["GROUP_SUM_NAMES", "group_loss_sums", "reduce_group_sums", "summarize_group_sums", "micro_batch_important", "open_heldout", "heldout_losses"]
 
-#: The order of the six sums of :func:`group_loss_sums`.
-GROUP_SUM_NAMES = ("ce_sum", "n", "imp_sum", "imp_n", "unimp_sum", "unimp_n")
+#: The order of the sums of :func:`group_loss_sums` (``*hits``: targets that are the greedy prediction).
+GROUP_SUM_NAMES = ("ce_sum", "n", "imp_sum", "imp_n", "unimp_sum", "unimp_n", "hits", "imp_hits", "unimp_hits")
+
+
+def reduce_group_sums(loss_hits: Tensor, important: Tensor) -> Tensor:
+    """The float64 sums of :data:`GROUP_SUM_NAMES` from per-token ``[n, 2]`` losses and hits
+    (``token_losses(..., with_hits=True)``) and the important mask over those n tokens."""
+    loss, hit = loss_hits[:, 0].double(), loss_hits[:, 1].double()
+    imp = important.to(loss.device)
+    n = torch.tensor(float(loss.numel()), device=loss.device, dtype=torch.float64)
+    return torch.stack([loss.sum(), n, loss[imp].sum(), imp.sum().double(), loss[~imp].sum(), (~imp).sum().double(),
+                        hit.sum(), hit[imp].sum(), hit[~imp].sum()])
 
 
 def group_loss_sums(model: nn.Module, batch: dict[str, Any], important: Tensor, device: torch.device,
                     chunk_size: int = 1024, row_multiple: int | None = None) -> Tensor:
-    """Per-token CE of one packed micro-batch reduced to the six float64 sums of :data:`GROUP_SUM_NAMES`.
+    """Per-token CE of one packed micro-batch reduced to the float64 sums of :data:`GROUP_SUM_NAMES`.
 
     Args:
         model: a ``*ForCausalLM`` (or the module inside a DeepSpeed engine); called without autograd
@@ -41,11 +51,9 @@ def group_loss_sums(model: nn.Module, batch: dict[str, Any], important: Tensor, 
         row_multiple: flex_attention pads the row to a multiple of this (the packing budget).
     """
     mask = batch["loss_mask"].to(device)
-    token_loss = token_losses(model, batch["input_ids"].to(device), batch["position_ids"].to(device),
-                              list(batch["seq_lens"]), mask, chunk_size=chunk_size, row_multiple=row_multiple).double()
-    imp = important[batch["loss_mask"]].to(device)
-    return torch.stack([token_loss.sum(), torch.tensor(float(token_loss.numel()), device=device, dtype=torch.float64),
-                        token_loss[imp].sum(), imp.sum().double(), token_loss[~imp].sum(), (~imp).sum().double()])
+    loss_hits = token_losses(model, batch["input_ids"].to(device), batch["position_ids"].to(device),
+                             list(batch["seq_lens"]), mask, chunk_size=chunk_size, row_multiple=row_multiple, with_hits=True)
+    return reduce_group_sums(loss_hits, important[batch["loss_mask"]])
 
 
 def summarize_group_sums(sums: Tensor) -> dict[str, Any]:
@@ -53,14 +61,17 @@ def summarize_group_sums(sums: Tensor) -> dict[str, Any]:
 
     Returns ``ce``, ``important_loss``, ``unimportant_loss`` (0.0 for an empty group, as the trainer
     logs it), ``worse_group`` (``"important"`` when its loss is >= the other's, ties included, as the
-    trainer's ``eval_worse_group`` = 1), ``tokens`` and ``important_tokens``.
+    trainer's ``eval_worse_group`` = 1), ``tokens``, ``important_tokens``, and the greedy accuracy under
+    teacher forcing over all trainable tokens and each group (``accuracy``, ``important_accuracy``,
+    ``unimportant_accuracy``; 0.0 for an empty group).
     """
-    ce_sum, n, imp_sum, imp_n, un_sum, un_n = sums.tolist()
+    ce_sum, n, imp_sum, imp_n, un_sum, un_n, hits, imp_hits, un_hits = sums.tolist()
     imp_loss = imp_sum / imp_n if imp_n else 0.0
     un_loss = un_sum / un_n if un_n else 0.0
     return {"ce": ce_sum / n if n else 0.0, "important_loss": imp_loss, "unimportant_loss": un_loss,
             "worse_group": "important" if imp_loss >= un_loss else "unimportant",
-            "tokens": int(round(n)), "important_tokens": int(round(imp_n))}
+            "tokens": int(round(n)), "important_tokens": int(round(imp_n)), "accuracy": hits / n if n else 0.0,
+            "important_accuracy": imp_hits / imp_n if imp_n else 0.0, "unimportant_accuracy": un_hits / un_n if un_n else 0.0}
 
 
 def micro_batch_important(batch: dict[str, Any], rho: float, scope: str, threshold: float | CorpusCut | None) -> Tensor:

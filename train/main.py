@@ -301,12 +301,15 @@ def train_step(engine: Any, micro: list[dict[str, Any]], loss_fn: Any, cfg: Trai
     return parts, step_tokens, seen_tokens
 
 
-def evaluate(engine: Any, stream: ShardStream, cfg: TrainConfig, threshold: float | None, device: torch.device, pad_id: int) -> dict[str, float]:
-    """Held-out CE and per-group losses over the validation shards (sums all-reduced over ranks)."""
+def evaluate(engine: Any, stream: ShardStream, cfg: TrainConfig, threshold: CorpusCut | None, device: torch.device,
+             pad_id: int) -> dict[str, float]:
+    """Held-out CE, per-group losses and greedy accuracies over the validation shards, grouped by
+    ``train_config.eval_grouping(cfg)`` (sums all-reduced over ranks)."""
     from train.heldout import GROUP_SUM_NAMES, group_loss_sums, summarize_group_sums
 
+    _, rho, scope = train_config.eval_grouping(cfg)
     engine.module.eval()
-    sums = torch.zeros(len(GROUP_SUM_NAMES), dtype=torch.float64, device=device)  # ce_sum, n, imp_sum, imp_n, unimp_sum, unimp_n
+    sums = torch.zeros(len(GROUP_SUM_NAMES), dtype=torch.float64, device=device)
     batches = stream.micro_batches(cfg.data.micro_batch_tokens)
     count = 0
     with torch.no_grad():
@@ -314,7 +317,7 @@ def evaluate(engine: Any, stream: ShardStream, cfg: TrainConfig, threshold: floa
             step = next_step_batches(batches, 1, pad_id, device)
             if step is None or (cfg.eval.max_batches and count >= cfg.eval.max_batches):
                 break
-            important = group_masks(step, cfg, threshold)[0]
+            important = step_important_masks(step, rho, scope, threshold)[0]
             sums += group_loss_sums(engine.module, step[0], important, device, chunk_size=cfg.train.ce_chunk,
                                     row_multiple=cfg.data.micro_batch_tokens)
             count += 1
@@ -324,7 +327,9 @@ def evaluate(engine: Any, stream: ShardStream, cfg: TrainConfig, threshold: floa
     summary = summarize_group_sums(sums)
     return {"eval_ce": summary["ce"], "eval_important_loss": summary["important_loss"],
             "eval_unimportant_loss": summary["unimportant_loss"],
-            "eval_worse_group": 1 if summary["worse_group"] == "important" else 0, "eval_tokens": float(summary["tokens"])}
+            "eval_worse_group": 1 if summary["worse_group"] == "important" else 0, "eval_tokens": float(summary["tokens"]),
+            "eval_accuracy": summary["accuracy"], "eval_important_accuracy": summary["important_accuracy"],
+            "eval_unimportant_accuracy": summary["unimportant_accuracy"]}
 
 
 def save_checkpoint(engine: Any, stream: ShardStream, root: Path, step: int, rank: int, keep: int, extra: dict[str, Any],
@@ -658,6 +663,7 @@ def run(argv: list[str] | None, progress: Progress) -> int:
         dist.destroy_process_group()
         return 2
 
+    eval_scorer, eval_rho, eval_scope = train_config.eval_grouping(cfg)
     try:
         model_path = resolve_model(cfg.model)
         tokenizer = load_tokenizer(model_path, cfg.trust_remote_code, option="trust_remote_code=true")
@@ -666,8 +672,11 @@ def run(argv: list[str] | None, progress: Progress) -> int:
         train_config.validate_against_data(cfg, manifest)
         val_manifest = None
         if cfg.data.validation:
-            val_manifest = open_annotated(cfg.data.validation, fingerprint, cfg.importance.scorer, deep=cfg.data.deep_validate)
-            train_config.validate_against_data(cfg, val_manifest, uri=cfg.data.validation)
+            val_manifest = open_annotated(cfg.data.validation, fingerprint, eval_scorer, deep=cfg.data.deep_validate)
+            if cfg.eval.scorer:  # a grouping of its own: only its score matters there
+                train_config.validate_eval_data(cfg, val_manifest, cfg.data.validation)
+            else:
+                train_config.validate_against_data(cfg, val_manifest, uri=cfg.data.validation)
     except (ValueError, OSError) as exc:
         return refuse(str(exc))
 
@@ -766,10 +775,16 @@ def run(argv: list[str] | None, progress: Progress) -> int:
         log0(f"resumed from {resume} at step {step}")
 
     # One held-out stream (its footers read once); every evaluation rewinds it to its start.
-    val_stream = (ShardStream(cfg.data.validation, val_manifest, cfg.importance.scorer, shuffle=False, epochs=1)
+    val_stream = (ShardStream(cfg.data.validation, val_manifest, eval_scorer, shuffle=False, epochs=1)
                   if val_manifest is not None else None)
     val_start = val_stream.state_dict() if val_stream is not None else None
-    val_threshold = threshold
+    val_threshold = None
+    if val_manifest is not None and eval_scope == "corpus":
+        # The training data's cut when it holds the score (so "important" means what it meant in training).
+        cut_from = manifest if (manifest.score_stats.get(eval_scorer) or {}).get("quantiles") else val_manifest
+        val_threshold = manifest_corpus_cut(cut_from, eval_scorer, eval_rho)
+    if val_manifest is not None:
+        log0(f"evaluation groups: {eval_scorer} at rho {eval_rho} ({eval_scope} scope)")
 
     # -- logging --------------------------------------------------------------------------------------
     writer = None

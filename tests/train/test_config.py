@@ -15,6 +15,7 @@ from train.config import (
     TrainConfig,
     config_from_dict,
     deepspeed_dict,
+    eval_grouping,
     format_config,
     help_text,
     load_config,
@@ -23,6 +24,7 @@ from train.config import (
     to_dict,
     validate,
     validate_against_data,
+    validate_eval_data,
 )
 from train.losses import build_loss
 
@@ -236,6 +238,8 @@ def test_defaults_with_train_data_validate():
         ({"checkpoint.resume": "/no/such/checkpoint"}, "checkpoint.resume: /no/such/checkpoint does not exist"),
         ({"eval.every": 5}, "eval.every: 5 needs data.validation"),
         ({"eval.max_batches": -1}, "eval.max_batches:"),
+        ({"eval.rho": 1.0}, "eval.rho: 1.0 must be in [0, 1)"),
+        ({"eval.scope": "document"}, "eval.scope: 'document' is not one of"),
         ({"report_to": "mlflow"}, "report_to:"),
         ({"seed": -1}, "seed:"),
         ({"model": "''"}, "model: required"),
@@ -443,6 +447,25 @@ def test_data_check_corpus_scope_needs_score_stats(tfidf_dir):
     with pytest.raises(ConfigError, match="importance.scope: corpus needs score_stats for 'tfidf'"):
         validate_against_data(valid(**{"data.train": str(out), "importance.scope": "corpus"}), manifest)
     validate_against_data(valid(**{"data.train": str(out), "importance.scope": "batch"}), manifest)
+
+
+def test_eval_grouping_defaults_to_the_training_grouping_and_each_key_overrides():
+    assert eval_grouping(valid(**{"importance.scorer": "llmlingua2", "importance.rho": 0.6})) == ("llmlingua2", 0.6, "sequence")
+    assert eval_grouping(valid(**{"importance.scorer": "tfidf", "eval.scorer": "given", "eval.rho": 0.99,
+                                  "eval.scope": "corpus"})) == ("given", 0.99, "corpus")
+    assert eval_grouping(valid(**{"eval.rho": 0.0})) == ("tfidf", 0.0, "sequence")  # 0 is a value, not "unset"
+
+
+def test_eval_data_check_needs_only_the_eval_score(tfidf_dir):
+    out, manifest = tfidf_dir
+    # The training score may be absent from the held-out directory when eval.scorer names another.
+    validate_eval_data(valid(**{"importance.scorer": "excess_loss", "eval.scorer": "llmlingua2", "eval.scope": "corpus"}),
+                       manifest, "held-out/dir")
+    with pytest.raises(ConfigError, match=r"eval.scorer: 'given' is not in held-out/dir; it offers \['tfidf', 'llmlingua2'\]"):
+        validate_eval_data(valid(**{"eval.scorer": "given"}), manifest, "held-out/dir")
+    manifest.score_stats.pop("tfidf")
+    with pytest.raises(ConfigError, match="eval.scope: corpus needs score_stats for 'tfidf' in held-out/dir"):
+        validate_eval_data(valid(**{"eval.scorer": "tfidf", "eval.scope": "corpus"}), manifest, "held-out/dir")
 
 
 # --- saving ------------------------------------------------------------------------------------

@@ -252,17 +252,19 @@ def _unpacked_group_losses(model, heldout_dir: Path, rho: float) -> dict:
     from train.shards import ShardStream, open_annotated
 
     stream = ShardStream(str(heldout_dir), open_annotated(str(heldout_dir), None, "tfidf"), "tfidf", shuffle=False, epochs=1)
-    losses, groups = [], []
+    losses, groups, hits = [], [], []
     for ex in stream.examples():
         with torch.no_grad():
             logits = model(input_ids=ex["input_ids"][None]).logits[0].float()
         ce = F.cross_entropy(logits[:-1], ex["input_ids"][1:], reduction="none")
         mask = ex["loss_mask"]
         losses.append(ce[mask[1:]].double())
+        hits.append((logits[:-1].argmax(-1) == ex["input_ids"][1:])[mask[1:]].double())
         groups.append(important_mask_sequence(ex["score"], mask, rho, ex["id"])[mask])  # ties by (id, position)
-    loss, imp = torch.cat(losses), torch.cat(groups)
+    loss, imp, hit = torch.cat(losses), torch.cat(groups), torch.cat(hits)
     return {"ce": loss.mean().item(), "important_loss": loss[imp].mean().item(), "unimportant_loss": loss[~imp].mean().item(),
-            "tokens": loss.numel(), "important_tokens": int(imp.sum())}
+            "tokens": loss.numel(), "important_tokens": int(imp.sum()), "accuracy": hit.mean().item(),
+            "important_accuracy": hit[imp].mean().item(), "unimportant_accuracy": hit[~imp].mean().item()}
 
 
 def test_heldout_record_equals_unpacked_recomputation(evaluated, model, heldout_dir):
@@ -271,6 +273,8 @@ def test_heldout_record_equals_unpacked_recomputation(evaluated, model, heldout_
     expected = _unpacked_group_losses(model, heldout_dir, 0.7)
     for key in ("ce", "important_loss", "unimportant_loss"):
         assert record[key] == pytest.approx(expected[key], rel=1e-5)
+    for key in ("accuracy", "important_accuracy", "unimportant_accuracy"):  # counts of hits: equal, not close
+        assert record[key] == pytest.approx(expected[key], abs=1e-12)
     assert record["tokens"] == expected["tokens"] and record["important_tokens"] == expected["important_tokens"]
     unimportant_tokens = record["tokens"] - record["important_tokens"]
     assert record["ce"] * record["tokens"] == pytest.approx(
@@ -296,8 +300,8 @@ def test_heldout_equals_the_trainers_evaluate(model, heldout_dir, scope):
 
     manifest, threshold = open_heldout(str(heldout_dir), None, "tfidf", 0.6, scope)
     ours = heldout_losses(model, str(heldout_dir), manifest, "tfidf", 0.6, scope, threshold, micro_batch_tokens=50, progress=False)
-    cfg = SimpleNamespace(data=SimpleNamespace(micro_batch_tokens=50), eval=SimpleNamespace(max_batches=0),
-                          importance=SimpleNamespace(rho=0.6, scope=scope), train=SimpleNamespace(ce_chunk=1024))
+    cfg = SimpleNamespace(data=SimpleNamespace(micro_batch_tokens=50), eval=SimpleNamespace(max_batches=0, scorer="", rho=None, scope=""),
+                          importance=SimpleNamespace(scorer="tfidf", rho=0.6, scope=scope), train=SimpleNamespace(ce_chunk=1024))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
         stream = ShardStream(str(heldout_dir), manifest, "tfidf", shuffle=False, epochs=1)
@@ -310,6 +314,8 @@ def test_heldout_equals_the_trainers_evaluate(model, heldout_dir, scope):
     assert trainer["eval_unimportant_loss"] == ours["unimportant_loss"]
     assert trainer["eval_tokens"] == ours["tokens"]
     assert trainer["eval_worse_group"] == (1 if ours["worse_group"] == "important" else 0)
+    for key in ("accuracy", "important_accuracy", "unimportant_accuracy"):
+        assert trainer[f"eval_{key}"] == ours[key]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -391,6 +391,34 @@ def test_loss_mask_selects_exact_targets(tiny_llama_dir):
     torch.testing.assert_close(full, reference, atol=1e-5, rtol=0)
 
 
+def test_hits_are_the_unpacked_models_greedy_predictions(tiny_llama_dir):
+    """with_hits: 1.0 exactly where argmax of the plain model's logits at t-1 is token t, per example."""
+    model = _load(tiny_llama_dir, "sdpa")
+    input_ids, position_ids, _ = _packed_batch(seed=6)
+    targets = position_ids != 0
+    # Make every other target the greedy continuation, so both hits and misses occur.
+    with torch.no_grad():
+        start = 0
+        for n in SEQ_LENS:
+            for t in range(start + 1, start + n, 2):
+                input_ids[t] = model(input_ids=input_ids[start:t][None], use_cache=False).logits[0, -1].argmax()
+            start += n
+    expected, start = [], 0
+    with torch.no_grad():
+        loss_hits = token_losses(model, input_ids, position_ids, SEQ_LENS, targets, chunk_size=5, with_hits=True)
+        for n in SEQ_LENS:
+            ids = input_ids[start : start + n]
+            expected.append((model(input_ids=ids[None], use_cache=False).logits[0, :-1].argmax(-1) == ids[1:]).float())
+            start += n
+        plain = token_losses(model, input_ids, position_ids, SEQ_LENS, targets, chunk_size=5)
+    assert loss_hits.shape == (int(targets.sum()), 2)
+    assert loss_hits[:, 1].tolist() == torch.cat(expected).tolist()
+    assert 0.4 < loss_hits[:, 1].mean() < 1.0  # the planted half, and few chance hits
+    assert torch.equal(loss_hits[:, 0], plain)
+    with pytest.raises(ValueError, match="no_grad"):
+        token_losses(model, input_ids, position_ids, SEQ_LENS, targets, with_hits=True)
+
+
 def test_empty_loss_mask_is_differentiable(tiny_llama_dir):
     model = _load(tiny_llama_dir, "sdpa")
     input_ids, position_ids, _ = _packed_batch(seed=8)

@@ -306,6 +306,31 @@ def test_signal_stops_with_one_line_and_resumes(tmp_path, tiny_llama_dir, shards
     assert any(key.startswith("train.max_steps: 400 -> ") for key in history[-1]["changed_keys"])
 
 
+def test_eval_keys_group_the_validation_data_by_their_own_score(tmp_path, tiny_llama_dir, shards):
+    """eval.scorer / eval.rho / eval.scope: held-out groups by another score than training's (here base_loss
+    at the train manifest's corpus cut), equal to train.heldout on the unchanged (lr 0) model."""
+    from train.evaluate import load_model
+    from train.grouping import manifest_corpus_cut
+    from train.heldout import heldout_losses
+    from train.shards import open_annotated
+
+    args = _config(tmp_path, tiny_llama_dir, shards, **{"optim.lr": 0.0, "train.max_steps": 1, "eval.every": 1,
+                                                        "eval.max_batches": 0, "checkpoint.every": 0, "eval.scorer": "base_loss",
+                                                        "eval.rho": 0.5, "eval.scope": "corpus"})
+    _run(args, 1, tmp_path / "train.log", launcher="python")
+    assert "evaluation groups: base_loss at rho 0.5 (corpus scope)" in (tmp_path / "train.log").read_text()
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if "eval_ce" in line]
+    val = str(shards / "val")
+    cut = manifest_corpus_cut(open_annotated(str(shards / "train"), None, "base_loss"), "base_loss", 0.5)
+    ours = heldout_losses(load_model(str(tiny_llama_dir), torch.device("cpu")), val, open_annotated(val, None, "base_loss"),
+                          "base_loss", 0.5, "corpus", cut, micro_batch_tokens=96, progress=False)
+    assert 0 < ours["important_tokens"] < ours["tokens"]
+    for record in logged:  # the step-1 evaluation and the final one
+        assert record["eval_tokens"] == ours["tokens"]
+        for key in ("important_loss", "unimportant_loss", "accuracy", "important_accuracy", "unimportant_accuracy"):
+            assert record[f"eval_{key}"] == pytest.approx(ours[key], rel=1e-5, abs=1e-9)
+
+
 def test_lr_zero_negative_control_exports_the_base_model_exactly(tmp_path, tiny_llama_dir, shards):
     """Training at lr 0 must change nothing: the exported folder's logits equal the base model's bit for
     bit and its greedy generations (through its own saved tokenizer and chat template) are the same."""
