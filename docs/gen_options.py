@@ -62,4 +62,4 @@ def options_markdown() -> str:
 
 if __name__ == "__main__":
     OUTPUT.write_text(options_markdown(), encoding="utf-8")
-    print(f"wrote {OUTPUT.relative_to(Path.cwd()) if OUTPUT.is_relative_to(Path.cwd()) else OUTPUT}", file=sys.stderr)
+    print(f"wrote {OUTPUT}", file=sys.stderr)
