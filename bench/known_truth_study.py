@@ -25,7 +25,6 @@ Exported models are deleted once evaluated (``keep_models: false``): 20 runs x 0
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import statistics
 import sys
@@ -39,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.study import Study, StudyError, _f, _resolve  # noqa: E402
+from bench.study import Study, StudyError, _f, _resolve, t_interval  # noqa: E402
 from schemas.shard import MANIFEST_NAME, atomic_write_text  # noqa: E402
 
 SCHEMA = "sftgo-known-truth-study/1"
@@ -334,19 +333,6 @@ def grouping_overlap(train: Path, groupings: dict[str, dict[str, Any]]) -> dict[
                        "precision": both / important if important else None, "recall": both / spans if spans else None,
                        "jaccard": both / (important + spans - both) if important + spans - both else None}
     return out
-
-
-def t_interval(diffs: list[float]) -> dict[str, Any]:
-    """Mean of paired differences and its 95% t-interval (None with fewer than two seeds)."""
-    n = len(diffs)
-    mean = statistics.fmean(diffs)
-    if n < 2:
-        return {"n": n, "mean": mean, "sd": None, "low": None, "high": None}
-    from scipy.stats import t
-
-    sd = statistics.stdev(diffs)
-    half = float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
-    return {"n": n, "mean": mean, "sd": sd, "low": mean - half, "high": mean + half}
 
 
 def paired_differences(evaluations: dict[str, Any], cfg: dict[str, Any]) -> dict[str, Any]:

@@ -83,7 +83,8 @@ REQUIRED = ("model", "results", "work", "data", "train", "reference_train", "gro
 # scorer_options: annotate's --scorer-option for every directory the study annotates ({"tfidf.sublinear_tf": true}),
 # so a recorded study keeps its scores when a scorer's default changes. Not a RESULT_KEY: a change of the scores it
 # makes shows in the base model's held-out group losses, which reuse recomputes and compares.
-OPTIONAL = ("scorer_options",)
+# smoke_runs: the runs --smoke keeps (all when absent).
+OPTIONAL = ("scorer_options", "smoke_runs")
 
 
 def load_study(path: Path, smoke: bool, model: str | None, results: str | None, work: str | None) -> dict[str, Any]:
@@ -117,6 +118,14 @@ def load_study(path: Path, smoke: bool, model: str | None, results: str | None, 
         cfg["train"].update({"train.max_steps": 2, "checkpoint.every": 1})
         cfg["reference_train"]["train.max_steps"] = 2
         cfg["evaluate"].update(mmlu_limit=1, arc_limit=2, max_new_tokens=4, prompts=cfg["evaluate"]["prompts"][:1])
+        if cfg.get("smoke_runs"):
+            cfg["runs"] = {name: cfg["runs"][name] for name in cfg["smoke_runs"]}
+    unknown_runs = sorted(set(cfg.get("smoke_runs") or []) - set(cfg["runs"])) if not smoke else []
+    if unknown_runs:
+        raise StudyError(f"--config {path}: smoke_runs {unknown_runs} are not runs")
+    for name, overrides in cfg["runs"].items():
+        if "seed" not in overrides or not name.endswith(f"_s{overrides['seed']}"):
+            raise StudyError(f"--config {path}: runs.{name}: name it METHOD_sSEED and set seed (runs are paired by seed)")
     cfg["smoke"] = smoke
     return cfg
 
@@ -235,12 +244,20 @@ class Study:
 
     # -- 4. evaluation ----------------------------------------------------------------------------------
 
+    def benchmarked(self, name: str) -> bool:
+        """Whether run ``name`` (or base) gets MMLU, ARC and generations: ``evaluate.benchmark_seeds``
+        (default all); every run gets the held-out group losses."""
+        seeds = self.cfg["evaluate"].get("benchmark_seeds")
+        return name == "base" or seeds is None or self.cfg["runs"][name]["seed"] in seeds
+
     def evaluate(self, name: str, model: str) -> dict[str, Any]:
-        """Benchmarks, generations and held-out group losses under every grouping, cached in work/eval."""
+        """Benchmarks (:meth:`benchmarked` runs), generations and held-out group losses under every
+        grouping, cached in work/eval."""
         ev = self.cfg["evaluate"]
         # The held-out manifest's digest: re-annotated shards (other scores) must not reuse an old evaluation.
         heldout_manifest = hashlib.sha256((self.shards("heldout") / MANIFEST_NAME).read_bytes()).hexdigest()
-        settings = {"model": model, "mmlu_limit": ev["mmlu_limit"], "arc_limit": ev["arc_limit"], "groupings": self.cfg["groupings"],
+        settings = {"model": model, "benchmarks": self.benchmarked(name), "mmlu_limit": ev["mmlu_limit"], "arc_limit": ev["arc_limit"],
+                    "groupings": self.cfg["groupings"],
                     "prompts": ev["prompts"], "max_new_tokens": ev["max_new_tokens"], "heldout": str(self.shards("heldout")),
                     "heldout_manifest_sha256": heldout_manifest}
         out = self.work / "eval" / f"{name}.json"
@@ -251,16 +268,17 @@ class Study:
         prompts = self.work / "data" / "prompts.txt"
         atomic_write_text(prompts, "\n".join(ev["prompts"]) + "\n")
         parts = {}
-        for task, limit, extra in (("mmlu", ev["mmlu_limit"], ["--no-generate"]),
-                                   ("arc_challenge", ev["arc_limit"], ["--prompts", str(prompts), "--max-new-tokens", str(ev["max_new_tokens"])])):
+        tasks = (("mmlu", ev["mmlu_limit"], ["--no-generate"]),
+                 ("arc_challenge", ev["arc_limit"], ["--prompts", str(prompts), "--max-new-tokens", str(ev["max_new_tokens"])]))
+        for task, limit, extra in tasks if self.benchmarked(name) else ():
             part = self.work / "eval" / f"{name}.{task}.json"
             self.sh(f"evaluate_{name}_{task}", [sys.executable, "-m", "train.evaluate", model, "--tasks", task,
                                                 "--data-dir", str(_resolve(REPO, ev["data_dir"])), "--limit", str(limit),
                                                 "--output", str(part), *extra])
             parts[task] = json.loads(part.read_text())["runs"][0]
         started = time.time()
-        result = {"settings": settings, "benchmarks": parts["mmlu"]["benchmarks"] + parts["arc_challenge"]["benchmarks"],
-                  "generations": parts["arc_challenge"]["generations"], "heldout": self.heldout_groups(model)}
+        result = {"settings": settings, "benchmarks": [b for part in parts.values() for b in part["benchmarks"]],
+                  "generations": parts["arc_challenge"]["generations"] if parts else [], "heldout": self.heldout_groups(model)}
         self.timings[f"heldout_{name}"] = time.time() - started
         atomic_write_text(out, json.dumps(result, indent=2))
         return result
@@ -480,28 +498,7 @@ def collect(study: Study, evaluations: dict[str, dict[str, Any]]) -> dict[str, A
             entry["train_summary"] = json.loads(summary.read_text()) if summary.exists() else None
         runs[name] = entry
 
-    comparisons: dict[str, Any] = {}
-    groupings = list(cfg["groupings"])
-
-    def worst(name: str, scorer: str) -> float | None:
-        h = runs.get(name, {}).get("heldout", {}).get(scorer)
-        return h["worst_group_loss"] if h else None
-
-    pairs = [("sft_s0", "sft_s1"), ("sftgo_tfidf_s0", "sftgo_tfidf_s1")]
-    for scorer in groupings:
-        spreads = [abs(worst(a, scorer) - worst(b, scorer)) for a, b in pairs if worst(a, scorer) is not None and worst(b, scorer) is not None]
-        sft = [w for w in (worst("sft_s0", scorer), worst("sft_s1", scorer)) if w is not None]
-        noise = max(spreads) if spreads else None
-        rows = {}
-        for name in runs:
-            if name in ("base", "sft_s0", "sft_s1") or worst(name, scorer) is None or not sft:
-                continue
-            delta = worst(name, scorer) - statistics.mean(sft)
-            rows[name] = {"worst_group_loss": worst(name, scorer), "sft_mean": statistics.mean(sft), "delta_vs_sft": delta,
-                          "lower_or_equal": delta <= 0, "beyond_seed_noise": None if noise is None else abs(delta) > noise}
-        comparisons[scorer] = {"seed_noise": noise, "seed_noise_definition":
-                               "largest |seed 0 - seed 1| held-out worst-group loss among the sft and sftgo_tfidf pairs",
-                               "runs": rows}
+    comparisons = {scorer: paired_vs_sft(runs, scorer) for scorer in cfg["groupings"]}
     bench_deltas: dict[str, Any] = {}
     for task in ("mmlu", "arc_challenge"):
         base = runs.get("base", {}).get("benchmarks", {}).get(task)
@@ -524,6 +521,57 @@ def collect(study: Study, evaluations: dict[str, dict[str, Any]]) -> dict[str, A
             "runs": runs, "worst_group_vs_sft": comparisons, "benchmark_deltas": bench_deltas,
             "tfidf_top_tokens": tfidf_top_tokens(study), "step_seconds": study.timings,
             "generated_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+
+def t_interval(diffs: list[float]) -> dict[str, Any]:
+    """Mean of paired differences and its 95% t-interval (None with fewer than two seeds)."""
+    n = len(diffs)
+    mean = statistics.fmean(diffs)
+    if n < 2:
+        return {"n": n, "mean": mean, "sd": None, "low": None, "high": None}
+    from scipy.stats import t
+
+    sd = statistics.stdev(diffs)
+    half = float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return {"n": n, "mean": mean, "sd": sd, "low": mean - half, "high": mean + half}
+
+
+HELDOUT_METRICS = ("worst_group_loss", "important_loss", "unimportant_loss", "ce")
+
+
+def paired_vs_sft(runs: dict[str, Any], scorer: str) -> dict[str, Any]:
+    """Each method against sft under one held-out grouping: per metric, the mean over seeds of
+    (method_sS - sft_sS) with its 95% t-interval (runs are named METHOD_sSEED; a seed counts when
+    both have it), and sft's own seed-to-seed sd of the worst-group loss (the noise a one-seed method
+    can only be compared with)."""
+    def held(name: str) -> dict[str, Any] | None:
+        return runs.get(name, {}).get("heldout", {}).get(scorer)
+
+    by_method: dict[str, dict[int, str]] = {}
+    for name in runs:
+        if name != "base" and "_s" in name:
+            method, seed = name.rsplit("_s", 1)
+            by_method.setdefault(method, {})[int(seed)] = name
+    sft = {seed: held(name) for seed, name in by_method.get("sft", {}).items() if held(name)}
+    sft_worst = [h["worst_group_loss"] for h in sft.values()]
+    out: dict[str, Any] = {"sft_seeds": sorted(sft), "sft_worst_group_sd": statistics.stdev(sft_worst) if len(sft_worst) > 1 else None,
+                           "methods": {}}
+    for method, seeds in by_method.items():
+        paired = [seed for seed, name in sorted(seeds.items()) if method != "sft" and held(name) and seed in sft]
+        if not paired:
+            continue
+        row: dict[str, Any] = {"seeds": paired}
+        for metric in HELDOUT_METRICS:
+            row[metric] = t_interval([held(seeds[seed])[metric] - sft[seed][metric] for seed in paired])
+        out["methods"][method] = row
+    return out
+
+
+def _beyond(x: dict[str, Any]) -> str:
+    """'lower' / 'higher' when the 95% interval excludes 0, 'within noise' when it holds 0, '-' with one seed."""
+    if x["low"] is None:
+        return "-"
+    return "lower" if x["high"] < 0 else "higher" if x["low"] > 0 else "within noise"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -612,14 +660,15 @@ def write_report(study: Study, results: dict[str, Any]) -> None:
               f"(lm-eval) on MMLU val ({cfg['evaluate']['mmlu_limit']} per subject) and ARC-Challenge dev (first {cfg['evaluate']['arc_limit']}), 0-shot.", ""]
     lines += ["## Does SFT-GO lower the held-out worst-group loss (Proposition 1)?", ""]
     for g, comp in results["worst_group_vs_sft"].items():
-        noise = comp["seed_noise"]
-        lines.append(f"Under the **{g}** grouping (seed noise: {_f(noise)} nats, {comp['seed_noise_definition']}):")
+        lines.append(f"Under the **{g}** grouping: method - sft, paired by seed (sft seeds {comp['sft_seeds']}; sft's own "
+                     f"seed-to-seed sd of the worst-group loss {_f(comp['sft_worst_group_sd'])} nats). Mean [95% t-interval]; "
+                     "one seed: the difference alone.")
         lines.append("")
-        lines.append("| run | worst-group loss | sft mean | delta | <= sft | beyond seed noise |")
-        lines.append("|---|---:|---:|---:|---|---|")
-        for name, row in comp["runs"].items():
-            lines.append(f"| {name} | {_f(row['worst_group_loss'])} | {_f(row['sft_mean'])} | {row['delta_vs_sft']:+.4f} | "
-                         f"{'yes' if row['lower_or_equal'] else 'no'} | {'-' if row['beyond_seed_noise'] is None else ('yes' if row['beyond_seed_noise'] else 'no')} |")
+        lines.append("| method | seeds | worst-group loss | vs 0 | important loss | unimportant loss | CE |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for method, row in comp["methods"].items():
+            cells = [_interval(row[m]) for m in HELDOUT_METRICS]
+            lines.append(f"| {method} | {len(row['seeds'])} | {cells[0]} | {_beyond(row['worst_group_loss'])} | " + " | ".join(cells[1:]) + " |")
         lines.append("")
     lines += verdict_lines(results)
     lines += ["## Benchmarks against the base model", "", "| run | MMLU acc (delta ± stderr) | ARC acc (delta ± stderr) |", "|---|---|---|"]
@@ -660,22 +709,26 @@ def write_report(study: Study, results: dict[str, Any]) -> None:
     atomic_write_text(study.results / "report.md", "\n".join(lines) + "\n")
 
 
+def _interval(x: dict[str, Any]) -> str:
+    return f"{x['mean']:+.4f}" + ("" if x["low"] is None else f" [{x['low']:+.4f}, {x['high']:+.4f}]")
+
+
 def verdict_lines(results: dict[str, Any]) -> list[str]:
-    """What held and what did not, in words, from the comparison tables."""
+    """What held and what did not, in words, from the paired comparisons: each SFT-GO run under its own grouping."""
     out = ["### What held", ""]
     for g, comp in results["worst_group_vs_sft"].items():
-        for name, row in comp["runs"].items():
-            if not name.startswith("sftgo"):
-                continue
-            own = ("tfidf" in name and g == "tfidf") or ("excess" in name and g == "excess_loss")
+        for method, row in comp["methods"].items():
+            own = method.startswith("sftgo") and (("tfidf" in method and g == "tfidf") or ("excess" in method and g == "excess_loss"))
             if not own:
                 continue
-            held = row["lower_or_equal"]
-            beyond = row["beyond_seed_noise"]
-            out.append(f"- {name} under its own grouping ({g}): held-out worst-group loss {'<=' if held else '>'} SFT's "
-                       f"({row['delta_vs_sft']:+.4f} nats); "
-                       + ("the difference is within seed noise." if beyond is False else
-                          "the difference exceeds seed noise." if beyond else "seed noise not measured yet."))
+            x = row["worst_group_loss"]
+            beyond = _beyond(x)
+            words = {"lower": "lower than SFT's, beyond seed noise (the 95% interval excludes 0)",
+                     "higher": "HIGHER than SFT's, beyond seed noise (the 95% interval excludes 0)",
+                     "within noise": "not different from SFT's beyond seed noise (the 95% interval holds 0)",
+                     "-": f"one seed only: {x['mean']:+.4f} nats, against sft's seed-to-seed sd {_f(comp['sft_worst_group_sd'])}"}[beyond]
+            out.append(f"- {method} under its own grouping ({g}), {len(row['seeds'])} paired seeds: held-out worst-group loss "
+                       f"{_interval(x)} nats vs SFT: {words}.")
     if len(out) == 2:
         out.append("- (no SFT-GO run evaluated yet)")
     out.append("")

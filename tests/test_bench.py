@@ -93,22 +93,33 @@ def _study_smoke(config: str, tmp_path: Path, model: Path) -> tuple[list[str], P
 
 
 def test_study_smoke_runs_resumes_and_reports(tmp_path, tiny_llama_dir):
-    cmd, results, work = _study_smoke("bench/study/lima_small.yaml", tmp_path, tiny_llama_dir)
+    cmd, results, work = _study_smoke("bench/study/lima_seeds.yaml", tmp_path, tiny_llama_dir)
     study = json.loads((results / "study.json").read_text())
-    assert study["complete"] and set(study["runs"]) == {"base", "sft_s0", "sft_s1", "sftgo_tfidf_s0", "sftgo_tfidf_s1",
-                                                         "sftgo_excess_s0", "rho1_s0", "infosft_s0", "dft_s0"}
+    assert study["complete"] and set(study["runs"]) == {"base", "sft_s0", "sft_s1", "sftgo_tfidf_s0", "sftgo_tfidf_s1", "rho1_s0"}
     for name, run in study["runs"].items():
         assert set(run["heldout"]) == {"tfidf", "excess_loss"}, name  # every grouping for every run
-        assert run["benchmarks"]["mmlu"]["n"] == 57 and run["benchmarks"]["arc_challenge"]["n"] == 2
-        assert len(run["generations"]) == 1
+        if name == "base" or name.endswith("_s0"):  # evaluate.benchmark_seeds [0]
+            assert run["benchmarks"]["mmlu"]["n"] == 57 and run["benchmarks"]["arc_challenge"]["n"] == 2
+            assert len(run["generations"]) == 1
+        else:
+            assert run["benchmarks"] == {"mmlu": None, "arc_challenge": None} and run["generations"] == []
         if name != "base":
             assert [c["step"] for c in run["curves"]] == [1, 2]
             assert run["train_summary"]["steps"] == 2
             assert not (work / "runs" / name / "checkpoints").exists()  # removed once evaluated
-    assert set(study["worst_group_vs_sft"]) == {"tfidf", "excess_loss"}
-    assert set(study["tfidf_top_tokens"]) == {"default", "raw_tf", "word"}
+    # Paired by seed: sftgo_tfidf - sft over seeds 0 and 1, with an interval; rho1 one seed, none.
+    comp = study["worst_group_vs_sft"]["tfidf"]
+    assert comp["sft_seeds"] == [0, 1] and set(comp["methods"]) == {"sftgo_tfidf", "rho1"}
+    row = comp["methods"]["sftgo_tfidf"]["worst_group_loss"]
+    runs = study["runs"]
+    diffs = [runs[f"sftgo_tfidf_s{s}"]["heldout"]["tfidf"]["worst_group_loss"] - runs[f"sft_s{s}"]["heldout"]["tfidf"]["worst_group_loss"]
+             for s in (0, 1)]
+    assert row["n"] == 2 and row["mean"] == pytest.approx(sum(diffs) / 2) and row["low"] <= row["mean"] <= row["high"]
+    assert comp["methods"]["rho1"]["worst_group_loss"]["low"] is None
+    assert set(study["tfidf_top_tokens"]) == {"default", "sublinear", "word"}
     report = (results / "report.md").read_text()
-    for heading in ("## Runs", "Proposition 1", "## Benchmarks against the base model", "## TF-IDF, looked at", "![curves](curves.png)"):
+    for heading in ("## Runs", "Proposition 1", "## Benchmarks against the base model", "## TF-IDF, looked at", "![curves](curves.png)",
+                    "- sftgo_tfidf under its own grouping (tfidf), 2 paired seeds"):
         assert heading in report
     assert (results / "curves.png").stat().st_size > 10_000
 
@@ -236,7 +247,7 @@ def test_known_truth_study_smoke_runs_resumes_and_reports(tmp_path, tiny_llama_d
 
 
 def test_t_interval_by_hand():
-    from bench.known_truth_study import t_interval
+    from bench.study import t_interval
 
     got = t_interval([0.1, 0.3, 0.2, 0.4, 0.0])
     # mean 0.2, sd sqrt(0.025) = 0.158114, t(0.975, 4) = 2.776445: half width 2.776445 * 0.158114 / sqrt(5) = 0.196324
