@@ -306,8 +306,9 @@ class ScoreActor:
         self.scorer.setup()
         self.fitted = False
 
-    def collect(self, source: ShardSource) -> Any:
-        return self.scorer.collect(source.load()[0])
+    def collect(self, source: ShardSource) -> tuple[int, Any]:
+        """(the shard's index, its part of the corpus pass)."""
+        return source.index, self.scorer.collect(source.load()[0])
 
     def score(self, shard: ShardSource | tuple[pa.Table, dict[str, Any]], fit_state: list | None = None,
               sink: ShardSink | None = None) -> tuple[tuple[pa.Table, dict[str, Any]] | None, dict[str, Any]]:
@@ -431,6 +432,40 @@ def _run_bounded(items: list, submit: Callable[[Any], Any], max_in_flight: int, 
                 item = pending.pop(ref)
                 on_done(item, ray.get(ref))
                 bar.update(1)
+
+
+# Which dispatch the stages use: "wait" (_run_bounded, hand-rolled) or "pool" (_run_pool, ray.util.ActorPool).
+# bench/annotate.py --dispatch-passes N runs the job with each, alternating.
+DISPATCH = "wait"
+
+
+def _run_pool(lanes: list, items: list, call: Callable[[Any, Any], Any], desc: str, on_done: Callable[[Any], None]) -> None:
+    """ray.util.ActorPool over ``lanes`` (an actor, or a chain of actors; one listed twice takes two calls at a
+    time): ``call(lane, item)`` for each item, a call per lane in flight; report each result as it finishes."""
+    from ray.util import ActorPool
+
+    pool = ActorPool(lanes)
+    for item in items:
+        pool.submit(call, item)  # queued in the driver until a lane is free
+    with tqdm(total=len(items), desc=desc, unit="shard", dynamic_ncols=True) as bar:
+        while pool.has_next():
+            try:
+                result = pool.get_next_unordered(timeout=0.1)  # short: see _run_bounded
+            except TimeoutError:
+                result = _NOTHING
+            if received_interrupts:
+                raise received_interrupts[0]()
+            if result is not _NOTHING:
+                on_done(result)
+                bar.update(1)
+
+
+_NOTHING = object()
+
+
+def _lanes(actors: list, n: int) -> list:
+    """``n`` lanes over ``actors`` in turn (as many calls in flight as _run_bounded allows)."""
+    return [actors[k % len(actors)] for k in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -638,7 +673,11 @@ def tokenize(job: Job, plans: list[steps.ShardPlan], actors: list, tally: Tally)
         in_flight[owner.pop(plan.index)] -= 1
         tally.account("tokenize", result)
 
-    _run_bounded(plans, submit, len(actors) + 1, "tokenize", tokenized)
+    if DISPATCH == "pool":
+        _run_pool(_lanes(actors, len(actors) + 1), plans, lambda actor, plan: actor.run.remote(plan, str(job.out)), "tokenize",
+                  lambda result: tally.account("tokenize", result))
+    else:
+        _run_bounded(plans, submit, len(actors) + 1, "tokenize", tokenized)
     for actor in actors:
         ray.kill(actor)
 
@@ -677,7 +716,11 @@ def corpus_pass(groups: dict[str, list[str]], pools: dict[str, list], sources: l
         def submit(source: ShardSource):
             return actors[next(turn) % len(actors)].collect.remote(source)
 
-        _run_bounded(sources, submit, 2 * len(actors) + 1, f"{name} corpus pass", lambda s, r: parts.__setitem__(s.index, r))
+        if DISPATCH == "pool":
+            _run_pool(_lanes(actors, 2 * len(actors) + 1), sources, lambda actor, source: actor.collect.remote(source),
+                      f"{name} corpus pass", lambda r: parts.__setitem__(*r))
+        else:
+            _run_bounded(sources, submit, 2 * len(actors) + 1, f"{name} corpus pass", lambda s, r: parts.__setitem__(*r))
         # Held until the job ends: every score call of this scorer carries it (a restarted actor fits again).
         fitted[name] = ray.put(registry.get(name).combine([parts[i] for i in sorted(parts)]))
         timer.add(0, 0, time.perf_counter() - start)
@@ -720,7 +763,24 @@ def score_and_write(groups: dict[str, list[str]], pools: dict[str, list], fitted
             steps.staging_rejects_path(Path(source.out), source.index).unlink(missing_ok=True)
 
     max_in_flight = 2 * max(len(p) for p in pools.values()) + 1 if pools else 4
-    _run_bounded(shards, submit, max_in_flight, "score+write", written)
+    if DISPATCH == "pool":
+        by_index = {sink.index: (source, sink) for source, sink in shards}
+        lanes = [tuple(pools[name][k % len(pools[name])] for name in names) for k in range(max_in_flight)]
+
+        def call(lane: tuple, shard: tuple[ShardSource, ShardSink]):
+            data: Any
+            data, sink = shard
+            stat_refs[sink.index] = []
+            for position, (name, actor) in enumerate(zip(names, lane)):
+                fit_state = [fitted[name]] if name in fitted else None
+                last = position == len(names) - 1
+                data, stats_ref = actor.score.options(num_returns=2).remote(data, fit_state, sink if last else None)
+                stat_refs[sink.index].append(("+".join(groups[name]), stats_ref))
+            return stats_ref
+
+        _run_pool(lanes, shards, call, "score+write", lambda stats: written(by_index[stats["write"]["index"]], stats))
+    else:
+        _run_bounded(shards, submit, max_in_flight, "score+write", written)
     for actors in pools.values():
         for actor in actors:
             ray.kill(actor)
