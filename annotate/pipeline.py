@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
@@ -409,48 +409,29 @@ class ShardSink:
 received_interrupts: list[type[BaseException]] = []
 
 
-def _run_bounded(items: list, submit: Callable[[Any], Any], max_in_flight: int, desc: str,
-                 on_done: Callable[[Any, Any], None]) -> None:
-    """Submit work item by item, keep at most ``max_in_flight`` running, report each as it finishes."""
-    import ray
+def dispatch(lanes: list, items: list, call: Callable[[Any, Any], Any], desc: str, on_done: Callable[[Any], None]) -> None:
+    """``call(lane, item)`` (which returns an object ref) for every item, one call in flight per lane; report
+    each result as it finishes, in any order. A lane is an actor, or the chain of actors a shard passes
+    through; an actor listed twice takes a second call while it runs the first (its next shard is there
+    when it finishes), and the number of lanes bounds what is in flight: the other items wait in the driver.
 
-    pending: dict[Any, Any] = {}
-    queue = deque(items)
-    with tqdm(total=len(items), desc=desc, unit="shard", dynamic_ncols=True) as bar:
-        while queue or pending:
-            while queue and len(pending) < max_in_flight:
-                item = queue.popleft()
-                pending[submit(item)] = item
-            # A short timeout, so the main thread runs Python between waits: a SIGTERM handler cannot run
-            # inside ray.wait, and after a process-group kill the same signal has stopped the raylet, whose
-            # death the core worker answers by exiting the process (status 1, no line) within about a second
-            # (one CI run of the sigterm-group test lost that race at 1.0 s). 0.1 s answers first.
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=0.1)
-            if received_interrupts:
-                raise received_interrupts[0]()
-            for ref in done:
-                item = pending.pop(ref)
-                on_done(item, ray.get(ref))
-                bar.update(1)
-
-
-# Which dispatch the stages use: "wait" (_run_bounded, hand-rolled) or "pool" (_run_pool, ray.util.ActorPool).
-# bench/annotate.py --dispatch-passes N runs the job with each, alternating.
-DISPATCH = "wait"
-
-
-def _run_pool(lanes: list, items: list, call: Callable[[Any, Any], Any], desc: str, on_done: Callable[[Any], None]) -> None:
-    """ray.util.ActorPool over ``lanes`` (an actor, or a chain of actors; one listed twice takes two calls at a
-    time): ``call(lane, item)`` for each item, a call per lane in flight; report each result as it finishes."""
+    ray.util.ActorPool does the bookkeeping. It replaced a hand-rolled ray.wait loop (commit ed4c112 has both):
+    with bench/annotate.py --dispatch-passes the two were equal within the noise of a shared 2-core box (job wall
+    ActorPool / hand-rolled 1.27 and 0.86 in two runs; bench/results/annotate_dispatch_actorpool_vs_wait_cpu.json),
+    so the one with less code of our own stays. Its results carry no item: each stage's results name their shard."""
     from ray.util import ActorPool
 
     pool = ActorPool(lanes)
     for item in items:
-        pool.submit(call, item)  # queued in the driver until a lane is free
+        pool.submit(call, item)  # called when a lane is free
     with tqdm(total=len(items), desc=desc, unit="shard", dynamic_ncols=True) as bar:
         while pool.has_next():
+            # A short timeout, so the main thread runs Python between waits: a SIGTERM handler cannot run
+            # inside ray.wait, and after a process-group kill the same signal has stopped the raylet, whose
+            # death the core worker answers by exiting the process (status 1, no line) within about a second
+            # (one CI run of the sigterm-group test lost that race at 1.0 s). 0.1 s answers first.
             try:
-                result = pool.get_next_unordered(timeout=0.1)  # short: see _run_bounded
+                result = pool.get_next_unordered(timeout=0.1)
             except TimeoutError:
                 result = _NOTHING
             if received_interrupts:
@@ -463,8 +444,8 @@ def _run_pool(lanes: list, items: list, call: Callable[[Any, Any], Any], desc: s
 _NOTHING = object()
 
 
-def _lanes(actors: list, n: int) -> list:
-    """``n`` lanes over ``actors`` in turn (as many calls in flight as _run_bounded allows)."""
+def in_turn(actors: list, n: int) -> list:
+    """``n`` lanes over ``actors`` in turn: ``n`` calls in flight, at most ``ceil(n / len(actors))`` on each."""
     return [actors[k % len(actors)] for k in range(n)]
 
 
@@ -659,25 +640,10 @@ def tokenize(job: Job, plans: list[steps.ShardPlan], actors: list, tally: Tally)
     tally.stage("tokenize")
     if not plans:
         return
-    # Each shard goes to the actor with the fewest in flight, one queued beyond one each: shards differ in
-    # length, and a fixed turn would leave one actor idle while the other works through its queue.
-    in_flight = [0] * len(actors)
-    owner: dict[int, int] = {}
-
-    def submit(plan: steps.ShardPlan):
-        k = owner[plan.index] = min(range(len(actors)), key=in_flight.__getitem__)
-        in_flight[k] += 1
-        return actors[k].run.remote(plan, str(job.out))
-
-    def tokenized(plan: steps.ShardPlan, result: dict[str, Any]) -> None:
-        in_flight[owner.pop(plan.index)] -= 1
-        tally.account("tokenize", result)
-
-    if DISPATCH == "pool":
-        _run_pool(_lanes(actors, len(actors) + 1), plans, lambda actor, plan: actor.run.remote(plan, str(job.out)), "tokenize",
-                  lambda result: tally.account("tokenize", result))
-    else:
-        _run_bounded(plans, submit, len(actors) + 1, "tokenize", tokenized)
+    # One call in flight per actor and one more: a shard goes to whichever actor is free first (shards differ
+    # in length; a fixed turn would leave one actor idle while the other works through its queue).
+    dispatch(in_turn(actors, len(actors) + 1), plans, lambda actor, plan: actor.run.remote(plan, str(job.out)), "tokenize",
+             lambda result: tally.account("tokenize", result))
     for actor in actors:
         ray.kill(actor)
 
@@ -711,16 +677,8 @@ def corpus_pass(groups: dict[str, list[str]], pools: dict[str, list], sources: l
         start = time.perf_counter()
         parts: dict[int, Any] = {}
         actors = pools[name]
-        turn = iter(range(1 << 62))
-
-        def submit(source: ShardSource):
-            return actors[next(turn) % len(actors)].collect.remote(source)
-
-        if DISPATCH == "pool":
-            _run_pool(_lanes(actors, 2 * len(actors) + 1), sources, lambda actor, source: actor.collect.remote(source),
-                      f"{name} corpus pass", lambda r: parts.__setitem__(*r))
-        else:
-            _run_bounded(sources, submit, 2 * len(actors) + 1, f"{name} corpus pass", lambda s, r: parts.__setitem__(*r))
+        dispatch(in_turn(actors, 2 * len(actors) + 1), sources, lambda actor, source: actor.collect.remote(source),
+                 f"{name} corpus pass", lambda indexed: parts.__setitem__(*indexed))
         # Held until the job ends: every score call of this scorer carries it (a restarted actor fits again).
         fitted[name] = ray.put(registry.get(name).combine([parts[i] for i in sorted(parts)]))
         timer.add(0, 0, time.perf_counter() - start)
@@ -734,53 +692,36 @@ def score_and_write(groups: dict[str, list[str]], pools: dict[str, list], fitted
     Then the score actors stop."""
     import ray
 
-    stat_refs: dict[int, list] = {}
-    turn = iter(range(1 << 62))
     names = list(groups)
+    # Lane k: the k-th actor (in turn) of every group. 2 x the largest pool + 1 shards in flight: each actor
+    # has its next shard queued, and the driver holds at most that many shards' refs.
+    chains = [tuple(pools[name][k % len(pools[name])] for name in names) for k in range(2 * max(len(p) for p in pools.values()) + 1)]
+    stat_refs: dict[int, list] = {}
 
-    def submit(shard: tuple[ShardSource, ShardSink]):
+    def call(chain: tuple, shard: tuple[ShardSource, ShardSink]):
         data: Any
         data, sink = shard
-        k = next(turn)
         stat_refs[sink.index] = []
-        for position, name in enumerate(names):
-            actors = pools[name]
+        for position, (name, actor) in enumerate(zip(names, chain)):
             fit_state = [fitted[name]] if name in fitted else None
             last = position == len(names) - 1
-            data, stats_ref = actors[k % len(actors)].score.options(num_returns=2).remote(data, fit_state, sink if last else None)
+            data, stats_ref = actor.score.options(num_returns=2).remote(data, fit_state, sink if last else None)
             stat_refs[sink.index].append(("+".join(groups[name]), stats_ref))  # a shared pass is timed once
         return stats_ref
 
     tally.stage("write")
+    staged = {sink.index: source for source, sink in shards if source.staged}
 
-    def written(shard: tuple[ShardSource, ShardSink], last_stats: dict) -> None:
-        source, sink = shard
+    def written(last_stats: dict) -> None:
+        index = last_stats["write"]["index"]
         tally.account("write", last_stats["write"])
-        for name, ref in stat_refs.pop(sink.index):
+        for name, ref in stat_refs.pop(index):
             tally.account(name, ray.get(ref))
-        if source.staged:  # written: a retry can no longer need them
-            steps.staging_path(Path(source.out), source.index).unlink(missing_ok=True)
-            steps.staging_rejects_path(Path(source.out), source.index).unlink(missing_ok=True)
+        if index in staged:  # written: a retry can no longer need them
+            steps.staging_path(Path(staged[index].out), index).unlink(missing_ok=True)
+            steps.staging_rejects_path(Path(staged[index].out), index).unlink(missing_ok=True)
 
-    max_in_flight = 2 * max(len(p) for p in pools.values()) + 1 if pools else 4
-    if DISPATCH == "pool":
-        by_index = {sink.index: (source, sink) for source, sink in shards}
-        lanes = [tuple(pools[name][k % len(pools[name])] for name in names) for k in range(max_in_flight)]
-
-        def call(lane: tuple, shard: tuple[ShardSource, ShardSink]):
-            data: Any
-            data, sink = shard
-            stat_refs[sink.index] = []
-            for position, (name, actor) in enumerate(zip(names, lane)):
-                fit_state = [fitted[name]] if name in fitted else None
-                last = position == len(names) - 1
-                data, stats_ref = actor.score.options(num_returns=2).remote(data, fit_state, sink if last else None)
-                stat_refs[sink.index].append(("+".join(groups[name]), stats_ref))
-            return stats_ref
-
-        _run_pool(lanes, shards, call, "score+write", lambda stats: written(by_index[stats["write"]["index"]], stats))
-    else:
-        _run_bounded(shards, submit, max_in_flight, "score+write", written)
+    dispatch(chains, shards, call, "score+write", written)
     for actors in pools.values():
         for actor in actors:
             ray.kill(actor)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import importlib.util
 import json
 import os
@@ -468,56 +467,6 @@ def bench_pipeline(args: argparse.Namespace, model: str, scorer_options: dict[st
     return result
 
 
-def bench_dispatch(args: argparse.Namespace, model: str, scorer_options: dict[str, dict[str, Any]], tmp: Path) -> dict[str, Any]:
-    """The same job run with each of the pipeline's dispatch loops (annotate.pipeline.DISPATCH: "wait", the
-    hand-rolled ray.wait loop, and "pool", ray.util.ActorPool), on one Ray: one warm-up run (not counted: it
-    starts Ray's worker processes), then ``--dispatch-passes`` passes in ABBA order (drift cancels); each run
-    into a fresh directory, whose shards must be byte-identical to the first's."""
-    from dataclasses import replace
-
-    from annotate import pipeline
-    from annotate.config import AnnotateConfig
-
-    config = AnnotateConfig(
-        input=[args.input], output=str(tmp / "dispatch-warmup"), format=args.format, model=model, scorers=list(args.scorers),
-        scorer_options=scorer_options, max_length=args.max_length, overlength=args.overlength,
-        shard_size=args.shard_size, limit=args.limit,
-    )
-    job = pipeline.prepare(config)
-    pipeline.init_ray("")
-    import ray
-
-    variants = ["wait", "pool"]
-    walls: dict[str, list[float]] = {v: [] for v in variants}
-    digests: dict[str, set[str]] = {v: set() for v in variants}
-
-    def one(variant: str, out: Path) -> float:
-        pipeline.DISPATCH = variant
-        try:
-            _, wall = timed(lambda: pipeline.run(replace(job, out=out)))
-        finally:
-            pipeline.DISPATCH = "wait"
-        digest = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(out.glob("shard-*.parquet")))).hexdigest()
-        digests[variant].add(digest)
-        return wall
-
-    warmup = one("wait", tmp / "dispatch-warmup")
-    for k in range(args.dispatch_passes):
-        for variant in (variants if k % 2 == 0 else variants[::-1]):
-            print(f"dispatch pass {k + 1}/{args.dispatch_passes}: {variant} ...", flush=True)
-            walls[variant].append(one(variant, tmp / f"dispatch-{variant}-{k}"))
-    ray.shutdown()
-    medians = {v: statistics.median(w) for v, w in walls.items()}
-    return {
-        "variants": {"wait": "hand-rolled: ray.wait(timeout=0.1) over a dict of in-flight refs",
-                     "pool": "ray.util.ActorPool over lanes (the same calls in flight), get_next_unordered(timeout=0.1)"},
-        "warmup_run_seconds": warmup, "passes": args.dispatch_passes, "order": "ABBA",
-        "run_wall_seconds": walls, "median_run_wall_seconds": medians, "best_run_wall_seconds": {v: min(w) for v, w in walls.items()},
-        "ratio_pool_over_wait_median": ratio(medians["pool"], medians["wait"]),
-        "shards_identical": len(set().union(*digests.values())) == 1,
-    }
-
-
 # ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
@@ -555,9 +504,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "alternating, this many passes each (0 = skip)")
     p.add_argument("--min-seconds", type=float, default=1.0, help="repeat a short measurement until it took this long")
     p.add_argument("--skip-pipeline", action="store_true", help="only (a) and (b)")
-    p.add_argument("--dispatch-passes", type=int, default=0,
-                   help="also run the job with each of the pipeline's dispatch loops (hand-rolled, ActorPool), "
-                        "alternating, this many passes each (0 = skip)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (models, pipeline output)")
     p.add_argument("--out", default="bench/results/annotate.json", help="JSON file to write")
     args = p.parse_args(argv)
@@ -738,16 +684,6 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
                 report["pipeline"] = {"error": f"{type(exc).__name__}: {exc}"}
 
-        # -- (d) dispatch loops side by side -------------------------------------------------------
-        if args.dispatch_passes:
-            print("the job with each dispatch loop, alternating ...", flush=True)
-            try:
-                report["dispatch"] = bench_dispatch(args, model, scorer_options, tmp)
-            except Exception as exc:  # noqa: BLE001
-                failures += 1
-                traceback.print_exc()
-                report["dispatch"] = {"error": f"{type(exc).__name__}: {exc}"}
-
         # -- summary ratios ----------------------------------------------------------------------
         ok = {n: r for n, r in report["scorers"].items() if "error" not in r}
         serial = report["tokenize"]["seconds"] + sum(r["seconds"] + r.get("corpus_pass", {}).get("seconds", 0.0) for r in ok.values())
@@ -782,12 +718,6 @@ def main(argv: list[str] | None = None) -> int:
         os.replace(tmp_out, out)
     if "tokenize" in report:
         print_table(report)
-    d = report.get("dispatch")
-    if d and "error" not in d:
-        m = d["median_run_wall_seconds"]
-        print(f"dispatch: run wall median {m['wait']:.2f} s hand-rolled, {m['pool']:.2f} s ActorPool "
-              f"(ActorPool / hand-rolled = {d['ratio_pool_over_wait_median']:.3f}, {d['passes']} passes each; "
-              f"shards identical: {d['shards_identical']})")
     print(f"\nwrote {args.out} ({report['bench_seconds']:.0f} s)")
     return 1 if failures else 0
 
