@@ -1,8 +1,8 @@
 """The Ray plumbing of the annotate job: the one place that knows about Ray, and nothing of any scorer.
 
-    plan (driver) -> tokenize (actor pool) -> dedupe (driver) -> corpus pass (only scorers that need one)
-                  -> per shard: scorer 1 actor (reads it) -> scorer 2 actor ... -> last (writes it, atomic)
-                  -> finalize
+    plan_work (driver) -> tokenize (actor pool) -> drop_duplicates (driver) -> corpus_pass (scorers that need one)
+        -> score_and_write, per shard: scorer 1 actor (reads it) -> scorer 2 actor ... -> last (writes it, atomic)
+        -> finalize (driver: the manifest, last)
 
 Shards flow through per-scorer actor pools as Ray object refs, with a bounded number in flight, so
 scorers run concurrently on different shards and a slow GPU scorer keeps its GPU busy. Each actor
@@ -10,6 +10,10 @@ reserves a fraction of a CPU (whole CPUs per actor would leave the tokenize acto
 machine) and, for model scorers on a GPU cluster, a share of a GPU (so every GPU scorer fits beside
 the others on each GPU instead of waiting for a whole one); a model scorer on CPU runs as many torch
 threads as its share of the cluster's cores.
+
+Read from :func:`run`: it calls the stages in order, each a short function below it; :func:`add_scorers` is
+the --add-scorers job (the corpus pass and score-and-write over finished shards); :func:`plan_actors` sizes
+every actor from the cluster's totals (a pure function); :func:`dispatch` is the one loop that waits on Ray.
 """
 
 from __future__ import annotations
