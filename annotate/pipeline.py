@@ -421,7 +421,8 @@ def dispatch(lanes: list, items: list, call: Callable[[Any, Any], Any], desc: st
 
     ray.util.ActorPool does the bookkeeping. It replaced a hand-rolled ray.wait loop (commit ed4c112 has both):
     with bench/annotate.py --dispatch-passes the two were equal within the noise of a shared 2-core box (job wall
-    ActorPool / hand-rolled 1.27 and 0.86 in two runs; bench/results/annotate_dispatch_actorpool_vs_wait_cpu.json),
+    ActorPool / hand-rolled, medians: 1.27 over 3 passes, 0.86 over 5; bench/results/annotate_dispatch_actorpool_vs_wait_cpu
+    {_trial,}.json),
     so the one with less code of our own stays. Its results carry no item: each stage's results name their shard."""
     from ray.util import ActorPool
 
