@@ -1,8 +1,8 @@
 """The Ray plumbing of the annotate job: the one place that knows about Ray, and nothing of any scorer.
 
-    plan (driver) -> tokenize (actor pool) -> dedupe (driver) -> corpus pass (only scorers that need one)
-                  -> per shard: scorer 1 actor (reads it) -> scorer 2 actor ... -> last (writes it, atomic)
-                  -> finalize
+    plan_work (driver) -> tokenize (actor pool) -> drop_duplicates (driver) -> corpus_pass (scorers that need one)
+        -> score_and_write, per shard: scorer 1 actor (reads it) -> scorer 2 actor ... -> last (writes it, atomic)
+        -> finalize (driver: the manifest, last)
 
 Shards flow through per-scorer actor pools as Ray object refs, with a bounded number in flight, so
 scorers run concurrently on different shards and a slow GPU scorer keeps its GPU busy. Each actor
@@ -10,6 +10,10 @@ reserves a fraction of a CPU (whole CPUs per actor would leave the tokenize acto
 machine) and, for model scorers on a GPU cluster, a share of a GPU (so every GPU scorer fits beside
 the others on each GPU instead of waiting for a whole one); a model scorer on CPU runs as many torch
 threads as its share of the cluster's cores.
+
+Read from :func:`run`: it calls the stages in order, each a short function below it; :func:`add_scorers` is
+the --add-scorers job (the corpus pass and score-and-write over finished shards); :func:`plan_actors` sizes
+every actor from the cluster's totals (a pure function); :func:`dispatch` is the one loop that waits on Ray.
 """
 
 from __future__ import annotations
@@ -17,8 +21,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import Counter, deque
-from dataclasses import dataclass, replace
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -306,8 +310,9 @@ class ScoreActor:
         self.scorer.setup()
         self.fitted = False
 
-    def collect(self, source: ShardSource) -> Any:
-        return self.scorer.collect(source.load()[0])
+    def collect(self, source: ShardSource) -> tuple[int, Any]:
+        """(the shard's index, its part of the corpus pass)."""
+        return source.index, self.scorer.collect(source.load()[0])
 
     def score(self, shard: ShardSource | tuple[pa.Table, dict[str, Any]], fit_state: list | None = None,
               sink: ShardSink | None = None) -> tuple[tuple[pa.Table, dict[str, Any]] | None, dict[str, Any]]:
@@ -408,29 +413,45 @@ class ShardSink:
 received_interrupts: list[type[BaseException]] = []
 
 
-def _run_bounded(items: list, submit: Callable[[Any], Any], max_in_flight: int, desc: str,
-                 on_done: Callable[[Any, Any], None]) -> None:
-    """Submit work item by item, keep at most ``max_in_flight`` running, report each as it finishes."""
-    import ray
+def dispatch(lanes: list, items: list, call: Callable[[Any, Any], Any], desc: str, on_done: Callable[[Any], None]) -> None:
+    """``call(lane, item)`` (which returns an object ref) for every item, one call in flight per lane; report
+    each result as it finishes, in any order. A lane is an actor, or the chain of actors a shard passes
+    through; an actor listed twice takes a second call while it runs the first (its next shard is there
+    when it finishes), and the number of lanes bounds what is in flight: the other items wait in the driver.
 
-    pending: dict[Any, Any] = {}
-    queue = deque(items)
+    ray.util.ActorPool does the bookkeeping. It replaced a hand-rolled ray.wait loop (commit ed4c112 has both):
+    with bench/annotate.py --dispatch-passes the two were equal within the noise of a shared 2-core box (job wall
+    ActorPool / hand-rolled, medians: 1.27 over 3 passes, 0.86 over 5; bench/results/annotate_dispatch_actorpool_vs_wait_cpu
+    {_trial,}.json),
+    so the one with less code of our own stays. Its results carry no item: each stage's results name their shard."""
+    from ray.util import ActorPool
+
+    pool = ActorPool(lanes)
+    for item in items:
+        pool.submit(call, item)  # called when a lane is free
     with tqdm(total=len(items), desc=desc, unit="shard", dynamic_ncols=True) as bar:
-        while queue or pending:
-            while queue and len(pending) < max_in_flight:
-                item = queue.popleft()
-                pending[submit(item)] = item
+        while pool.has_next():
             # A short timeout, so the main thread runs Python between waits: a SIGTERM handler cannot run
             # inside ray.wait, and after a process-group kill the same signal has stopped the raylet, whose
             # death the core worker answers by exiting the process (status 1, no line) within about a second
             # (one CI run of the sigterm-group test lost that race at 1.0 s). 0.1 s answers first.
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=0.1)
+            try:
+                result = pool.get_next_unordered(timeout=0.1)
+            except TimeoutError:
+                result = _NOTHING
             if received_interrupts:
                 raise received_interrupts[0]()
-            for ref in done:
-                item = pending.pop(ref)
-                on_done(item, ray.get(ref))
+            if result is not _NOTHING:
+                on_done(result)
                 bar.update(1)
+
+
+_NOTHING = object()
+
+
+def in_turn(actors: list, n: int) -> list:
+    """``n`` lanes over ``actors`` in turn: ``n`` calls in flight, at most ``ceil(n / len(actors))`` on each."""
+    return [actors[k % len(actors)] for k in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,209 +460,289 @@ def _run_bounded(items: list, submit: Callable[[Any], Any], max_in_flight: int, 
 
 
 def run(job: Job) -> dict[str, Any]:
-    """Run the whole job on the current Ray (call init_ray first). Returns the summary."""
-    import ray
+    """Run the whole job on the current Ray (call init_ray first). Returns the summary.
 
-    cfg, out = job.config, job.out
+    Size the actors for the cluster; plan the shards (a finished directory stops here); tokenize what no
+    earlier run did; drop duplicate rows across shards; run the corpus pass of scorers that need one; score
+    and write each shard; finalize (the manifest, written last). ``--add-scorers`` is :func:`add_scorers`."""
+    if job.existing is not None:
+        return add_scorers(job)
     wall = time.perf_counter()
-    timers: dict[str, steps.StageTimer] = {}
-    adding = job.existing is not None
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    cpu_total = float(ray.cluster_resources().get("CPU", 1))
-    cpus = max(1, int(cpu_total))
-
-    # -- scorer actors: started before tokenizing, so they load their models meanwhile -------------------
     groups = share_groups(job)  # leader -> the scorers it hosts (base_loss + entropy of one model: one pass)
-    model_names = [n for n in groups if getattr(registry.get(n), "uses_gpu", False)]  # scorers that run a torch model
-    gpu_names = model_names if gpus else []
-    pools: dict[str, list] = {}  # scorer group leader -> its actors
-    plan = plan_actors(list(groups), model_names, gpus, cpu_total, cfg.scorer_actors, cfg.tokenize_actors,
-                       {n: o.actors_per_gpu for n in groups if hasattr(o := job.scorer_options[n], "actors_per_gpu")})
-    pool_sizes, score_cpus = plan.pool_sizes, plan.score_cpus
-    # Model actors on CPU (base_loss, llmlingua2 without a GPU) split the cluster's cores between them.
-    cpu_model_names = [n for n in model_names if n not in gpu_names]
-    cpu_model_actors = sum(pool_sizes[n] for n in cpu_model_names)
-    cpu_share = cpu_total / cpu_model_actors if cpu_model_actors else 0.0
+    resources = size_actors(job, groups)
+    work = plan_work(job)
+    if (summary := already_complete(job, work)) is not None:
+        return summary
+    open_output(job, work)
+    tally = Tally()
+    tokenizers = start_tokenize_actors(job, resources, len(work.to_tokenize))
+    # The score actors after them: the worker processes Ray has already started go to tokenizing, the
+    # first stage; the score actors load their models while it runs.
+    pools = start_score_actors(job, groups, resources)
+    tokenize(job, work.to_tokenize, tokenizers, tally)
+    sources = drop_duplicates(job, work)
+    fitted = corpus_pass(groups, pools, [sources[i] for i in work.indices], tally)
+    sinks = {i: ShardSink(str(job.out), i, tuple(job.scorer_infos), job.tokenizer_fp, work.keys[i]) for i in work.pending}
+    score_and_write(groups, pools, fitted, [(sources[i], sinks[i]) for i in work.pending], tally)
+    return finalize(job, job.config.to_dict(), job.tokenizer_fp, work.indices, tally, wall)
 
-    def start_pool(name: str) -> None:
-        on_gpu = name in gpu_names
-        n_actors = pool_sizes[name]
-        actor_cls = ray.remote(num_cpus=score_cpus, num_gpus=plan.gpus_per_actor[name], max_restarts=RETRIES,
-                               max_task_retries=-1)(ScoreActor)
-        context = ScorerContext(model=cfg.model, device="cuda" if on_gpu else "cpu", trust_remote_code=cfg.trust_remote_code,
-                                tokenizer_class=job.tokenizer_class)
-        share = cpu_share if name in cpu_model_names else 0.0
-        pools[name] = [actor_cls.remote(name, job.scorer_options[name], context, groups[name], share) for _ in range(n_actors)]
 
-    def start_pools() -> None:
-        for name in groups:
-            start_pool(name)
+def add_scorers(job: Job) -> dict[str, Any]:
+    """``--add-scorers``: score the finished shards of ``job.out`` with the new scorers and rewrite each with
+    its new columns (its rows, rejects and metadata stay); then a new manifest. No plan, tokenize or dedupe:
+    the shards are the rows. A rerun after an interrupt skips the shards that already hold the new columns."""
+    assert job.existing is not None
+    out, wall = job.out, time.perf_counter()
+    groups = share_groups(job)
+    resources = size_actors(job, groups)
+    indices = sorted(int(p.stem.split("-")[1]) for p in out.glob(SHARD_GLOB))
+    (out / MANIFEST_NAME).unlink(missing_ok=True)  # the directory is unfinished until finalize
+    names = set(job.scorer_names)
+    pending = [i for i in indices if not names <= {s.name for s in steps.read_shard_metadata(out / steps.shard_name(i)).scorers}]
+    tally = Tally()
+    pools = start_score_actors(job, groups, resources)
+    added = tuple(score_column(n) for n in job.scorer_names)
+    sources = {i: ShardSource(str(out), i, staged=False, drop_columns=added) for i in indices}
+    fitted = corpus_pass(groups, pools, [sources[i] for i in indices], tally)
+    sinks = {i: ShardSink(str(out), i, tuple(job.scorer_infos), job.tokenizer_fp, None) for i in pending}
+    score_and_write(groups, pools, fitted, [(sources[i], sinks[i]) for i in pending], tally)
+    config = job.config.to_dict()
+    if job.existing.config:  # the directory's own settings, with the added scorers
+        config = {**job.existing.config, "scorers": [s.name for s in job.scorer_infos], "scorer_options": {
+            **job.existing.config.get("scorer_options", {}), **job.config.scorer_options}}
+    return finalize(job, config, job.existing.tokenizer, indices, tally, wall)
 
-    nodes: dict[str, dict[str, dict[str, float]]] = {}  # node id -> stage -> rows and actor seconds there
 
-    def account(stage: str, result: dict[str, Any]) -> None:
-        timers.setdefault(stage, steps.StageTimer(stage)).add(result["rows"], result.get("tokens", 0), result["seconds"])
-        here = nodes.setdefault(result["node"], {}).setdefault(stage, {"rows": 0, "seconds": 0.0})
+@dataclass
+class Tally:
+    """What the summary reports, filled as results come back: each stage's rows, tokens and actor seconds,
+    overall (in the order the stages first report) and per Ray node."""
+
+    timers: dict[str, steps.StageTimer] = field(default_factory=dict)
+    nodes: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # node id -> stage -> rows, seconds
+
+    def stage(self, name: str) -> steps.StageTimer:
+        return self.timers.setdefault(name, steps.StageTimer(name))
+
+    def account(self, stage: str, result: dict[str, Any]) -> None:
+        """Add one actor call's ``result`` (rows, tokens, seconds, node) to ``stage``."""
+        self.stage(stage).add(result["rows"], result.get("tokens", 0), result["seconds"])
+        here = self.nodes.setdefault(result["node"], {}).setdefault(stage, {"rows": 0, "seconds": 0.0})
         here["rows"] += result["rows"]
         here["seconds"] += result["seconds"]
 
-    if adding:
-        indices = sorted(int(p.stem.split("-")[1]) for p in out.glob(SHARD_GLOB))
-        (out / MANIFEST_NAME).unlink(missing_ok=True)  # the directory is unfinished until finalize
-        pending = [i for i in indices if not {n for n in job.scorer_names} <= {s.name for s in steps.read_shard_metadata(out / steps.shard_name(i)).scorers}]
-        duplicates: dict[int, list[int]] = {}
-        plan_keys: dict[int, dict] = {}
-        start_pools()
-    else:
-        plans = steps.plan_shards(cfg.input, cfg.format, cfg.shard_size, cfg.limit, cfg.max_record_bytes)
-        if not plans:
-            raise ValueError(f"no records in {cfg.input}")
-        job_key = {"tokenizer": job.tokenizer_fp["sha256"], "max_length": cfg.max_length, "overlength": cfg.overlength}
-        plan_keys = {p.index: p.key(job_key) for p in plans}
-        indices = [p.index for p in plans]
-        done, shard_infos = _finished_shards(out, plan_keys, job.scorer_infos)
-        added = _common_prefix(list(shard_infos.values()))[len(job.scorer_infos):] if len(done) == len(plans) else []
-        if (out / MANIFEST_NAME).exists() and len(done) == len(plans):
-            extra = f"; it also has {[s.name for s in added]}, added by --add-scorers" if added else ""
-            print(f"{out}: already complete ({len(plans)} shards){extra}; nothing to do")
-            manifest = Manifest.load(out)
-            return {"already_complete": True, "totals": manifest.totals, "rejected": manifest.rejected}
-        if added:
-            # Every shard is this job's, extended by an --add-scorers run that stopped before its manifest:
-            # finish the manifest with the columns all shards have; a rerun of that --add-scorers adds the rest.
-            print(f"{out}: all {len(plans)} shards finished earlier, with {[s.name for s in added]} added by --add-scorers; "
-                  f"writing the manifest")
-            config = cfg.to_dict()
-            config["scorers"] = [s.name for s in job.scorer_infos + added]
-            config["scorer_options"] = {**{s.name: s.params for s in added}, **cfg.scorer_options}
-            manifest = steps.finalize(out, config, job.tokenizer_fp, job.scorer_infos + added, expected_shards=indices)
-            return {"already_complete": True, "totals": manifest.totals, "rejected": manifest.rejected}
-        partial = sorted({s.name for infos in shard_infos.values() for s in infos[len(job.scorer_infos):]})
-        if partial:
-            print(f"note: {out}: some shards also have {partial}, from an --add-scorers run that was interrupted; the "
-                  f"manifest lists only the columns every shard has. Rerun that --add-scorers command to finish it.")
-        (out / MANIFEST_NAME).unlink(missing_ok=True)
-        (out / steps.WORK_DIR).mkdir(parents=True, exist_ok=True)
-        to_tokenize = [p for p in plans if p.index not in done and not steps.staging_path(out, p.index).exists()]
-        pending = [p.index for p in plans if p.index not in done]
-        print(f"{len(plans)} shards planned: {len(done)} finished earlier, {len(to_tokenize)} to tokenize, {len(pending)} to score")
 
-        # -- tokenize ------------------------------------------------------------------------
-        timers.setdefault("tokenize", steps.StageTimer("tokenize"))
-        if not to_tokenize:
-            start_pools()
-        else:
-            # One per CPU, in what the score actors leave (tokenizing runs before any scoring).
-            free = cpu_total - score_cpus * sum(pool_sizes.values())
-            n_actors = cfg.tokenize_actors or max(1, min(len(to_tokenize), cpus, int(free / 0.5)))
-            actor_cls = ray.remote(num_cpus=0.5, max_restarts=RETRIES, max_task_retries=-1)(TokenizeActor)
-            actors = [actor_cls.remote(job.model_path, cfg.max_length, cfg.overlength, cfg.strict, cfg.trust_remote_code,
-                                       job.tokenizer_class)
-                      for _ in range(n_actors)]
-            # The score actors after them: the worker processes Ray has already started go to tokenizing,
-            # the first stage; the score actors load their models while it runs.
-            start_pools()
-            # Each shard goes to the actor with the fewest in flight, one queued beyond one each: shards differ in
-            # length, and a fixed turn would leave one actor idle while the other works through its queue.
-            in_flight = [0] * n_actors
-            owner: dict[int, int] = {}
+def size_actors(job: Job, groups: dict[str, list[str]]) -> ActorPlan:
+    """:func:`plan_actors` for this job's scorer groups on the current Ray cluster's totals."""
+    import ray
 
-            def submit_tokenize(plan: steps.ShardPlan):
-                k = owner[plan.index] = min(range(n_actors), key=in_flight.__getitem__)
-                in_flight[k] += 1
-                return actors[k].run.remote(plan, str(out))
+    resources = ray.cluster_resources()
+    model_names = [n for n in groups if getattr(registry.get(n), "uses_gpu", False)]  # scorers that run a torch model
+    per_gpu = {n: o.actors_per_gpu for n in groups if hasattr(o := job.scorer_options[n], "actors_per_gpu")}
+    return plan_actors(list(groups), model_names, int(resources.get("GPU", 0)), float(resources.get("CPU", 1)),
+                       job.config.scorer_actors, job.config.tokenize_actors, per_gpu)
 
-            def tokenized(plan: steps.ShardPlan, result: dict[str, Any]) -> None:
-                in_flight[owner.pop(plan.index)] -= 1
-                account("tokenize", result)
 
-            _run_bounded(to_tokenize, submit_tokenize, n_actors + 1, "tokenize", tokenized)
-            for actor in actors:
-                ray.kill(actor)
+@dataclass
+class Work:
+    """A fresh annotation's shards: every planned one, those an earlier run finished, those left to tokenize
+    (no staging file yet) and to score."""
 
-        # -- dedupe (global, deterministic) ---------------------------------------------------
-        ids = {}
-        for index in indices:
-            path = out / steps.shard_name(index) if index in done else steps.staging_path(out, index)
-            ids[index] = pq.read_table(path, columns=[ID])[ID].to_pylist()
-        duplicates = steps.find_duplicates(ids)
+    keys: dict[int, dict[str, Any]]  # shard index -> its plan key (in its metadata: a rerun knows its own shards)
+    done: set[int]
+    shard_infos: dict[int, list[ScorerInfo]]  # finished shards -> their scorers (this job's, perhaps more added)
+    to_tokenize: list[steps.ShardPlan]
+    pending: list[int]
 
-    added_columns = tuple(score_column(n) for n in job.scorer_names) if adding else ()
+    @property
+    def indices(self) -> list[int]:
+        return list(self.keys)
 
-    def source(index: int, finished: bool = False) -> ShardSource:
-        if adding or finished:
-            return ShardSource(str(out), index, staged=False, drop_columns=added_columns)
-        return ShardSource(str(out), index, staged=True, duplicate_rows=tuple(duplicates.get(index, [])))
 
-    # -- corpus pass (e.g. TF-IDF's IDF over every shard, aggregated across workers) -------------
-    fit_states: dict[str, Any] = {}
+def plan_work(job: Job) -> Work:
+    """Plan the shards (which records each holds) and find those an earlier run of this job finished."""
+    cfg, out = job.config, job.out
+    plans = steps.plan_shards(cfg.input, cfg.format, cfg.shard_size, cfg.limit, cfg.max_record_bytes)
+    if not plans:
+        raise ValueError(f"no records in {cfg.input}")
+    job_key = {"tokenizer": job.tokenizer_fp["sha256"], "max_length": cfg.max_length, "overlength": cfg.overlength}
+    keys = {p.index: p.key(job_key) for p in plans}
+    done, shard_infos = _finished_shards(out, keys, job.scorer_infos)
+    to_tokenize = [p for p in plans if p.index not in done and not steps.staging_path(out, p.index).exists()]
+    return Work(keys, done, shard_infos, to_tokenize, [p.index for p in plans if p.index not in done])
+
+
+def already_complete(job: Job, work: Work) -> dict[str, Any] | None:
+    """The summary of a directory with nothing left to do (None when there is work): complete, or every
+    shard finished with columns an --add-scorers run added before it stopped short of its manifest."""
+    out, n = job.out, len(work.keys)
+    if len(work.done) < n:
+        return None
+    added = _common_prefix(list(work.shard_infos.values()))[len(job.scorer_infos):]
+    if (out / MANIFEST_NAME).exists():
+        extra = f"; it also has {[s.name for s in added]}, added by --add-scorers" if added else ""
+        print(f"{out}: already complete ({n} shards){extra}; nothing to do")
+        manifest = Manifest.load(out)
+        return {"already_complete": True, "totals": manifest.totals, "rejected": manifest.rejected}
+    if not added:
+        return None
+    # Every shard is this job's, extended by an --add-scorers run that stopped before its manifest: finish
+    # the manifest with the columns all shards have; a rerun of that --add-scorers adds the rest.
+    print(f"{out}: all {n} shards finished earlier, with {[s.name for s in added]} added by --add-scorers; writing the manifest")
+    config = job.config.to_dict()
+    config["scorers"] = [s.name for s in job.scorer_infos + added]
+    config["scorer_options"] = {**{s.name: s.params for s in added}, **job.config.scorer_options}
+    manifest = steps.finalize(out, config, job.tokenizer_fp, job.scorer_infos + added, expected_shards=work.indices)
+    return {"already_complete": True, "totals": manifest.totals, "rejected": manifest.rejected}
+
+
+def open_output(job: Job, work: Work) -> None:
+    """Mark the output unfinished (no manifest until finalize), make its staging folder, say what is left."""
+    out = job.out
+    partial = sorted({s.name for infos in work.shard_infos.values() for s in infos[len(job.scorer_infos):]})
+    if partial:
+        print(f"note: {out}: some shards also have {partial}, from an --add-scorers run that was interrupted; the "
+              f"manifest lists only the columns every shard has. Rerun that --add-scorers command to finish it.")
+    (out / MANIFEST_NAME).unlink(missing_ok=True)
+    (out / steps.WORK_DIR).mkdir(parents=True, exist_ok=True)
+    print(f"{len(work.keys)} shards planned: {len(work.done)} finished earlier, {len(work.to_tokenize)} to tokenize, "
+          f"{len(work.pending)} to score")
+
+
+def start_tokenize_actors(job: Job, resources: ActorPlan, shards: int) -> list:
+    """The tokenize actors for ``shards`` shards (none for none); each loads the tokenizer once."""
+    import ray
+
+    if not shards:
+        return []
+    cfg = job.config
+    actor_cls = ray.remote(num_cpus=TOKENIZE_CPUS, max_restarts=RETRIES, max_task_retries=-1)(TokenizeActor)
+    return [actor_cls.remote(job.model_path, cfg.max_length, cfg.overlength, cfg.strict, cfg.trust_remote_code,
+                             job.tokenizer_class)
+            for _ in range(resources.tokenize_actors_for(shards))]
+
+
+def start_score_actors(job: Job, groups: dict[str, list[str]], resources: ActorPlan) -> dict[str, list]:
+    """Each scorer group's actors (leader -> its actors), sized and placed by ``resources``; they build and
+    set up their scorers (load their models) as soon as Ray places them."""
+    import ray
+
+    pools: dict[str, list] = {}
+    for name, members in groups.items():
+        actor_cls = ray.remote(num_cpus=resources.score_cpus, num_gpus=resources.gpus_per_actor[name], max_restarts=RETRIES,
+                               max_task_retries=-1)(ScoreActor)
+        context = ScorerContext(model=job.config.model, device=resources.device(name),
+                                trust_remote_code=job.config.trust_remote_code, tokenizer_class=job.tokenizer_class)
+        pools[name] = [actor_cls.remote(name, job.scorer_options[name], context, members, resources.cpu_shares[name])
+                       for _ in range(resources.pool_sizes[name])]
+    return pools
+
+
+def tokenize(job: Job, plans: list[steps.ShardPlan], actors: list, tally: Tally) -> None:
+    """Render and tokenize each shard into its staging file (and its rejects beside it); then stop the actors."""
+    import ray
+
+    tally.stage("tokenize")
+    if not plans:
+        return
+    # One call in flight per actor and one more: a shard goes to whichever actor is free first (shards differ
+    # in length; a fixed turn would leave one actor idle while the other works through its queue).
+    dispatch(in_turn(actors, len(actors) + 1), plans, lambda actor, plan: actor.run.remote(plan, str(job.out)), "tokenize",
+             lambda result: tally.account("tokenize", result))
+    for actor in actors:
+        ray.kill(actor)
+
+
+def drop_duplicates(job: Job, work: Work) -> dict[int, ShardSource]:
+    """Find the rows whose ids an earlier row has (across all shards, in plan order: deterministic) and
+    return each shard's source: its staging file less those rows, or the shard itself if finished earlier.
+    (The rows are dropped, and counted as rejects, where the source is read: in the first score actor.)"""
+    out = job.out
+    ids = {}
+    for index in work.indices:
+        path = out / steps.shard_name(index) if index in work.done else steps.staging_path(out, index)
+        ids[index] = pq.read_table(path, columns=[ID])[ID].to_pylist()
+    duplicates = steps.find_duplicates(ids)
+    return {i: ShardSource(str(out), i, staged=False) if i in work.done else
+            ShardSource(str(out), i, staged=True, duplicate_rows=tuple(duplicates.get(i, [])))
+            for i in work.indices}
+
+
+def corpus_pass(groups: dict[str, list[str]], pools: dict[str, list], sources: list[ShardSource],
+                tally: Tally) -> dict[str, Any]:
+    """For each scorer that needs one (TF-IDF's IDF): collect a part from every shard on its actors, combine
+    the parts in shard order; returns leader -> the ref of its fitted state."""
+    import ray
+
+    fitted: dict[str, Any] = {}
     for name in groups:
         if not registry.needs_corpus_pass(name):
             continue
-        timer = timers.setdefault(f"{name}:fit", steps.StageTimer(f"{name}:fit"))
+        timer = tally.stage(f"{name}:fit")
         start = time.perf_counter()
         parts: dict[int, Any] = {}
         actors = pools[name]
-        turn = iter(range(1 << 62))
-
-        def submit_collect(index: int):
-            return actors[next(turn) % len(actors)].collect.remote(source(index, finished=index in done_for_collect))
-
-        done_for_collect = set() if adding else set(i for i in indices if (out / steps.shard_name(i)).exists() and i not in pending)
-        _run_bounded(indices, submit_collect, 2 * len(actors) + 1, f"{name} corpus pass", lambda i, r: parts.__setitem__(i, r))
+        dispatch(in_turn(actors, 2 * len(actors) + 1), sources, lambda actor, source: actor.collect.remote(source),
+                 f"{name} corpus pass", lambda indexed: parts.__setitem__(*indexed))
         # Held until the job ends: every score call of this scorer carries it (a restarted actor fits again).
-        fit_states[name] = ray.put(registry.get(name).combine([parts[i] for i in sorted(parts)]))
+        fitted[name] = ray.put(registry.get(name).combine([parts[i] for i in sorted(parts)]))
         timer.add(0, 0, time.perf_counter() - start)
+    return fitted
 
-    # -- score and write ----------------------------------------------------------------------
+
+def score_and_write(groups: dict[str, list[str]], pools: dict[str, list], fitted: dict[str, Any],
+                    shards: list[tuple[ShardSource, ShardSink]], tally: Tally) -> None:
+    """Each shard through the chain of the scorer groups' actors: the first reads it, each adds its columns,
+    the last writes it (atomically). A staged shard's staging files go once the driver has seen it written.
+    Then the score actors stop."""
+    import ray
+
+    names = list(groups)
+    # Lane k: the k-th actor (in turn) of every group. 2 x the largest pool + 1 shards in flight: each actor
+    # has its next shard queued, and the driver holds at most that many shards' refs.
+    chains = [tuple(pools[name][k % len(pools[name])] for name in names) for k in range(2 * max(len(p) for p in pools.values()) + 1)]
     stat_refs: dict[int, list] = {}
-    turn = iter(range(1 << 62))
 
-    def submit_shard(index: int):
-        # The chain of the job's scorer groups: the first reads the shard, each adds its columns, the last writes.
-        shard: Any = source(index)
-        sink = ShardSink(str(out), index, tuple(job.scorer_infos), job.tokenizer_fp, None if adding else plan_keys[index])
-        k = next(turn)
-        stat_refs[index] = []
-        names = list(groups)
-        for position, name in enumerate(names):
-            actors = pools[name]
-            fit_state = [fit_states[name]] if name in fit_states else None
+    def call(chain: tuple, shard: tuple[ShardSource, ShardSink]):
+        data: Any
+        data, sink = shard
+        stat_refs[sink.index] = []
+        for position, (name, actor) in enumerate(zip(names, chain)):
+            fit_state = [fitted[name]] if name in fitted else None
             last = position == len(names) - 1
-            shard, stats_ref = actors[k % len(actors)].score.options(num_returns=2).remote(shard, fit_state, sink if last else None)
-            stat_refs[index].append(("+".join(groups[name]), stats_ref))  # a shared pass is timed once
+            data, stats_ref = actor.score.options(num_returns=2).remote(data, fit_state, sink if last else None)
+            stat_refs[sink.index].append(("+".join(groups[name]), stats_ref))  # a shared pass is timed once
         return stats_ref
 
-    timers.setdefault("write", steps.StageTimer("write"))
+    tally.stage("write")
+    staged = {sink.index: source for source, sink in shards if source.staged}
 
-    def shard_done(index: int, last_stats: dict) -> None:
-        account("write", last_stats["write"])
+    def written(last_stats: dict) -> None:
+        index = last_stats["write"]["index"]
+        tally.account("write", last_stats["write"])
         for name, ref in stat_refs.pop(index):
-            account(name, ray.get(ref))
-        if not adding:  # written: a retry can no longer need them
-            steps.staging_path(out, index).unlink(missing_ok=True)
-            steps.staging_rejects_path(out, index).unlink(missing_ok=True)
+            tally.account(name, ray.get(ref))
+        if index in staged:  # written: a retry can no longer need them
+            steps.staging_path(Path(staged[index].out), index).unlink(missing_ok=True)
+            steps.staging_rejects_path(Path(staged[index].out), index).unlink(missing_ok=True)
 
-    max_in_flight = 2 * max(len(p) for p in pools.values()) + 1 if pools else 4
-    _run_bounded(pending, submit_shard, max_in_flight, "score+write", shard_done)
+    dispatch(chains, shards, call, "score+write", written)
     for actors in pools.values():
         for actor in actors:
             ray.kill(actor)
 
-    # -- finalize ---------------------------------------------------------------------------------
-    config = cfg.to_dict()
-    if adding and job.existing is not None and job.existing.config:
-        config = {**job.existing.config, "scorers": [s.name for s in job.scorer_infos], "scorer_options": {
-            **job.existing.config.get("scorer_options", {}), **cfg.scorer_options}}
-    manifest = steps.finalize(out, config, job.tokenizer_fp if not adding else job.existing.tokenizer, job.scorer_infos,
-                              expected_shards=indices)
+
+def finalize(job: Job, config: dict[str, Any], tokenizer_fp: dict[str, str], indices: list[int], tally: Tally,
+             wall: float) -> dict[str, Any]:
+    """Check every planned shard is there, write the rejects and the manifest (last: the directory is now
+    finished), and return the summary (``wall``: when the job started)."""
+    manifest = steps.finalize(job.out, config, tokenizer_fp, job.scorer_infos, expected_shards=indices)
     seconds = time.perf_counter() - wall
-    summary = {
-        "output": str(out), "shards": len(manifest.shards), "totals": manifest.totals, "rejected": manifest.rejected,
-        "stages": {k: t.to_dict() for k, t in timers.items()}, "nodes": _node_summary(nodes), "wall_seconds": seconds,
-        "tokens_per_s": manifest.totals.get("tokens", 0) / seconds if seconds > 0 else None,
+    return {
+        "output": str(job.out), "shards": len(manifest.shards), "totals": manifest.totals, "rejected": manifest.rejected,
+        "stages": {k: t.to_dict() for k, t in tally.timers.items()}, "nodes": _node_summary(tally.nodes),
+        "wall_seconds": seconds, "tokens_per_s": manifest.totals.get("tokens", 0) / seconds if seconds > 0 else None,
     }
-    return summary
 
 
 def _node_summary(nodes: dict[str, dict[str, dict[str, float]]]) -> list[dict[str, Any]]:
@@ -658,9 +759,26 @@ class ClusterTooSmall(ValueError):
 
 @dataclass(frozen=True)
 class ActorPlan:
+    """The job's actors and what each reserves: :func:`plan_actors`' answer, everything Ray is asked for."""
+
     pool_sizes: dict[str, int]  # scorer group leader -> its actors
     gpus_per_actor: dict[str, float]  # scorer group leader -> each actor's num_gpus (0 on CPU)
     score_cpus: float  # num_cpus of each score actor
+    # Scorer group leader -> the CPUs whose cores each of its actors runs as torch threads (see ScoreActor): for a
+    # model scorer on CPU, the cluster's CPUs over the job's model actors on CPU; 0 for the others.
+    cpu_shares: dict[str, float]
+    tokenize_cpus_free: float  # the CPUs the score actors leave for tokenize actors
+    tokenize_actors: int  # --tokenize-actors (0: auto, see tokenize_actors_for)
+    cpu_total: float  # the cluster's CPUs
+
+    def device(self, name: str) -> str:
+        """Where scorer group ``name``'s actors run their models."""
+        return "cuda" if self.gpus_per_actor[name] else "cpu"
+
+    def tokenize_actors_for(self, shards: int) -> int:
+        """Tokenize actors for ``shards`` shards to tokenize: --tokenize-actors, or one per CPU in what the score
+        actors leave (tokenizing runs before any scoring), at most one a shard; at least one."""
+        return self.tokenize_actors or max(1, min(shards, max(1, int(self.cpu_total)), int(self.tokenize_cpus_free / TOKENIZE_CPUS)))
 
 
 TOKENIZE_CPUS = 0.5  # num_cpus of a tokenize actor
@@ -676,6 +794,8 @@ def plan_actors(groups: list[str], model_names: list[str], gpus: int, cpu_total:
     actors_per_gpu)`` of a GPU. On CPU a model scorer gets one actor (its torch threads use the cores); the
     cheap CPU scorers (tfidf) split the CPUs among the groups, which would otherwise score on one core while
     the rest idle once tokenizing is done. ``scorer_actors`` (``--scorer-actors``) overrides every group's size.
+    Model actors on CPU split the cluster's CPUs between them as torch threads (``cpu_shares``); tokenize actors
+    get what the score actors leave (:meth:`ActorPlan.tokenize_actors_for`).
 
     ClusterTooSmall, naming the option, when the actors could not all be placed at once: more GPU actors than
     the GPUs' shares hold, or more score and tokenize actors than the CPUs hold (a check of the cluster's
@@ -708,7 +828,11 @@ def plan_actors(groups: list[str], model_names: list[str], gpus: int, cpu_total:
         raise ClusterTooSmall(f"--tokenize-actors {tokenize_actors}: each takes {TOKENIZE_CPUS:g} CPU and the score actors "
                               f"leave {free:g} of the cluster's {cpu_total:g} CPUs: at most {int(free / TOKENIZE_CPUS + 1e-9)} "
                               f"fit; Ray would wait for ever for the rest. Use fewer, or 0 (auto)")
-    return ActorPlan(sizes, per_actor, score_cpus)
+    # Model actors on CPU (base_loss, llmlingua2 without a GPU) split the cluster's cores between them.
+    cpu_models = [n for n in groups if n in model_names and n not in gpu_names]
+    cpu_model_actors = sum(sizes[n] for n in cpu_models)
+    shares = {name: cpu_total / cpu_model_actors if name in cpu_models else 0.0 for name in groups}
+    return ActorPlan(sizes, per_actor, score_cpus, shares, free, tokenize_actors, cpu_total)
 
 
 def share_groups(job: Job) -> dict[str, list[str]]:

@@ -175,6 +175,33 @@ def test_plan_actors_refuses_what_the_cluster_cannot_host():
     assert plan_actors(["tfidf", "base_loss"], ["base_loss"], gpus=0, cpu_total=2.0, tokenize_actors=2).pool_sizes
 
 
+
+def test_plan_actors_cpu_threads_devices_and_tokenize_actors():
+    """The rest of the sizing, by hand: torch-thread shares of model actors on CPU, devices, tokenize actors."""
+    from annotate.pipeline import plan_actors
+
+    # 4 CPUs, no GPU, two model scorers on CPU: one actor each, sharing the 4 CPUs (2 each); tfidf gets 4 // 3 = 1
+    # actor. 3 score actors of 0.5 CPU leave 2.5: 5 tokenize actors would fit, but at most one per CPU (4).
+    cpu = plan_actors(["tfidf", "base_loss", "llmlingua2"], ["base_loss", "llmlingua2"], gpus=0, cpu_total=4.0)
+    assert cpu.pool_sizes == {"tfidf": 1, "base_loss": 1, "llmlingua2": 1} and cpu.score_cpus == 0.5
+    assert cpu.cpu_shares == {"tfidf": 0.0, "base_loss": 2.0, "llmlingua2": 2.0}
+    assert [cpu.device(n) for n in cpu.pool_sizes] == ["cpu", "cpu", "cpu"] and cpu.tokenize_cpus_free == 2.5
+    assert [cpu.tokenize_actors_for(n) for n in (1, 3, 10)] == [1, 3, 4]
+    # The tests' job on 2 CPUs: one base_loss actor with both CPUs as threads; 1 CPU left, 2 tokenize actors.
+    two = plan_actors(["tfidf", "base_loss"], ["base_loss"], gpus=0, cpu_total=2.0)
+    assert two.cpu_shares == {"tfidf": 0.0, "base_loss": 2.0} and [two.tokenize_actors_for(n) for n in (1, 8)] == [1, 2]
+    assert plan_actors(["tfidf", "base_loss"], ["base_loss"], gpus=0, cpu_total=2.0, tokenize_actors=1).tokenize_actors_for(8) == 1
+    # On GPUs a model scorer's actors use no CPU threads of their own; 15 score actors of 0.5 CPU leave 8.5 of 16:
+    # 17 tokenize actors would fit, one per CPU caps them at 16.
+    gpu = plan_actors(["tfidf", "base_loss", "llmlingua2"], ["base_loss", "llmlingua2"], gpus=2, cpu_total=16.0,
+                      actors_per_gpu={"llmlingua2": 4})
+    assert gpu.cpu_shares == {"tfidf": 0.0, "base_loss": 0.0, "llmlingua2": 0.0}
+    assert [gpu.device(n) for n in gpu.pool_sizes] == ["cpu", "cuda", "cuda"] and gpu.tokenize_actors_for(100) == 16
+    # 8 tfidf actors on 2 CPUs: each gets (2 - 0.5) / 8 CPU, which leaves exactly one tokenize actor's half CPU.
+    many = plan_actors(["tfidf"], [], gpus=0, cpu_total=2.0, scorer_actors=8)
+    assert many.score_cpus == 0.1875 and many.tokenize_cpus_free == 0.5 and many.tokenize_actors_for(8) == 1
+
+
 @pytest.mark.parametrize("args, said", [
     (["--scorers", "base_loss", "--scorer-actors", "2"],
      "error: --scorer-actors 2: 2 base_loss actors of 1 GPU each need 2 GPUs, the cluster has 1: at most 1 fit"),
