@@ -21,7 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from schemas.shard import CARD_NAME, REJECTS_NAME, SHARD_GLOB, SOURCE, Manifest, arrow_schema, atomic_write_text, scorer_variant
+from data.render import describe_system_prompt
+from schemas.shard import (CARD_NAME, REJECTS_NAME, SHARD_GLOB, SOURCE, SYSTEM_PROMPT_DEFAULT, Manifest, arrow_schema,
+                          atomic_write_text, scorer_variant, system_prompt_of)
 
 
 _HF_DTYPES = {"float": "float32", "double": "float64", "halffloat": "float16"}  # Arrow's names -> the Hub's
@@ -85,6 +87,8 @@ def dataset_card(manifest: Manifest, sources: dict[str, int]) -> str:
               f"Rendered with the chat template of `{config.get('model', tokenizer.get('name'))}`; tokenizer fingerprint "
               f"`{tokenizer.get('name')}:{tokenizer.get('sha256')}` (vocabulary, special tokens and chat template). "
               f"max_length {config.get('max_length', '?')}, overlength `{config.get('overlength', '?')}`.", "",
+              f"System prompt: {system_prompt_line(manifest.system_prompt or {'choice': system_prompt_of(tokenizer)})} "
+              f"(annotate `--system-prompt`; train with `data.system_prompt` set to the same choice).", "",
               "## Scorers", "", "| scorer | column | model | options |", "|---|---|---|---|"]
     for scorer in manifest.scorers:
         options = ", ".join(f"{k}={v!r}" for k, v in sorted(scorer.params.items())) or "-"
@@ -107,6 +111,27 @@ def dataset_card(manifest: Manifest, sources: dict[str, int]) -> str:
               "Train on it with `python train/main.py data.train=DIR importance.scorer=<scorer> ...`; check it with "
               "`python -m schemas.validate DIR`; look inside with `python -m annotate.inspect DIR`.", ""]
     return "\n".join(lines)
+
+
+def system_prompt_line(record: dict[str, Any]) -> str:
+    """The system-prompt choice of a manifest's ``system_prompt`` record in one line, with the share of tokens the
+    chat template's own system turn takes under ``default`` (the annotate summary's line, the card's)."""
+    if not record:
+        return ""
+    choice = record.get("choice", SYSTEM_PROMPT_DEFAULT)
+    turn = record.get("template_turn")
+    if choice == SYSTEM_PROMPT_DEFAULT:
+        if not turn:
+            return "default (the chat template's own behaviour; it adds no system turn by itself)"
+        share = record.get("template_turn_token_share")
+        counted = (f": {record.get('template_turn_tokens', 0)} tokens in {record.get('rows_with_template_turn', 0):,} rows, "
+                   f"{100 * share:.1f}% of all tokens" if share is not None else "")
+        return (f"default (the chat template's own behaviour: it adds the system turn {turn.strip()!r} to every example "
+                f"without a system message{counted}; --system-prompt none leaves it out)")
+    if choice == "none":
+        removed = f"; the template's own system turn {turn.strip()!r} was cut off" if turn else ""
+        return f"none (no system turn except a record's own{removed})"
+    return f"{describe_system_prompt(choice)} (the system message of every record without one of its own)"
 
 
 def write_card(directory: str | Path, manifest: Manifest) -> Path:

@@ -42,6 +42,7 @@ class AnnotateConfig:
     scorers: list[str] = option(factory=lambda: ["tfidf"], help="comma-separated scorers: tfidf, llmlingua2, ref_loss, base_loss, entropy, given (--list-scorers)")
     scorer_options: dict[str, dict[str, Any]] = option(factory=dict, flag="scorer-option", help="per-scorer options {scorer: {option: value}}; on the command line --scorer-option SCORER.KEY=VALUE (repeatable)")
     add_scorers: list[str] = option(factory=list, help="add score columns to the existing annotated output without re-tokenizing; refuses another tokenizer")
+    system_prompt: str = option("default", "the system turn: default (the chat template's own behaviour: SmolLM2's adds its 'You are a helpful AI assistant named SmolLM' turn to every example), none (no system turn: the one a template adds by itself is cut off; templates that cannot do without it are refused), or any other text (the system message of every record without one); a record's own system message is always kept; recorded in the manifest, the card and the tokenizer fingerprint, and the trainer's data.system_prompt must match it")
     max_length: int = option(4096, "tokens per example")
     overlength: str = option("truncate", "truncate (counted in the manifest's totals.truncated) or drop (a reject)")
     shard_size: int = option(1000, "input records per shard: the unit of work, of resume and of files")
@@ -66,6 +67,10 @@ class AnnotateConfig:
             problems.append(f"format: {self.format!r} is not one of auto, {', '.join(FORMATS)}")
         if self.overlength not in ("truncate", "drop"):
             problems.append(f"overlength: {self.overlength!r} is not truncate or drop")
+        if not self.system_prompt.strip():
+            problems.append("system_prompt: empty; give default, none or the system text")
+        if adding and self.system_prompt != "default":
+            problems.append("system_prompt: --add-scorers keeps the existing rendering (its manifest records the choice); leave --system-prompt out")
         if self.max_length < 2:
             problems.append(f"max_length: {self.max_length} must be at least 2")
         if self.shard_size < 1:

@@ -36,7 +36,9 @@ from annotate import scorers as registry
 from annotate import steps
 from annotate.config import AnnotateConfig
 from annotate.scorers import ScorerContext
+from annotate.card import system_prompt_line
 from data.models import check_model, load_tokenizer, tokenizer_class_name
+from data.render import check_system_prompt, template_system_ids, template_system_turn
 from schemas.migrate import is_v1_directory, migrate_directory
 from schemas.shard import ID, INPUT_IDS, MANIFEST_NAME, REJECTS_NAME, SHARD_GLOB, Manifest, ScorerInfo, score_column, tokenizer_fingerprint
 
@@ -59,6 +61,7 @@ class Job:
     scorer_options: dict[str, Any]
     scorer_infos: list[ScorerInfo]  # every score column the finished shards hold, in order
     existing: Manifest | None = None  # --add-scorers: what is there already
+    system_turn: dict[str, Any] | None = None  # the template's own system turn (steps.finalize), None: it writes none
 
 
 def prepare(config: AnnotateConfig) -> Job:
@@ -76,7 +79,8 @@ def prepare(config: AnnotateConfig) -> Job:
         raise ValueError(f"scorer_options for {unknown}, which this run does not compute ({names})")
     model_path = check_model(config.model)
     tokenizer = load_tokenizer(model_path, config.trust_remote_code, option="--trust-remote-code")
-    fp = tokenizer_fingerprint(tokenizer)
+    check_system_prompt(tokenizer, config.system_prompt)  # a template that cannot render the choice: refused here
+    fp = tokenizer_fingerprint(tokenizer, config.system_prompt)
     fp["name"] = os.path.basename(config.model.rstrip("/")) or fp["name"]
     # The model name as given: recorded in metadata.
     tokenizer_class = tokenizer_class_name(tokenizer)
@@ -103,6 +107,7 @@ def prepare(config: AnnotateConfig) -> Job:
         if clash:
             raise ValueError(f"{out}: already has score columns {clash}; nothing to add")
         infos = [s for s in existing.scorers if s.name not in names] + infos
+    system_turn = _system_turn(tokenizer)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-test-{os.getpid()}"
@@ -110,7 +115,17 @@ def prepare(config: AnnotateConfig) -> Job:
         probe.unlink()
     except OSError as exc:
         raise OSError(f"output {out} is not writable: {exc}") from None
-    return Job(config, out, model_path, fp, tokenizer_class, names, options, infos, existing)
+    return Job(config, out, model_path, fp, tokenizer_class, names, options, infos, existing, system_turn)
+
+
+def _system_turn(tokenizer: Any) -> dict[str, Any] | None:
+    """The chat template's own system turn: its text and where it sits in token ids (None: it writes none)."""
+    try:
+        text = template_system_turn(tokenizer) if getattr(tokenizer, "chat_template", None) else None
+    except ValueError:  # a template that cannot do without it: default keeps it, none and text were refused
+        return None
+    where = template_system_ids(tokenizer) if text else None
+    return {"text": text, "offset": where[0], "ids": where[1]} if where else None
 
 
 PROBE_ROWS = 4  # of the job's rows, tokenized by both tokenizers in check_scorer_tokenizers
@@ -275,13 +290,15 @@ class TokenizeActor:
     """Renders and tokenizes whole shards; loads the tokenizer once."""
 
     def __init__(self, model_path: str, max_length: int, overlength: str, strict: bool, trust_remote_code: bool = False,
-                 tokenizer_class: str = ""):
+                 tokenizer_class: str = "", system_prompt: str = "default"):
         self.tokenizer = load_tokenizer(model_path, trust_remote_code, tokenizer_class=tokenizer_class)
         self.max_length, self.overlength, self.strict = max_length, overlength, strict
+        self.system_prompt = system_prompt
 
     def run(self, plan: steps.ShardPlan, out: str) -> dict[str, Any]:
         start = time.perf_counter()
-        table, rejects, truncated = steps.tokenize_shard(plan, self.tokenizer, self.max_length, self.overlength, self.strict)
+        table, rejects, truncated = steps.tokenize_shard(plan, self.tokenizer, self.max_length, self.overlength, self.strict,
+                                                       self.system_prompt)
         out_dir = Path(out)
         steps.write_rejects(rejects, steps.staging_rejects_path(out_dir, plan.index))
         steps.write_table_atomic(table.replace_schema_metadata({b"truncated": str(truncated).encode()}), steps.staging_path(out_dir, plan.index))
@@ -565,7 +582,8 @@ def plan_work(job: Job) -> Work:
     plans = steps.plan_shards(cfg.input, cfg.format, cfg.shard_size, cfg.limit, cfg.max_record_bytes)
     if not plans:
         raise ValueError(f"no records in {cfg.input}")
-    job_key = {"tokenizer": job.tokenizer_fp["sha256"], "max_length": cfg.max_length, "overlength": cfg.overlength}
+    job_key = {"tokenizer": job.tokenizer_fp["sha256"], "max_length": cfg.max_length, "overlength": cfg.overlength,
+               **({"system_prompt": cfg.system_prompt} if cfg.system_prompt != "default" else {})}
     keys = {p.index: p.key(job_key) for p in plans}
     done, shard_infos = _finished_shards(out, keys, job.scorer_infos)
     to_tokenize = [p for p in plans if p.index not in done and not steps.staging_path(out, p.index).exists()]
@@ -592,7 +610,8 @@ def already_complete(job: Job, work: Work) -> dict[str, Any] | None:
     config = job.config.to_dict()
     config["scorers"] = [s.name for s in job.scorer_infos + added]
     config["scorer_options"] = {**{s.name: s.params for s in added}, **job.config.scorer_options}
-    manifest = steps.finalize(out, config, job.tokenizer_fp, job.scorer_infos + added, expected_shards=work.indices)
+    manifest = steps.finalize(out, config, job.tokenizer_fp, job.scorer_infos + added, expected_shards=work.indices,
+                              system_turn=job.system_turn)
     return {"already_complete": True, "totals": manifest.totals, "rejected": manifest.rejected}
 
 
@@ -618,7 +637,7 @@ def start_tokenize_actors(job: Job, resources: ActorPlan, shards: int) -> list:
     cfg = job.config
     actor_cls = ray.remote(num_cpus=TOKENIZE_CPUS, max_restarts=RETRIES, max_task_retries=-1)(TokenizeActor)
     return [actor_cls.remote(job.model_path, cfg.max_length, cfg.overlength, cfg.strict, cfg.trust_remote_code,
-                             job.tokenizer_class)
+                             job.tokenizer_class, cfg.system_prompt)
             for _ in range(resources.tokenize_actors_for(shards))]
 
 
@@ -736,12 +755,13 @@ def finalize(job: Job, config: dict[str, Any], tokenizer_fp: dict[str, str], ind
              wall: float) -> dict[str, Any]:
     """Check every planned shard is there, write the rejects and the manifest (last: the directory is now
     finished), and return the summary (``wall``: when the job started)."""
-    manifest = steps.finalize(job.out, config, tokenizer_fp, job.scorer_infos, expected_shards=indices)
+    manifest = steps.finalize(job.out, config, tokenizer_fp, job.scorer_infos, expected_shards=indices, system_turn=job.system_turn)
     seconds = time.perf_counter() - wall
     return {
         "output": str(job.out), "shards": len(manifest.shards), "totals": manifest.totals, "rejected": manifest.rejected,
         "stages": {k: t.to_dict() for k, t in tally.timers.items()}, "nodes": _node_summary(tally.nodes),
         "wall_seconds": seconds, "tokens_per_s": manifest.totals.get("tokens", 0) / seconds if seconds > 0 else None,
+        "system_prompt": manifest.system_prompt,
     }
 
 
@@ -868,7 +888,7 @@ def _finished_shards(out: Path, plan_keys: dict[int, dict], infos: list[ScorerIn
         same_plan = meta is not None and all(meta.plan.get(k) == v for k, v in key.items())
         if not same_plan or [vars(s) for s in meta.scorers][:len(wanted)] != wanted:
             raise ValueError(
-                f"{path} was written by a different job (other input, model, max_length or scorers); "
+                f"{path} was written by a different job (other input, model, system prompt, max_length or scorers); "
                 f"use a new --output, or --add-scorers to add score columns"
             )
         done.add(index)
@@ -912,6 +932,9 @@ def print_summary(summary: dict[str, Any]) -> None:
     print("\n== annotate summary ==")
     print(f"output      {summary['output']}  ({summary['shards']} shards)")
     print(f"rows        {totals.get('rows', 0):,}   tokens {totals.get('tokens', 0):,}   trainable {totals.get('trainable_tokens', 0):,}   truncated {totals.get('truncated', 0):,}")
+    line = system_prompt_line(summary.get("system_prompt") or {})
+    if line:
+        print(f"system      {line}")
     rejected = summary["rejected"]
     print(f"rejected    {sum(rejected.values()):,}" + (f"  ({', '.join(f'{k}: {v}' for k, v in rejected.items())}; see {REJECTS_NAME})" if rejected else ""))
     for stage in summary["stages"].values():

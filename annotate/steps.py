@@ -72,6 +72,7 @@ from schemas.shard import (
     merge_summaries,
     score_column,
     shard_name,
+    system_prompt_of,
     summarize_scores,
 )
 
@@ -198,8 +199,10 @@ def _plan_records(plan: ShardPlan) -> Iterable[tuple[int, Any]]:
 
 
 
-def tokenize_shard(plan: ShardPlan, tokenizer: Any, max_length: int, overlength: str, strict: bool) -> tuple[pa.Table, list[Rejected], int]:
+def tokenize_shard(plan: ShardPlan, tokenizer: Any, max_length: int, overlength: str, strict: bool,
+                   system_prompt: str = "default") -> tuple[pa.Table, list[Rejected], int]:
     """Read, render and tokenize one shard's records. Returns (staging table, rejects, truncated count).
+    ``system_prompt``: default, none or a text (data/render.py).
 
     The staging table also carries ``_given`` (data/given.py): the importance the records supply
     themselves, per token (NaN where they say nothing), for the ``given`` scorer; it is never written
@@ -221,7 +224,7 @@ def tokenize_shard(plan: ShardPlan, tokenizer: Any, max_length: int, overlength:
     # Token offsets only when a record supplies importance (they place it on tokens).
     with_offsets = any(given is not None for *_, given in parsed)
     rendered_all = render_batch(tokenizer, [messages for _, messages, _, _ in parsed], max_length, overlength,
-                                with_offsets=with_offsets)
+                                with_offsets=with_offsets, system_prompt=system_prompt)
     for (line, messages, record, given), rendered in zip(parsed, rendered_all):
         if isinstance(rendered, RecordError):
             rejects.append(Rejected(plan.file, line, rendered.reason, rendered.detail))
@@ -230,7 +233,7 @@ def tokenize_shard(plan: ShardPlan, tokenizer: Any, max_length: int, overlength:
             values = np.full(len(rendered.input_ids), np.nan, dtype=np.float32)
         else:
             try:
-                values = token_values(given, content_ranges(tokenizer, messages, rendered.text), rendered.offsets)
+                values = token_values(given, content_ranges(tokenizer, messages, rendered.text, system_prompt), rendered.offsets)
             except RecordError as exc:
                 rejects.append(Rejected(plan.file, line, exc.reason, exc.detail))
                 continue
@@ -385,8 +388,12 @@ def write_shard(out: Path, index: int, table: pa.Table, scorers: list[ScorerInfo
 
 
 def finalize(out: Path, config: dict[str, Any], tokenizer_fp: dict[str, str], scorers: list[ScorerInfo],
-             expected_shards: list[int] | None = None) -> Manifest:
-    """Write _rejects.jsonl, the dataset card and then _manifest.json (last) from the finished shards' footers."""
+             expected_shards: list[int] | None = None, system_turn: dict[str, Any] | None = None) -> Manifest:
+    """Write _rejects.jsonl, the dataset card and then _manifest.json (last) from the finished shards' footers.
+
+    ``system_turn``: the system turn the chat template writes by itself (``text``; ``offset`` and ``ids``: where
+    it sits in token ids, data.render.template_system_ids), or None: the manifest's ``system_prompt`` records
+    the choice and, under ``default``, how many rows hold that turn and the share of all tokens it takes."""
     shard_paths = sorted(out.glob(SHARD_GLOB))
     if expected_shards is not None:
         have = {int(p.stem.split("-")[1]) for p in shard_paths}
@@ -396,6 +403,7 @@ def finalize(out: Path, config: dict[str, Any], tokenizer_fp: dict[str, str], sc
     entries, stats_parts = [], {}
     rejected: Counter[str] = Counter()
     totals = Counter()
+    turn_rows = 0
     all_rejects: list[dict[str, Any]] = []
     for path in shard_paths:
         meta = read_shard_metadata(path)
@@ -406,6 +414,8 @@ def finalize(out: Path, config: dict[str, Any], tokenizer_fp: dict[str, str], sc
         trainable = int(pc.sum(pc.list_flatten(table[LOSS_MASK]).cast(pa.int64())).as_py() or 0)
         entries.append(ShardEntry(path.name, table.num_rows, tokens, trainable, file_sha256(path)))
         totals.update({"rows": table.num_rows, "tokens": tokens, "trainable_tokens": trainable})
+        if system_turn is not None and system_turn.get("ids"):
+            turn_rows += rows_starting_with(table[INPUT_IDS], system_turn["offset"], system_turn["ids"])
         totals["truncated"] += int(meta.plan.get("truncated", 0))
         rejected.update(meta.plan.get("rejected", {}))
         for name, summary in meta.score_stats.items():
@@ -416,6 +426,7 @@ def finalize(out: Path, config: dict[str, Any], tokenizer_fp: dict[str, str], sc
         schema_version=SCHEMA_VERSION, tokenizer=tokenizer_fp, scorers=scorers, shards=entries,
         totals=dict(totals), rejected=dict(sorted(rejected.items())),
         score_stats={name: merge_summaries(parts) for name, parts in stats_parts.items()}, config=config,
+        system_prompt=system_prompt_record(tokenizer_fp, system_turn, turn_rows, totals.get("tokens", 0)),
     )
     if (out / WORK_DIR).exists() or not (out / REJECTS_NAME).exists():
         atomic_write_text(out / REJECTS_NAME, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in all_rejects))
@@ -423,6 +434,32 @@ def finalize(out: Path, config: dict[str, Any], tokenizer_fp: dict[str, str], sc
     manifest.save(out)
     shutil.rmtree(out / WORK_DIR, ignore_errors=True)
     return manifest
+
+
+def rows_starting_with(input_ids: pa.ChunkedArray | pa.Array, offset: int, ids: list[int]) -> int:
+    """Rows whose tokens ``offset .. offset + len(ids)`` are ``ids`` (a template's own system turn)."""
+    if isinstance(input_ids, pa.ChunkedArray):
+        return sum(rows_starting_with(chunk, offset, ids) for chunk in input_ids.chunks)
+    values = input_ids.values.to_numpy(zero_copy_only=False)
+    offsets = input_ids.offsets.to_numpy()
+    starts, lengths = offsets[:-1], np.diff(offsets)
+    long_enough = starts[lengths >= offset + len(ids)]
+    if not long_enough.size:
+        return 0
+    window = values[long_enough[:, None] + offset + np.arange(len(ids))]
+    return int((window == np.asarray(ids, dtype=values.dtype)).all(axis=1).sum())
+
+
+def system_prompt_record(tokenizer_fp: dict[str, str], system_turn: dict[str, Any] | None, rows: int, tokens: int) -> dict[str, Any]:
+    """The manifest's ``system_prompt``: the choice (as the tokenizer fingerprint records it), the template's own
+    system turn (None: it writes none) and, under ``default``, the rows holding it and its share of all tokens."""
+    choice = system_prompt_of(tokenizer_fp)
+    record: dict[str, Any] = {"choice": choice, "template_turn": system_turn["text"] if system_turn else None}
+    if system_turn and choice == "default":
+        n = len(system_turn.get("ids") or [])
+        record.update({"template_turn_tokens": n, "rows_with_template_turn": rows,
+                       "template_turn_token_share": rows * n / tokens if tokens else 0.0})
+    return record
 
 
 @dataclass

@@ -110,7 +110,7 @@ def _read_spans(spans: Any, where: str, length: int) -> list[tuple[int, int, flo
     return out
 
 
-def content_ranges(tokenizer: Any, messages: Messages, text: str) -> list[tuple[int, int]]:
+def content_ranges(tokenizer: Any, messages: Messages, text: str, system_prompt: str = "default") -> list[tuple[int, int]]:
     """Character range of each message's content in ``text`` (the full rendering).
 
     The rendering of ``messages[:i + 1]`` is a prefix of ``text`` (the templates render.py accepts), and
@@ -122,7 +122,7 @@ def content_ranges(tokenizer: Any, messages: Messages, text: str) -> list[tuple[
         return [(0, len(messages[0]["content"]))]
     ranges, previous_end = [], 0
     for i, message in enumerate(messages):
-        upto = _chat_text(tokenizer, messages[: i + 1])
+        upto = _chat_text(tokenizer, messages[: i + 1], system_prompt=system_prompt)
         content = message["content"]
         start = upto.rfind(content) if text.startswith(upto) else -1
         if start < previous_end:

@@ -107,8 +107,8 @@ def open_directory(uri: str | os.PathLike) -> AnnotatedDir:
 
 
 _MANIFEST_FIELDS = {"schema_version": int, "tokenizer": dict, "scorers": list, "shards": list, "totals": dict,
-                    "rejected": dict, "score_stats": dict, "config": dict, "created_by": str}
-_OPTIONAL_FIELDS = {"config", "created_by"}
+                    "rejected": dict, "score_stats": dict, "config": dict, "created_by": str, "system_prompt": dict}
+_OPTIONAL_FIELDS = {"config", "created_by", "system_prompt"}  # system_prompt: absent before the choice existed
 _SHARD_FIELDS = {"path": str, "rows": int, "tokens": int, "trainable_tokens": int, "sha256": str}
 
 

@@ -131,10 +131,16 @@ def example_id(content: Any) -> str:
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:32]
 
 
-def tokenizer_fingerprint(tokenizer: Any) -> dict[str, str]:
-    """Name plus a hash of the vocabulary, special tokens and chat template of a HF tokenizer.
+SYSTEM_PROMPT_DEFAULT = "default"  # the chat template's own system turn (data/render.py)
 
-    Two tokenizers with the same hash produce the same ids for the same rendered text.
+
+def tokenizer_fingerprint(tokenizer: Any, system_prompt: str | None = None) -> dict[str, str]:
+    """Name plus a hash of the vocabulary, special tokens and chat template of a HF tokenizer; with
+    ``system_prompt`` (annotate's choice: default, none or a text) also that choice.
+
+    Two tokenizers with the same hash produce the same ids for the same rendered text. The system-prompt
+    choice is a key of its own, not part of the hash, so a refusal can name both choices (a fingerprint
+    without it, from before the choice existed, means ``default``: :func:`system_prompt_of`).
     """
     vocab = sorted(tokenizer.get_vocab().items())
     special = sorted(str(t) for t in getattr(tokenizer, "all_special_tokens", []))
@@ -146,7 +152,21 @@ def tokenizer_fingerprint(tokenizer: Any) -> dict[str, str]:
     digest.update(json.dumps(special, ensure_ascii=False).encode("utf-8"))
     digest.update(template.encode("utf-8"))
     name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-    return {"name": os.path.basename(str(name).rstrip("/")) or str(name), "sha256": digest.hexdigest()}
+    fingerprint = {"name": os.path.basename(str(name).rstrip("/")) or str(name), "sha256": digest.hexdigest()}
+    if system_prompt is not None:
+        fingerprint["system_prompt"] = system_prompt
+    return fingerprint
+
+
+def system_prompt_of(fingerprint: dict[str, str]) -> str:
+    """The system-prompt choice a tokenizer fingerprint records; ``default`` where it has none (data annotated
+    before the choice existed was rendered with the template's own behaviour)."""
+    return fingerprint.get("system_prompt") or SYSTEM_PROMPT_DEFAULT
+
+
+def same_fingerprint(a: dict[str, str], b: dict[str, str]) -> bool:
+    """Equal fingerprints, a missing system-prompt choice counting as ``default``."""
+    return {**a, "system_prompt": system_prompt_of(a)} == {**b, "system_prompt": system_prompt_of(b)}
 
 
 @dataclass
@@ -313,6 +333,10 @@ class Manifest:
     score_stats: dict[str, dict[str, Any]]  # scorer (and excess_loss) -> merge_summaries()
     config: dict[str, Any] = field(default_factory=dict)  # the annotate run's resolved config
     created_by: str = "sftgo.annotate"
+    # The system-prompt choice (also in ``tokenizer``, which the trainer checks) and the chat template's own
+    # system turn: {choice, template_turn, and under default template_turn_tokens, rows_with_template_turn,
+    # template_turn_token_share}. Empty in manifests written before the choice existed (= default).
+    system_prompt: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False)

@@ -32,6 +32,7 @@ from schemas.shard import (
     arrow_schema,
     first_non_finite,
     join,
+    same_fingerprint,
     score_column,
 )
 
@@ -116,7 +117,7 @@ def validate_directory(directory: str | Path, deep: bool = True, tokenizer_sha25
             continue
         if meta.schema_version not in READABLE_SCHEMA_VERSIONS:
             problems.append(f"{shown}: schema_version {meta.schema_version}, expected one of {list(READABLE_SCHEMA_VERSIONS)}")
-        if meta.tokenizer != manifest.tokenizer:
+        if not same_fingerprint(meta.tokenizer, manifest.tokenizer):
             problems.append(f"{shown}: tokenizer fingerprint {meta.tokenizer} differs from the manifest's {manifest.tokenizer}")
         if [s.name for s in meta.scorers] != scorers:
             problems.append(f"{shown}: scorers {[s.name for s in meta.scorers]} differ from the manifest's {scorers}")

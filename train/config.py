@@ -44,7 +44,8 @@ from typing import Any
 
 from data import config as config_mechanism
 from data.config import ConfigError, option
-from schemas.shard import EXCESS_LOSS, EXCESS_LOSS_PARTS, Manifest, has_ref_loss, has_score, score_names, score_spread_problem
+from schemas.shard import (EXCESS_LOSS, EXCESS_LOSS_PARTS, Manifest, has_ref_loss, has_score, score_names, score_spread_problem,
+                           system_prompt_of)
 from train.losses import GROUP_DECISIONS, LOSSES, Loss
 from train.schedule import SCHEDULES
 
@@ -64,6 +65,7 @@ class DataConfig:
     micro_batch_tokens: int = option(4096, "packing budget: tokens per micro-batch (one packed row); an example longer than it is a micro-batch alone")
     num_workers: int = option(0, "DataLoader workers reading shards (0 = in the main process)")
     shuffle: bool = option(True, "shuffle row groups and rows each epoch (seeded by seed and epoch)")
+    system_prompt: str = option("default", "the system-prompt choice the data was annotated with (annotate --system-prompt: default, none, or the text); data rendered with another choice is refused, and train.evaluate generates with it")
     deep_validate: bool = option(True, "read every shard once before step 1 (checksums, list lengths, NaN/inf scores, unique ids) so bad data fails before training; false: footer checks only (faster on huge data; the stream still refuses a NaN it meets)")
 
 
@@ -397,6 +399,9 @@ def validate_against_data(config: TrainConfig, manifest: Manifest, uri: str | No
     offered = score_names(manifest.scorer_names)
     scorer = config.importance.scorer
     p: list[str] = []
+    mismatch = system_prompt_problem(config, manifest, where)
+    if mismatch:
+        p.append(mismatch)
     if not has_score(manifest, scorer):
         hint = ""
         if scorer == EXCESS_LOSS:
@@ -420,6 +425,17 @@ def validate_against_data(config: TrainConfig, manifest: Manifest, uri: str | No
         raise ConfigError(f"train config does not fit the data in {where}:\n  " + "\n  ".join(p))
 
 
+def system_prompt_problem(config: TrainConfig, manifest: Manifest, where: str) -> str | None:
+    """Why the data in ``where`` does not fit ``data.system_prompt`` (None when it does): it was rendered with
+    another system-prompt choice (its tokenizer fingerprint's; none recorded = default)."""
+    have, want = system_prompt_of(manifest.tokenizer), config.data.system_prompt
+    if have == want:
+        return None
+    return (f"data.system_prompt: {where} was rendered with system prompt {have!r} (annotate --system-prompt), but "
+            f"data.system_prompt is {want!r}; set data.system_prompt to {have!r}, or annotate again with "
+            f"--system-prompt {want!r}")
+
+
 def eval_grouping(config: TrainConfig) -> tuple[str, float, str]:
     """``(scorer, rho, scope)`` that group data.validation's tokens: the ``eval`` keys where set, else
     the ``importance`` ones (the training grouping)."""
@@ -432,6 +448,9 @@ def validate_eval_data(config: TrainConfig, manifest: Manifest, uri: str) -> Non
     is stored there; scope corpus has the score's statistics in ``corpus_manifest`` or there."""
     scorer, _, scope = eval_grouping(config)
     p: list[str] = []
+    mismatch = system_prompt_problem(config, manifest, uri)
+    if mismatch:
+        p.append(mismatch)
     if not has_score(manifest, scorer):
         p.append(f"eval.scorer: {scorer!r} is not in {uri}; it offers {score_names(manifest.scorer_names)}")
     elif scope == "corpus" and not (manifest.score_stats.get(scorer) or {}).get("quantiles"):

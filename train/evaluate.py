@@ -14,7 +14,12 @@ embedded name ``smollm2-135m-instruct``. Every input is checked before any model
   and ``arc_challenge`` (acc and acc_norm).
 - **Held-out loss per group** over an annotated shard directory with the trainer's own code
   (``train/heldout.py``: ShardStream packing, train/grouping.py, train/forward.py token_losses).
-- **Generations**: greedy answers to a few prompts, chat template applied.
+  The grouping (score, rho, scope) is each run's own: its config's evaluation grouping
+  (``train.config.eval_grouping``: ``eval.*``, defaulting to ``importance.*``); a model without a training
+  config takes the first run directory's; ``--scorer`` / ``--rho`` / ``--scope`` set it for every run.
+- **Generations**: greedy answers to a few prompts, rendered with the chat template and the system-prompt
+  choice the run trained with (its ``data.system_prompt``; ``--system-prompt`` overrides; a model without a
+  training config: ``default``, the template's own behaviour).
 
 Results: one table printed, ``--output`` (all runs) and ``RUN_DIR/evaluation.json`` (that run only)
 with keys ``run``, ``model``, ``benchmarks``, ``heldout``, ``generations`` (read by train.report).
@@ -67,6 +72,10 @@ class Run:
     model: str  # a model folder, or the embedded name until resolve_model converts it
     run_dir: Path | None = None
     tokenizer: Any = None
+    config: Any = None  # a run directory's TrainConfig (config.yaml)
+    system_prompt: str = "default"  # what its generations are rendered with (data.system_prompt)
+    grouping: tuple[str, float, str] = ("tfidf", 0.7, "sequence")  # (scorer, rho, scope) of its held-out groups
+    grouping_from: str = "the defaults"  # where the grouping came from, in words
     heldout: list[tuple[str, Any, float | None]] = field(default_factory=list)  # (dir, manifest, threshold)
 
 
@@ -248,13 +257,39 @@ def parse_tasks(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def configure_runs(runs: list[Run], args: argparse.Namespace) -> None:
+    """Each run's held-out grouping and system-prompt choice: its training config's (``eval_grouping`` and
+    ``data.system_prompt``), a model without one the first run directory's grouping; the options override."""
+    from train import config as train_config
+
+    for run in runs:
+        if run.run_dir is not None and (run.run_dir / "config.yaml").is_file():
+            try:
+                run.config = train_config.load_config(["--config", str(run.run_dir / "config.yaml")])
+            except ValueError as exc:
+                raise ValueError(f"run {run.arg}: its config.yaml is not readable here ({exc}); give --scorer, --rho, --scope") from None
+    first = next((run.config for run in runs if run.config is not None), None)
+    for run in runs:
+        cfg = run.config if run.config is not None else first
+        own = train_config.eval_grouping(cfg) if cfg is not None else ("tfidf", 0.7, "sequence")
+        run.grouping = (args.scorer or own[0], own[1] if args.rho is None else args.rho, args.scope or own[2])
+        given = [o for o, v in (("--scorer", args.scorer), ("--rho", args.rho), ("--scope", args.scope)) if v is not None]
+        origin = "its config" if run.config is not None else ("the first run's config" if cfg is not None else "the defaults")
+        run.grouping_from = (origin if not given else " ".join(given) if len(given) == 3
+                             else f"{' '.join(given)}; the rest from {origin}")
+        if args.system_prompt is not None:
+            run.system_prompt = args.system_prompt
+        elif run.config is not None:
+            run.system_prompt = run.config.data.system_prompt
+
+
 def check_inputs(args: argparse.Namespace) -> tuple[list[Run], list[str], Benchmarks | None, list[str], torch.device]:
     """Read and check every input; raises ValueError / OSError with a message naming the culprit."""
     from data.models import load_tokenizer, resolve_model
     from schemas.shard import tokenizer_fingerprint
     from train.heldout import open_heldout
 
-    if not 0.0 <= args.rho < 1.0:
+    if args.rho is not None and not 0.0 <= args.rho < 1.0:
         raise ValueError(f"--rho {args.rho}: must be in [0, 1)")
     for option, value, low in (("--num-fewshot", args.num_fewshot, 0), ("--limit", args.limit, 1), ("--batch-size", args.batch_size, 1), ("--row-tokens", args.row_tokens, 1),
                                ("--micro-batch-tokens", args.micro_batch_tokens, 1), ("--max-new-tokens", args.max_new_tokens, 1)):
@@ -291,6 +326,7 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[Run], list[str], Benchm
     if not output.parent.resolve().is_dir():
         raise ValueError(f"--output {args.output}: directory {output.parent} does not exist")
 
+    configure_runs(runs, args)
     for run in runs:  # tokenizers only (the embedded model is converted once, on first use)
         run.model = resolve_model(run.model)
         # Before any model loads: a folder asking for its own code is refused unless --trust-remote-code.
@@ -299,7 +335,7 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[Run], list[str], Benchm
             sha = tokenizer_fingerprint(run.tokenizer)["sha256"]
             for uri in args.heldout:
                 try:
-                    manifest, threshold = open_heldout(uri, sha, args.scorer, args.rho, args.scope)
+                    manifest, threshold = open_heldout(uri, sha, *run.grouping)
                 except ValueError as exc:
                     raise ValueError(f"--heldout {uri} for run {run.arg}: {exc}") from None
                 run.heldout.append((uri, manifest, threshold))
@@ -415,8 +451,12 @@ def run_benchmarks(model: Any, tokenizer: Any, bench: Benchmarks, tasks: list[st
     return records
 
 
-def generate_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, device: torch.device) -> list[dict[str, str]]:
-    """Greedy answers, one prompt at a time (no padding to reason about); the chat template when the tokenizer has one."""
+def generate_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, device: torch.device,
+                     system_prompt: str = "default") -> list[dict[str, str]]:
+    """Greedy answers, one prompt at a time (no padding to reason about); the chat template when the tokenizer has one,
+    with the run's system-prompt choice (data.render.prompt_text: what its training data was rendered with)."""
+    from data.render import prompt_text
+
     from transformers import GenerationConfig
 
     eos = model.generation_config.eos_token_id if model.generation_config.eos_token_id is not None else tokenizer.eos_token_id
@@ -426,7 +466,7 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[str], max_new_tok
     answers = []
     for prompt in prompts:
         if tokenizer.chat_template:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+            text = prompt_text(tokenizer, prompt, system_prompt)
             encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False)
         else:
             encoded = tokenizer(prompt, return_tensors="pt")
@@ -457,9 +497,10 @@ def evaluation_request(run: Run, args: argparse.Namespace, tasks: list[str], ben
             "loglikelihood_batch": args.row_tokens if args.loglikelihood == "packed" else args.batch_size,
             "heldout": [{"dir": str(Path(uri).resolve()), "manifest_sha256": manifest_sha256(uri)}
                         for uri, _, _ in run.heldout],
-            "scorer": args.scorer if run.heldout else None, "rho": args.rho if run.heldout else None,
-            "scope": args.scope if run.heldout else None, "micro_batch_tokens": args.micro_batch_tokens if run.heldout else None,
-            "prompts": prompts, "max_new_tokens": args.max_new_tokens if prompts else None, "device": device.type}
+            "scorer": run.grouping[0] if run.heldout else None, "rho": run.grouping[1] if run.heldout else None,
+            "scope": run.grouping[2] if run.heldout else None, "micro_batch_tokens": args.micro_batch_tokens if run.heldout else None,
+            "prompts": prompts, "max_new_tokens": args.max_new_tokens if prompts else None, "device": device.type,
+            **({"system_prompt": run.system_prompt} if prompts and run.system_prompt != "default" else {})}
 
 
 def earlier_evaluation(run: Run, request: dict[str, Any], output: Path) -> dict[str, Any] | None:
@@ -489,12 +530,15 @@ def evaluate_run(run: Run, args: argparse.Namespace, tasks: list[str], bench: Be
         result["benchmarks"] = run_benchmarks(model, run.tokenizer, bench, tasks, run, args.num_fewshot, args.limit, args.batch_size,
                                               args.loglikelihood, args.row_tokens)
     for uri, manifest, threshold in run.heldout:
-        summary = heldout_losses(model, uri, manifest, args.scorer, args.rho, args.scope, threshold,
+        scorer, rho, scope = run.grouping
+        summary = heldout_losses(model, uri, manifest, scorer, rho, scope, threshold,
                                  micro_batch_tokens=args.micro_batch_tokens, device=device, chunk_size=CE_CHUNK)
-        result["heldout"].append({"run": run.name, "model": run.model, "dir": uri, "scorer": args.scorer, "rho": args.rho,
-                                  "scope": args.scope, "micro_batch_tokens": args.micro_batch_tokens, **summary})
+        result["heldout"].append({"run": run.name, "model": run.model, "dir": uri, "scorer": scorer, "rho": rho,
+                                  "scope": scope, "grouping_from": run.grouping_from, "micro_batch_tokens": args.micro_batch_tokens,
+                                  **summary})
     if prompts:
-        result["generations"] = generate_answers(model, run.tokenizer, prompts, args.max_new_tokens, device)
+        result["generations"] = generate_answers(model, run.tokenizer, prompts, args.max_new_tokens, device, run.system_prompt)
+        result["system_prompt"] = run.system_prompt
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -608,10 +652,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16, help="--loglikelihood hf: requests per forward pass (default: %(default)s)")
     parser.add_argument("--heldout", action="append", default=[], metavar="DIR",
                         help="annotated shard directory for per-group held-out loss (repeatable); its tokenizer must be the run's (default: none)")
-    parser.add_argument("--scorer", default="tfidf", help="stored score that groups the held-out tokens: tfidf, llmlingua2, ref_loss, excess_loss, ... (default: %(default)s)")
-    parser.add_argument("--rho", type=float, default=0.7, help="threshold in [0, 1): the top ceil((1 - rho) * n) trainable tokens of each scope are important (default: %(default)s)")
-    parser.add_argument("--scope", default="sequence", choices=["sequence", "batch", "corpus"],
-                        help="where tokens are ranked: sequence (per example), batch (per packed micro-batch), corpus (manifest threshold) (default: %(default)s)")
+    parser.add_argument("--scorer", default=None, help="stored score that groups the held-out tokens: tfidf, llmlingua2, ref_loss, excess_loss, ... "
+                                                      "(default: each run's own evaluation grouping, eval.scorer or importance.scorer of its config; "
+                                                      "a model without one: the first run directory's, else tfidf)")
+    parser.add_argument("--rho", type=float, default=None, help="threshold in [0, 1): the top ceil((1 - rho) * n) trainable tokens of each scope are important "
+                                                                 "(default: each run's own, as --scorer; else 0.7)")
+    parser.add_argument("--scope", default=None, choices=["sequence", "batch", "corpus"],
+                        help="where tokens are ranked: sequence (per example), batch (per packed micro-batch), corpus (manifest threshold) "
+                             "(default: each run's own, as --scorer; else sequence)")
+    parser.add_argument("--system-prompt", default=None,
+                        help="the system-prompt choice generations are rendered with: default, none or a text (default: each run's "
+                             "data.system_prompt, what its data was annotated with; a model without a training config: default)")
     parser.add_argument("--micro-batch-tokens", type=int, default=4096,
                         help="held-out packing budget in tokens (scope batch depends on it: use the run's data.micro_batch_tokens) (default: %(default)s)")
     parser.add_argument("--generate", action=argparse.BooleanOptionalAction, default=True, help="greedy answers to the sample prompts (default: on)")

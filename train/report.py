@@ -75,6 +75,43 @@ class Run:
         loss = self.setting("loss.name", "?")
         return f"{self.name} ({LOSSES[loss].label(self.setting) if loss in LOSSES else loss})"
 
+    @property
+    def training_groups(self) -> str:
+        """What the training curves' important / unimportant groups are: rho1's live selection, else the
+        load-time grouping (importance.scorer, rho, scope)."""
+        if self.setting("loss.name") == "rho1":
+            rho = self.setting("loss.rho1_rho")
+            rho = self.setting("importance.rho") if rho is None else rho
+            return f"Rho-1 live selection (top {1 - float(rho):.0%} by live excess loss, per step)"
+        return grouping_label(self.setting("importance.scorer"), self.setting("importance.rho"), self.setting("importance.scope"))
+
+    @property
+    def trainer_eval_groups(self) -> str:
+        """The grouping of the trainer's held-out numbers: train.config.eval_grouping (eval.*, else importance.*)."""
+        try:
+            cfg = train_config.load_config(["--config", str(self.path / "config.yaml")])
+            return grouping_label(*train_config.eval_grouping(cfg))
+        except (ValueError, OSError):
+            scorer = self.setting("eval.scorer") or self.setting("importance.scorer")
+            rho = self.setting("eval.rho")
+            return grouping_label(scorer, self.setting("importance.rho") if rho is None else rho,
+                                  self.setting("eval.scope") or self.setting("importance.scope"))
+
+    @property
+    def lambda_applies(self) -> bool:
+        """Whether the run has a lambda (SFT-GO's weight on the worse group); rho1 trains only its selection."""
+        return self.setting("loss.name") == "sftgo"
+
+
+def grouping_label(scorer: Any, rho: Any, scope: Any) -> str:
+    """A load-time grouping in words: ``score tfidf, rho 0.7, sequence scope``."""
+    return f"score {scorer}, rho {rho}, {scope} scope"
+
+
+def heldout_groups(record: dict[str, Any]) -> str:
+    """The grouping of one train.evaluate held-out record."""
+    return grouping_label(record.get("scorer"), record.get("rho"), record.get("scope"))
+
 
 # ---------------------------------------------------------------------------------------------
 # Reading run directories
@@ -218,7 +255,11 @@ def plot_loss_curves(runs: list[Run], out: Path) -> Path:
                     ax.scatter([steps[-1] + 0.04 * max(1, steps[-1])], [record[key]], marker="D", s=28,
                                color=GROUP_COLORS[key], edgecolors="white", zorder=3,
                                label="held-out (train.evaluate)" if key == "important_loss" else None)
-        ax.set_title("\n".join(textwrap.wrap(run.label, 48)), fontsize=9)
+        title = textwrap.wrap(run.label, 48) + textwrap.wrap(f"groups: {run.training_groups}", 56)
+        held = (run.evaluation or {}).get("heldout", [])[:1]
+        if held:
+            title += textwrap.wrap(f"diamonds: {heldout_groups(held[0])}", 56)
+        ax.set_title("\n".join(title), fontsize=8)
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.grid(alpha=0.3)
@@ -242,6 +283,8 @@ def plot_lambda(runs: list[Run], out: Path) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(9.5, 3.4), layout="constrained")
     for run in runs:
+        if not run.lambda_applies:  # (named as not applicable beside the plot)
+            continue
         ax.plot([r["step"] for r in run.steps], [r.get("lambda", 0.0) for r in run.steps], label=run.label,
                 marker="." if len(run.steps) < 30 else None)
     ax.set_xlabel("step")
@@ -249,8 +292,9 @@ def plot_lambda(runs: list[Run], out: Path) -> Path:
     ax.set_ylim(-0.05, 1.05)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    ax.set_title("lambda over steps", fontsize=11)
+    if any(run.lambda_applies for run in runs):
+        ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.set_title("lambda over steps (runs with a lambda; rho1: not applicable)", fontsize=11)
     return _save(fig, out)
 
 
@@ -270,7 +314,7 @@ def plot_heldout(runs: list[Run], out: Path) -> Path | None:
         xs = [k + (index - (len(with_evals) - 1) / 2) * width for k in range(len(EVAL_KEYS))]
         values = [final.get(key, float("nan")) for key in EVAL_KEYS]
         top = max([top] + [v for v in values if v == v])
-        drawn = bars.bar(xs, values, width=width, label=run.label)
+        drawn = bars.bar(xs, values, width=width, label=f"{run.label}; groups: {run.trainer_eval_groups}")
         # Vertical labels: side by side they never collide, however many runs there are.
         bars.bar_label(drawn, fmt="%.3f", fontsize=7, rotation=90, padding=2)
         lines.plot([e["step"] for e in run.evals], [e.get("eval_ce", float("nan")) for e in run.evals], marker="o", label=run.label)
@@ -278,7 +322,7 @@ def plot_heldout(runs: list[Run], out: Path) -> Path | None:
     bars.set_xticks(range(len(EVAL_KEYS)), ["CE", "important group", "unimportant group"])
     bars.set_ylabel("held-out loss (nats / token)")
     bars.set_title("trainer's held-out losses at its last evaluation", fontsize=10)
-    fig.legend(*bars.get_legend_handles_labels(), loc="outside lower center", ncols=min(3, len(with_evals)), fontsize=8)
+    fig.legend(*bars.get_legend_handles_labels(), loc="outside lower center", ncols=1, fontsize=8)
     lines.xaxis.set_major_locator(MaxNLocator(integer=True))
     lines.set_xlabel("step")
     lines.set_ylabel("held-out CE")
@@ -362,18 +406,40 @@ def runs_table(runs: list[Run]) -> str:
         last = run.steps[-1]
         final_eval = run.evals[-1] if run.evals else {}
         batches = run.setting("eval.max_batches")
-        rows.append([run.name, run.setting("loss.name"), objective(run),
-                     f"{run.setting('importance.scorer')} at rho {run.setting('importance.rho')}, {run.setting('importance.scope')}",
+        rows.append([run.name, run.setting("loss.name"), objective(run), run.training_groups, run.trainer_eval_groups,
                      last["step"], float(last.get("loss", math.nan)), float(last.get("ce", math.nan)),
                      float(final_eval.get("eval_ce", math.nan)), float(final_eval.get("eval_important_loss", math.nan)),
                      float(final_eval.get("eval_unimportant_loss", math.nan)),
                      f"step {final_eval['step']}, {batches or 'all'} batches" if final_eval else "—"])
-    return (_table(["run", "loss", "objective", "groups (scorer, rho, scope)", "steps", "last loss", "last CE",
+    return (_table(["run", "loss", "objective", "training-curve groups", "trainer held-out groups", "steps", "last loss", "last CE",
                     "trainer held-out CE", "trainer held-out important", "trainer held-out unimportant", "trainer eval"], rows)
             + '<p class="note">Trainer held-out numbers: the trainer\'s own evaluation on data.validation at the step shown, '
               "over eval.max_batches micro-batches (not the whole set). The Evaluation section's held-out numbers come from "
               "train.evaluate over every example of its directory, after training. Groups are computed for every run (the "
               "curves show them); only SFT-GO optimises them.</p>")
+
+
+def groups_table(runs: list[Run]) -> str:
+    """Per run, the grouping behind each of its group numbers: the training curves, the trainer's held-out numbers,
+    train.evaluate's held-out records (the diamonds and the Evaluation table), and whether lambda applies."""
+    rows = []
+    for run in runs:
+        held = "; ".join(dict.fromkeys(heldout_groups(r) for r in (run.evaluation or {}).get("heldout", []))) or "—"
+        rows.append([run.name, run.training_groups, run.trainer_eval_groups if run.evals else "—", held,
+                     "yes" if run.lambda_applies else "not applicable"])
+    return _table(["run", "training curves", "trainer held-out", "train.evaluate held-out (diamonds)", "lambda"], rows,
+                  cls="data groups")
+
+
+def lambda_note(runs: list[Run]) -> str:
+    """Which runs the lambda plot leaves out, and why."""
+    left = [run for run in runs if not run.lambda_applies]
+    if not left:
+        return ""
+    why = {"rho1": "trains only its live selection", "sft": "plain CE", "select": "trains only the important group"}
+    items = ", ".join(f"{html.escape(run.name)} ({html.escape(str(run.setting('loss.name')))}: "
+                      f"{why.get(run.setting('loss.name'), 'no group weight')})" for run in left)
+    return f'<p class="note lambda-na">lambda not applicable, not plotted: {items}.</p>'
 
 
 @dataclass
@@ -424,12 +490,12 @@ def evaluation_section(runs: list[Run], baselines: list[Baseline] | None = None)
     held_rows = []
     for run in evaluated:
         for record in run.evaluation.get("heldout", []):
-            held_rows.append([run.name, record.get("dir"), record.get("scorer"), record.get("rho"), record.get("scope"),
+            held_rows.append([run.name, record.get("dir"), heldout_groups(record), record.get("grouping_from", "—"),
                               record.get("ce"), record.get("important_loss"), record.get("unimportant_loss"),
                               record.get("worse_group"), record.get("tokens")])
     if held_rows:
         parts.append("<h3>Per-group held-out loss (train.evaluate: every example of the directory, final model)</h3>"
-                     + _table(["run", "shards", "scorer", "rho", "scope", "CE", "important", "unimportant", "worse group", "tokens"], held_rows))
+                     + _table(["run", "shards", "groups", "grouping from", "CE", "important", "unimportant", "worse group", "tokens"], held_rows))
     prompts: dict[str, dict[str, str]] = {}
     for run in evaluated:
         for item in run.evaluation.get("generations", []):
@@ -517,11 +583,13 @@ def build_report(run_dirs: list[str], output: str, *, shards: str | None = None,
         '<p class="note">Runs: ' + ", ".join(f"<code>{html.escape(str(r.path))}</code>" for r in runs) + "</p>",
         "<h2>Runs</h2>", runs_table(runs),
         "<h2>Training loss by token group</h2>",
-        ('<p class="note">CE over all trainable tokens (dashed), the important group and the unimportant group at each '
-         "run's rho; SFT-GO optimises (1 - lambda) CE + lambda max(group losses). Diamonds after the last step: "
-         "the final model's held-out losses from train.evaluate, when the run has them.</p>"),
+        ('<p class="note">CE over all trainable tokens (dashed), the important group and the unimportant group; '
+         "SFT-GO optimises (1 - lambda) CE + lambda max(group losses). Diamonds after the last step: "
+         "the final model's held-out losses from train.evaluate, when the run has them. Each panel names its groups; "
+         "the table below says what \"important\" means in each number of this report.</p>"),
+        groups_table(runs),
         _img(loss_png, "training loss curves"),
-        "<h2>lambda over steps</h2>", _img(lambda_png, "lambda over steps"),
+        "<h2>lambda over steps</h2>", lambda_note(runs), _img(lambda_png, "lambda over steps"),
         "<h2>Held-out loss</h2>",
         _img(heldout_png, "held-out losses") if heldout_png else '<p class="note">No held-out evaluation logged (data.validation, eval.every).</p>',
         "<h2>Evaluation</h2>", evaluation_section(runs, baselines),

@@ -70,8 +70,8 @@ def mutate(folder: Path, rng: random.Random) -> str:
     manifest = json.loads((folder / MANIFEST_NAME).read_text())
     if kind in ("manifest_drop", "manifest_type"):
         target = manifest if rng.random() < 0.5 else rng.choice(manifest["shards"])
-        # config and created_by have defaults: dropping them leaves a valid manifest.
-        key = rng.choice(sorted(set(target) - ({"config", "created_by"} if kind == "manifest_drop" else set())))
+        # config, created_by and system_prompt have defaults: dropping them leaves a valid manifest.
+        key = rng.choice(sorted(set(target) - ({"config", "created_by", "system_prompt"} if kind == "manifest_drop" else set())))
         if kind == "manifest_drop":
             del target[key]
         else:  # a value of another JSON type than the field's

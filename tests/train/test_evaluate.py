@@ -345,7 +345,9 @@ def test_generations_are_greedy_and_deterministic(model, smol_tokenizer, tmp_pat
 
 def test_json_files(evaluated, run_dir, tiny_llama_dir):
     per_run = json.loads((run_dir / "evaluation.json").read_text())
-    assert set(per_run) == {"run", "model", "benchmarks", "heldout", "generations", "request"}
+    assert set(per_run) == {"run", "model", "benchmarks", "heldout", "generations", "system_prompt", "request"}
+    assert per_run["system_prompt"] == "default"  # the run's data.system_prompt, what its generations were rendered with
+    assert per_run["heldout"][0]["grouping_from"] == "--scorer --rho; the rest from its config"
     assert per_run == evaluated["runs"][0]
     assert per_run["run"] == "sftgo" and per_run["model"] == str(run_dir / "model")
     assert [b["task"] for b in per_run["benchmarks"]] == ["mmlu", "arc_challenge"]

@@ -268,3 +268,38 @@ def test_run_labels_name_what_decides_each_objective():
     assert label(name="sftgo") == "r (sftgo, tfidf, rho 0.7)"
     assert label(name="select") == "r (select, tfidf, rho 0.7)"
     assert label(name="weighted", weight_transform="sigmoid") == "r (weighted, tfidf, sigmoid)"
+
+
+def test_rho1_and_sftgo_report_names_every_grouping_in_chromium(tmp_path, report_inputs, smol_tokenizer_dir):
+    """One meaning of "important" per number: a rho1 run's curves are its live selection, its trainer held-out
+    numbers the config's score, train.evaluate's the record's grouping; lambda is not applicable to rho1."""
+    from selenium.webdriver.common.by import By
+
+    shards = report_inputs["shards"]
+    held = lambda run, scorer: {"run": run, "model": f"{run}/model", "benchmarks": [], "generations": [],  # noqa: E731
+                                "heldout": [{"dir": str(shards), "scorer": scorer, "rho": 0.7, "scope": "sequence",
+                                             "grouping_from": "its config", "ce": 2.0, "important_loss": 2.5,
+                                             "unimportant_loss": 1.8, "worse_group": "important", "tokens": 50}]}
+    rho1 = write_run(tmp_path / "rho1", loss="rho1", shards=shards, model=smol_tokenizer_dir, steps=4,
+                     evaluation=held("rho1", "excess_loss"))
+    sftgo = write_run(tmp_path / "sftgo", loss="sftgo", shards=shards, model=smol_tokenizer_dir, steps=4,
+                      evaluation=held("sftgo", "tfidf"))
+    page = report.build_report([str(rho1), str(sftgo)], str(tmp_path / "out"), examples=2)
+    driver = _chromium()
+    try:
+        driver.get(page.as_uri())
+        rows = {row.find_elements(By.TAG_NAME, "td")[0].text: [td.text for td in row.find_elements(By.TAG_NAME, "td")]
+                for row in driver.find_elements(By.CSS_SELECTOR, "table.groups tbody tr")}
+        assert rows["rho1"][1:] == ["Rho-1 live selection (top 30% by live excess loss, per step)",
+                                    "score tfidf, rho 0.7, sequence scope", "score excess_loss, rho 0.7, sequence scope",
+                                    "not applicable"]
+        assert rows["sftgo"][1:] == ["score tfidf, rho 0.7, sequence scope"] * 3 + ["yes"]
+        note = driver.find_element(By.CSS_SELECTOR, "p.lambda-na")
+        assert note.is_displayed() and "rho1 (rho1: trains only its live selection)" in note.text and "sftgo" not in note.text
+        runs_header = [th.text for th in driver.find_elements(By.CSS_SELECTOR, "table.data")[0].find_elements(By.TAG_NAME, "th")]
+        assert "training-curve groups" in runs_header and "trainer held-out groups" in runs_header
+        body = driver.find_element(By.TAG_NAME, "body").text
+        assert "score excess_loss, rho 0.7, sequence scope" in body and "its config" in body
+    finally:
+        driver.quit()
+    assert [run.label for run in map(report.load_run, (rho1, sftgo))]  # both readable
