@@ -199,7 +199,7 @@ def parse_record(raw: bytes | str | dict, fmt: str) -> tuple[Messages, dict]:
         try:
             raw = json.loads(raw)
         except json.JSONDecodeError as exc:
-            raise RecordError("malformed_json", f"{exc.msg} at column {exc.colno}") from None
+            raise RecordError("malformed_json", json_error_position(exc)) from None
         except RecursionError:  # deeply nested arrays/objects
             raise RecordError("malformed_json", "nested too deeply to parse") from None
     if not isinstance(raw, dict):
@@ -212,6 +212,19 @@ def parse_record(raw: bytes | str | dict, fmt: str) -> tuple[Messages, dict]:
             raise RecordError("invalid_unicode", f"turn {i} ({message['role']}): lone surrogate "
                                                  f"U+{ord(message['content'][exc.start]):04X} at character {exc.start}") from None
     return messages, raw
+
+
+def json_error_position(exc: json.JSONDecodeError) -> str:
+    """Where a record's JSON breaks, as its line shows it: ``Expecting ',' delimiter at column 28 (the
+    line ends there: the record is cut short)``. The line's own newline is not part of the record: an
+    error at the end of the text (json says "line 2 column 1" after it) is at the end of the line."""
+    text = exc.doc.rstrip("\r\n")
+    pos = min(exc.pos, len(text))
+    line = text.count("\n", 0, pos) + 1
+    column = pos - (text.rfind("\n", 0, pos) + 1) + 1
+    where = f"column {column}" if line == 1 else f"line {line} column {column}"
+    end = " (the line ends there: the record is cut short)" if pos >= len(text) else ""
+    return f"{exc.msg} at {where}{end}"
 
 
 def is_json_array(path: str) -> bool:
