@@ -47,6 +47,7 @@ from data.formats import (
     parse_record,
     read_lines,
     source_name,
+    where,
 )
 from data.given import GIVEN_COLUMN, GivenTurn, content_ranges, read_given, token_values
 from data.render import render_batch
@@ -245,7 +246,7 @@ def tokenize_shard(plan: ShardPlan, tokenizer: Any, max_length: int, overlength:
     rejects.sort(key=lambda r: r.line)  # parse and render rejects, in file order
     if strict and rejects:
         first = rejects[0]
-        raise StrictModeError(f"{first.file}:{first.line}: {first.reason}: {first.detail} (--strict)")
+        raise StrictModeError(f"{where(first.file, first.line)}: {first.reason}: {first.detail} (--strict)")
     table = pa.table({
         ID: pa.array(ids, pa.string()),
         SOURCE: pa.array(sources, pa.string()),

@@ -65,12 +65,23 @@ def read_lines(f: BinaryIO, max_bytes: int) -> Iterator[tuple[bytes | OversizedR
 @dataclass
 class Rejected:
     file: str
-    line: int  # 1-based line in a JSONL file, or 1-based record number in a JSON array
+    line: int  # 1-based line in a JSONL or CSV file (a CSV record's first line), 1-based record number in a
+    # JSON array, 0-based row index in a Parquet or Arrow file (see :func:`where`)
     reason: str
     detail: str
 
     def to_dict(self) -> dict[str, Any]:
         return {"file": self.file, "line": self.line, "reason": self.reason, "detail": self.detail}
+
+
+#: Containers whose records are rows of a table: a reject's ``line`` is the 0-based row index in its file.
+TABLE_SUFFIXES = (".parquet", ".arrow")
+
+
+def where(file: str, line: int) -> str:
+    """A record's place as a reject shows it: ``data.jsonl:12`` (a line, or a JSON array's item number) or
+    ``train-00000-of-00001.parquet row 11`` (a Parquet or Arrow row index, 0-based as ``ds[11]``)."""
+    return f"{file} row {line}" if str(file).endswith(TABLE_SUFFIXES) else f"{file}:{line}"
 
 
 def _string(record: dict, key: str, required: bool = True) -> str:
