@@ -127,11 +127,23 @@ def no_rows_message(out: Path, rejected: dict[str, int], config: Any) -> str:
             line = f.readline()
         if line.strip():
             r = json.loads(line)
-            first = f"; the first: {where(r['file'], r['line'])}: {r['reason']}: {r['detail']}"
+            first = f"; the first: {where(r['file'], r['line'])}: {r['reason']}: {r['detail']}{_columns_of(r['file'], config)}"
     what = f"all {total} records were rejected ({counts}){first}; every reject is in {path}" if total else "the input holds no record"
     hint = (f". Check that --format {config.format} and --columns match the input's fields (python annotate/run.py --help)"
             if total else "")
     return f"{out}: no row written: {what}{hint}"
+
+
+def _columns_of(path: str, config: Any) -> str:
+    """`` (its columns: [...])`` of an input file, for the message of a job that wrote no row; '' if unreadable."""
+    from data import sources
+
+    try:
+        names = sources.column_names(sources.InputFile(path, sources.container_of(path, config.container)),
+                                     config.max_record_bytes)
+    except (OSError, ValueError):
+        return ""
+    return f" (its columns: {names})" if names else ""
 
 
 class Terminated(Exception):
