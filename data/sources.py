@@ -100,7 +100,7 @@ def expand(path: str, container: str = "auto") -> list[InputFile]:
     if os.path.exists(os.path.join(path, "state.json")):  # datasets.Dataset.save_to_disk
         return [InputFile(f, "arrow") for f in _arrow_files(path)]
     files = sorted(str(p) for p in Path(path).rglob("*") if p.is_file() and p.suffix.lower() in _SUFFIXES
-                   and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts))
+                   and p.name not in _METADATA and not any(part.startswith((".", "_")) for part in p.relative_to(path).parts))
     if not files:
         raise ValueError(f"{path}: a folder without input files (looked for {', '.join(sorted(_SUFFIXES))}, in "
                          f"subfolders too) and not a datasets save_to_disk folder (no state.json)")
@@ -118,15 +118,19 @@ def expand(path: str, container: str = "auto") -> list[InputFile]:
 
 
 _SHARD_NAME = re.compile(r"^(?P<split>.+?)[-_]\d{5}[-_]of[-_]\d{5}\.[a-z]+$")
+_SPLIT_NAMES = {"train", "test", "validation", "valid", "val", "dev", "eval"}
+_METADATA = {"dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json"}  # a Hub repo's, datasets'
 
 
 def _splits(root: str, files: list[str]) -> dict[str, list[str]]:
-    """Files by split: the Hub's ``{split}-00000-of-00002.parquet`` names, else their folders (the Hub's
-    ``default/train/0000.parquet``)."""
+    """Files by split: the Hub's ``{split}-00000-of-00002.parquet`` names, a split's own name (``train.jsonl``),
+    else their folders (the Hub's ``default/train/0000.parquet``)."""
     out: dict[str, list[str]] = {}
     for f in files:
         match = _SHARD_NAME.match(os.path.basename(f))
-        key = match["split"] if match else os.path.relpath(os.path.dirname(f), root)
+        stem = Path(f).stem.lower()
+        key = (match["split"] if match else stem if stem in _SPLIT_NAMES  # train.jsonl beside test.jsonl
+               else os.path.relpath(os.path.dirname(f), root))
         out.setdefault(key, []).append(f)
     return out
 
@@ -250,9 +254,9 @@ def detect_layout(source: InputFile, requested: str, columns: dict[str, str] | N
                   max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> str:
     """The record layout of a file: ``requested``, or (``auto``) recognised from its first record's fields
     after ``columns``. ValueError naming the layouts, the fields each reads, and the columns seen, when it
-    cannot tell; or naming the column a mapping asks for that the file does not have."""
+    cannot tell; or naming the column a mapping asks for that a CSV, TSV, Parquet or Arrow file does not have."""
     seen: list[str] | None = None
-    if columns:
+    if columns and source.container not in ("json", "jsonl"):  # (JSON records' keys vary: a record lacking one is a reject)
         seen = column_names(source, max_record_bytes)
         for canonical, column in columns.items():
             if seen and column not in seen:

@@ -145,3 +145,12 @@ def test_json_and_jsonl_keep_their_positions(tmp_path):
     array.write_text(json.dumps([{"text": "a"}, {"text": "b"}]))
     assert [(f.container, [line for line, _ in records(f.path, f.container)]) for f in
             sources.expand(str(jsonl)) + sources.expand(str(array))] == [("jsonl", [1, 3]), ("json", [1, 2])]
+
+
+def test_a_folder_of_train_and_test_files_is_refused_and_metadata_is_not_an_input(tmp_path):
+    for name in ("train.jsonl", "test.jsonl", "dataset_infos.json"):
+        (tmp_path / name).write_text('{"text": "a"}\n')
+    with pytest.raises(ValueError, match=r"holds several splits \(test: 1 file\(s\), .*; train: 1 file\(s\)"):
+        sources.expand(str(tmp_path))
+    (tmp_path / "test.jsonl").unlink()
+    assert sources.expand(str(tmp_path)) == [InputFile(str(tmp_path / "train.jsonl"), "jsonl")]
