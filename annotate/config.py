@@ -17,6 +17,7 @@ from typing import Any
 from data import config as config_mechanism
 from data.config import option
 from data.formats import DEFAULT_MAX_RECORD_BYTES, FORMATS
+from data.sources import COLUMNS, CONTAINERS, check_columns
 from data.models import DEFAULT_MODEL
 
 USAGE = [
@@ -35,9 +36,11 @@ USAGE = [
 
 @dataclass
 class AnnotateConfig:
-    input: list[str] = option(factory=list, help="corpus files: JSONL, or one JSON array")
+    input: list[str] = option(factory=list, help="corpus files or folders: JSONL, a JSON array, CSV, TSV, Parquet (a file, or a folder of one split as the Hugging Face Hub stores it), a datasets save_to_disk folder (Arrow)")
     output: str = option("", "the annotated directory (shards, _manifest.json, _rejects.jsonl, _README.md)")
-    format: str = option("auto", f"auto (detected from the first record) or one of {', '.join(FORMATS)}")
+    format: str = option("auto", f"the record layout: auto (recognised from the first record's fields, after --columns) or one of {', '.join(FORMATS)}")
+    columns: dict[str, str] = option(factory=dict, help=f"the layout's fields read from your columns, FIELD=COLUMN,... (e.g. instruction=Question,output='Best Answer'); fields: {', '.join(COLUMNS)}; in YAML a mapping")
+    container: str = option("auto", f"the file container: auto (from the file name, the folder layout and the first bytes) or one of {', '.join(CONTAINERS)}")
     model: str = option(DEFAULT_MODEL, "HF id, local folder, or embedded name: tokenizer + chat template, base model for base_loss")
     scorers: list[str] = option(factory=lambda: ["tfidf"], help="comma-separated scorers: tfidf, llmlingua2, ref_loss, base_loss, entropy, given (--list-scorers)")
     scorer_options: dict[str, dict[str, Any]] = option(factory=dict, flag="scorer-option", help="per-scorer options {scorer: {option: value}}; on the command line --scorer-option SCORER.KEY=VALUE (repeatable)")
@@ -63,8 +66,14 @@ class AnnotateConfig:
             problems.append("input: give at least one corpus file (--input)")
         if not self.output:
             problems.append("output: give the annotated directory to write (--output)")
-        if self.format not in ("auto", *FORMATS):
+        if self.format in CONTAINERS:
+            problems.append(f"format: {self.format!r} is a file container, recognised from the file (or --container "
+                            f"{self.format}); --format names the record layout: auto, {', '.join(FORMATS)}")
+        elif self.format not in ("auto", *FORMATS):
             problems.append(f"format: {self.format!r} is not one of auto, {', '.join(FORMATS)}")
+        if self.container not in ("auto", *CONTAINERS):
+            problems.append(f"container: {self.container!r} is not one of auto, {', '.join(CONTAINERS)}")
+        problems.extend(check_columns(self.columns))
         if self.overlength not in ("truncate", "drop"):
             problems.append(f"overlength: {self.overlength!r} is not truncate or drop")
         if not self.system_prompt.strip():
@@ -87,8 +96,8 @@ class AnnotateConfig:
         if self.license and not adding and len(self.license) not in (1, len(self.input)):
             problems.append(f"license: {len(self.license)} values for {len(self.input)} inputs; give one for all, or one per input")
         for path in self.input:
-            if not os.path.isfile(path):
-                problems.append(f"input: {path} does not exist or is not a file")
+            if not os.path.exists(path):
+                problems.append(f"input: {path} does not exist")
         if problems:
             raise ValueError("invalid annotate config:\n  " + "\n  ".join(problems))
 

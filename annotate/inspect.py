@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from data.formats import where
+
 
 def _fmt(value: Any) -> str:
     if value is None:
@@ -72,7 +74,7 @@ def _print_summary(summary: dict[str, Any], agreement: dict[str, Any] | None, ou
         reasons = ", ".join(f"{r}: {n:,}" for r, n in rejects["by_reason"].items())
         print(f"\nrejected records: {rejects['total']:,} ({reasons}; see _rejects.jsonl)", file=out)
         for r in rejects["examples"]:
-            print(f"  {r['reason']:<14} {r['file']}:{r['line']}  {r['detail']}", file=out)
+            print(f"  {r['reason']:<14} {where(r['file'], r['line'])}  {r['detail']}", file=out)
     else:
         print("\nrejected records: none", file=out)
 

@@ -68,6 +68,8 @@ def prepare(config: AnnotateConfig) -> Job:
     """Validate options, scorers, models and the output directory; raise ValueError/OSError with a clear message."""
     config.validate()
     adding = bool(config.add_scorers)
+    if not adding:  # the inputs' containers, layouts and --columns (data/sources.py)
+        steps.check_inputs(config.input, config.format, config.container, config.columns, config.max_record_bytes)
     names = list(config.add_scorers if adding else config.scorers)
     for name in names:
         registry.get(name)  # unknown scorer -> clear error listing the known ones
@@ -175,15 +177,8 @@ def _probe_texts(config: AnnotateConfig, out: Path, tokenizer: Any, adding: bool
                 ids = parquet.read_row_group(0, columns=[INPUT_IDS])[INPUT_IDS].to_pylist()
                 return [tokenizer.decode(row) for row in ids[:PROBE_ROWS]]
         return texts
-    from data.formats import iter_raw_records, parse_record
-
-    path = config.input[0]
-    fmt = steps._detect_file_format(path, config.format, config.max_record_bytes)
-    for _, raw in iter_raw_records(path, config.max_record_bytes):
-        try:
-            messages, _ = parse_record(raw, fmt)
-        except ValueError:
-            continue  # a bad record is the tokenize stage's to reject
+    for messages in steps.first_messages(config.input, config.format, config.container, config.columns,
+                                         config.max_record_bytes):
         try:
             texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
         except Exception:  # noqa: BLE001 - a tokenizer without a chat template: the contents alone
@@ -579,7 +574,8 @@ class Work:
 def plan_work(job: Job) -> Work:
     """Plan the shards (which records each holds) and find those an earlier run of this job finished."""
     cfg, out = job.config, job.out
-    plans = steps.plan_shards(cfg.input, cfg.format, cfg.shard_size, cfg.limit, cfg.max_record_bytes)
+    plans = steps.plan_shards(cfg.input, cfg.format, cfg.shard_size, cfg.limit, cfg.max_record_bytes, cfg.container,
+                              cfg.columns)
     if not plans:
         raise ValueError(f"no records in {cfg.input}")
     job_key = {"tokenizer": job.tokenizer_fp["sha256"], "max_length": cfg.max_length, "overlength": cfg.overlength,
@@ -906,7 +902,7 @@ def finished_shards(job: Job) -> tuple[int, int | None]:
         return done, len(paths)
     try:
         total = len(steps.plan_shards(job.config.input, job.config.format, job.config.shard_size, job.config.limit,
-                                      job.config.max_record_bytes))
+                                      job.config.max_record_bytes, job.config.container, job.config.columns))
     except Exception:  # noqa: BLE001 - only for the message
         total = None
     return len(paths), total

@@ -30,7 +30,8 @@ from annotate import scorers as registry  # noqa: E402
 from annotate.config import load_config  # noqa: E402
 from annotate.pipeline import ClusterTooSmall, finished_shards, init_ray, prepare, print_summary, received_interrupts, run  # noqa: E402
 from annotate.steps import OutputLock, StrictModeError  # noqa: E402
-from schemas.shard import SUMMARY_NAME, atomic_write_text  # noqa: E402
+from data.formats import where  # noqa: E402
+from schemas.shard import REJECTS_NAME, SUMMARY_NAME, atomic_write_text  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,7 +106,44 @@ def main(argv: list[str] | None = None) -> int:
     if not summary.get("already_complete"):
         # Timings vary run to run, so they live beside the data, not in the manifest.
         atomic_write_text(Path(config.output) / SUMMARY_NAME, json.dumps(summary, indent=2) + "\n")
+    if not summary.get("totals", {}).get("rows"):
+        print(f"error: {no_rows_message(Path(config.output), summary.get('rejected', {}), config)}", file=sys.stderr)
+        return NO_ROWS
     return 0
+
+
+#: The exit status of a job that finished but wrote no row (every record rejected): nothing to train on.
+NO_ROWS = 3
+
+
+def no_rows_message(out: Path, rejected: dict[str, int], config: Any) -> str:
+    """Why a finished job wrote no row: the reject counts by reason and the first reject (file, line, reason)."""
+    total = sum(rejected.values())
+    counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(rejected.items(), key=lambda kv: (-kv[1], kv[0])))
+    first = ""
+    path = out / REJECTS_NAME
+    if path.exists():
+        with open(path, encoding="utf-8") as f:
+            line = f.readline()
+        if line.strip():
+            r = json.loads(line)
+            first = f"; the first: {where(r['file'], r['line'])}: {r['reason']}: {r['detail']}{_columns_of(r['file'], config)}"
+    what = f"all {total} records were rejected ({counts}){first}; every reject is in {path}" if total else "the input holds no record"
+    hint = (f". Check that --format {config.format} and --columns match the input's fields (python annotate/run.py --help)"
+            if total else "")
+    return f"{out}: no row written: {what}{hint}"
+
+
+def _columns_of(path: str, config: Any) -> str:
+    """`` (its columns: [...])`` of an input file, for the message of a job that wrote no row; '' if unreadable."""
+    from data import sources
+
+    try:
+        names = sources.column_names(sources.InputFile(path, sources.container_of(path, config.container)),
+                                     config.max_record_bytes)
+    except (OSError, ValueError):
+        return ""
+    return f" (its columns: {names})" if names else ""
 
 
 class Terminated(Exception):

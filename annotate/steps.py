@@ -35,18 +35,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from annotate.card import write_card
+from data import sources
 from data.formats import (
     DEFAULT_MAX_RECORD_BYTES,
     Messages,
     OversizedRecord,
     RecordError,
     Rejected,
-    detect_format,
-    is_json_array,
     iter_raw_records,
     parse_record,
     read_lines,
     source_name,
+    where,
 )
 from data.given import GIVEN_COLUMN, GivenTurn, content_ranges, read_given, token_values
 from data.render import render_batch
@@ -102,81 +102,131 @@ class ShardPlan:
     items: list[tuple[int, Any]] | None = None  # JSON array: the records themselves
     records: int = 0
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES  # longer records are rejected unread (like strict, not in key())
+    container: str = "jsonl"  # data/sources.py: json (items), jsonl / csv / tsv (byte_range), parquet / arrow (rows)
+    rows: tuple[int, int] | None = None  # Parquet / Arrow: the row range [start, end) in the file
+    columns: dict[str, str] | None = None  # --columns: the layout's fields -> the records' columns
 
     def key(self, job: dict[str, Any]) -> dict[str, Any]:
         """What a finished shard on disk must match to count as this shard (stored in its metadata)."""
+        mapping = {"columns": dict(sorted(self.columns.items()))} if self.columns else {}  # (absent: older shards match)
         return {"file": os.path.basename(self.file), "format": self.format, "lines": [self.first_line, self.last_line],
-                "records": self.records, "sha256": self.sha256, **job}
+                "records": self.records, "sha256": self.sha256, **mapping, **job}
 
 
-def _detect_file_format(path: str, requested: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> str:
-    if requested != "auto":
-        return requested
-    for _, raw in iter_raw_records(path, max_record_bytes):
-        if isinstance(raw, OversizedRecord):
-            continue
+def _detect_file_format(source: sources.InputFile, requested: str, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
+                        columns: dict[str, str] | None = None) -> str:
+    return sources.detect_layout(source, requested, columns, max_record_bytes)
+
+
+def check_inputs(inputs: list[str], fmt: str, container: str = "auto", columns: dict[str, str] | None = None,
+                 max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> dict[str, str]:
+    """Pre-flight (before Ray starts): every input is a container this job reads, holds a record, and has a
+    layout (``fmt``, or recognised) whose mapped columns it has. Returns each file's layout; ValueError naming
+    the input and what is wrong (the layouts, the columns seen) otherwise."""
+    layouts = {}
+    for path in inputs:
+        files = sources.expand(path, container)
+        if not any(sources.has_records(f, max_record_bytes) for f in files):
+            raise ValueError(f"{path}: holds no record")
+        for f in files:
+            layouts[f.path] = _detect_file_format(f, fmt, max_record_bytes, columns)
+    return layouts
+
+
+def first_messages(inputs: list[str], fmt: str, container: str = "auto", columns: dict[str, str] | None = None,
+                   max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> Iterable[Messages]:
+    """The messages of the first input's readable records, in order (bad records skipped)."""
+    source = sources.expand(inputs[0], container)[0]
+    layout = _detect_file_format(source, fmt, max_record_bytes, columns)
+    for _, raw in sources.iter_records(source, max_record_bytes):
         try:
-            record = json.loads(raw) if isinstance(raw, bytes) else raw
-            return detect_format(record)
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            continue
-    raise ValueError(f"{path}: cannot detect the corpus format (no readable record); pass --format")
+            yield parse_record(raw, layout, columns)[0]
+        except ValueError:
+            continue  # a bad record is the tokenize stage's to reject
 
 
 def plan_shards(inputs: list[str], fmt: str, shard_size: int, limit: int = 0,
-                max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> list[ShardPlan]:
-    """Split every input file into shards of ``shard_size`` records, numbered across files."""
-    plans = _plan_files(inputs, fmt, shard_size, limit, max_record_bytes)
-    for plan in plans:
-        plan.max_record_bytes = max_record_bytes
-    return plans
-
-
-def _plan_files(inputs: list[str], fmt: str, shard_size: int, limit: int, max_record_bytes: int) -> list[ShardPlan]:
+                max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES, container: str = "auto",
+                columns: dict[str, str] | None = None) -> list[ShardPlan]:
+    """Split every input (its files: data/sources.py) into shards of ``shard_size`` records, numbered across
+    files; ``limit``: the first records of each input."""
     plans: list[ShardPlan] = []
     for path in inputs:
-        file_format = _detect_file_format(path, fmt, max_record_bytes)
-        if is_json_array(path):
-            items = list(iter_raw_records(path, max_record_bytes))
-            if limit:
-                items = items[:limit]
-            for start in range(0, len(items), shard_size):
-                chunk = items[start:start + shard_size]
-                digest = hashlib.sha256(json.dumps(chunk, sort_keys=True, ensure_ascii=False, default=repr).encode()).hexdigest()
-                plans.append(ShardPlan(len(plans), path, file_format, chunk[0][0], chunk[-1][0], digest, items=chunk, records=len(chunk)))
-            continue
-        # JSONL: one pass over bytes to find record boundaries; the records are read by the tokenize step.
-        with open(path, "rb") as f:
-            offset, number, count = 0, 0, 0
-            chunk_start, chunk_first, chunk_count, digest = None, 0, 0, hashlib.sha256()
-            for line, size in read_lines(f, max_record_bytes):
-                number += 1
-                line_start, offset = offset, offset + size
-                oversized = isinstance(line, OversizedRecord)
-                if not oversized and not line.strip():
-                    continue
-                if limit and count >= limit:
-                    break
-                count += 1
-                if chunk_start is None:
-                    chunk_start, chunk_first, chunk_count, digest = line_start, number, 0, hashlib.sha256()
-                # An oversized line is never read whole: its size stands for it (it is rejected either way).
-                digest.update(f"<{size} bytes>\n".encode() if oversized else line)
-                chunk_count += 1
-                chunk_last, chunk_end = number, offset
-                if chunk_count == shard_size:
-                    plans.append(ShardPlan(len(plans), path, file_format, chunk_first, chunk_last, digest.hexdigest(),
-                                           byte_range=(chunk_start, chunk_end), records=chunk_count))
-                    chunk_start = None
-            if chunk_start is not None:
+        left = limit
+        for source in sources.expand(path, container):
+            if limit and left <= 0:
+                break
+            before = len(plans)
+            _plan_file(plans, source, fmt, shard_size, left, max_record_bytes, columns)
+            left -= sum(p.records for p in plans[before:])
+    for plan in plans:
+        plan.max_record_bytes = max_record_bytes
+        plan.columns = columns or None
+    return plans
+
+
+def _plan_file(plans: list[ShardPlan], source: sources.InputFile, fmt: str, shard_size: int, limit: int,
+               max_record_bytes: int, columns: dict[str, str] | None) -> None:
+    path = source.path
+    file_format = _detect_file_format(source, fmt, max_record_bytes, columns)
+    if source.container in sources.TEXT_CONTAINERS + sources.TABLE_CONTAINERS:
+        text = source.container in sources.TEXT_CONTAINERS
+        segments = (sources.csv_segments(source, shard_size, limit, max_record_bytes) if text else
+                    sources.table_segments(source, shard_size, limit))
+        for first, last, count, digest, span in segments:
+            plans.append(ShardPlan(len(plans), path, file_format, first, last, digest, records=count,
+                                   container=source.container, byte_range=span if text else None,
+                                   rows=None if text else span))
+        return
+    if source.container == "json":
+        items = list(iter_raw_records(path, max_record_bytes))
+        if limit:
+            items = items[:limit]
+        for start in range(0, len(items), shard_size):
+            chunk = items[start:start + shard_size]
+            digest = hashlib.sha256(json.dumps(chunk, sort_keys=True, ensure_ascii=False, default=repr).encode()).hexdigest()
+            plans.append(ShardPlan(len(plans), path, file_format, chunk[0][0], chunk[-1][0], digest, items=chunk, records=len(chunk),
+                                   container="json"))
+        return
+    # JSONL: one pass over bytes to find record boundaries; the records are read by the tokenize step.
+    with open(path, "rb") as f:
+        offset, number, count = 0, 0, 0
+        chunk_start, chunk_first, chunk_count, digest = None, 0, 0, hashlib.sha256()
+        for line, size in read_lines(f, max_record_bytes):
+            number += 1
+            line_start, offset = offset, offset + size
+            oversized = isinstance(line, OversizedRecord)
+            if not oversized and not line.strip():
+                continue
+            if limit and count >= limit:
+                break
+            count += 1
+            if chunk_start is None:
+                chunk_start, chunk_first, chunk_count, digest = line_start, number, 0, hashlib.sha256()
+            # An oversized line is never read whole: its size stands for it (it is rejected either way).
+            digest.update(f"<{size} bytes>\n".encode() if oversized else line)
+            chunk_count += 1
+            chunk_last, chunk_end = number, offset
+            if chunk_count == shard_size:
                 plans.append(ShardPlan(len(plans), path, file_format, chunk_first, chunk_last, digest.hexdigest(),
                                        byte_range=(chunk_start, chunk_end), records=chunk_count))
-    return plans
+                chunk_start = None
+        if chunk_start is not None:
+            plans.append(ShardPlan(len(plans), path, file_format, chunk_first, chunk_last, digest.hexdigest(),
+                                   byte_range=(chunk_start, chunk_end), records=chunk_count))
 
 
 def _plan_records(plan: ShardPlan) -> Iterable[tuple[int, Any]]:
     if plan.items is not None:
         yield from plan.items
+        return
+    if plan.rows is not None:
+        yield from sources.read_rows(sources.InputFile(plan.file, plan.container), *plan.rows)
+        return
+    if plan.container in sources.TEXT_CONTAINERS:
+        assert plan.byte_range is not None
+        yield from sources.read_csv_span(sources.InputFile(plan.file, plan.container), plan.byte_range, plan.first_line,
+                                         plan.max_record_bytes)
         return
     assert plan.byte_range is not None
     start, end = plan.byte_range
@@ -214,7 +264,7 @@ def tokenize_shard(plan: ShardPlan, tokenizer: Any, max_length: int, overlength:
     parsed: list[tuple[int, Messages, dict[str, Any], list[GivenTurn] | None]] = []
     for line, raw in _plan_records(plan):
         try:
-            messages, record = parse_record(raw, plan.format)
+            messages, record = parse_record(raw, plan.format, plan.columns)
             given = read_given(record, plan.format, messages)
         except RecordError as exc:
             rejects.append(Rejected(plan.file, line, exc.reason, exc.detail))
@@ -248,7 +298,7 @@ def tokenize_shard(plan: ShardPlan, tokenizer: Any, max_length: int, overlength:
     rejects.sort(key=lambda r: r.line)  # parse and render rejects, in file order
     if strict and rejects:
         first = rejects[0]
-        raise StrictModeError(f"{first.file}:{first.line}: {first.reason}: {first.detail} (--strict)")
+        raise StrictModeError(f"{where(first.file, first.line)}: {first.reason}: {first.detail} (--strict)")
     table = pa.table({
         ID: pa.array(ids, pa.string()),
         SOURCE: pa.array(sources, pa.string()),

@@ -5,7 +5,8 @@ A command's options are a (nested) dataclass whose fields carry their help text 
 override is ``a.b=c``, ``--a.b=c`` or ``--a.b c`` (dashes in a key read as underscores:
 ``--max-length 256`` is ``max_length=256``). In the ``--key value`` form a list option takes every
 following word up to the next ``--flag`` or ``key=value`` (``--input a.jsonl b.jsonl``) and a bool
-option may stand alone (``--strict``). A ``dict`` option takes nested keys (``scorer_options.tfidf.term=word``);
+option may stand alone (``--strict``). A ``dict`` option takes nested keys (``scorer_options.tfidf.term=word``)
+or one word of pairs (``--columns instruction=Question,output='Best Answer'``);
 a field may name a repeatable flag for that (``--scorer-option tfidf.term=word``).
 
 Values on the command line are parsed with ``yaml.safe_load`` (``loss.rho1_rho=null``,
@@ -174,10 +175,28 @@ def coerce(value: Any, tp: Any) -> Any:
     if origin is dict:
         if value is None:
             return {}
+        if isinstance(value, str) and "=" in value:  # --columns instruction=Question,output=Best Answer
+            value = _pairs(value)
         if not isinstance(value, dict):
             raise _BadValue(f"expected a mapping, got {value!r}")
         return {coerce(k, args[0]): coerce(v, args[1]) for k, v in value.items()}
     raise TypeError(f"config field type {tp!r} is not supported")  # a programming error, not a user one
+
+
+def _pairs(text: str) -> dict[str, str]:
+    """``a=b,c=d`` as ``{"a": "b", "c": "d"}`` (values may be quoted: ``output='Best Answer'``)."""
+    out = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise _BadValue(f"expected KEY=VALUE,... got {item.strip()!r} in {text!r}")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        out[key.strip()] = value
+    return out
 
 
 def _as_float(value: Any, what: str) -> float:
@@ -256,6 +275,8 @@ def _set_dotted(config: Any, dotted: str, raw: Any, source: str, problems: list[
             return
         if isinstance(raw, list):
             value: Any = raw
+        elif typing.get_origin(tp) is dict and "=" in raw:  # KEY=VALUE,... (coerce splits it)
+            value = raw
         else:
             quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
             value = raw if tp is str and not quoted else _parse_value(raw)
@@ -356,7 +377,8 @@ def load(cls: type, argv: list[str] | None, *, what: str, help: Any) -> Any:
             found = _field_at(cls, key)
             tp = found[1] if found else None
             words: list[str] = []
-            while i + 1 < len(argv) and takes_value(argv[i + 1]):
+            pairs = typing.get_origin(tp) is dict  # --columns instruction=Question,output=Answer: one word of pairs
+            while i + 1 < len(argv) and (takes_value(argv[i + 1]) or pairs and not argv[i + 1].startswith("--")):
                 words.append(argv[i + 1])
                 i += 1
                 if tp is None or typing.get_origin(tp) is not list:

@@ -10,6 +10,10 @@ Formats:
 - ``messages``: ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``.
 - ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|"system", "value": str}, ...]}``.
 - ``text``: ``{"text": str}``, plain text trained on in full (no chat template).
+
+A record's own field names may differ: ``columns`` (``--columns instruction=Question,output=Answer``) maps
+the layout's fields to them (:func:`map_columns`). A chat layout's turns may also come as JSON text (a
+CSV cell, a string column). Which files hold the records (JSONL, JSON, CSV, Parquet, Arrow): data/sources.py.
 """
 
 from __future__ import annotations
@@ -65,12 +69,23 @@ def read_lines(f: BinaryIO, max_bytes: int) -> Iterator[tuple[bytes | OversizedR
 @dataclass
 class Rejected:
     file: str
-    line: int  # 1-based line in a JSONL file, or 1-based record number in a JSON array
+    line: int  # 1-based line in a JSONL or CSV file (a CSV record's first line), 1-based record number in a
+    # JSON array, 0-based row index in a Parquet or Arrow file (see :func:`where`)
     reason: str
     detail: str
 
     def to_dict(self) -> dict[str, Any]:
         return {"file": self.file, "line": self.line, "reason": self.reason, "detail": self.detail}
+
+
+#: Containers whose records are rows of a table: a reject's ``line`` is the 0-based row index in its file.
+TABLE_SUFFIXES = (".parquet", ".arrow")
+
+
+def where(file: str, line: int) -> str:
+    """A record's place as a reject shows it: ``data.jsonl:12`` (a line, or a JSON array's item number) or
+    ``train-00000-of-00001.parquet row 11`` (a Parquet or Arrow row index, 0-based as ``ds[11]``)."""
+    return f"{file} row {line}" if str(file).endswith(TABLE_SUFFIXES) else f"{file}:{line}"
 
 
 def _string(record: dict, key: str, required: bool = True) -> str:
@@ -185,8 +200,49 @@ def detect_format(record: Any) -> str:
     raise ValueError(f"cannot tell the corpus format from a record with keys {sorted(record) if isinstance(record, dict) else type(record).__name__}")
 
 
-def parse_record(raw: bytes | str | dict, fmt: str) -> tuple[Messages, dict]:
-    """Decode (bytes), parse (JSON text) and read one record; raise RecordError when it is bad."""
+def map_columns(record: dict[str, Any], columns: dict[str, str] | None) -> dict[str, Any]:
+    """``record`` with each ``columns`` entry ``canonical: column`` read from ``column`` (a record without
+    that column lacks the canonical field: the layout's reader names it, see :func:`_missing_column`)."""
+    if not columns:
+        return record
+    out = {k: v for k, v in record.items() if k not in columns}
+    for canonical, column in columns.items():
+        if column in record:
+            out[canonical] = record[column]
+    return out
+
+
+def _missing_column(exc: RecordError, columns: dict[str, str] | None) -> RecordError:
+    """A reader's ``missing field 'output'`` for a mapped field, told as the column the mapping names."""
+    for canonical, column in (columns or {}).items():
+        if exc.reason == "missing_field" and exc.detail == f"missing field '{canonical}'":
+            return RecordError("missing_field", f"missing column '{column}' (--columns {canonical}={column})")
+    return exc
+
+
+#: The field of a chat layout that holds the turns: a text value there (a CSV cell, a string column) is JSON.
+TURNS_FIELDS = {"lima": "conversations", "messages": "messages", "sharegpt": "conversations"}
+
+
+def _decode_turns(record: dict, fmt: str) -> dict:
+    key = TURNS_FIELDS.get(fmt)
+    value = record.get(key) if key else None
+    if not isinstance(value, str) or not value.lstrip().startswith("["):
+        return record
+    try:
+        return {**record, key: json.loads(value)}
+    except json.JSONDecodeError as exc:
+        raise RecordError("malformed_json", f"field '{key}': {json_error_position(exc)}") from None
+    except RecursionError:
+        raise RecordError("malformed_json", f"field '{key}': nested too deeply to parse") from None
+
+
+def parse_record(raw: Any, fmt: str, columns: dict[str, str] | None = None) -> tuple[Messages, dict]:
+    """Decode (bytes), parse (JSON text), rename (``columns``: layout field -> the record's column) and read
+    one record; raise RecordError when it is bad. ``raw`` may be the RecordError a container's reader gave
+    for a row it could not read (a CSV row with too many fields): it is raised."""
+    if isinstance(raw, RecordError):
+        raise raw
     if isinstance(raw, OversizedRecord):
         raise RecordError("record_too_large", f"{raw.size:,} bytes > max_record_bytes {raw.limit:,} (not read; "
                                               f"raise --max-record-bytes to read it)")
@@ -199,12 +255,16 @@ def parse_record(raw: bytes | str | dict, fmt: str) -> tuple[Messages, dict]:
         try:
             raw = json.loads(raw)
         except json.JSONDecodeError as exc:
-            raise RecordError("malformed_json", f"{exc.msg} at column {exc.colno}") from None
+            raise RecordError("malformed_json", json_error_position(exc)) from None
         except RecursionError:  # deeply nested arrays/objects
             raise RecordError("malformed_json", "nested too deeply to parse") from None
     if not isinstance(raw, dict):
         raise RecordError("wrong_type", f"record is {type(raw).__name__}, expected a JSON object")
-    messages = READERS[fmt](raw)
+    raw = _decode_turns(map_columns(raw, columns), fmt)
+    try:
+        messages = READERS[fmt](raw)
+    except RecordError as exc:
+        raise _missing_column(exc, columns) from None
     for i, message in enumerate(messages):
         try:  # JSON's "\ud800" escapes decode to lone surrogates: not text, and tokenizers raise on them
             message["content"].encode("utf-8")
@@ -212,6 +272,19 @@ def parse_record(raw: bytes | str | dict, fmt: str) -> tuple[Messages, dict]:
             raise RecordError("invalid_unicode", f"turn {i} ({message['role']}): lone surrogate "
                                                  f"U+{ord(message['content'][exc.start]):04X} at character {exc.start}") from None
     return messages, raw
+
+
+def json_error_position(exc: json.JSONDecodeError) -> str:
+    """Where a record's JSON breaks, as its line shows it: ``Expecting ',' delimiter at column 28 (the
+    line ends there: the record is cut short)``. The line's own newline is not part of the record: an
+    error at the end of the text (json says "line 2 column 1" after it) is at the end of the line."""
+    text = exc.doc.rstrip("\r\n")
+    pos = min(exc.pos, len(text))
+    line = text.count("\n", 0, pos) + 1
+    column = pos - (text.rfind("\n", 0, pos) + 1) + 1
+    where = f"column {column}" if line == 1 else f"line {line} column {column}"
+    end = " (the line ends there: the record is cut short)" if pos >= len(text) else ""
+    return f"{exc.msg} at {where}{end}"
 
 
 def is_json_array(path: str) -> bool:

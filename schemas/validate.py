@@ -2,7 +2,8 @@
 
     python -m schemas.validate DIR [--quick] [--tokenizer-sha256 HASH]
 
-Exit status 0 when the directory is valid, 1 when it is not (each problem on its own line).
+Exit status 0 when the directory is valid, 1 when it is not (each problem on its own line). A well-formed
+directory of 0 rows (every input record rejected) exits 1 too, saying so: nothing to train on.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from schemas.shard import (
     INPUT_IDS,
     LOSS_MASK,
     MANIFEST_NAME,
+    REJECTS_NAME,
     READABLE_SCHEMA_VERSIONS,
     SCHEMA_VERSION,
     SHARD_GLOB,
@@ -179,6 +181,14 @@ def check_directory(directory: str | Path, deep: bool = True, tokenizer_sha256: 
     return report.manifest
 
 
+def empty_problem(directory: str, manifest: Manifest) -> str:
+    """Why a directory of 0 rows is refused: every input record was rejected (counts by reason), or none came."""
+    rejected = sum(manifest.rejected.values())
+    why = (f"all {rejected} input records were rejected ({', '.join(f'{k}: {v}' for k, v in manifest.rejected.items())}; "
+           f"see {join(directory, REJECTS_NAME)})" if rejected else "no input record reached it")
+    return f"{join(directory, MANIFEST_NAME)}: 0 rows, nothing to train on: {why}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m schemas.validate", description=__doc__.split("\n\n")[0],
                                      epilog="example: python -m schemas.validate shards/lima --quick")
@@ -191,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     report = validate_directory(args.directory, deep=not args.quick, tokenizer_sha256=args.tokenizer_sha256)
+    if report.ok and not report.manifest.totals.get("rows"):
+        # Well formed, yet nothing to train on: the trainer refuses it too ("empty dataset").
+        report.problems.append(empty_problem(args.directory, report.manifest))
     if report.ok:
         m = report.manifest
         assert m is not None

@@ -71,3 +71,18 @@ def test_raw_records_jsonl_lines_and_json_array(tmp_path):
     broken.write_text('[{"text": "a"},')
     with pytest.raises(ValueError, match="c.json"):
         list(iter_raw_records(str(broken)))
+
+
+@pytest.mark.parametrize(
+    "line, detail",
+    [
+        # The line's own newline made json say "line 2 column 1": the error is at the end of the line.
+        (b'{"conversations": ["broken"\n', "Expecting ',' delimiter at column 28 (the line ends there: the record is cut short)"),
+        (b'{"conversations": ["a",, "b"]}\n', "Expecting value at column 24"),
+        (b'{"conversations": ["a", "b"]} x\r\n', "Extra data at column 31"),
+    ],
+)
+def test_malformed_json_names_the_column_of_the_error_in_its_line(line, detail):
+    with pytest.raises(RecordError) as info:
+        parse_record(line, "lima")
+    assert (info.value.reason, info.value.detail) == ("malformed_json", detail)

@@ -98,3 +98,19 @@ def test_manifest_duplicate_shard_is_refused(tmp_path):
     (path / MANIFEST_NAME).write_text(json.dumps(manifest))
     problems = validate_directory(path).problems
     assert problems == [f"{path / MANIFEST_NAME}: manifest shards[2].path 'shard-00000.parquet': listed twice (also shards[0])"]
+
+
+def test_a_directory_of_zero_rows_is_refused_saying_why(tmp_path, capsys):
+    path = tmp_path / "empty"
+    write_annotated_dir(path, [], ["tfidf"])  # one shard of 0 rows: well formed, nothing to train on
+    assert validate_directory(path).ok  # the contract holds (the trainer says "empty dataset" itself)
+    assert main([str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}/{MANIFEST_NAME}: 0 rows, nothing to train on: no input record reached it" in err
+    assert f"{path}: INVALID (1 problems)" in err
+    manifest = json.loads((path / MANIFEST_NAME).read_text())
+    manifest["rejected"] = {"malformed_json": 18, "missing_field": 2}
+    (path / MANIFEST_NAME).write_text(json.dumps(manifest))
+    assert main([str(path), "--quick"]) == 1
+    assert (f"0 rows, nothing to train on: all 20 input records were rejected (malformed_json: 18, missing_field: 2; "
+            f"see {path}/_rejects.jsonl)") in capsys.readouterr().err
