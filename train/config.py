@@ -19,7 +19,7 @@ Values written as the string ``"auto"`` are filled from this config by :func:`de
     bf16.enabled                 <- the resolved train.dtype == "bfloat16"
     train_micro_batch_size_per_gpu <- 1 (one packed row of up to data.micro_batch_tokens tokens)
     train_batch_size             <- grad_accum * world_size (packed rows per optimizer step)
-    zero_optimization.stage      <- train.zero_stage, resolved (``auto``: :func:`train.engine_setup.choose_zero_stage`)
+    zero_optimization.stage      <- train.zero_stage, resolved (``auto``: :func:`train.engine.choose_zero_stage`)
 
 Always set, not placeholders: ``data_types.grad_accum_dtype = "fp32"`` whenever the weights are bf16
 (DeepSpeed otherwise accumulates gradients in the model dtype; it refuses this at stage 0, so bf16 runs
@@ -481,7 +481,7 @@ def deepspeed_dict(config: TrainConfig, *, world_size: int, dtype: str, zero_sta
     ``zero_stage`` resolved. A stage written in the JSON must agree with ``zero_stage``.
 
     bf16 weights get fp32 gradient accumulation (``data_types.grad_accum_dtype``); stage 0 with bf16
-    is refused (DeepSpeed 0.19 raises on that mix: :func:`train.engine_setup.choose_zero_stage` moves it
+    is refused (DeepSpeed 0.19 raises on that mix: :func:`train.engine.choose_zero_stage` moves it
     to stage 1). ``offload_optimizer`` puts AdamW's states on the CPU (stages 1-3)."""
     path = deepspeed_config_path(config)
     raw = json.loads(path.read_text(encoding="utf-8"))

@@ -43,8 +43,8 @@ from schemas.shard import atomic_write_text, manifest_sha256  # noqa: E402
 from train import config as train_config  # noqa: E402
 from train.card import model_card  # noqa: E402
 from train.config import TrainConfig  # noqa: E402
-# The ZeRO plan lives in train/engine_setup.py; these names stay importable from here.
-from train.engine_setup import (STATE_BYTES_PER_PARAM, STATE_FRACTION, ZeroPlan, choose_zero_stage,  # noqa: E402,F401
+# The ZeRO plan lives in train/engine.py; these names stay importable from here.
+from train.engine import (STATE_BYTES_PER_PARAM, STATE_FRACTION, ZeroPlan, choose_zero_stage,  # noqa: E402,F401
                                 count_parameters, device_memory_bytes, resolve_zero_stage)
 from train.forward import resolve_attn_implementation, token_losses  # noqa: E402
 from data.shard_stats import important_share_warning, realised_important_share  # noqa: E402
