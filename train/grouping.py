@@ -42,23 +42,21 @@ __all__ = [  # the rule's names stay importable from here, where the trainer's m
 ]
 
 
-def step_important_masks(step: Sequence[dict[str, Any]], rho: float, scope: str,
+def step_important_masks(step: Sequence[Any], rho: float, scope: str,
                          threshold: float | CorpusCut | None = None,
                          group: dist.ProcessGroup | None = None) -> list[Tensor]:
     """Important-token masks of one optimizer step's micro-batches (this rank's), at ``rho`` in ``scope``.
 
-    Each micro-batch is a dict of ``train.shards`` (``score``, ``loss_mask``, ``seq_lens``, ``ids``).
+    Each micro-batch is a ``train.step.Batch`` (its ``score``, ``loss_mask``, ``seq_lens``, ``ids``).
     ``batch``: one ranking over every micro-batch on every rank (a collective: every rank calls it);
     ``sequence`` / ``corpus``: each micro-batch on its own (``threshold`` = the corpus cut,
     :func:`manifest_corpus_cut`). Masks are shaped like each ``loss_mask``, on its device (the
     trainer's CPU batches: CPU, whatever device the collective ran on).
     """
     if scope == "batch":
-        return batch_important_masks([b["score"] for b in step], [b["loss_mask"] for b in step], rho, group,
-                                     ids_list=[b.get("ids") for b in step],
-                                     seq_lens_list=[b["seq_lens"] for b in step])
-    return [important_mask_packed(b["score"], b["loss_mask"], b["seq_lens"], rho, scope, threshold=threshold,
-                                  ids=b.get("ids")) for b in step]
+        return batch_important_masks([b.score for b in step], [b.loss_mask for b in step], rho, group,
+                                     ids_list=[b.ids for b in step], seq_lens_list=[b.seq_lens for b in step])
+    return [important_mask_packed(b.score, b.loss_mask, b.seq_lens, rho, scope, threshold=threshold, ids=b.ids) for b in step]
 
 
 def batch_important_masks(

@@ -163,6 +163,36 @@ def _shown(options: Any, name: str, as_key: bool) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass
+class LossInputs:
+    """What a loss takes besides the per-token CE, over the same trainable tokens::
+
+        contribution, metrics = loss_fn(token_loss, x.important, x.ref_loss, step_tokens, progress, **x.options)
+
+    ``options``: ``weight`` and ``step_weight`` for a loss with ``needs_weights``; ``decision`` once the
+    step's group decision is taken (``loss.group_decision=step``)."""
+
+    important: Tensor
+    ref_loss: Tensor | None = None
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def loss_inputs(trainable: Tensor, important: Tensor, ref_loss: Tensor | None = None, weight: Tensor | None = None,
+                step_weight: float = 0.0, device: torch.device | str | None = None) -> LossInputs:
+    """A loss's inputs from a batch's per-token tensors: the ``trainable`` tokens' groups, reference losses
+    and weights (each shaped like ``trainable``; None where the loss takes none), moved to ``device``.
+
+    The one preparation of a loss's inputs: the trainer (train/step.py) and the TRL bridge
+    (train/trl_bridge.py) both call it, so what a loss receives cannot drift between them."""
+
+    def pick(values: Tensor) -> Tensor:
+        picked = values[trainable]
+        return picked if device is None else picked.to(device)
+
+    options = {} if weight is None else {"weight": pick(weight), "step_weight": step_weight}
+    return LossInputs(pick(important), None if ref_loss is None else pick(ref_loss), options)
+
+
 @dataclass(frozen=True)
 class GroupStats:
     """Loss sums and token counts of one micro-batch over all ranks (no gradient)."""
