@@ -66,7 +66,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from data.config import option
-from train.grouping import all_reduce_sum, distributed_top_mask
+from train.grouping import all_reduce_sum, check_rho, distributed_top_mask
 
 
 LOSSES: dict[str, type[Loss]] = {}
@@ -443,7 +443,10 @@ class Rho1Options:
     rho: float | None = option(None, "rho1: train the top 1 - rho of tokens by live excess loss; null = importance.rho", key="rho1_rho")
 
     def problems(self, as_key: bool = False) -> list[str]:
-        if self.rho is not None and not (0.0 <= self.rho < 1.0):
+        try:
+            if self.rho is not None:
+                check_rho(self.rho)
+        except ValueError:
             return [f"{_shown(self, 'rho', as_key)}: {self.rho} must be in [0, 1)"]
         return []
 
