@@ -96,8 +96,9 @@ class Loss:
         contribution, metrics = loss_fn(token_loss, important, ref_loss, step_tokens, progress)
 
     ``Options`` is a dataclass of the loss's settings (``self.options``): its field names are the constructor's keywords,
-    each field's ``key`` its config key (``loss.<key>``; train.config builds its ``loss`` section from
-    every registered loss's Options, help text included). ``Options.problems(as_key)`` lists bad values,
+    each field's ``key`` its config key (``loss.<key>``; train.config's ``LossConfig`` has one line per
+    option, ``loss_option(TheOptions, "field")``, taking default and help from here; a test fails until
+    a new option has its line). ``Options.problems(as_key)`` lists bad values,
     named by config key (``loss.lambda``) or by keyword; the constructor raises on the same list.
     """
 
