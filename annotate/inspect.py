@@ -89,12 +89,16 @@ def _print_summary(summary: dict[str, Any], agreement: dict[str, Any] | None, ou
 
 
 def _rho(text: str) -> float:
+    from data.grouping import check_rho
+
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"rho must be in [0, 1), got {value}")
+    try:
+        check_rho(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return value
 
 

@@ -292,8 +292,10 @@ class Study:
         from schemas.shard import tokenizer_fingerprint
         from train.evaluate import CE_CHUNK, load_model
         from train.forward import token_losses
-        from train.heldout import GROUP_SUM_NAMES, micro_batch_important, open_heldout, reduce_group_sums, summarize_group_sums
+        from train.grouping import step_important_masks
+        from train.heldout import GROUP_SUM_NAMES, open_heldout, reduce_group_sums, summarize_group_sums
         from train.shards import ShardStream
+        from train.step import Batch
 
         uri = str(self.shards("heldout"))
         sha = tokenizer_fingerprint(load_tokenizer(model_path))["sha256"]
@@ -312,7 +314,7 @@ class Study:
                 loss_hits = token_losses(model, first["input_ids"].to(device), first["position_ids"].to(device), list(first["seq_lens"]),
                                          first["loss_mask"].to(device), chunk_size=CE_CHUNK, with_hits=True).cpu()
                 for (scorer, (rho, _, threshold)), batch in zip(groupings.items(), batches):
-                    imp = micro_batch_important(batch, rho, "sequence", threshold)[batch["loss_mask"]]
+                    imp = step_important_masks([Batch.of(batch)], rho, "sequence", threshold)[0][batch["loss_mask"]]
                     sums[scorer] += reduce_group_sums(loss_hits, imp)
         return {scorer: {"rho": groupings[scorer][0], **summarize_group_sums(total)} for scorer, total in sums.items()}
 

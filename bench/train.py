@@ -136,7 +136,7 @@ def prepare_shards(args: argparse.Namespace, model_path: str, work: Path) -> str
 # ---------------------------------------------------------------------------------------------
 
 
-def plain_step(model: Any, optimizer: Any, micro: list[dict[str, Any]], grad_clip: float, row_multiple: int,
+def plain_step(model: Any, optimizer: Any, micro: list[Any], grad_clip: float, row_multiple: int,
                device: Any) -> float:
     """The baseline: a plain PyTorch step on the same packed micro-batches and the same isolating mask:
     full logits, F.cross_entropy over the trainable targets (sum / the step's trainable tokens),
@@ -148,11 +148,11 @@ def plain_step(model: Any, optimizer: Any, micro: list[dict[str, Any]], grad_cli
 
     impl = model.config._attn_implementation
     dtype = next(model.parameters()).dtype
-    step_tokens = sum(int(b["loss_mask"].sum()) for b in micro)
+    step_tokens = sum(int(b.loss_mask.sum()) for b in micro)
     total = torch.zeros((), device=device)
     for b in micro:
-        ids, pos, lens = b["input_ids"].to(device), b["position_ids"].to(device), list(b["seq_lens"])
-        targets = b["loss_mask"].to(device).nonzero().reshape(-1)
+        ids, pos, lens = b.input_ids.to(device), b.position_ids.to(device), list(b.seq_lens)
+        targets = b.loss_mask.to(device).nonzero().reshape(-1)
         if impl == "flex_attention":
             ids, pos, lens = pad_packed_row(ids, pos, lens, row_multiple)
         mask = packed_attention_mask(lens, impl, device=device, dtype=dtype)
@@ -177,14 +177,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from train import config as train_config
     from train.forward import resolve_attn_implementation
     from train.losses import build_loss
-    from train.main import (
-        build_engine,
-        load_model,
-        next_step_batches,
-        resolve_zero_stage,
-        setup_distributed,
-        train_step,
-    )
+    from train.engine import build_engine, load_model, resolve_zero_stage, setup_distributed
+    from train.step import next_step_batches, train_step
     from train.shards import ShardStream, open_annotated
 
     rss_start = _rss_peak_bytes()

@@ -4,8 +4,9 @@ METHOD.md's rule: in each scope, the top ``ceil((1 - rho) * n)`` trainable token
 important, the rest unimportant; ties are broken deterministically but not by position. Scopes:
 
 - ``sequence`` (SFT-GO's default): per example, :func:`important_mask_sequence`.
-- ``batch`` (Rho-1): across the global batch; one process's part is :func:`important_mask_packed`,
-  every micro-batch of a step on every rank is ``train.grouping.batch_important_masks``.
+- ``batch`` (Rho-1): across the global batch: one ranking over the micro-batches given (every
+  micro-batch of a step on every rank: train/grouping.py passes :func:`important_masks` its ranking
+  across ranks).
 - ``corpus``: one fixed cut from the manifest's quantile sketch, :func:`corpus_cut`: tokens above
   the rho-quantile ``t`` are important, tokens below are not, and tokens tied at ``t`` are split by
   the tie key (below) so that the important share is close to ``1 - rho`` even when ``t`` sits on a
@@ -19,8 +20,9 @@ the packing, the micro-batch, the rank nor the process, so every rank, rerun, he
 viewer and the TRL bridge put the same tokens in the same groups, and a constant score spreads the
 important tokens over the response instead of taking its first ones.
 
-Pure torch/numpy, no model, no collective: shared by training (train/grouping.py builds the
-distributed batch scope on it) and the token viewer (data/shard_stats.py), so the viewer marks what
+:func:`important_masks` is the one rule for every scope. Pure torch/numpy, no model, no collective:
+shared by training (train/grouping.py adds the batch scope's ranking across ranks), the held-out
+evaluation, the TRL bridge and the token viewer (data/shard_stats.py), so the viewer marks what
 training uses.
 """
 
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -281,6 +283,102 @@ def corpus_important(scores: Tensor, keys: Tensor, cut: float | CorpusCut) -> Te
     return (values > cut.threshold) | (tied & (keys.to(values.device).double() < cut.tie_fraction))
 
 
+def important_masks(
+    scores: Sequence[Tensor],
+    loss_masks: Sequence[Tensor],
+    rho: float,
+    scope: str,
+    cut: float | CorpusCut | None = None,
+    *,
+    seq_lens: Sequence[Sequence[int] | Tensor | None] | None = None,
+    ids: Sequence[Sequence[str] | None] | None = None,
+    keys: Sequence[Tensor] | None = None,
+    rank: Callable[[Tensor, float, Tensor], Tensor] | None = None,
+) -> list[Tensor]:
+    """The important tokens of packed micro-batches, in any scope: the one grouping rule.
+
+    The trainer (one optimizer step's micro-batches, ``train.grouping.step_important_masks``), the held-out
+    evaluation, the viewer (one example, ``data.shard_stats.important_masks``) and the TRL bridge (padded
+    rows as examples) all call it.
+
+    Args:
+        scores, loss_masks: per micro-batch, per-token scores and the trainable tokens (bool), one shape
+            each (``[T]`` or ``[B, T]``, flattened row-major).
+        rho: threshold in [0, 1).
+        scope: ``"sequence"``: the per-example rule (:func:`important_mask_sequence`) on each example;
+            ``"batch"``: one ranking over every trainable token of every micro-batch given; ``"corpus"``:
+            the fixed cut ``cut``.
+        cut: the corpus cut (:func:`corpus_cut`; a bare float is ``score >= cut``); required for ``"corpus"``.
+        seq_lens: per micro-batch, the packed examples' lengths in order; they partition its first
+            ``sum(seq_lens)`` tokens, the rest (padding) is never important. None (or a None entry): one
+            example over the whole micro-batch.
+        ids: per micro-batch, its examples' ids for the tie keys (:func:`tie_keys`; None hashes every
+            example as the empty id). A micro-batch without trainable tokens needs none (the trainer's
+            empty padding batch has ids [] and seq_lens [1]).
+        keys: per micro-batch, precomputed tie keys shaped like its scores, instead of ``ids``.
+        rank: the batch scope's ranking, ``rank(values, rho, keys) -> bool mask`` over the given trainable
+            tokens' scores (float64, CPU) and tie keys; default this process's top ``ceil((1 - rho) * n)``
+            (:func:`top_mask`). train/grouping.py passes the ranking across data-parallel ranks (a collective:
+            it is called on every rank, even with no tokens).
+
+    Returns:
+        one bool mask per micro-batch, shaped like its scores, on its ``loss_mask``'s device.
+    """
+    check_rho(rho)
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPES}")
+    if scope == "corpus" and cut is None:
+        raise ValueError("scope 'corpus' needs the corpus threshold")
+    count = len(scores)
+    if len(loss_masks) != count:
+        raise ValueError(f"{count} score tensors for {len(loss_masks)} loss masks")
+    seq_lens, ids, keys = (list(x) if x is not None else [None] * count for x in (seq_lens, ids, keys))
+    if not len(seq_lens) == len(ids) == len(keys) == count:
+        raise ValueError("seq_lens, ids and keys need one entry per micro-batch")
+    flat_scores, trainables, tie = [], [], []
+    for score, mask, lengths, example_ids, given in zip(scores, loss_masks, seq_lens, ids, keys):
+        if score.shape != mask.shape:
+            raise ValueError(f"scores {tuple(score.shape)} and loss_mask {tuple(mask.shape)} differ in shape")
+        trainable = mask.reshape(-1).bool().clone()
+        lengths = [trainable.numel()] if lengths is None else [int(n) for n in (lengths.tolist() if isinstance(lengths, Tensor) else lengths)]
+        if any(n < 0 for n in lengths) or sum(lengths) > trainable.numel():
+            raise ValueError(f"seq_lens {lengths} do not fit {trainable.numel()} tokens")
+        trainable[sum(lengths):] = False  # padding past the examples is never important
+        if given is not None:
+            tie.append(given.reshape(-1).double().to(trainable.device))
+        else:  # nothing trainable (e.g. an empty padding batch): no ids needed
+            tie.append(tie_keys(example_ids, lengths, trainable.numel(), device=trainable.device) if trainable.any() else None)
+        flat_scores.append(score.reshape(-1))
+        trainables.append((trainable, lengths))
+
+    masks = [torch.zeros_like(trainable) for trainable, _ in trainables]
+    if scope == "batch":
+        values = torch.cat([s[t].detach().double().cpu() for s, (t, _) in zip(flat_scores, trainables)] or [torch.zeros(0, dtype=torch.float64)])
+        value_keys = torch.cat([k[t].cpu() for k, (t, _) in zip(tie, trainables) if k is not None] or [torch.zeros(0, dtype=torch.float64)])
+        if rank is None:
+            top = top_mask(values, ceil_count(1.0 - rho, values.numel()), value_keys)
+        else:
+            top = rank(values, rho, value_keys)
+        start = 0
+        for important, (trainable, _) in zip(masks, trainables):
+            n = int(trainable.sum())
+            important[trainable] = top[start : start + n].to(trainable.device)
+            start += n
+    else:
+        for important, score, (trainable, lengths), key in zip(masks, flat_scores, trainables, tie):
+            if not trainable.any():
+                continue
+            if scope == "corpus":
+                important[trainable] = corpus_important(score[trainable], key[trainable], cut)
+                continue
+            start = 0
+            for length in lengths:
+                end = start + length
+                important[start:end] = important_mask_sequence(score[start:end], trainable[start:end], rho, keys=key[start:end])
+                start = end
+    return [important.reshape(score.shape) for important, score in zip(masks, scores)]
+
+
 def important_mask_packed(
     scores: Tensor,
     loss_mask: Tensor,
@@ -290,58 +388,6 @@ def important_mask_packed(
     threshold: float | CorpusCut | None = None,
     ids: Sequence[str] | None = None,
 ) -> Tensor:
-    """Important tokens of a packed micro-batch (several examples concatenated).
-
-    Args:
-        scores: per-token scores of any shape (``[T]`` or ``[1, T]``), flattened row-major.
-        loss_mask: bool, same shape, True for trainable tokens.
-        seq_lens: length of each packed example in order; they partition the first
-            ``sum(seq_lens)`` flattened tokens, the rest (padding) is never important.
-        rho: threshold in [0, 1).
-        scope: ``"sequence"``: the per-example rule on each example; ``"batch"``: one ranking over
-            every trainable token given (the trainer passes the concatenated global batch; across
-            micro-batches and ranks use ``train.grouping.batch_important_masks``); ``"corpus"``: the
-            fixed cut ``threshold``.
-        threshold: the corpus cut (:func:`corpus_cut`; a bare float is ``score >= threshold``);
-            required for ``"corpus"``.
-        ids: the id of each packed example (the batch's ``ids``), for the tie keys. None hashes
-            every example as the empty id. A batch without trainable tokens may pass none (the
-            trainer's empty padding batch has ``ids`` [] and ``seq_lens`` [1]).
-
-    Returns:
-        bool mask with the shape of ``scores``.
-    """
-    check_rho(rho)
-    if scope not in SCOPES:
-        raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPES}")
-    if scores.shape != loss_mask.shape:
-        raise ValueError(f"scores {tuple(scores.shape)} and loss_mask {tuple(loss_mask.shape)} differ in shape")
-    flat_scores = scores.reshape(-1)
-    flat_mask = loss_mask.reshape(-1).bool()
-    lengths = [int(n) for n in (seq_lens.tolist() if isinstance(seq_lens, Tensor) else seq_lens)]
-    if any(n < 0 for n in lengths) or sum(lengths) > flat_scores.numel():
-        raise ValueError(f"seq_lens {lengths} do not fit {flat_scores.numel()} tokens")
-    if scope == "corpus" and threshold is None:
-        raise ValueError("scope 'corpus' needs the corpus threshold")
-    # Tokens past the last example are padding: drop them from every scope.
-    covered = torch.zeros_like(flat_mask)
-    covered[: sum(lengths)] = True
-    flat_mask = flat_mask & covered
-    if not flat_mask.any():  # nothing trainable (e.g. an empty padding batch): no ids needed
-        return torch.zeros(scores.shape, dtype=torch.bool, device=loss_mask.device)
-    keys = tie_keys(ids, lengths, flat_scores.numel(), device=flat_mask.device)
-
-    if scope == "sequence":
-        important = torch.zeros_like(flat_mask)
-        start = 0
-        for length in lengths:
-            end = start + length
-            important[start:end] = important_mask_sequence(flat_scores[start:end], flat_mask[start:end], rho,
-                                                            keys=keys[start:end])
-            start = end
-    elif scope == "batch":
-        important = important_mask_sequence(flat_scores, flat_mask, rho, keys=keys)
-    else:
-        important = torch.zeros_like(flat_mask)
-        important[flat_mask] = corpus_important(flat_scores[flat_mask], keys[flat_mask], threshold)
-    return important.reshape(scores.shape)
+    """Important tokens of one packed micro-batch (several examples concatenated): :func:`important_masks`
+    of it alone (scope ``batch``: one ranking over its trainable tokens; ``threshold``: the corpus cut)."""
+    return important_masks([scores], [loss_mask], rho, scope, threshold, seq_lens=[seq_lens], ids=[ids])[0]

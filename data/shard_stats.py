@@ -444,10 +444,9 @@ def corpus_thresholds(shards_dir: str, rho: float) -> dict[str, "CorpusCut"]:  #
     """Scope ``corpus`` cuts: per score, the rho-quantile of the manifest's score_stats sketch and the
     share of tokens tied at it that are important (what training uses: data.grouping.corpus_cut;
     ``float(cut)`` is the threshold). Scores without stats are left out."""
-    from data.grouping import corpus_cut
+    from data.grouping import check_rho, corpus_cut
 
-    if not 0.0 <= rho < 1.0:
-        raise ValueError(f"rho must be in [0, 1), got {rho}")
+    check_rho(rho)
     manifest = open_directory(shards_dir).manifest
     out = {}
     for name in score_names(manifest.scorer_names):
@@ -461,15 +460,16 @@ def important_masks(example: dict[str, Any], rho: float, scope: str = "sequence"
                     thresholds: dict[str, Any] | None = None) -> dict[str, list[bool]]:
     """Per score of ``example``, its important-token mask at ``rho``, by training's rule (data/grouping.py).
 
-    ``sequence``: ``important_mask_sequence``; ``batch``: the example is its own batch (the same
-    rule); ``corpus``: the cut ``thresholds[name]`` (see :func:`corpus_thresholds`). Ties are broken
+    ``data.grouping.important_masks`` on the example alone: ``sequence``; ``batch``: the example is its own
+    batch (the same rule); ``corpus``: the cut ``thresholds[name]`` (see :func:`corpus_thresholds`). Ties are broken
     by the tie keys of the example's ``id`` and positions, as in training. Position 0 is never
     trainable, hence never important. A score with NaN at a trainable token cannot be ranked
     (training refuses it): it is left out of the result.
     """
     import torch  # torch (and the grouping rule) only when groups are asked for
 
-    from data.grouping import SCOPES, important_mask_packed, important_mask_sequence
+    from data.grouping import SCOPES
+    from data.grouping import important_masks as group
 
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPES}")
@@ -477,7 +477,7 @@ def important_masks(example: dict[str, Any], rho: float, scope: str = "sequence"
         raise ValueError("scope 'corpus' needs thresholds: corpus_thresholds(shards_dir, rho)")
     mask = torch.from_numpy(trainable_mask(example["loss_mask"]))
     example_id = example.get("id")
-    example_id = None if example_id is None else str(example_id)
+    ids = [None if example_id is None else [str(example_id)]]
     out = {}
     for name, values in example["scores"].items():
         scores = torch.tensor(np.asarray(values, dtype=np.float32))
@@ -485,14 +485,10 @@ def important_masks(example: dict[str, Any], rho: float, scope: str = "sequence"
             raise ValueError(f"example {example.get('id')}: {name} has {scores.numel()} scores for {mask.numel()} tokens")
         if torch.isnan(scores[mask]).any():
             continue
-        if scope == "corpus":
-            if name not in thresholds:
-                raise ValueError(f"no corpus threshold for {name!r} (have {sorted(thresholds)})")
-            important = important_mask_packed(scores, mask, [mask.numel()], rho, "corpus", threshold=thresholds[name],
-                                              ids=None if example_id is None else [example_id])
-        else:
-            important = important_mask_sequence(scores, mask, rho, example_id)
-        out[name] = important.tolist()
+        if scope == "corpus" and name not in thresholds:
+            raise ValueError(f"no corpus threshold for {name!r} (have {sorted(thresholds)})")
+        cut = thresholds[name] if scope == "corpus" else None
+        out[name] = group([scores], [mask], rho, scope, cut, seq_lens=[[mask.numel()]], ids=ids)[0].tolist()
     return out
 
 

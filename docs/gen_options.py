@@ -37,7 +37,7 @@ def options_markdown() -> str:
         "",
         "`python train/main.py` (train/config.py). A key is the same in YAML, on the command line and in `--help`. Defaults <- each `--config FILE.yaml`",
         "in turn <- each `KEY=VALUE` (`optim.lr=2e-5`, `optim.betas=[0.9,0.95]`, `loss.rho1_rho=null`). The",
-        "`loss` section is built from the registered losses' `Options` (train/losses.py).",
+        "`loss` section holds every registered loss's `Options` (train/losses.py), written out in `LossConfig`.",
         "",
         markdown_reference(TrainConfig),
         "",

@@ -29,6 +29,17 @@ def base_model_id(name: str) -> str | None:
     return name
 
 
+def run_card(cfg: Any, objective: str, steps: int, total_steps: int, final_eval: dict[str, float] | None) -> str:
+    """:func:`model_card` of a training run under ``cfg`` (a ``train.config.TrainConfig``); ``objective``: the loss's description."""
+    from schemas.shard import manifest_sha256
+    from train import config as train_config
+
+    return model_card(base_model=cfg.model, loss_name=cfg.loss.name, objective=objective, loss_options=train_config.loss_options(cfg),
+                      scorer=cfg.importance.scorer, rho=cfg.importance.rho, scope=cfg.importance.scope, train_data=cfg.data.train,
+                      train_manifest_sha256=manifest_sha256(cfg.data.train), validation_data=cfg.data.validation or None,
+                      steps=steps, total_steps=total_steps, final_eval=final_eval, config_yaml=train_config.format_config(cfg))
+
+
 def model_card(*, base_model: str, loss_name: str, objective: str, loss_options: dict[str, Any], scorer: str,
                rho: float, scope: str, train_data: str, train_manifest_sha256: str, validation_data: str | None,
                steps: int, total_steps: int, final_eval: dict[str, float] | None, config_yaml: str) -> str:

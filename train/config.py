@@ -5,8 +5,8 @@
 
 Keys are the dataclass field names, dotted by section (``optim.lr``), with one exception: the
 field ``LossConfig.lambda_`` is the key ``loss.lambda`` in YAML, on the command line and in saved
-configs (``lambda`` is a Python keyword). The ``loss`` section is built from the registered losses'
-Options (train/losses.py). Loading, overrides, help and saving are data/config.py's, the mechanism
+configs (``lambda`` is a Python keyword). The ``loss`` section holds every registered loss's Options
+(train/losses.py), their defaults and help taken from there. Loading, overrides, help and saving are data/config.py's, the mechanism
 annotate uses too: :func:`load_config` only parses; :func:`validate` checks values and
 :func:`validate_against_data` checks them against an annotated directory's manifest.
 
@@ -19,7 +19,7 @@ Values written as the string ``"auto"`` are filled from this config by :func:`de
     bf16.enabled                 <- the resolved train.dtype == "bfloat16"
     train_micro_batch_size_per_gpu <- 1 (one packed row of up to data.micro_batch_tokens tokens)
     train_batch_size             <- grad_accum * world_size (packed rows per optimizer step)
-    zero_optimization.stage      <- train.zero_stage, resolved (``auto``: :func:`train.engine_setup.choose_zero_stage`)
+    zero_optimization.stage      <- train.zero_stage, resolved (``auto``: :func:`train.engine.choose_zero_stage`)
 
 Always set, not placeholders: ``data_types.grad_accum_dtype = "fp32"`` whenever the weights are bf16
 (DeepSpeed otherwise accumulates gradients in the model dtype; it refuses this at stage 0, so bf16 runs
@@ -46,7 +46,7 @@ from data import config as config_mechanism
 from data.config import ConfigError, option
 from schemas.shard import (EXCESS_LOSS, EXCESS_LOSS_PARTS, Manifest, has_ref_loss, has_score, score_names, score_spread_problem,
                            system_prompt_of)
-from train.losses import GROUP_DECISIONS, LOSSES, Loss
+from train.losses import GROUP_DECISIONS, LOSSES, InfoSftOptions, Loss, Rho1Options, SftGoOptions, WeightedOptions
 from train.schedule import SCHEDULES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,32 +82,60 @@ def _loss_attribute(f: dataclasses.Field) -> str:
     return key if key.isidentifier() and not keyword.iskeyword(key) else f.name
 
 
+def loss_option(options: type, name: str) -> Any:
+    """The ``loss`` section's field for the loss option ``name`` of ``options`` (a loss's Options): its default and
+    help, written once there; the attribute is the option's key (``lambda_`` keeps ``key="lambda"``)."""
+    f = {f.name: f for f in dataclasses.fields(options)}[name]
+    key = f.metadata.get("key", f.name)
+    return option(f.default, f.metadata["help"], key=key if key != _loss_attribute(f) else None)
+
+
 # loss.group_decision's default (bench/README.md "group decision": the look-ahead's measured cost).
 GROUP_DECISION_DEFAULT = "step"
 
 
-def _loss_config_class() -> type:
-    """The ``loss`` section: ``name`` plus every registered loss's Options, keyed as in YAML.
+@dataclass
+class LossConfig:
+    """The ``loss`` section: the objective, where its groups are decided, and every registered loss's options.
 
-    Each Options field becomes ``loss.<key>`` (its help text with it); the attribute is the key,
-    except ``lambda_`` (``lambda`` is a Python keyword). Adding a loss adds its keys here.
-    """
-    names = " | ".join(LOSSES)
-    fields: list[tuple[str, Any, Any]] = [
-        ("name", str, option("sftgo", f"objective: {names} (METHOD.md 'Losses'; select = CE over the important group only, Token Cleaning; weighted = sum w*CE / sum w, w from the score)")),
-        ("group_decision", str, option(GROUP_DECISION_DEFAULT, "where sftgo's worse group, rho1's top-k and select's important count are decided: step (the whole optimizer step, all micro-batches and ranks: the objective does not depend on the split; sftgo and rho1 run a no-grad look-ahead forward when train.grad_accum > 1) | micro_batch (per micro-batch: cheaper, split-dependent)")),
-    ]
+    One field per option of a loss's ``Options`` (train/losses.py), keyed ``loss.<key>``; its default and help
+    come from there (:func:`loss_option`). A loss with options adds its lines here: tests/train/test_config.py
+    fails, naming the key, when these fields and the registered losses' options disagree
+    (:func:`_loss_config_class` builds what they imply)."""
+
+    name: str = option("sftgo", f"objective: {' | '.join(LOSSES)} (METHOD.md 'Losses'; select = CE over the important group only, Token Cleaning; weighted = sum w*CE / sum w, w from the score)")
+    group_decision: str = option(GROUP_DECISION_DEFAULT, "where sftgo's worse group, rho1's top-k and select's important count are decided: step (the whole optimizer step, all micro-batches and ranks: the objective does not depend on the split; sftgo and rho1 run a no-grad look-ahead forward when train.grad_accum > 1) | micro_batch (per micro-batch: cheaper, split-dependent)")
+    # sftgo
+    lambda_: float = loss_option(SftGoOptions, "lambda_")  # key loss.lambda
+    lambda_schedule: str = loss_option(SftGoOptions, "lambda_schedule")
+    lambda_max: float = loss_option(SftGoOptions, "lambda_max")
+    lambda_min: float = loss_option(SftGoOptions, "lambda_min")
+    # rho1
+    rho1_rho: float | None = loss_option(Rho1Options, "rho")
+    # infosft
+    infosft_p: float = loss_option(InfoSftOptions, "p")
+    # weighted
+    weight_transform: str = loss_option(WeightedOptions, "transform")
+    weight_temperature: float = loss_option(WeightedOptions, "temperature")
+    weight_center: float = loss_option(WeightedOptions, "center")
+    weight_clip_min: float = loss_option(WeightedOptions, "clip_min")
+    weight_clip_max: float | None = loss_option(WeightedOptions, "clip_max")
+
+
+def _loss_config_class() -> type:
+    """The ``loss`` section the registered losses imply: ``name`` and ``group_decision`` plus every registered
+    loss's Options fields, keyed as in YAML, in registration order: what :class:`LossConfig` is checked against
+    (tests/train/test_config.py)."""
+    fields: list[tuple[str, Any, Any]] = [(f.name, str, option(f.default, f.metadata["help"]))
+                                          for f in dataclasses.fields(LossConfig)[:2]]
     for loss_cls in LOSSES.values():
         hints = typing.get_type_hints(loss_cls.Options)
         for f in dataclasses.fields(loss_cls.Options):
             key, attribute = f.metadata.get("key", f.name), _loss_attribute(f)
             if any(existing == attribute for existing, _, _ in fields):
                 raise TypeError(f"loss option key {key!r} of {loss_cls.name} is already taken; give it its own key")
-            fields.append((attribute, hints[f.name], option(f.default, f.metadata["help"], key=key if key != attribute else None)))
+            fields.append((attribute, hints[f.name], loss_option(loss_cls.Options, f.name)))
     return dataclasses.make_dataclass("LossConfig", fields)
-
-
-LossConfig = _loss_config_class()
 
 
 def loss_class(config: "TrainConfig") -> type[Loss]:
@@ -500,7 +528,7 @@ def deepspeed_dict(config: TrainConfig, *, world_size: int, dtype: str, zero_sta
     ``zero_stage`` resolved. A stage written in the JSON must agree with ``zero_stage``.
 
     bf16 weights get fp32 gradient accumulation (``data_types.grad_accum_dtype``); stage 0 with bf16
-    is refused (DeepSpeed 0.19 raises on that mix: :func:`train.engine_setup.choose_zero_stage` moves it
+    is refused (DeepSpeed 0.19 raises on that mix: :func:`train.engine.choose_zero_stage` moves it
     to stage 1). ``offload_optimizer`` puts AdamW's states on the CPU (stages 1-3)."""
     path = deepspeed_config_path(config)
     raw = json.loads(path.read_text(encoding="utf-8"))

@@ -287,10 +287,13 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[Run], list[str], Benchm
     """Read and check every input; raises ValueError / OSError with a message naming the culprit."""
     from data.models import load_tokenizer, resolve_model
     from schemas.shard import tokenizer_fingerprint
-    from train.heldout import open_heldout
+    from train.heldout import check_rho, open_heldout
 
-    if args.rho is not None and not 0.0 <= args.rho < 1.0:
-        raise ValueError(f"--rho {args.rho}: must be in [0, 1)")
+    try:
+        if args.rho is not None:
+            check_rho(args.rho)
+    except ValueError:
+        raise ValueError(f"--rho {args.rho}: must be in [0, 1)") from None
     for option, value, low in (("--num-fewshot", args.num_fewshot, 0), ("--limit", args.limit, 1), ("--batch-size", args.batch_size, 1), ("--row-tokens", args.row_tokens, 1),
                                ("--micro-batch-tokens", args.micro_batch_tokens, 1), ("--max-new-tokens", args.max_new_tokens, 1)):
         if value is not None and value < low:

@@ -1,11 +1,13 @@
 """Token groups in training: the batch scope across micro-batches and ranks, and the collectives.
 
-The grouping rule itself (scopes, tie keys, :func:`important_mask_sequence`,
-:func:`important_mask_packed`, :func:`corpus_cut`) is in data/grouping.py, shared with the token
-viewer; it is re-exported here for the trainer's modules. :func:`batch_important_masks` ranks every
-micro-batch of one optimizer step on every data-parallel rank (Rho-1's scope ``batch``), ties broken
-by the tie keys of (example id, position), so the groups do not depend on how the step is split
-into micro-batches and ranks. :func:`step_important_masks` is the trainer's one call per step.
+The grouping rule itself (scopes, tie keys, :func:`important_masks`, :func:`corpus_cut`) is in
+data/grouping.py, shared with the token viewer and the TRL bridge; it is re-exported here for the
+trainer's modules. What training adds is the batch scope's ranking across data-parallel ranks
+(:func:`across_ranks`): every micro-batch of one optimizer step on every rank is ranked together
+(Rho-1's scope ``batch``), ties broken by the tie keys of (example id, position), so the groups do
+not depend on how the step is split into micro-batches and ranks. :func:`step_important_masks` is
+the trainer's and the held-out evaluation's one call; :func:`batch_important_masks` its batch scope
+on bare tensors.
 
 The small collective helpers here (:func:`all_reduce_sum`, :func:`gather_values`,
 :func:`distributed_top_mask`) are shared with ``train/losses.py``; they fall back to local
@@ -16,7 +18,7 @@ its result on the caller's device, so CPU score and mask tensors work on an NCCL
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -29,6 +31,7 @@ from data.grouping import (
     corpus_cut,
     important_mask_packed,
     important_mask_sequence,
+    important_masks,
     manifest_corpus_cut,
     tie_keys,
     top_mask,
@@ -36,29 +39,32 @@ from data.grouping import (
 from schemas.shard import ceil_count
 
 __all__ = [  # the rule's names stay importable from here, where the trainer's modules import them
-    "SCOPES", "CorpusCut", "corpus_cut", "manifest_corpus_cut", "tie_keys", "top_mask", "important_mask_sequence", "important_mask_packed",
-    "batch_important_masks", "step_important_masks", "is_distributed", "collective_device", "all_reduce_sum",
+    "SCOPES", "CorpusCut", "check_rho", "corpus_cut", "manifest_corpus_cut", "tie_keys", "top_mask", "important_mask_sequence",
+    "important_mask_packed", "important_masks", "batch_important_masks", "step_important_masks", "across_ranks", "is_distributed", "collective_device", "all_reduce_sum",
     "gather_values", "distributed_top_mask",
 ]
 
 
-def step_important_masks(step: Sequence[dict[str, Any]], rho: float, scope: str,
+def step_important_masks(step: Sequence[Any], rho: float, scope: str,
                          threshold: float | CorpusCut | None = None,
                          group: dist.ProcessGroup | None = None) -> list[Tensor]:
-    """Important-token masks of one optimizer step's micro-batches (this rank's), at ``rho`` in ``scope``.
+    """Important-token masks of one optimizer step's micro-batches (this rank's), at ``rho`` in ``scope``:
+    :func:`data.grouping.important_masks` with the batch scope ranked across ranks (:func:`across_ranks`).
 
-    Each micro-batch is a dict of ``train.shards`` (``score``, ``loss_mask``, ``seq_lens``, ``ids``).
+    Each micro-batch is a ``train.step.Batch`` (its ``score``, ``loss_mask``, ``seq_lens``, ``ids``).
     ``batch``: one ranking over every micro-batch on every rank (a collective: every rank calls it);
     ``sequence`` / ``corpus``: each micro-batch on its own (``threshold`` = the corpus cut,
     :func:`manifest_corpus_cut`). Masks are shaped like each ``loss_mask``, on its device (the
     trainer's CPU batches: CPU, whatever device the collective ran on).
     """
-    if scope == "batch":
-        return batch_important_masks([b["score"] for b in step], [b["loss_mask"] for b in step], rho, group,
-                                     ids_list=[b.get("ids") for b in step],
-                                     seq_lens_list=[b["seq_lens"] for b in step])
-    return [important_mask_packed(b["score"], b["loss_mask"], b["seq_lens"], rho, scope, threshold=threshold,
-                                  ids=b.get("ids")) for b in step]
+    return important_masks([b.score for b in step], [b.loss_mask for b in step], rho, scope, threshold,
+                           seq_lens=[b.seq_lens for b in step], ids=[b.ids for b in step], rank=across_ranks(group))
+
+
+def across_ranks(group: dist.ProcessGroup | None = None) -> Callable[[Tensor, float, Tensor], Tensor]:
+    """The batch scope's ranking over every rank's trainable tokens (:func:`distributed_top_mask`), as
+    :func:`data.grouping.important_masks` takes it."""
+    return lambda values, rho, keys: distributed_top_mask(values, rho, group, keys=keys)
 
 
 def batch_important_masks(
@@ -85,44 +91,13 @@ def batch_important_masks(
     Returns:
         one bool mask per micro-batch, shaped like its ``loss_mask``, on its device.
     """
-    check_rho(rho)
     if len(scores_list) != len(loss_mask_list):
         raise ValueError("scores_list and loss_mask_list differ in length")
-    count = len(scores_list)
-    ids_list = list(ids_list) if ids_list is not None else [None] * count
-    seq_lens_list = list(seq_lens_list) if seq_lens_list is not None else [None] * count
-    if len(ids_list) != count or len(seq_lens_list) != count:
-        raise ValueError("ids_list and seq_lens_list need one entry per micro-batch")
-    flat_masks = [mask.reshape(-1).bool() for mask in loss_mask_list]
-    local_scores, local_keys = [], []
-    for scores, mask, flat_mask, ids, lengths in zip(scores_list, loss_mask_list, flat_masks, ids_list, seq_lens_list):
-        if scores.shape != mask.shape:
-            raise ValueError(f"scores {tuple(scores.shape)} and loss_mask {tuple(mask.shape)} differ in shape")
-        lengths = [flat_mask.numel()] if lengths is None else [int(n) for n in lengths]
-        if sum(lengths) > flat_mask.numel():
-            raise ValueError(f"seq_lens {lengths} do not fit {flat_mask.numel()} tokens")
-        flat_mask = flat_mask.clone()
-        flat_mask[sum(lengths):] = False  # padding past the examples is never important
-        if not flat_mask.any():  # e.g. the trainer's empty padding batch (ids [], seq_lens [1])
-            continue
-        keys = tie_keys(ids, lengths, flat_mask.numel())
-        local_scores.append(scores.reshape(-1)[flat_mask].detach().double().cpu())
-        local_keys.append(keys[flat_mask.cpu()])
-    local = torch.cat(local_scores) if local_scores else torch.zeros(0, dtype=torch.float64)
-    keys = torch.cat(local_keys) if local_keys else torch.zeros(0, dtype=torch.float64)
-    local_important = distributed_top_mask(local, rho, group, keys=keys)
-
-    masks, start = [], 0
-    for mask, flat_mask, lengths in zip(loss_mask_list, flat_masks, seq_lens_list):
-        trainable = flat_mask.clone()
-        if lengths is not None:
-            trainable[sum(int(n) for n in lengths):] = False
-        n = int(trainable.sum())
-        important = torch.zeros_like(trainable)
-        important[trainable] = local_important[start : start + n].to(trainable.device)
-        masks.append(important.reshape(mask.shape))
-        start += n
-    return masks
+    for given in (ids_list, seq_lens_list):
+        if given is not None and len(given) != len(scores_list):
+            raise ValueError("ids_list and seq_lens_list need one entry per micro-batch")
+    return important_masks(scores_list, loss_mask_list, rho, "batch", seq_lens=seq_lens_list, ids=ids_list,
+                           rank=across_ranks(group))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@
     summary = heldout_losses(model, "shards/lima_val", manifest, "tfidf", 0.7, "sequence", threshold)
     summary["ce"], summary["important_loss"], summary["unimportant_loss"], summary["worse_group"]
 
-Two pieces are shared with the trainer's in-training evaluation (``train/main.py: evaluate``):
+Two pieces are shared with the trainer's in-training evaluation (``train/step.py: evaluate``):
 :func:`group_loss_sums` (one packed micro-batch -> nine float64 sums: losses, counts and greedy hits) and :func:`summarize_group_sums`
 (sums -> losses). The trainer all-reduces the sums over ranks in between; :func:`heldout_losses` is the
 single-process loop used by ``python -m train.evaluate`` (no DeepSpeed, no torch.distributed).
@@ -18,10 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from train.forward import token_losses
-from train.grouping import SCOPES, CorpusCut, batch_important_masks, important_mask_packed, manifest_corpus_cut
+from train.grouping import SCOPES, CorpusCut, check_rho, manifest_corpus_cut, step_important_masks
 from train.shards import ShardStream, open_annotated
 
-__all__ = ["GROUP_SUM_NAMES", "group_loss_sums", "reduce_group_sums", "summarize_group_sums", "micro_batch_important", "open_heldout", "heldout_losses"]
+__all__ = ["GROUP_SUM_NAMES", "group_loss_sums", "reduce_group_sums", "summarize_group_sums", "open_heldout", "heldout_losses"]
 
 #: The order of the sums of :func:`group_loss_sums` (``*hits``: targets that are the greedy prediction).
 GROUP_SUM_NAMES = ("ce_sum", "n", "imp_sum", "imp_n", "unimp_sum", "unimp_n", "hits", "imp_hits", "unimp_hits")
@@ -37,23 +37,23 @@ def reduce_group_sums(loss_hits: Tensor, important: Tensor) -> Tensor:
                         hit.sum(), hit[imp].sum(), hit[~imp].sum()])
 
 
-def group_loss_sums(model: nn.Module, batch: dict[str, Any], important: Tensor, device: torch.device,
+def group_loss_sums(model: nn.Module, batch: Any, important: Tensor, device: torch.device,
                     chunk_size: int = 1024, row_multiple: int | None = None) -> Tensor:
     """Per-token CE of one packed micro-batch reduced to the float64 sums of :data:`GROUP_SUM_NAMES`.
 
     Args:
         model: a ``*ForCausalLM`` (or the module inside a DeepSpeed engine); called without autograd
             by the callers (``torch.no_grad``).
-        batch: a micro-batch of :meth:`train.shards.ShardStream.micro_batches`.
-        important: bool mask over the batch's tokens (``batch["loss_mask"]``'s shape), from the grouping code.
+        batch: a micro-batch (``train.step.Batch``).
+        important: bool mask over the batch's tokens (``batch.loss_mask``'s shape), from the grouping code.
         device: where the model runs.
         chunk_size: target tokens per lm_head + cross-entropy chunk (``train.ce_chunk``).
         row_multiple: flex_attention pads the row to a multiple of this (the packing budget).
     """
-    mask = batch["loss_mask"].to(device)
-    loss_hits = token_losses(model, batch["input_ids"].to(device), batch["position_ids"].to(device),
-                             list(batch["seq_lens"]), mask, chunk_size=chunk_size, row_multiple=row_multiple, with_hits=True)
-    return reduce_group_sums(loss_hits, important[batch["loss_mask"]])
+    mask = batch.loss_mask.to(device)
+    loss_hits = token_losses(model, batch.input_ids.to(device), batch.position_ids.to(device),
+                             list(batch.seq_lens), mask, chunk_size=chunk_size, row_multiple=row_multiple, with_hits=True)
+    return reduce_group_sums(loss_hits, important[batch.loss_mask])
 
 
 def summarize_group_sums(sums: Tensor) -> dict[str, Any]:
@@ -74,21 +74,6 @@ def summarize_group_sums(sums: Tensor) -> dict[str, Any]:
             "important_accuracy": imp_hits / imp_n if imp_n else 0.0, "unimportant_accuracy": un_hits / un_n if un_n else 0.0}
 
 
-def micro_batch_important(batch: dict[str, Any], rho: float, scope: str, threshold: float | CorpusCut | None) -> Tensor:
-    """Important-token mask of one micro-batch evaluated on its own, as the trainer's evaluation does.
-
-    The trainer evaluates one micro-batch per step (``grad_accum`` 1), so scope ``batch`` ranks the
-    micro-batch's trainable tokens (across ranks there; single-process here), ``sequence`` each
-    example, and ``corpus`` applies the manifest's cut (:func:`train.grouping.manifest_corpus_cut`).
-    Ties are broken by the tie keys of the batch's ``ids`` and positions, as in training.
-    """
-    if scope == "batch":
-        return batch_important_masks([batch["score"]], [batch["loss_mask"]], rho, ids_list=[batch.get("ids")],
-                                     seq_lens_list=[batch["seq_lens"]])[0]
-    return important_mask_packed(batch["score"], batch["loss_mask"], batch["seq_lens"], rho, scope, threshold=threshold,
-                                 ids=batch.get("ids"))
-
-
 def open_heldout(uri: str, tokenizer_sha256: str | None, scorer: str, rho: float, scope: str) -> tuple[Any, CorpusCut | None]:
     """Check an annotated directory for a held-out evaluation; return its manifest and corpus cut
     (threshold and tie fraction, :func:`train.grouping.manifest_corpus_cut`; None outside scope corpus).
@@ -97,8 +82,7 @@ def open_heldout(uri: str, tokenizer_sha256: str | None, scorer: str, rho: float
     directory, a scorer it does not hold, a scope unknown or (``corpus``) without score statistics,
     and rho outside [0, 1). No model is needed.
     """
-    if not 0.0 <= rho < 1.0:
-        raise ValueError(f"rho must be in [0, 1), got {rho}")
+    check_rho(rho)
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; expected one of {list(SCOPES)}")
     manifest = open_annotated(uri, tokenizer_sha256, scorer, option="--scorer")
@@ -116,11 +100,15 @@ def heldout_losses(model: nn.Module, uri: str, manifest: Any, scorer: str, rho: 
                    chunk_size: int = 1024, progress: bool = True) -> dict[str, Any]:
     """Held-out CE and per-group losses of ``model`` over a whole annotated directory, in file order.
 
-    Packs with ``ShardStream.micro_batches(micro_batch_tokens)`` like the trainer (scope ``batch``
-    depends on the packing: use the training run's ``data.micro_batch_tokens`` to reproduce its groups).
+    Packs with ``ShardStream.micro_batches(micro_batch_tokens)`` like the trainer and groups each micro-batch
+    on its own, as the trainer's evaluation does (one micro-batch per step: scope ``batch`` ranks the
+    micro-batch, so it depends on the packing: use the training run's ``data.micro_batch_tokens`` to
+    reproduce its groups).
     Returns :func:`summarize_group_sums` plus ``examples`` and ``micro_batches``.
     """
     from tqdm import tqdm
+
+    from train.step import Batch
 
     device = torch.device(device)
     stream = ShardStream(uri, manifest, scorer, rank=0, world_size=1, shuffle=False, epochs=1)
@@ -130,12 +118,12 @@ def heldout_losses(model: nn.Module, uri: str, manifest: Any, scorer: str, rho: 
     model.eval()
     bar = tqdm(total=stream.num_examples, desc=f"held-out {uri}", unit="ex", disable=not progress, dynamic_ncols=True)
     with torch.no_grad():
-        for batch in stream.micro_batches(micro_batch_tokens):
-            important = micro_batch_important(batch, rho, scope, threshold)
+        for batch in map(Batch.of, stream.micro_batches(micro_batch_tokens)):
+            important = step_important_masks([batch], rho, scope, threshold)[0]
             sums += group_loss_sums(model, batch, important, device, chunk_size)
-            examples += len(batch["seq_lens"])
+            examples += len(batch.seq_lens)
             batches += 1
-            bar.update(len(batch["seq_lens"]))
+            bar.update(len(batch.seq_lens))
     bar.close()
     model.train(was_training)
     return {**summarize_group_sums(sums), "examples": examples, "micro_batches": batches}

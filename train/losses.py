@@ -66,7 +66,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from data.config import option
-from train.grouping import all_reduce_sum, distributed_top_mask
+from train.grouping import all_reduce_sum, check_rho, distributed_top_mask
 
 
 LOSSES: dict[str, type[Loss]] = {}
@@ -96,8 +96,9 @@ class Loss:
         contribution, metrics = loss_fn(token_loss, important, ref_loss, step_tokens, progress)
 
     ``Options`` is a dataclass of the loss's settings (``self.options``): its field names are the constructor's keywords,
-    each field's ``key`` its config key (``loss.<key>``; train.config builds its ``loss`` section from
-    every registered loss's Options, help text included). ``Options.problems(as_key)`` lists bad values,
+    each field's ``key`` its config key (``loss.<key>``; train.config's ``LossConfig`` has one line per
+    option, ``loss_option(TheOptions, "field")``, taking default and help from here; a test fails until
+    a new option has its line). ``Options.problems(as_key)`` lists bad values,
     named by config key (``loss.lambda``) or by keyword; the constructor raises on the same list.
     """
 
@@ -161,6 +162,36 @@ def _shown(options: Any, name: str, as_key: bool) -> str:
 # ---------------------------------------------------------------------------------------------
 # Shared pieces
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LossInputs:
+    """What a loss takes besides the per-token CE, over the same trainable tokens::
+
+        contribution, metrics = loss_fn(token_loss, x.important, x.ref_loss, step_tokens, progress, **x.options)
+
+    ``options``: ``weight`` and ``step_weight`` for a loss with ``needs_weights``; ``decision`` once the
+    step's group decision is taken (``loss.group_decision=step``)."""
+
+    important: Tensor
+    ref_loss: Tensor | None = None
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def loss_inputs(trainable: Tensor, important: Tensor, ref_loss: Tensor | None = None, weight: Tensor | None = None,
+                step_weight: float = 0.0, device: torch.device | str | None = None) -> LossInputs:
+    """A loss's inputs from a batch's per-token tensors: the ``trainable`` tokens' groups, reference losses
+    and weights (each shaped like ``trainable``; None where the loss takes none), moved to ``device``.
+
+    The one preparation of a loss's inputs: the trainer (train/step.py) and the TRL bridge
+    (train/trl_bridge.py) both call it, so what a loss receives cannot drift between them."""
+
+    def pick(values: Tensor) -> Tensor:
+        picked = values[trainable]
+        return picked if device is None else picked.to(device)
+
+    options = {} if weight is None else {"weight": pick(weight), "step_weight": step_weight}
+    return LossInputs(pick(important), None if ref_loss is None else pick(ref_loss), options)
 
 
 @dataclass(frozen=True)
@@ -413,7 +444,10 @@ class Rho1Options:
     rho: float | None = option(None, "rho1: train the top 1 - rho of tokens by live excess loss; null = importance.rho", key="rho1_rho")
 
     def problems(self, as_key: bool = False) -> list[str]:
-        if self.rho is not None and not (0.0 <= self.rho < 1.0):
+        try:
+            if self.rho is not None:
+                check_rho(self.rho)
+        except ValueError:
             return [f"{_shown(self, 'rho', as_key)}: {self.rho} must be in [0, 1)"]
         return []
 

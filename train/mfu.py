@@ -23,6 +23,7 @@ import re
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -102,10 +103,10 @@ class ModelFlops:
         """Forward + backward (3 x forward) FLOPs of one packed row."""
         return 3.0 * self.forward_flops(seq_lens, targets)
 
-    def step_flops(self, micro_batches: Sequence[dict]) -> float:
-        """Training FLOPs of one rank's micro-batches of a step (dicts with ``seq_lens`` and ``loss_mask``;
+    def step_flops(self, micro_batches: Sequence[Any]) -> float:
+        """Training FLOPs of one rank's micro-batches of a step (``train.step.Batch``: ``seq_lens``, ``loss_mask``;
         the trainer's empty padding batches, ``empty``, count nothing)."""
-        return sum(self.train_flops(b["seq_lens"], int(b["loss_mask"].sum())) for b in micro_batches if not b.get("empty"))
+        return sum(self.train_flops(b.seq_lens, int(b.loss_mask.sum())) for b in micro_batches if not b.empty)
 
 
 def mfu(flops: float, seconds: float, peak: float | None, world_size: int = 1) -> float | None:

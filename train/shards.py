@@ -41,6 +41,7 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from data.grouping import check_rho
 from schemas.shard import (
     BASE_LOSS,
     EXCESS_LOSS,
@@ -114,8 +115,7 @@ def corpus_threshold(manifest: Manifest, score: str, rho: float) -> float:
 
     Read from the manifest's merged quantile sketch, so it costs no pass over the data.
     """
-    if not 0.0 <= rho < 1.0:
-        raise ValueError(f"rho must be in [0, 1), got {rho}")
+    check_rho(rho)
     summary = manifest.score_stats.get(score)
     if not summary:
         raise ValueError(f"manifest has no score_stats for {score!r} (has {sorted(manifest.score_stats)}); "

@@ -45,10 +45,9 @@ import pyarrow.parquet as pq
 import torch
 
 from data.token_loss import token_ce
-from data.grouping import corpus_cut, corpus_important, position_keys
+from data.grouping import corpus_cut, important_masks, position_keys
 from schemas.shard import EXCESS_LOSS, EXCESS_LOSS_PARTS, ID, INPUT_IDS, LOSS_MASK, Manifest, score_column
-from train.grouping import important_mask_sequence
-from train.losses import build_loss
+from train.losses import build_loss, loss_inputs
 
 SCORES = "token_scores"  # the batch key the collator adds and attach()'s hook removes
 SCORE_IDS = "token_score_ids"  # the dataset's example-id column (the collator turns it into TIE_KEYS)
@@ -151,13 +150,10 @@ class TrlLoss:
         self.model = model
 
     def _important(self, scores: torch.Tensor, trainable: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """The grouping rule of data/grouping.py on the shifted rows (``keys``: their tie keys)."""
-        if self.corpus_quantiles is not None:
-            important = torch.zeros_like(trainable)
-            cut = corpus_cut({"quantiles": self.corpus_quantiles}, self.rho)
-            important[trainable] = corpus_important(scores[trainable], keys[trainable], cut)
-            return important
-        return torch.stack([important_mask_sequence(s, m, self.rho, keys=k) for s, m, k in zip(scores, trainable, keys)])
+        """The grouping rule of data/grouping.py on the shifted rows, each row an example (``keys``: their tie keys)."""
+        cut = None if self.corpus_quantiles is None else corpus_cut({"quantiles": self.corpus_quantiles}, self.rho)
+        return important_masks([scores], [trainable], self.rho, "sequence" if cut is None else "corpus", cut,
+                               seq_lens=[[scores.shape[1]] * scores.shape[0]], keys=[keys])[0]
 
     def __call__(self, outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
         if self.pending is None:
@@ -176,19 +172,16 @@ class TrlLoss:
         # transform (Gemma-2's soft-cap, Granite's scaling, ...): upcast only, never transform twice.
         token_loss = token_ce(logits[trainable], targets[trainable], None)
         step_tokens = int(num_items_in_batch) if num_items_in_batch is not None else int(trainable.sum())
-        important = self._important(token_scores, trainable, token_keys)[trainable]
-        kwargs: dict[str, Any] = {}
-        ref_loss = None
-        if self.name == "rho1":
-            ref_loss = token_scores[trainable]
-        elif self.name == "weighted":
+        important = self._important(token_scores, trainable, token_keys)
+        weights, step_weight = None, 0.0
+        if self.loss_fn.needs_weights:
             weights = torch.stack([self.loss_fn.token_weights(s, m, [len(s)], "sequence" if self.corpus_quantiles is None else "corpus",
                                                               self.corpus_quantiles) for s, m in zip(token_scores, trainable)])
-            weight = weights[trainable]
             # The micro-batch's own weight sum, scaled to its share of the step's tokens (exact with one micro-batch).
-            micro_weight = float(weight.double().sum())
-            kwargs = {"weight": weight, "step_weight": micro_weight * step_tokens / max(1, int(trainable.sum()))}
-        contribution, metrics = self.loss_fn(token_loss, important, ref_loss, step_tokens, self.progress(), **kwargs)
+            step_weight = float(weights[trainable].double().sum()) * step_tokens / max(1, int(trainable.sum()))
+        # rho1 trains on the stored reference loss: the score it is given.
+        inputs = loss_inputs(trainable, important, token_scores if self.loss_fn.needs_ref_loss else None, weights, step_weight)
+        contribution, metrics = self.loss_fn(token_loss, inputs.important, inputs.ref_loss, step_tokens, self.progress(), **inputs.options)
         for key in ("ce", "important_loss", "unimportant_loss", "important_fraction", "lambda"):
             self.logged[key].append(metrics[key])
         return contribution

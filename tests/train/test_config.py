@@ -502,3 +502,21 @@ def test_data_check_refuses_a_score_without_spread_for_losses_that_use_it(tmp_pa
             validate_against_data(valid(**{"data.train": str(out), "importance.scorer": "excess_loss", "loss.name": loss}), manifest)
     validate_against_data(valid(**{"data.train": str(out), "importance.scorer": "excess_loss", "loss.name": "sft"}), manifest)
     validate_against_data(valid(**{"data.train": str(out), "importance.scorer": "tfidf", "loss.name": "sftgo"}), manifest)
+
+
+def test_the_loss_section_holds_exactly_the_registered_losses_options():
+    """LossConfig is written out (keys a reader can open); every registered loss's Options field must be one of its
+    fields with the same key, type, default and help, and it holds no other option. A new loss's option fails here
+    until its line is added to LossConfig (``loss_option(TheOptions, "field")``)."""
+    import dataclasses
+    import typing
+
+    from train import config as train_config
+
+    written, implied = train_config.LossConfig, train_config._loss_config_class()
+    written_hints, implied_hints = typing.get_type_hints(written), typing.get_type_hints(implied)
+    want = {f.name: (f.metadata, f.default, implied_hints[f.name]) for f in dataclasses.fields(implied)}
+    have = {f.name: (f.metadata, f.default, written_hints[f.name]) for f in dataclasses.fields(written)}
+    assert list(have) == list(want), "LossConfig's fields and the registered losses' options differ"
+    for name in want:
+        assert have[name] == want[name], name

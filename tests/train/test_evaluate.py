@@ -291,10 +291,10 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize("scope", ["sequence", "batch", "corpus"])
 def test_heldout_equals_the_trainers_evaluate(model, heldout_dir, scope):
-    """train.main.evaluate (one gloo rank, as under DeepSpeed) and train.heldout give the same numbers."""
+    """train.step.evaluate (one gloo rank, as under DeepSpeed) and train.heldout give the same numbers."""
     import torch.distributed as dist
 
-    from train import main as train_main
+    from train.step import evaluate
     from train.heldout import heldout_losses, open_heldout
     from train.shards import ShardStream
 
@@ -305,7 +305,7 @@ def test_heldout_equals_the_trainers_evaluate(model, heldout_dir, scope):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
         stream = ShardStream(str(heldout_dir), manifest, "tfidf", shuffle=False, epochs=1)
-        trainer = train_main.evaluate(SimpleNamespace(module=model), stream, cfg, threshold, torch.device("cpu"), pad_id=2)
+        trainer = evaluate(SimpleNamespace(module=model), stream, cfg, threshold, torch.device("cpu"), pad_id=2)
     finally:
         dist.destroy_process_group()
     model.eval()  # the trainer's evaluate leaves the module in train mode

@@ -107,7 +107,7 @@ def step_gradients(name: str, mode: str, micro: list[dict[str, object]]) -> tupl
     """train_step on ``micro`` (this rank's share); the gradient summed over ranks, and the parts' metrics."""
     from train import config as train_config
     from train.losses import build_loss
-    from train.main import train_step
+    from train.step import Batch, train_step
 
     cfg = train_config.load_config([f"loss.name={name}", f"loss.group_decision={mode}", f"train.grad_accum={len(micro)}",
                                     "importance.rho=0.7", "importance.scope=sequence", "train.ce_chunk=16",
@@ -116,7 +116,7 @@ def step_gradients(name: str, mode: str, micro: list[dict[str, object]]) -> tupl
     model = make_model()
     engine = LocalEngine(model, cfg.train.grad_accum)
     loss_fn = build_loss(cfg.loss.name, **train_config.loss_options(cfg))
-    batches = [dict(b, ref_loss=b["ref_loss"] if loss_fn.needs_ref_loss else None) for b in micro]
+    batches = [Batch.of(dict(b, ref_loss=b["ref_loss"] if loss_fn.needs_ref_loss else None)) for b in micro]
     parts, _, _ = train_step(engine, batches, loss_fn, cfg, None, 0.0, torch.device("cpu"))
     grads = []
     for p in model.parameters():

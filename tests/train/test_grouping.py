@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -217,7 +218,7 @@ def test_batch_masks_equal_sequence_rule_on_the_concatenation():
     expected = important_mask_sequence(torch.cat(scores_list), torch.cat(loss_masks), 0.7, keys=keys)
     assert torch.equal(torch.cat(masks), expected)
     # The step helper (what the trainer calls) gives the same masks from the micro-batch dicts.
-    step = [{"score": s, "loss_mask": m, "seq_lens": [len(s)], "ids": i} for s, m, i in zip(scores_list, loss_masks, ids_list)]
+    step = [SimpleNamespace(score=s, loss_mask=m, seq_lens=[len(s)], ids=i) for s, m, i in zip(scores_list, loss_masks, ids_list)]
     assert all(torch.equal(a, b) for a, b in zip(step_important_masks(step, 0.7, "batch"), masks))
 
 
@@ -342,16 +343,14 @@ def test_no_cpu_tensor_reaches_an_nccl_collective(monkeypatch, call):
 
 @pytest.mark.parametrize("scope", ["sequence", "batch", "corpus"])
 def test_the_trainers_group_masks_break_ties_by_the_tie_keys(scope):
-    from types import SimpleNamespace
-
-    from train import main as train_main
+    from train.step import group_masks
 
     lengths = [30, 25]
-    step = [{"score": torch.zeros(sum(lengths)), "loss_mask": torch.ones(sum(lengths), dtype=torch.bool),
-             "seq_lens": lengths, "ids": ["ex-a", "ex-b"]}]
-    step[0]["loss_mask"][[0, 30]] = False
+    step = [SimpleNamespace(score=torch.zeros(sum(lengths)), loss_mask=torch.ones(sum(lengths), dtype=torch.bool),
+                            seq_lens=lengths, ids=["ex-a", "ex-b"])]
+    step[0].loss_mask[[0, 30]] = False
     cut = corpus_cut(summarize_scores(np.zeros(100)), 0.7) if scope == "corpus" else None
     cfg = SimpleNamespace(importance=SimpleNamespace(rho=0.7, scope=scope))
     expected = step_important_masks(step, 0.7, scope, cut)
-    got = train_main.group_masks(step, cfg, cut)
+    got = group_masks(step, cfg, cut)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))

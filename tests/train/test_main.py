@@ -193,7 +193,7 @@ def _plain_step1_grad_norm(tiny_llama_dir, shards, micro_batches: int) -> tuple[
     from train import config as train_config
     from train.forward import token_losses
     from train.losses import build_loss
-    from train.main import group_masks
+    from train.step import Batch, group_masks
     from train.shards import ShardStream, open_annotated
 
     cfg = train_config.load_config(_config(Path("unused"), tiny_llama_dir, shards))
@@ -204,7 +204,7 @@ def _plain_step1_grad_norm(tiny_llama_dir, shards, micro_batches: int) -> tuple[
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32, attn_implementation="sdpa")
     loss_fn = build_loss("sftgo", **train_config.loss_options(cfg))
     step_tokens = sum(int(b["loss_mask"].sum()) for b in micro)
-    masks = group_masks(micro, cfg, None)
+    masks = group_masks([Batch.of(b) for b in micro], cfg, None)
     decisions = [{}] * len(micro)
     if cfg.loss.group_decision == "step" and micro_batches > 1:  # the worse group of the whole step, from its losses
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""train.main's set-up pieces: the ZeRO stage chosen by train.zero_stage=auto, parameter counting on the
+"""The trainer's set-up pieces (train/engine.py, train/checkpoint.py): the ZeRO stage chosen by train.zero_stage=auto, parameter counting on the
 meta device, ZeRO-3 leaf modules, JSON RNG state, and the resume check across stages."""
 
 from __future__ import annotations
@@ -11,15 +11,8 @@ import pytest
 import torch
 
 from train.shards import STATE_VERSION as STREAM_STATE_VERSION
-from train.main import (
-    STATE_BYTES_PER_PARAM,
-    check_resumable,
-    choose_zero_stage,
-    count_parameters,
-    decoder_layer_classes,
-    rng_state,
-    set_rng_state,
-)
+from train.checkpoint import check_resumable, rng_state, set_rng_state
+from train.engine import STATE_BYTES_PER_PARAM, choose_zero_stage, count_parameters, decoder_layer_classes
 
 GiB = 2**30
 

@@ -1,6 +1,12 @@
-"""The ZeRO plan of a run: which stage, whether AdamW's states live on the CPU, and why (``train.zero_stage``).
+"""The engine of a run: distributed set-up, the ZeRO plan, the model, the DeepSpeed engine, the export.
 
-``auto`` (issue 32):
+    rank, world_size, device = setup_distributed()
+    plan = resolve_zero_stage(cfg, model_path, world_size, device, dtype_name)     # stage, why, offload
+    model = load_model(cfg, model_path, ds_config, dtype, attn_implementation)
+    engine, scheduler = build_engine(model, cfg, ds_config, total_steps)
+    export_model(engine, tokenizer, out / "model", rank, card)
+
+The ZeRO plan, ``train.zero_stage=auto`` (issue 32):
 
 - one rank: no partitioning (stage 0; stage 1 with bf16 weights, where DeepSpeed 0.19 refuses the fp32
   gradient accumulation at stage 0) when model + optimizer states fit the device; else the optimizer
@@ -15,13 +21,18 @@ An explicit ``train.zero_stage`` (or a stage written in the DeepSpeed JSON) wins
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator
+from pathlib import Path
+from typing import Any, Iterator
 
-if TYPE_CHECKING:  # pragma: no cover
-    import torch
+import torch
+import torch.distributed as dist
 
-    from train.config import TrainConfig
+from train.config import TrainConfig
+from train.metrics import log0
+from train.schedule import make_scheduler
 
 # Bytes per parameter of model + optimizer state on one device without partitioning: weights and
 # gradients in the compute dtype, AdamW's two fp32 moments; bf16 adds DeepSpeed's fp32 master copy and
@@ -108,7 +119,6 @@ def choose_zero_stage(requested: str, json_stage: int | None, n_params: int, dty
 
 def count_parameters(model_path: str, trust_remote_code: bool = False) -> int:
     """Parameters of the model at ``model_path``, counted on the meta device (no weights read)."""
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
@@ -125,8 +135,6 @@ def host_memory_bytes() -> int:
 
 def device_memory_bytes(device: torch.device) -> int:
     """Memory of one device for one rank: the GPU's, or this host's RAM shared by its local ranks."""
-    import torch
-
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
     return host_memory_bytes()
@@ -138,3 +146,117 @@ def resolve_zero_stage(cfg: TrainConfig, model_path: str, world_size: int, devic
 
     return choose_zero_stage(cfg.train.zero_stage, train_config.json_zero_stage(cfg), count_parameters(model_path, cfg.trust_remote_code),
                              dtype, world_size, device_memory_bytes(device), None if device.type == "cpu" else host_memory_bytes())
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes, model, engine, export
+# ---------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed() -> tuple[int, int, torch.device]:
+    """Join the launcher's process group, or make a single-process one (plain ``python``)."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def decoder_layer_classes(model: torch.nn.Module) -> list[type]:
+    """The model's decoder-layer classes (transformers' ``_no_split_modules``) that it really contains."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return sorted({type(m) for m in model.modules() if type(m).__name__ in names}, key=lambda c: c.__name__)
+
+
+def load_model(cfg: TrainConfig, model_path: str, ds_config: dict[str, Any], dtype: torch.dtype, attn_implementation: str,
+               random_weights: bool = False) -> torch.nn.Module:
+    """The causal LM for training: partitioned at load under ZeRO-3, decoder layers marked as ZeRO-3
+    leaf modules (``train.zero3_leaf_modules``), gradient checkpointing as configured, no KV cache."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    stage = ds_config["zero_optimization"]["stage"]
+    # While this object lives, from_pretrained partitions the weights as it loads them (zero.Init);
+    # transformers holds it by a weak reference, so the model keeps it alive (below) for as long as it lives.
+    hf_ds_config = HfDeepSpeedConfig(ds_config) if stage == 3 else None
+    trust = cfg.trust_remote_code
+    if random_weights:  # benchmarks: the same compute without a weights file
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path, trust_remote_code=trust), dtype=dtype,
+                                                 attn_implementation=attn_implementation, trust_remote_code=trust)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn_implementation,
+                                                     trust_remote_code=trust)
+    if hf_ds_config is not None:
+        model._sftgo_hf_deepspeed_config = hf_ds_config
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    if stage == 3 and cfg.train.zero3_leaf_modules:
+        from deepspeed.utils import set_z3_leaf_modules
+
+        classes = decoder_layer_classes(model)
+        if classes:
+            # One gather per layer instead of one per projection/norm: the per-module hooks are the cost.
+            set_z3_leaf_modules(model, classes)
+            log0(f"zero3 leaf modules: {', '.join(c.__name__ for c in classes)}")
+        else:
+            log0(f"zero3 leaf modules: {type(model).__name__} names no decoder-layer class (_no_split_modules); per-module gathers")
+    return model
+
+
+def build_engine(model: torch.nn.Module, cfg: TrainConfig, ds_config: dict[str, Any], total_steps: int) -> tuple[Any, Any]:
+    """The DeepSpeed engine (any ZeRO stage) around ``model`` with a client AdamW (nothing to compile) and the LR schedule."""
+    import deepspeed
+
+    # Weight decay on matrices only; ZeRO-3 has already partitioned the parameters (p.shape is empty),
+    # so read the full shape from ds_shape.
+    def is_matrix(name: str, param: torch.nn.Parameter) -> bool:
+        return len(getattr(param, "ds_shape", param.shape)) >= 2 and "norm" not in name
+
+    params = list(model.named_parameters())
+    groups = [{"params": [p for n, p in params if is_matrix(n, p)], "weight_decay": cfg.optim.weight_decay},
+              {"params": [p for n, p in params if not is_matrix(n, p)], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+    # The scheduler is built on DeepSpeed's wrapped optimizer (a callable), so their param groups agree.
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=ds_config,
+        lr_scheduler=lambda wrapped: make_scheduler(wrapped, total_steps, cfg.optim))
+    return engine, scheduler
+
+
+def export_model(engine: Any, tokenizer: Any, out: Path, rank: int, card: str | None = None) -> None:
+    """A standard Hugging Face folder (safetensors, config, generation_config, tokenizer, model card
+    ``card`` as README.md) that from_pretrained loads; it appears whole or not at all."""
+    from train.card import generation_config
+
+    if engine.zero_optimization_stage() == 3:
+        state = engine._zero3_consolidated_16bit_state_dict()  # gathers ZeRO-3 partitions on rank 0
+    else:
+        state = engine.module.state_dict()  # stages 0-2 keep whole weights on every rank
+    if rank == 0:
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model = engine.module
+        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        generation_config(model, tokenizer).save_pretrained(tmp)
+        if card is not None:
+            (tmp / "README.md").write_text(card, encoding="utf-8")
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    dist.barrier()
