@@ -54,6 +54,7 @@ docs: setup
 	$(PY) -m docs.gen_options
 
 test: setup browser
+	$(VENV)/bin/ruff check
 	$(PY) -m pytest tests
 
 test-fast: setup browser

@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _raise_terminated)
         signal.signal(signal.SIGINT, _raise_keyboard_interrupt)
         summary = run(job)
-    except BaseException as exc:  # noqa: BLE001 - interrupts are told apart from failures below
+    except BaseException as exc:  # interrupts are told apart from failures below
         interrupt = _interrupt(exc)
         if interrupt is None:
             import ray

@@ -391,7 +391,7 @@ def bench_scorer(name: str, options: Any, model: str, device: str, batches: list
     result["tokens_per_s"] = rate(tokens, run["seconds"])
     if torch is not None:
         result["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-    del scorer, values
+    scorer = values = None  # free the model before the next scorer (closures above hold the name)
     gc.collect()
     if torch is not None:
         torch.cuda.empty_cache()
@@ -424,7 +424,7 @@ def bench_threads(name: str, options: Any, model: str, batches: list[Any], token
     rates = {k: rate(tokens, min(v)) for k, v in seconds.items()}
     identical = all(a.tobytes() == b.tobytes() for ob, nb in zip(outputs["one_thread"], outputs["pipeline_threads"])
                     for a, b in zip(ob, nb))
-    del scorer
+    scorer = None  # free the model (the closures above hold the name)
     gc.collect()
     return {
         "cores": cores, "threads": settings, "passes": passes, "tokens": tokens, "seconds_per_pass": seconds,

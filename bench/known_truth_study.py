@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.study import Study, StudyError, _f, _resolve, t_interval  # noqa: E402
+from bench.study import Study, StudyError, _f, t_interval  # noqa: E402
 from schemas.shard import MANIFEST_NAME, atomic_write_text  # noqa: E402
 
 SCHEMA = "sftgo-known-truth-study/1"

@@ -37,7 +37,6 @@ from schemas.shard import (
     REJECTS_NAME,
     SOURCE,
     arrow_schema,
-    quantile_from_summary,
     score_column,
     score_names,
     scorer_variant,

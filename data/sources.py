@@ -208,7 +208,9 @@ def _guess_mapping(columns: list[str]) -> str:
 
     prompt = pick(("instruction", "prompt", "question", "query", "input", "problem"))
     response = pick(("output", "response", "answer", "completion", "solution", "chosen", "target"), prompt)
-    quote = (lambda c: f"'{c}'" if re.search(r"[^\w.-]", c) else c)
+    def quote(column: str) -> str:
+        return f"'{column}'" if re.search(r"[^\w.-]", column) else column
+
     return f"instruction={quote(prompt or '<prompt column>')},output={quote(response or '<response column>')}"
 
 

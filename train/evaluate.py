@@ -48,7 +48,7 @@ if __package__ in (None, ""):  # run as a script: python train/evaluate.py
     sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
 TASKS = ("mmlu", "arc_challenge")
 # --split -> (MMLU directory / file suffix, ARC file part): the original releases' names.

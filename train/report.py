@@ -267,7 +267,7 @@ def plot_loss_curves(runs: list[Run], out: Path) -> Path:
         ax.set_visible(False)
     for row in axes:
         row[0].set_ylabel("loss (nats / token)")
-    handles, labels = {}, {}
+    handles = {}
     for ax in axes.flat:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)

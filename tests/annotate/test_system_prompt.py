@@ -58,7 +58,7 @@ def test_manifest_card_and_fingerprint_record_the_choice(annotated, capsys):
     assert text.tokenizer["system_prompt"] == "Answer briefly." and text.config["system_prompt"] == "Answer briefly."
     card = (annotated["default"] / "_README.md").read_text()
     share = 100 * record["template_turn_token_share"]
-    assert f"System prompt: default (the chat template's own behaviour: it adds the system turn" in card
+    assert "System prompt: default (the chat template's own behaviour: it adds the system turn" in card
     assert f"21 tokens in 6 rows, {share:.1f}% of all tokens" in card
     assert "System prompt: none (no system turn except a record's own; the template's own system turn" in \
         (annotated["none"] / "_README.md").read_text()

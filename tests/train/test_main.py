@@ -469,7 +469,7 @@ def test_epochs_train_every_example_exactly_once_each(tmp_path, tiny_llama_dir, 
         "checkpoint.every": 2, "eval.every": 0, "data.validation": "''"})
     planned, text = _dry_run_steps(args, ranks)
     assert "nothing is loaded or trained" in text and "objective: " in text and "zero stage" in text
-    assert f"data: 48 examples, " in text and f" tokens, {train_tokens} trainable tokens per epoch" in text
+    assert "data: 48 examples, " in text and f" tokens, {train_tokens} trainable tokens per epoch" in text
     try:
         if ranks == 1:  # stopped after the step-2 checkpoint, then the same command resumes
             proc = _launch(args, 1, tmp_path / "first.log", launcher="python")

@@ -6,11 +6,11 @@ import torch
 
 pytest.importorskip("trl")
 
-from train.forward import token_losses  # noqa: E402
-from data.grouping import important_mask_sequence, position_keys  # noqa: E402
-from train.losses import build_loss  # noqa: E402
-from train.trl_bridge import SCORE_IDS, SCORES, TIE_KEYS, TokenScoreCollator, TrlLoss, annotated_dataset, trl_config_kwargs  # noqa: E402
-from tests.train.conftest import make_examples, write_annotated_dir  # noqa: E402
+from train.forward import token_losses
+from data.grouping import important_mask_sequence, position_keys
+from train.losses import build_loss
+from train.trl_bridge import SCORE_IDS, SCORES, TIE_KEYS, TokenScoreCollator, TrlLoss, annotated_dataset, trl_config_kwargs
+from tests.train.conftest import make_examples, write_annotated_dir
 
 
 @pytest.mark.slow
