@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench.study import Study, StudyError, _f, t_interval  # noqa: E402
+from bench.study import Study, StudyError, _f, save_figure, t_interval  # noqa: E402
 from schemas.shard import MANIFEST_NAME, atomic_write_text  # noqa: E402
 
 SCHEMA = "sftgo-known-truth-study/1"
@@ -370,8 +370,6 @@ def plot_key_accuracy(results: dict[str, Any], path: Path) -> bool:
                 curves.setdefault(method, []).append(curve)
     if not curves:
         return False
-    import os
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -392,11 +390,7 @@ def plot_key_accuracy(results: dict[str, Any], path: Path) -> bool:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     ax.set_title("Known-truth study: mean over seeds, band = min..max", fontsize=9)
-    fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
     return True
 
 

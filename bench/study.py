@@ -607,12 +607,19 @@ def plot_curves(results: dict[str, Any], path: Path) -> bool:
         ax.axis("off")
     axes[0][0].set_ylabel("training loss (nats)")
     axes[0][0].legend(fontsize=8)
+    save_figure(fig, path)
+    return True
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out, write atomically (a temporary PNG, then rename) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=90)
     plt.close(fig)
     os.replace(tmp, path)
-    return True
 
 
 def _f(value: Any, digits: int = 4) -> str:
