@@ -1,7 +1,7 @@
 """Train job configuration: nested dataclasses hold every default; YAML overrides them; ``a.b=c`` overrides YAML.
 
-    python -m train.main --config train/configs/lima_sftgo.yaml optim.lr=2e-5 loss.lambda=0.8
-    python -m train.main --help                       # every key, its type, default and meaning
+    python train/main.py --config train/configs/lima_sftgo.yaml optim.lr=2e-5 loss.lambda=0.8
+    python train/main.py --help                       # every key, its type, default and meaning
 
 Keys are the dataclass field names, dotted by section (``optim.lr``), with one exception: the
 field ``LossConfig.lambda_`` is the key ``loss.lambda`` in YAML, on the command line and in saved
@@ -236,7 +236,7 @@ def _reference() -> list[tuple[str, str, list[tuple[str, str, str, str]]]]:
 def help_text() -> str:
     """Usage plus every key with its type, default and description, generated from the dataclasses."""
     return config_mechanism.help_text(TrainConfig, [
-        "usage: python -m train.main [--config FILE ...] [KEY=VALUE ...]",
+        "usage: python train/main.py [--config FILE ...] [KEY=VALUE ...]   (deepspeed train/main.py ... on several GPUs)",
         "",
         "Train with token-importance SFT on annotated shards. Defaults <- --config YAML files <- KEY=VALUE.",
         "Values are YAML (optim.betas=[0.9,0.95], loss.rho1_rho=null); string options take the text as written.",
@@ -288,7 +288,7 @@ def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def save_config(config: TrainConfig, path: str | os.PathLike) -> Path:
     """Write the resolved config as YAML (reloadable with ``--config``); atomic."""
-    return config_mechanism.save_config(config, path, "resolved sftgo train config (python -m train.main --config this-file)")
+    return config_mechanism.save_config(config, path, "resolved sftgo train config (python train/main.py --config this-file)")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -616,6 +616,7 @@ def write_json(path: Path, obj: Any) -> Path:
     """Atomically (tmp + os.replace): a reader sees the old file or the new one, never half of one."""
     from schemas.shard import atomic_write_text
 
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
     return path
 
@@ -677,7 +678,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda (bf16) when available, else cpu (fp32) (default: %(default)s)")
     parser.add_argument("--force", action="store_true",
                         help="recompute a run even when RUN_DIR/evaluation.json or --output holds an evaluation of the same request (default: reuse it)")
-    parser.add_argument("--output", default="evaluation.json",
+    parser.add_argument("--output", default="runs/evaluation.json",
                         help="combined JSON of all runs; each run directory also gets RUN_DIR/evaluation.json (default: %(default)s)")
     return parser
 

@@ -35,7 +35,7 @@ from train.checkpoint import (Progress, Refusal, Terminated, check_resumable, co
 from train.engine import build_engine, export_model, load_model, resolve_zero_stage, setup_distributed  # noqa: E402
 from train.forward import resolve_attn_implementation  # noqa: E402
 from train.losses import build_loss  # noqa: E402
-from train.metrics import Metrics, log0, step_record  # noqa: E402
+from train.metrics import Metrics, format_record, log0, step_record  # noqa: E402
 from train.mfu import ModelFlops, StepTimer, device_peak_flops, mfu  # noqa: E402
 from train.plan import dry_run, open_data, open_stream, plan_grouping  # noqa: E402
 from train.step import HeldOut, next_step_batches, train_step  # noqa: E402
@@ -159,7 +159,7 @@ def run(argv: list[str] | None, progress: Progress) -> int:
     if held_out is not None:
         final_eval = held_out.evaluate(engine, cfg, device, pad_id)
         metrics.log({"step": step, **final_eval})
-        log0("final eval: " + ", ".join(f"{k}={v:.4f}" for k, v in final_eval.items()))
+        log0("final eval: " + format_record(final_eval))
     save_checkpoint(engine, stream, ckpt_root, step, rank, cfg.checkpoint.keep, checkpoint_extra, trained)
     card = run_card(cfg, loss_fn.describe(), step, total_steps, final_eval) if rank == 0 else None
     export_model(engine, tokenizer, out / "model", rank, card)

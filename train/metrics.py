@@ -105,3 +105,9 @@ def step_record(step: int, parts: list[dict[str, float]], loss: float, **fields:
     if "mean_weight" in parts[0]:
         record["mean_weight"] = mean("mean_weight")
     return record
+
+
+def format_record(record: dict[str, Any]) -> str:
+    """``key=value`` pairs for a log line: integers (counts, flags: ``eval_worse_group=1``,
+    ``eval_tokens=1016``) as they are, other numbers to 4 decimals."""
+    return ", ".join(f"{k}={v}" if isinstance(v, int) else f"{k}={v:.4f}" for k, v in record.items())

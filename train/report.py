@@ -610,7 +610,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: python -m train.report runs/demo_sft runs/demo_sftgo --output runs/demo_report",
     )
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training run directories (config.yaml, metrics.jsonl)")
-    parser.add_argument("--output", default="report", help="folder for report.html and the PNG plots (default: report)")
+    parser.add_argument("--output", default="runs/report", help="folder for report.html and the PNG plots (default: %(default)s, beside the runs, ignored by git)")
     parser.add_argument("--shards", default=None,
                         help="annotated directory for the token viewer and scorer agreement (default: each run's data.validation, else data.train)")
     parser.add_argument("--examples", type=int, default=6, help="examples shown in the token viewer (default: 6)")

@@ -175,7 +175,7 @@ def evaluate(engine: Any, stream: ShardStream, cfg: TrainConfig, threshold: Corp
     summary = summarize_group_sums(sums)
     return {"eval_ce": summary["ce"], "eval_important_loss": summary["important_loss"],
             "eval_unimportant_loss": summary["unimportant_loss"],
-            "eval_worse_group": 1 if summary["worse_group"] == "important" else 0, "eval_tokens": float(summary["tokens"]),
+            "eval_worse_group": 1 if summary["worse_group"] == "important" else 0, "eval_tokens": summary["tokens"],
             "eval_accuracy": summary["accuracy"], "eval_important_accuracy": summary["important_accuracy"],
             "eval_unimportant_accuracy": summary["unimportant_accuracy"]}
 

@@ -184,6 +184,8 @@ def test_help_lists_every_key_with_default_and_description(capsys):
         line = next(l for l in out.splitlines() if l.strip().startswith(key + " "))
         assert "=" in line and len(line.split("=", 1)[1].split()) >= 2, line  # a default and a description
     assert "4096" in out and "smollm2-135m-instruct" in out
+    # The command the README gives (issue 30: --help said python -m train.main).
+    assert out.startswith("usage: python train/main.py [--config FILE ...] [KEY=VALUE ...]")
 
 
 # --- validate -----------------------------------------------------------------------------------
