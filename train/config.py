@@ -229,6 +229,26 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
     return config_mechanism.load(TrainConfig, argv, what="train", help=help_text)
 
 
+def value_origin(argv: list[str], key: str) -> str:
+    """Where ``key``'s value came from, for an error about it: ``on the command line``, ``in FILE`` (the last
+    ``--config`` file that sets it) or ``by default``."""
+    import yaml
+
+    if any(a.startswith(f"{key}=") for a in argv):
+        return "on the command line"
+    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"] + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for path in reversed(files):
+        try:
+            node: Any = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError):
+            continue
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            return f"in {path}"
+    return "by default"
+
+
 def _reference() -> list[tuple[str, str, list[tuple[str, str, str, str]]]]:
     return config_mechanism.reference(TrainConfig)
 

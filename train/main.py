@@ -58,7 +58,7 @@ def run(argv: list[str] | None, progress: Progress) -> int:
         return dry_run(cfg)
     rank, world_size, device = setup_distributed()
     with refusing(ValueError, OSError):
-        model_path, tokenizer, manifest, val_manifest = open_data(cfg)
+        model_path, tokenizer, manifest, val_manifest = open_data(cfg, argv)
 
     # -- the run directory: a finished run is not redone, another run's checkpoint not continued --------
     out = Path(cfg.output_dir)

@@ -26,9 +26,10 @@ from train.metrics import log0
 from train.shards import ShardStream, StreamPlan, open_annotated
 
 
-def open_data(cfg: TrainConfig) -> tuple[str, Any, Any, Any]:
+def open_data(cfg: TrainConfig, argv: list[str] = ()) -> tuple[str, Any, Any, Any]:
     """The model folder, tokenizer and the manifests of data.train and data.validation (None without one), each
-    checked against the config (ValueError / OSError naming the problem; ``data.deep_validate`` reads every shard)."""
+    checked against the config (ValueError / OSError naming the problem; ``data.deep_validate`` reads every shard).
+    A directory that cannot be opened is named with its key and where the value was set (``argv``: the command line)."""
     from data.models import load_tokenizer, resolve_model
     from schemas.shard import tokenizer_fingerprint
 
@@ -36,16 +37,24 @@ def open_data(cfg: TrainConfig) -> tuple[str, Any, Any, Any]:
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code, option="trust_remote_code=true")
     fingerprint = tokenizer_fingerprint(tokenizer)["sha256"]
-    manifest = open_annotated(cfg.data.train, fingerprint, cfg.importance.scorer, deep=cfg.data.deep_validate)
+    manifest = _open(cfg.data.train, "data.train", argv, fingerprint, cfg.importance.scorer, cfg.data.deep_validate)
     train_config.validate_against_data(cfg, manifest)
     val_manifest = None
     if cfg.data.validation:
-        val_manifest = open_annotated(cfg.data.validation, fingerprint, eval_scorer, deep=cfg.data.deep_validate)
+        val_manifest = _open(cfg.data.validation, "data.validation", argv, fingerprint, eval_scorer, cfg.data.deep_validate)
         if cfg.eval.scorer:  # a grouping of its own: only its score matters there
             train_config.validate_eval_data(cfg, val_manifest, cfg.data.validation)
         else:
             train_config.validate_against_data(cfg, val_manifest, uri=cfg.data.validation)
     return model_path, tokenizer, manifest, val_manifest
+
+
+def _open(uri: str, key: str, argv: list[str], fingerprint: str, scorer: str, deep: bool) -> Any:
+    try:
+        return open_annotated(uri, fingerprint, scorer, deep=deep)
+    except (ValueError, OSError) as exc:
+        kind = ValueError if isinstance(exc, ValueError) else OSError
+        raise kind(f"{key} (set {train_config.value_origin(list(argv), key)}): {exc}") from None
 
 
 def plan_grouping(cfg: TrainConfig, manifest: Any) -> tuple[CorpusCut | None, list[float] | None, dict[str, Any]]:

@@ -522,3 +522,15 @@ def test_the_loss_section_holds_exactly_the_registered_losses_options():
     assert list(have) == list(want), "LossConfig's fields and the registered losses' options differ"
     for name in want:
         assert have[name] == want[name], name
+
+
+def test_value_origin_names_the_command_line_the_file_or_the_default(tmp_path):
+    from train.config import value_origin
+
+    first = write_yaml(tmp_path / "a.yaml", {"data": {"validation": "shards/demo_val"}})
+    second = write_yaml(tmp_path / "b.yaml", {"optim": {"lr": 1e-4}})
+    argv = ["--config", first, "--config", second]
+    assert value_origin(argv, "data.validation") == f"in {first}"
+    assert value_origin(argv, "optim.lr") == f"in {second}"
+    assert value_origin([*argv, "data.validation=x"], "data.validation") == "on the command line"
+    assert value_origin(argv, "data.train") == "by default"

@@ -260,6 +260,14 @@ def test_bad_input_fails_before_training(tmp_path, tiny_llama_dir, shards):
     assert "shard-00000.parquet: row 3: score_tfidf holds NaN" in log.read_text()
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
+    # A path from a --config file that does not open is named with its key and that file (issue 30).
+    config = tmp_path / "mine.yaml"
+    config.write_text(f"data:\n  validation: {tmp_path / 'no_such_val'}\n")
+    args = [a for a in _config(tmp_path, tiny_llama_dir, shards) if not a.startswith("data.validation=")]
+    proc = _launch(["--config", str(config), *args], 1, log, "python")
+    assert proc.wait(timeout=300) == 2
+    assert f"data.validation (set in {config}): " in log.read_text() and "no_such_val" in log.read_text()
+
 
 @pytest.mark.parametrize("sig,code,name", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")])
 def test_signal_stops_with_one_line_and_resumes(tmp_path, tiny_llama_dir, shards, sig, code, name):
