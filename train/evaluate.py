@@ -94,6 +94,10 @@ class Benchmarks:
 # ---------------------------------------------------------------------------------------------
 
 
+#: Where the combined results go by default: beside the runs, in a folder git ignores.
+DEFAULT_OUTPUT = "runs/evaluation.json"
+
+
 def resolve_run(arg: str) -> Run:
     """A RUN argument -> :class:`Run`; raises ValueError naming the argument when it is no model."""
     from data.models import EMBEDDED, check_model
@@ -326,7 +330,8 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[Run], list[str], Benchm
             bench.arc = read_arc(data_dir, args.split)
     prompts = read_prompts(args.prompts) if args.generate else []
     output = Path(args.output)
-    if not output.parent.resolve().is_dir():
+    # A directory given by hand must exist (a typo fails before any work); the default's runs/ is made on write.
+    if not output.parent.resolve().is_dir() and args.output != DEFAULT_OUTPUT:
         raise ValueError(f"--output {args.output}: directory {output.parent} does not exist")
 
     configure_runs(runs, args)
@@ -678,7 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda (bf16) when available, else cpu (fp32) (default: %(default)s)")
     parser.add_argument("--force", action="store_true",
                         help="recompute a run even when RUN_DIR/evaluation.json or --output holds an evaluation of the same request (default: reuse it)")
-    parser.add_argument("--output", default="runs/evaluation.json",
+    parser.add_argument("--output", default=DEFAULT_OUTPUT,
                         help="combined JSON of all runs; each run directory also gets RUN_DIR/evaluation.json (default: %(default)s)")
     return parser
 
