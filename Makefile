@@ -87,13 +87,13 @@ demo: setup
 	for dir in shards/demo shards/demo_val; do grep -qs '"name": "ref_loss"' $$dir/_manifest.json $$dir/manifest.json || \
 		$(PY) annotate/run.py --output $$dir --add-scorers ref_loss --scorer-option ref_loss.model=runs/demo_sft/model || exit 1; done
 	$(PY) train/main.py --config train/configs/demo_cpu.yaml output_dir=runs/demo_sftgo
-	$(PY) -m train.evaluate smollm2-135m-instruct runs/demo_sft runs/demo_sftgo --tasks mmlu,arc_challenge --data-dir $(SHARED)/data/eval \
+	$(PY) -m evaluation.run smollm2-135m-instruct runs/demo_sft runs/demo_sftgo --tasks mmlu,arc_challenge --data-dir $(SHARED)/data/eval \
 		--limit $(DEMO_EVAL_LIMIT) --heldout shards/demo_val --scorer tfidf --rho 0.7 --micro-batch-tokens 1024 \
 		--output runs/demo_evaluation.json
-	$(PY) -m train.report runs/demo_sft runs/demo_sftgo --baseline runs/demo_evaluation.json --output runs/demo_report
+	$(PY) -m evaluation.report runs/demo_sft runs/demo_sftgo --baseline runs/demo_evaluation.json --output runs/demo_report
 	@echo
 	@echo "shards:  shards/demo (train), shards/demo_val (held out): _manifest.json, _rejects.jsonl, _README.md (dataset card), shard-*.parquet"
-	@echo "         inspect with: $(PY) -m annotate.inspect shards/demo --viewer runs/demo_tokens.html"
+	@echo "         inspect with: $(PY) -m annotate.view shards/demo --viewer runs/demo_tokens.html"
 	@echo "runs:    runs/demo_sft, runs/demo_sftgo: config.yaml, metrics.jsonl, tensorboard/, checkpoints/, model/ (Hugging Face folder), evaluation.json"
 	@echo "eval:    runs/demo_evaluation.json"
 	@echo "report:  runs/demo_report/report.html (open it in a browser; PNG plots beside it)"

@@ -109,7 +109,7 @@ def dataset_card(manifest: Manifest, sources: dict[str, int]) -> str:
               'import polars as pl; df = pl.scan_parquet("DIR", hidden_file_prefix="_").collect()  # or pl.read_parquet("DIR/*.parquet")',
               "```", "",
               "Train on it with `python train/main.py data.train=DIR importance.scorer=<scorer> ...`; check it with "
-              "`python -m schemas.validate DIR`; look inside with `python -m annotate.inspect DIR`.", ""]
+              "`python -m schemas.validate DIR`; look inside with `python -m annotate.view DIR`.", ""]
     return "\n".join(lines)
 
 

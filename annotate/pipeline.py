@@ -297,9 +297,13 @@ class TokenizeActor:
         out_dir = Path(out)
         steps.write_rejects(rejects, steps.staging_rejects_path(out_dir, plan.index))
         steps.write_table_atomic(table.replace_schema_metadata({b"truncated": str(truncated).encode()}), steps.staging_path(out_dir, plan.index))
-        tokens = int(pc.sum(pc.list_value_length(table[INPUT_IDS])).as_py() or 0)
-        return {"rows": table.num_rows, "tokens": tokens, "rejects": len(rejects), "seconds": time.perf_counter() - start,
+        return {"rows": table.num_rows, "tokens": _tokens(table), "rejects": len(rejects), "seconds": time.perf_counter() - start,
                 "node": _node()}
+
+
+def _tokens(table: pa.Table) -> int:
+    """The tokens of a shard's rows (every row's input_ids)."""
+    return int(pc.sum(pc.list_value_length(table[INPUT_IDS])).as_py() or 0)
 
 
 class ScoreActor:
@@ -322,9 +326,10 @@ class ScoreActor:
         self.scorer.setup()
         self.fitted = False
 
-    def collect(self, source: ShardSource) -> tuple[int, Any]:
-        """(the shard's index, its part of the corpus pass)."""
-        return source.index, self.scorer.collect(source.load()[0])
+    def collect(self, source: ShardSource) -> tuple[int, Any, dict[str, int]]:
+        """(the shard's index, its part of the corpus pass, the rows and tokens it read)."""
+        table = source.load()[0]
+        return source.index, self.scorer.collect(table), {"rows": table.num_rows, "tokens": _tokens(table)}
 
     def score(self, shard: ShardSource | tuple[pa.Table, dict[str, Any]], fit_state: list | None = None,
               sink: ShardSink | None = None) -> tuple[tuple[pa.Table, dict[str, Any]] | None, dict[str, Any]]:
@@ -415,7 +420,8 @@ class ShardSink:
             steps.write_rejects([steps.Rejected(**r) for r in rejects], steps.shard_rejects_path(out_dir, self.index))
             steps.write_shard(out_dir, self.index, table, list(self.infos), self.tokenizer_fp,
                               {**self.plan_key, "truncated": extra["truncated"]}, counts)
-        return {"index": self.index, "rows": table.num_rows, "seconds": time.perf_counter() - start, "node": _node()}
+        return {"index": self.index, "rows": table.num_rows, "tokens": _tokens(table), "seconds": time.perf_counter() - start,
+                "node": _node()}
 
 
 # The interrupts (KeyboardInterrupt, run.py's Terminated) the driver's signal handlers received. A
@@ -696,12 +702,20 @@ def corpus_pass(groups: dict[str, list[str]], pools: dict[str, list], sources: l
         timer = tally.stage(f"{name}:fit")
         start = time.perf_counter()
         parts: dict[int, Any] = {}
+        read = {"rows": 0, "tokens": 0}  # what the pass read: every shard's rows and tokens
+
+        def collected(result: tuple[int, Any, dict[str, int]]) -> None:
+            index, part, counts = result
+            parts[index] = part
+            read["rows"] += counts["rows"]
+            read["tokens"] += counts["tokens"]
+
         actors = pools[name]
         dispatch(in_turn(actors, 2 * len(actors) + 1), sources, lambda actor, source: actor.collect.remote(source),
-                 f"{name} corpus pass", lambda indexed: parts.__setitem__(*indexed))
+                 f"{name} corpus pass", collected)
         # Held until the job ends: every score call of this scorer carries it (a restarted actor fits again).
         fitted[name] = ray.put(registry.get(name).combine([parts[i] for i in sorted(parts)]))
-        timer.add(0, 0, time.perf_counter() - start)
+        timer.add(read["rows"], read["tokens"], time.perf_counter() - start)
     return fitted
 
 

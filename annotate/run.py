@@ -18,20 +18,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# Runnable as a script (python annotate/run.py, ray job submit) without installing the repo. The
-# script's own folder leaves sys.path: its modules (inspect.py, evaluate.py, config.py) would
-# otherwise shadow the standard library's and other packages' modules of the same name.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as a file: this checkout, not the file's folder, leads sys.path (tests/test_layers.py)
+    sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-import yaml  # noqa: E402
+import yaml
 
-from annotate import scorers as registry  # noqa: E402
-from annotate.config import load_config  # noqa: E402
-from annotate.pipeline import ClusterTooSmall, finished_shards, init_ray, prepare, print_summary, received_interrupts, run  # noqa: E402
-from annotate.steps import OutputLock, StrictModeError  # noqa: E402
-from data.formats import where  # noqa: E402
-from schemas.shard import REJECTS_NAME, SUMMARY_NAME, atomic_write_text  # noqa: E402
+from annotate import scorers as registry
+from annotate.config import load_config
+from annotate.pipeline import ClusterTooSmall, finished_shards, init_ray, prepare, print_summary, received_interrupts, run
+from annotate.steps import OutputLock, StrictModeError
+from data.formats import where
+from schemas.shard import REJECTS_NAME, SUMMARY_NAME, atomic_write_text
 
 
 def main(argv: list[str] | None = None) -> int:

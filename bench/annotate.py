@@ -38,11 +38,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
-# This file is bench/annotate.py: with bench/ on sys.path (python bench/annotate.py puts it first),
-# `import annotate` would find this script instead of the package. Take bench/ off, put the repo first.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(REPO))
+if not __package__:  # run as a file: this checkout, not the file's folder, leads sys.path (tests/test_layers.py)
+    sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

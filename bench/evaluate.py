@@ -1,8 +1,8 @@
-"""Benchmark: lm-eval multiple-choice scoring through train.evaluate, the harness's HFLM against
-train/packed_lm.py's PackedLM, on the same model, questions and machine, side by side.
+"""Benchmark: lm-eval multiple-choice scoring through evaluation.run, the harness's HFLM against
+evaluation/packed_lm.py's PackedLM, on the same model, questions and machine, side by side.
 
 Not a test: it measures and writes a JSON file. One process loads the model once; each variant runs
-``lm_eval.simple_evaluate`` on the same tasks (``train.evaluate``'s local-file MMLU / ARC tasks) in
+``lm_eval.simple_evaluate`` on the same tasks (``evaluation.run``'s local-file MMLU / ARC tasks) in
 rotating order over ``--rounds``; the value per variant is the median wall time. Accuracies are
 recorded too: every variant must give the same ones (same answers, less work).
 
@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+if not __package__:  # run as a file: this checkout, not the file's folder, leads sys.path (tests/test_layers.py)
+    sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import torch  # noqa: E402
 
@@ -43,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     from lm_eval.tasks import TaskManager
 
     from data.models import load_tokenizer, resolve_model
-    from train import evaluate as ev
-    from train.packed_lm import PackedLM
+    from evaluation import run as ev
+    from evaluation.packed_lm import PackedLM
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     path = resolve_model(args.model)

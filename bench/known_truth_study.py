@@ -35,8 +35,8 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+if not __package__:  # run as a file: this checkout, not the file's folder, leads sys.path (tests/test_layers.py)
+    sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 from bench.study import Study, StudyError, _f, save_figure, t_interval  # noqa: E402
 from schemas.shard import MANIFEST_NAME, atomic_write_text  # noqa: E402
@@ -274,7 +274,7 @@ def key_token_metrics(model_path: str, heldout: Path) -> dict[str, Any]:
     """
     import torch
 
-    from train.evaluate import load_model
+    from evaluation.run import load_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(model_path, device)

@@ -14,7 +14,7 @@ and the trainer resumes a killed run from its last checkpoint):
 3. the reference model: SmolLM2 SFT-trained on the reference slice; ``--add-scorers ref_loss`` with it
    on train and held-out, so ``excess_loss = base_loss - ref_loss`` (Rho-1's) is defined;
 4. every run of ``runs`` (``train`` keys shared, the run's own on top), then its evaluation: MMLU val and
-   ARC-Challenge dev through ``train.evaluate``, greedy generations, and held-out losses of the
+   ARC-Challenge dev through ``evaluation.run``, greedy generations, and held-out losses of the
    important and the unimportant group under EVERY grouping of ``groupings`` (not only the run's);
    the base model is evaluated the same way;
 5. ``results``/study.json (every number), report.md and the curves (PNG), rewritten after each run.
@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+if not __package__:  # run as a file: this checkout, not the file's folder, leads sys.path (tests/test_layers.py)
+    sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 import yaml  # noqa: E402
 
@@ -88,7 +89,8 @@ OPTIONAL = ("scorer_options", "smoke_runs")
 
 
 def load_study(path: Path, smoke: bool, model: str | None, results: str | None, work: str | None) -> dict[str, Any]:
-    """The study config, checked; ``--smoke`` shrinks it to 2 steps a run on 8-example slices."""
+    """The study config, checked; ``--smoke`` shrinks it to 2 steps a run on 8-example slices, ``smoke_runs``
+    and the first two ``tfidf_variants``."""
     try:
         cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
@@ -120,6 +122,8 @@ def load_study(path: Path, smoke: bool, model: str | None, results: str | None, 
         cfg["evaluate"].update(mmlu_limit=1, arc_limit=2, max_new_tokens=4, prompts=cfg["evaluate"]["prompts"][:1])
         if cfg.get("smoke_runs"):
             cfg["runs"] = {name: cfg["runs"][name] for name in cfg["smoke_runs"]}
+        # Two TF-IDF variants exercise the variant path; each more is one more annotate job (a Ray start).
+        cfg["tfidf_variants"] = dict(list(cfg["tfidf_variants"].items())[:2])
     unknown_runs = sorted(set(cfg.get("smoke_runs") or []) - set(cfg["runs"])) if not smoke else []
     if unknown_runs:
         raise StudyError(f"--config {path}: smoke_runs {unknown_runs} are not runs")
@@ -272,7 +276,7 @@ class Study:
                  ("arc_challenge", ev["arc_limit"], ["--prompts", str(prompts), "--max-new-tokens", str(ev["max_new_tokens"])]))
         for task, limit, extra in tasks if self.benchmarked(name) else ():
             part = self.work / "eval" / f"{name}.{task}.json"
-            self.sh(f"evaluate_{name}_{task}", [sys.executable, "-m", "train.evaluate", model, "--tasks", task,
+            self.sh(f"evaluate_{name}_{task}", [sys.executable, "-m", "evaluation.run", model, "--tasks", task,
                                                 "--data-dir", str(_resolve(REPO, ev["data_dir"])), "--limit", str(limit),
                                                 "--output", str(part), *extra])
             parts[task] = json.loads(part.read_text())["runs"][0]
@@ -290,7 +294,7 @@ class Study:
 
         from data.models import load_tokenizer
         from schemas.shard import tokenizer_fingerprint
-        from train.evaluate import CE_CHUNK, load_model
+        from evaluation.run import CE_CHUNK, load_model
         from train.forward import token_losses
         from train.grouping import step_important_masks
         from train.heldout import GROUP_SUM_NAMES, open_heldout, reduce_group_sums, summarize_group_sums
@@ -665,7 +669,7 @@ def write_report(study: Study, results: dict[str, Any]) -> None:
                   "unchanged and the base model's held-out group losses, recomputed on the re-annotated shards, were equal): "
                   + ", ".join(f"{n} ({when})" for n, when in reused.items()) + "."]
     lines += ["", "Held-out numbers: `train.heldout.heldout_losses` over the whole held-out directory (packed at "
-              f"{cfg['evaluate']['micro_batch_tokens']} tokens, scope sequence), after training. Benchmarks: `train.evaluate` "
+              f"{cfg['evaluate']['micro_batch_tokens']} tokens, scope sequence), after training. Benchmarks: `evaluation.run` "
               f"(lm-eval) on MMLU val ({cfg['evaluate']['mmlu_limit']} per subject) and ARC-Challenge dev (first {cfg['evaluate']['arc_limit']}), 0-shot.", ""]
     lines += ["## Does SFT-GO lower the held-out worst-group loss (Proposition 1)?", ""]
     for g, comp in results["worst_group_vs_sft"].items():

@@ -210,8 +210,10 @@ def _as_float(value: Any, what: str) -> float:
     raise _BadValue(f"expected {what}, got {value!r}")
 
 
-def _apply(obj: Any, mapping: Any, source: str, prefix: str, problems: list[str], root: type) -> None:
-    """Set the options in ``mapping`` (nested dicts, external keys) on the dataclass ``obj``."""
+def _apply(obj: Any, mapping: Any, source: str, prefix: str, problems: list[str], root: type,
+           origins: dict[str, str] | None = None) -> None:
+    """Set the options in ``mapping`` (nested dicts, external keys) on the dataclass ``obj``; each key set is
+    recorded in ``origins`` with ``source``."""
     if not isinstance(mapping, dict):
         where = prefix.rstrip(".") or "the file"
         problems.append(f"{source}: {where}: expected a mapping of option: value, got {mapping!r}")
@@ -226,15 +228,18 @@ def _apply(obj: Any, mapping: Any, source: str, prefix: str, problems: list[str]
         if dataclasses.is_dataclass(tp):
             if value is None:
                 continue
-            _apply(getattr(obj, f.name), value, source, dotted + ".", problems, root)
+            _apply(getattr(obj, f.name), value, source, dotted + ".", problems, root, origins)
             continue
         try:
             setattr(obj, f.name, coerce(value, tp))
+            if origins is not None:
+                origins[dotted] = source
         except _BadValue as exc:
             problems.append(f"{source}: {dotted}: {exc} (type {type_name(tp)})")
 
 
-def _set_dotted(config: Any, dotted: str, raw: Any, source: str, problems: list[str]) -> None:
+def _set_dotted(config: Any, dotted: str, raw: Any, source: str, problems: list[str],
+                origins: dict[str, str] | None = None) -> None:
     """One command-line override ``dotted=raw``; string options take ``raw`` as written.
 
     ``raw`` is the text after ``=``, or a list of words (``--input a b``).
@@ -252,7 +257,7 @@ def _set_dotted(config: Any, dotted: str, raw: Any, source: str, problems: list[
         last = i == len(parts) - 1
         if dataclasses.is_dataclass(tp):
             if last:  # a whole section: optim={lr: 1e-4, eps: 1e-6}
-                _apply(getattr(obj, f.name), _parse_value(raw), source, here + ".", problems, root)
+                _apply(getattr(obj, f.name), _parse_value(raw), source, here + ".", problems, root, origins)
                 return
             obj = getattr(obj, f.name)
             continue
@@ -282,6 +287,8 @@ def _set_dotted(config: Any, dotted: str, raw: Any, source: str, problems: list[
             value = raw if tp is str and not quoted else _parse_value(raw)
         try:
             setattr(obj, f.name, coerce(value, tp))
+            if origins is not None:
+                origins[dotted] = source
         except _BadValue as exc:
             problems.append(f"{source}: {dotted}: {exc} (type {type_name(tp)})")
 
@@ -339,6 +346,7 @@ def load(cls: type, argv: list[str] | None, *, what: str, help: Any) -> Any:
     files: list[str] = []
     overrides: list[tuple[str, Any]] = []
     problems: list[str] = []
+    origins: dict[str, str] = {}  # dotted key -> the file or command line that set it last
 
     def takes_value(word: str) -> bool:
         return not word.startswith("--") and "=" not in word
@@ -406,12 +414,23 @@ def load(cls: type, argv: list[str] | None, *, what: str, help: Any) -> Any:
         except yaml.YAMLError as exc:
             problems.append(f"{path}: not valid YAML ({exc})")
             continue
-        _apply(config, loaded if loaded is not None else {}, path, "", problems, cls)
+        _apply(config, loaded if loaded is not None else {}, path, "", problems, cls, origins)
     for key, raw in overrides:
-        _set_dotted(config, key, raw, "command line", problems)
+        _set_dotted(config, key, raw, COMMAND_LINE, problems, origins)
     if problems:
         raise ConfigError(f"invalid {what} config:\n  " + "\n  ".join(problems))
+    config._origins = origins  # read by origin(): an error about a value names where it was set
     return config
+
+
+COMMAND_LINE = "command line"
+
+
+def origin(config: Any, key: str) -> str:
+    """Where ``key``'s value of a :func:`load`-ed config was last set, for an error about it: ``on the command
+    line``, ``in FILE`` (the last ``--config`` file that set it) or ``by default``."""
+    source = getattr(config, "_origins", {}).get(key)
+    return "by default" if source is None else "on the command line" if source == COMMAND_LINE else f"in {source}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -169,7 +169,7 @@ def _chat_text(tokenizer: Any, messages: Messages, add_generation_prompt: bool =
 
 def prompt_text(tokenizer: Any, prompt: str, system_prompt: str = SYSTEM_DEFAULT) -> str:
     """A generation prompt: one user turn and the assistant header, under the system-prompt choice (what
-    train.evaluate generates from, rendered as training rendered its data)."""
+    evaluation.run generates from, rendered as training rendered its data)."""
     return _chat_text(tokenizer, [{"role": "user", "content": prompt}], True, system_prompt)
 
 

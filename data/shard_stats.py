@@ -4,7 +4,7 @@
     summary = summarize("shards/demo")                       # counts and per-score statistics
     examples = sample_examples("shards/demo", n=8, seed=0)   # a few rows, read lazily
 
-Shared by ``python -m annotate.inspect`` and ``train.report`` (the HTML is data/viewer.py). The
+Shared by ``python -m annotate.view`` and ``evaluation.report`` (the HTML is data/viewer.py). The
 directory is opened by schemas.directory (a local path or a URI); the shards are read through lazy
 Polars scans of the files its manifest lists: statistics are streaming aggregations (only
 ``loss_mask`` and the score columns are read), samples read only the rows they show, so a directory

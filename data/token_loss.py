@@ -1,5 +1,5 @@
 """Per-token losses from a causal LM's logits: the one rule shared by the trainer (train/forward.py),
-train.evaluate's loglikelihoods (train/packed_lm.py) and annotate's base_loss / ref_loss scorers, so
+evaluation.run's loglikelihoods (evaluation/packed_lm.py) and annotate's base_loss / ref_loss scorers, so
 a stored score is exactly the loss the trainer computes.
 
 The callers run the model's backbone and ``lm_head`` themselves (to chunk the vocabulary-sized
@@ -13,6 +13,7 @@ not know is refused (ValueError) rather than scored with the wrong distribution.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -152,6 +153,23 @@ def token_ce(logits: Tensor, labels: Tensor, transform: LogitTransform | float |
 def token_logprobs(logits: Tensor, transform: LogitTransform | float | None) -> Tensor:
     """Log-probabilities over the vocabulary ([..., V], >= fp32), as :func:`token_ce` scores them."""
     return F.log_softmax(final_logits(logits, transform), dim=-1)
+
+
+def top_k_entropy(logits: Tensor, k: int, transform: LogitTransform | float | None) -> Tensor:
+    """Normalised entropy of each row's top-k distribution, without gradient ([N, V] -> [N], >= fp32, in [0, 1]).
+
+    The ``min(k, V)`` largest logits (after :func:`final_logits`, the model's own distribution) are
+    renormalised by a softmax over themselves; their entropy ``-sum p log p`` is divided by
+    ``log(min(k, V))``, its value for a uniform top-k. EAFT's token weight (train/losses.py ``EaftLoss``).
+    """
+    if k < 2:
+        raise ValueError(f"top-k entropy needs k >= 2 (log k normalises it), got {k}")
+    with torch.no_grad():
+        top = final_logits(logits.detach(), transform).topk(min(k, logits.shape[-1]), dim=-1).values
+        if top.shape[-1] < 2:  # a one-word vocabulary: nothing to be uncertain about
+            return torch.zeros(top.shape[:-1], dtype=top.dtype, device=top.device)
+        logp = F.log_softmax(top, dim=-1)
+        return -(logp.exp() * logp).sum(-1) / math.log(top.shape[-1])
 
 
 def check_logit_transform(model: Any, input_ids: Tensor, atol: float = 1e-4) -> float:

@@ -5,7 +5,7 @@
     examples = sample_examples("shards/demo", n=8, seed=0)
     html = standalone_page("tokens", token_viewer_html(examples, tokenizer, rho=0.7))
 
-Shared by ``python -m annotate.inspect`` and ``train.report``. The data (examples, groups,
+Shared by ``python -m annotate.view`` and ``evaluation.report``. The data (examples, groups,
 agreement) comes from data/shard_stats.py; everything here is self-contained HTML, no external
 resources.
 """

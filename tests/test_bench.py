@@ -95,7 +95,7 @@ def _study_smoke(config: str, tmp_path: Path, model: Path) -> tuple[list[str], P
 def test_study_smoke_runs_resumes_and_reports(tmp_path, tiny_llama_dir):
     cmd, results, work = _study_smoke("bench/study/lima_seeds.yaml", tmp_path, tiny_llama_dir)
     study = json.loads((results / "study.json").read_text())
-    assert study["complete"] and set(study["runs"]) == {"base", "sft_s0", "sft_s1", "sftgo_tfidf_s0", "sftgo_tfidf_s1", "rho1_s0"}
+    assert study["complete"] and set(study["runs"]) == {"base", "sft_s0", "sft_s1", "sftgo_tfidf_s0", "sftgo_tfidf_s1"}
     for name, run in study["runs"].items():
         assert set(run["heldout"]) == {"tfidf", "excess_loss"}, name  # every grouping for every run
         if name == "base" or name.endswith("_s0"):  # evaluate.benchmark_seeds [0]
@@ -107,16 +107,15 @@ def test_study_smoke_runs_resumes_and_reports(tmp_path, tiny_llama_dir):
             assert [c["step"] for c in run["curves"]] == [1, 2]
             assert run["train_summary"]["steps"] == 2
             assert not (work / "runs" / name / "checkpoints").exists()  # removed once evaluated
-    # Paired by seed: sftgo_tfidf - sft over seeds 0 and 1, with an interval; rho1 one seed, none.
+    # Paired by seed: sftgo_tfidf - sft over seeds 0 and 1, with an interval (one seed: test_paired_vs_sft_one_seed).
     comp = study["worst_group_vs_sft"]["tfidf"]
-    assert comp["sft_seeds"] == [0, 1] and set(comp["methods"]) == {"sftgo_tfidf", "rho1"}
+    assert comp["sft_seeds"] == [0, 1] and set(comp["methods"]) == {"sftgo_tfidf"}
     row = comp["methods"]["sftgo_tfidf"]["worst_group_loss"]
     runs = study["runs"]
     diffs = [runs[f"sftgo_tfidf_s{s}"]["heldout"]["tfidf"]["worst_group_loss"] - runs[f"sft_s{s}"]["heldout"]["tfidf"]["worst_group_loss"]
              for s in (0, 1)]
     assert row["n"] == 2 and row["mean"] == pytest.approx(sum(diffs) / 2) and row["low"] <= row["mean"] <= row["high"]
-    assert comp["methods"]["rho1"]["worst_group_loss"]["low"] is None
-    assert set(study["tfidf_top_tokens"]) == {"default", "sublinear", "word"}
+    assert set(study["tfidf_top_tokens"]) == {"default", "sublinear"}  # --smoke: the first two variants
     report = (results / "report.md").read_text()
     for heading in ("## Runs", "Proposition 1", "## Benchmarks against the base model", "## TF-IDF, looked at", "![curves](curves.png)",
                     "- sftgo_tfidf under its own grouping (tfidf), 2 paired seeds"):
@@ -126,7 +125,7 @@ def test_study_smoke_runs_resumes_and_reports(tmp_path, tiny_llama_dir):
     # The single-forward held-out pass equals train.heldout's one-grouping-at-a-time numbers.
     import torch
 
-    from train.evaluate import load_model
+    from evaluation.run import load_model
     from train.heldout import heldout_losses, open_heldout
 
     model = load_model(str(tiny_llama_dir), torch.device("cpu"))
@@ -244,6 +243,23 @@ def test_known_truth_study_smoke_runs_resumes_and_reports(tmp_path, tiny_llama_d
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "[study] annotate_" not in proc.stdout and "[study] train_" not in proc.stdout
+
+
+def test_paired_vs_sft_one_seed_and_two():
+    """A method with one seed gets its difference and no interval; with two, the mean of the paired differences."""
+    from bench.study import paired_vs_sft
+
+    def run(worst: float) -> dict:
+        return {"heldout": {"tfidf": {"worst_group_loss": worst, "ce": worst - 0.5, "important_loss": worst, "unimportant_loss": worst - 1}}}
+
+    runs = {"base": run(9.0), "sft_s0": run(2.0), "sft_s1": run(2.4), "rho1_s0": run(1.5), "sftgo_s0": run(1.9), "sftgo_s1": run(2.1)}
+    got = paired_vs_sft(runs, "tfidf")
+    assert got["sft_seeds"] == [0, 1] and got["sft_worst_group_sd"] == pytest.approx(0.2828427)
+    one = got["methods"]["rho1"]
+    assert one["seeds"] == [0] and one["worst_group_loss"]["mean"] == pytest.approx(-0.5) and one["worst_group_loss"]["low"] is None
+    two = got["methods"]["sftgo"]["worst_group_loss"]
+    assert got["methods"]["sftgo"]["seeds"] == [0, 1] and two["mean"] == pytest.approx(-0.2) and two["low"] < -0.2 < two["high"]
+    assert "sft" not in got["methods"]
 
 
 def test_t_interval_by_hand():

@@ -28,9 +28,9 @@ def doc(name: str) -> str:
 # command -> (module holding build_parser(), the page and the heading of its section)
 COMMANDS = {
     "python -m schemas.validate": ("schemas.validate", "shards.md", "## Checking a directory"),
-    "python -m annotate.inspect": ("annotate.inspect", "annotate.md", "## inspect"),
-    "python -m train.evaluate": ("train.evaluate", "evaluate.md", "## evaluate"),
-    "python -m train.report": ("train.report", "evaluate.md", "## report"),
+    "python -m annotate.view": ("annotate.view", "annotate.md", "## inspect"),
+    "python -m evaluation.run": ("evaluation.run", "evaluate.md", "## evaluate"),
+    "python -m evaluation.report": ("evaluation.report", "evaluate.md", "## report"),
 }
 
 
@@ -204,12 +204,57 @@ def test_the_link_check_finds_a_broken_link(tmp_path):
 
 
 def test_layout_names_every_module():
-    """docs/layout.md has a row for every module of the four layers, and names no file that is gone."""
+    """docs/layout.md has a row for every module of the five layers, and names no file that is gone."""
     layout = doc("layout.md")
-    modules = sorted(str(p.relative_to(REPO)) for layer in ("schemas", "data", "annotate", "train")
+    modules = sorted(str(p.relative_to(REPO)) for layer in ("schemas", "data", "annotate", "train", "evaluation")
                      for p in (REPO / layer).rglob("*.py"))
     missing = [m for m in modules if f"`{m}`" not in layout]
     assert not missing, "docs/layout.md has no row for: " + ", ".join(missing)
-    named = set(re.findall(r"`((?:schemas|data|annotate|train|bench|tests|docs)/[\w/.-]+\.(?:py|sh))`", layout))
+    named = set(re.findall(r"`((?:schemas|data|annotate|train|evaluation|bench|tests|docs)/[\w/.-]+\.(?:py|sh))`", layout))
     gone = sorted(p for p in named if not (REPO / p).exists())
     assert not gone, "docs/layout.md names files that do not exist: " + ", ".join(gone)
+
+
+# ---------------------------------------------------------------------------------------------
+# From the demo to your own data (issue 30)
+# ---------------------------------------------------------------------------------------------
+
+
+def _guide_commands() -> list[list[str]]:
+    """Every command of docs/own-data.md's bash blocks, continuation lines joined, comments dropped."""
+    import shlex
+
+    commands = []
+    for block in re.findall(r"^```bash\n(.*?)^```", doc("own-data.md"), re.M | re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words:
+                commands.append(words)
+    return commands
+
+
+def test_the_own_data_guide_is_on_the_readmes_first_screen_and_its_commands_parse():
+    """Every command the guide shows is accepted by the command's own parser (a renamed or misspelt option fails here)."""
+    from annotate.config import load_config as annotate_config
+    from annotate.view import build_parser as view_parser
+    from train.config import load_config as train_config
+    from train.config import validate
+    from evaluation.run import build_parser as evaluate_parser
+    from evaluation.report import build_parser as report_parser
+
+    first_screen = "\n".join(README.splitlines()[:60])
+    assert "](docs/own-data.md)" in first_screen, "the README's first screen must link docs/own-data.md"
+    seen = set()
+    for words in _guide_commands():
+        program, argv = " ".join(words[:3] if words[1] == "-m" else words[:2]), words[3 if words[1] == "-m" else 2:]
+        seen.add(program)
+        if program == "python annotate/run.py":
+            config, _ = annotate_config(argv)
+            assert config.output, words
+        elif program == "python train/main.py":
+            validate(train_config([a for a in argv if a != "--dry-run"]))
+        else:
+            parser = {"python -m evaluation.run": evaluate_parser, "python -m evaluation.report": report_parser,
+                      "python -m annotate.view": view_parser}[program]
+            parser().parse_args(argv)
+    assert {"python annotate/run.py", "python train/main.py", "python -m evaluation.run", "python -m evaluation.report"} <= seen

@@ -52,7 +52,7 @@ def test_loss_scorers_refuse_and_name_their_option(remote_code_model, tiny_llama
 
 
 def test_evaluate_refuses_before_loading(remote_code_model, capsys):
-    from train.evaluate import main
+    from evaluation.run import main
 
     assert main([str(remote_code_model), "--tasks", "", "--no-generate", "--heldout", "x"]) == 2
     assert "--trust-remote-code" in capsys.readouterr().err

@@ -45,7 +45,7 @@ def model_card(*, base_model: str, loss_name: str, objective: str, loss_options:
                steps: int, total_steps: int, final_eval: dict[str, float] | None, config_yaml: str) -> str:
     """The card's text: YAML front matter (``base_model``, tags) for the Hub, then what trained this model."""
     front: dict[str, Any] = {"library_name": "transformers", "pipeline_tag": "text-generation",
-                             "tags": ["sftgo", f"loss-{loss_name}", f"score-{scorer}"]}
+                             "tags": ["sftgo", f"loss-{loss_name}", *([f"score-{scorer}"] if scorer != "none" else [])]}
     hub_id = base_model_id(base_model)
     if hub_id is not None:
         front["base_model"] = hub_id
@@ -56,15 +56,17 @@ def model_card(*, base_model: str, loss_name: str, objective: str, loss_options:
              f"| base model | `{base_model}`" + (f" ([{hub_id}](https://huggingface.co/{hub_id}))" if hub_id else "") + " |",
              f"| objective | {loss_name}: {objective} |",
              f"| loss options | {options} |",
-             f"| importance score | `{scorer}`, rho {rho:g} (the top {1 - rho:.0%} of trainable tokens by score are important), scope `{scope}` |",
+             ("| importance score | none (the objective reads no score) |" if scorer == "none" else
+              f"| importance score | `{scorer}`, rho {rho:g} (the top {1 - rho:.0%} of trainable tokens by score are important), scope `{scope}` |"),
              f"| training data | `{train_data}` (manifest sha256 `{train_manifest_sha256}`) |",
              f"| steps | {steps} of {total_steps} |"]
     if validation_data:
         lines.append(f"| held-out data | `{validation_data}` |")
     if final_eval:
         lines.append(f"| final held-out CE | {final_eval['eval_ce']:.4f} over {int(final_eval['eval_tokens']):,} tokens |")
-        lines.append(f"| final held-out important / unimportant loss | {final_eval['eval_important_loss']:.4f} / "
-                     f"{final_eval['eval_unimportant_loss']:.4f} (trainer's in-training evaluation) |")
+        if "eval_important_loss" in final_eval:  # absent without held-out groups
+            lines.append(f"| final held-out important / unimportant loss | {final_eval['eval_important_loss']:.4f} / "
+                         f"{final_eval['eval_unimportant_loss']:.4f} (trainer's in-training evaluation) |")
     lines += ["", "Load it as any causal LM:", "", "```python",
               "from transformers import AutoModelForCausalLM, AutoTokenizer",
               'model = AutoModelForCausalLM.from_pretrained("PATH"); tokenizer = AutoTokenizer.from_pretrained("PATH")',

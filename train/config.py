@@ -37,7 +37,6 @@ import json
 import keyword
 import math
 import os
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,8 +45,9 @@ from data import config as config_mechanism
 from data.config import ConfigError, option
 from schemas.shard import (EXCESS_LOSS, EXCESS_LOSS_PARTS, Manifest, has_ref_loss, has_score, score_names, score_spread_problem,
                            system_prompt_of)
-from train.losses import GROUP_DECISIONS, LOSSES, InfoSftOptions, Loss, Rho1Options, SftGoOptions, WeightedOptions
+from train.losses import GROUP_DECISIONS, LOSSES, EaftOptions, InfoSftOptions, Loss, Rho1Options, SftGoOptions, WeightedOptions
 from train.schedule import SCHEDULES
+from train.shards import NO_SCORE
 
 REPO = Path(__file__).resolve().parents[1]
 REPORTERS = ("jsonl", "tensorboard", "wandb")
@@ -65,13 +65,13 @@ class DataConfig:
     micro_batch_tokens: int = option(4096, "packing budget: tokens per micro-batch (one packed row); an example longer than it is a micro-batch alone")
     num_workers: int = option(0, "DataLoader workers reading shards (0 = in the main process)")
     shuffle: bool = option(True, "shuffle row groups and rows each epoch (seeded by seed and epoch)")
-    system_prompt: str = option("default", "the system-prompt choice the data was annotated with (annotate --system-prompt: default, none, or the text); data rendered with another choice is refused, and train.evaluate generates with it")
+    system_prompt: str = option("default", "the system-prompt choice the data was annotated with (annotate --system-prompt: default, none, or the text); data rendered with another choice is refused, and evaluation.run generates with it")
     deep_validate: bool = option(True, "read every shard once before step 1 (checksums, list lengths, NaN/inf scores, unique ids) so bad data fails before training; false: footer checks only (faster on huge data; the stream still refuses a NaN it meets)")
 
 
 @dataclass
 class ImportanceConfig:
-    scorer: str = option("tfidf", "score that groups tokens: any stored scorer name (tfidf, llmlingua2, ref_loss, ...) or excess_loss (= base_loss - ref_loss)")
+    scorer: str = option("tfidf", "score that groups tokens: any stored scorer name (tfidf, llmlingua2, ref_loss, ...) or excess_loss (= base_loss - ref_loss); none = no score and no groups, for a loss that reads none (sft, infosft, dft, eaft)")
     rho: float = option(0.7, "threshold in [0, 1): the top ceil((1 - rho) * n) tokens of each scope are important (0.7 = the paper's 70th percentile)")
     scope: str = option("sequence", "where the top tokens are ranked: sequence (SFT-GO, per example) | batch (Rho-1, per global batch) | corpus (one threshold from the manifest)")
 
@@ -101,7 +101,7 @@ class LossConfig:
     One field per option of a loss's ``Options`` (train/losses.py), keyed ``loss.<key>``; its default and help
     come from there (:func:`loss_option`). A loss with options adds its lines here: tests/train/test_config.py
     fails, naming the key, when these fields and the registered losses' options disagree
-    (:func:`_loss_config_class` builds what they imply)."""
+    (tests/train/conftest.py ``implied_loss_config`` builds what they imply)."""
 
     name: str = option("sftgo", f"objective: {' | '.join(LOSSES)} (METHOD.md 'Losses'; select = CE over the important group only, Token Cleaning; weighted = sum w*CE / sum w, w from the score)")
     group_decision: str = option(GROUP_DECISION_DEFAULT, "where sftgo's worse group, rho1's top-k and select's important count are decided: step (the whole optimizer step, all micro-batches and ranks: the objective does not depend on the split; sftgo and rho1 run a no-grad look-ahead forward when train.grad_accum > 1) | micro_batch (per micro-batch: cheaper, split-dependent)")
@@ -114,28 +114,15 @@ class LossConfig:
     rho1_rho: float | None = loss_option(Rho1Options, "rho")
     # infosft
     infosft_p: float = loss_option(InfoSftOptions, "p")
+    # eaft
+    eaft_k: int = loss_option(EaftOptions, "k")
+    eaft_alpha: float = loss_option(EaftOptions, "alpha")
     # weighted
     weight_transform: str = loss_option(WeightedOptions, "transform")
     weight_temperature: float = loss_option(WeightedOptions, "temperature")
     weight_center: float = loss_option(WeightedOptions, "center")
     weight_clip_min: float = loss_option(WeightedOptions, "clip_min")
     weight_clip_max: float | None = loss_option(WeightedOptions, "clip_max")
-
-
-def _loss_config_class() -> type:
-    """The ``loss`` section the registered losses imply: ``name`` and ``group_decision`` plus every registered
-    loss's Options fields, keyed as in YAML, in registration order: what :class:`LossConfig` is checked against
-    (tests/train/test_config.py)."""
-    fields: list[tuple[str, Any, Any]] = [(f.name, str, option(f.default, f.metadata["help"]))
-                                          for f in dataclasses.fields(LossConfig)[:2]]
-    for loss_cls in LOSSES.values():
-        hints = typing.get_type_hints(loss_cls.Options)
-        for f in dataclasses.fields(loss_cls.Options):
-            key, attribute = f.metadata.get("key", f.name), _loss_attribute(f)
-            if any(existing == attribute for existing, _, _ in fields):
-                raise TypeError(f"loss option key {key!r} of {loss_cls.name} is already taken; give it its own key")
-            fields.append((attribute, hints[f.name], loss_option(loss_cls.Options, f.name)))
-    return dataclasses.make_dataclass("LossConfig", fields)
 
 
 def loss_class(config: "TrainConfig") -> type[Loss]:
@@ -187,7 +174,7 @@ class CheckpointConfig:
 class EvalConfig:
     every: int = option(0, "optimizer steps between evaluations on data.validation; 0 = only at the end (when data.validation is set)")
     max_batches: int = option(0, "micro-batches per evaluation; 0 = the whole validation set")
-    scorer: str = option("", "score that groups data.validation's tokens for eval_important_* / eval_unimportant_*; '' = importance.scorer (set it to compare runs trained on different scores under one held-out grouping)")
+    scorer: str = option("", "score that groups data.validation's tokens for eval_important_* / eval_unimportant_*; '' = importance.scorer (set it to compare runs trained on different scores under one held-out grouping); none = no held-out groups")
     rho: float | None = option(None, "rho of the evaluation grouping; null = importance.rho")
     scope: str = option("", "scope of the evaluation grouping: sequence | batch | corpus; '' = importance.scope (corpus: the cut of data.train's manifest when it holds the score, else data.validation's)")
 
@@ -227,26 +214,6 @@ def load_config(argv: list[str] | None = None) -> TrainConfig:
     Values are not range-checked here: call :func:`validate`.
     """
     return config_mechanism.load(TrainConfig, argv, what="train", help=help_text)
-
-
-def value_origin(argv: list[str], key: str) -> str:
-    """Where ``key``'s value came from, for an error about it: ``on the command line``, ``in FILE`` (the last
-    ``--config`` file that sets it) or ``by default``."""
-    import yaml
-
-    if any(a.startswith(f"{key}=") for a in argv):
-        return "on the command line"
-    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"] + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-    for path in reversed(files):
-        try:
-            node: Any = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError):
-            continue
-        for part in key.split("."):
-            node = node.get(part) if isinstance(node, dict) else None
-        if node is not None:
-            return f"in {path}"
-    return "by default"
 
 
 def _reference() -> list[tuple[str, str, list[tuple[str, str, str, str]]]]:
@@ -374,12 +341,16 @@ def validate(config: TrainConfig) -> None:
         need(importlib.util.find_spec("wandb") is not None, "report_to: wandb needs the wandb package (pip install -e '.[wandb]')")
 
     d = c.data
-    need(bool(d.train), "data.train: required (an annotated directory or fsspec URI)")
+    need(bool(d.train), "data.train: required: the annotated directory to train on (annotate/run.py's --output, or an fsspec "
+                        "URI); pass data.train=DIR on the command line, or write it under data: train: in your config file")
     need(d.micro_batch_tokens > 0, f"data.micro_batch_tokens: {d.micro_batch_tokens} must be > 0")
     need(d.num_workers >= 0, f"data.num_workers: {d.num_workers} must be >= 0")
 
     imp = c.importance
-    need(bool(imp.scorer), "importance.scorer: required (a stored scorer name or excess_loss)")
+    need(bool(imp.scorer), "importance.scorer: required (a stored scorer name, excess_loss, or none for a loss that reads no score)")
+    if imp.scorer == NO_SCORE and c.loss.name in LOSSES and loss_class(c).reads_score():
+        p.append(f"importance.scorer: none, but loss.name={c.loss.name} trains by a stored score; name one (tfidf, "
+                 f"excess_loss, ...), or choose a loss that reads none ({', '.join(n for n, l in LOSSES.items() if not l.reads_score())})")
     need(not imp.scorer.startswith("score_"), f"importance.scorer: {imp.scorer!r}: name the scorer, not its column ({imp.scorer[6:]!r})")
     unit("importance.rho", imp.rho, closed=False)
     need(imp.scope in SCOPES, f"importance.scope: {imp.scope!r} is not one of {list(SCOPES)}")
@@ -450,12 +421,14 @@ def validate_against_data(config: TrainConfig, manifest: Manifest, uri: str | No
     mismatch = system_prompt_problem(config, manifest, where)
     if mismatch:
         p.append(mismatch)
-    if not has_score(manifest, scorer):
+    loss_cls = LOSSES.get(config.loss.name)
+    if scorer != NO_SCORE and not has_score(manifest, scorer):
         hint = ""
         if scorer == EXCESS_LOSS:
             hint = f"; {EXCESS_LOSS} needs both {' and '.join(EXCESS_LOSS_PARTS)} (annotate --add-scorers)"
+        elif loss_cls is not None and not loss_cls.reads_score():
+            hint = f"; loss.name={loss_cls.name} reads no score: importance.scorer=none trains it without groups"
         p.append(f"importance.scorer: {scorer!r} is not in {where}; it offers {offered}{hint}")
-    loss_cls = LOSSES.get(config.loss.name)
     if loss_cls is not None and loss_cls.needs_ref_loss and not has_ref_loss(manifest):
         p.append(f"loss.name: {config.loss.name} needs stored {REF_LOSS}; {where} offers {offered} "
                  f"(annotate --add-scorers {REF_LOSS})")
@@ -464,7 +437,7 @@ def validate_against_data(config: TrainConfig, manifest: Manifest, uri: str | No
         spread = score_spread_problem(manifest, scorer, where)
         if spread:
             p.append(spread)
-    if config.importance.scope == "corpus" and has_score(manifest, scorer):
+    if config.importance.scope == "corpus" and scorer != NO_SCORE and has_score(manifest, scorer):
         stats = manifest.score_stats.get(scorer) or {}
         if not stats.get("quantiles"):
             p.append(f"importance.scope: corpus needs score_stats for {scorer!r} in {where}'s manifest "
@@ -499,7 +472,9 @@ def validate_eval_data(config: TrainConfig, manifest: Manifest, uri: str) -> Non
     mismatch = system_prompt_problem(config, manifest, uri)
     if mismatch:
         p.append(mismatch)
-    if not has_score(manifest, scorer):
+    if scorer == NO_SCORE:
+        pass  # no held-out groups: CE and accuracy over all trainable tokens only
+    elif not has_score(manifest, scorer):
         p.append(f"eval.scorer: {scorer!r} is not in {uri}; it offers {score_names(manifest.scorer_names)}")
     elif scope == "corpus" and not (manifest.score_stats.get(scorer) or {}).get("quantiles"):
         p.append(f"eval.scope: corpus needs score_stats for {scorer!r} in {uri}'s manifest; use scope sequence or batch")

@@ -20,12 +20,16 @@ An explicit ``train.zero_stage`` (or a stage written in the DeepSpeed JSON) wins
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import re
 import shutil
 import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, TextIO
 
 import torch
 import torch.distributed as dist
@@ -159,6 +163,49 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# DeepSpeed's CPU accelerator prints this (a bare print in deepspeed/comm/torch.py's build_shm_op) whenever
+# init_distributed loads its shared-memory allreduce op: on every run, so before every later error too. It says
+# nothing a user acts on.
+OP_BUILT = re.compile(r"^DeepSpeed \S+ built successfully$")
+
+
+class _LineFilter(io.TextIOBase):
+    """A text stream that passes every complete line to ``target`` at once, except those ``drop`` matches."""
+
+    def __init__(self, target: TextIO, drop: re.Pattern[str]):
+        self.target, self.drop, self.pending = target, drop, ""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            if not self.drop.match(line):
+                self.target.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.target.flush()
+
+    def close_pending(self) -> None:
+        if self.pending and not self.drop.match(self.pending):
+            self.target.write(self.pending)
+        self.pending = ""
+
+
+@contextlib.contextmanager
+def dropping_lines(drop: re.Pattern[str]) -> Iterator[None]:
+    """Inside the block, lines of ``sys.stdout`` that ``drop`` matches are left out; the rest pass through as written."""
+    stream = _LineFilter(sys.stdout, drop)
+    try:
+        with contextlib.redirect_stdout(stream):
+            yield
+    finally:
+        stream.close_pending()
+        stream.flush()
+
+
 def setup_distributed() -> tuple[int, int, torch.device]:
     """Join the launcher's process group, or make a single-process one (plain ``python``)."""
     if "RANK" not in os.environ:
@@ -173,8 +220,10 @@ def setup_distributed() -> tuple[int, int, torch.device]:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    with dropping_lines(OP_BUILT):
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
+
 
 
 def decoder_layer_classes(model: torch.nn.Module) -> list[type]:

@@ -66,7 +66,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from data.token_loss import LogitTransform, logit_transform, token_ce
+from data.token_loss import LogitTransform, final_logits, logit_transform, token_ce, top_k_entropy
 
 if TYPE_CHECKING:  # pragma: no cover
     from torch.nn.attention.flex_attention import BlockMask
@@ -355,6 +355,15 @@ def _chunk_ce_hits(head: Callable[[Tensor], Tensor], softcap: LogitTransform, hi
     return torch.stack([ce, (logits.argmax(-1) == labels).to(ce.dtype)], 1)
 
 
+def _chunk_ce_entropy(head: Callable[[Tensor], Tensor], softcap: LogitTransform, hidden: Tensor, src: Tensor,
+                      labels: Tensor, k: int) -> Tensor:
+    """``[n, 2]``: :func:`_chunk_ce`'s CE (with gradient) and the detached top-``k`` normalised entropy of
+    the same logits (:func:`data.token_loss.top_k_entropy`): EAFT's weight from the one chunk of logits."""
+    logits = final_logits(head(hidden.index_select(0, src)), softcap)
+    ce = token_ce(logits, labels, None)  # the transform is applied once, above
+    return torch.stack([ce, top_k_entropy(logits, k, None).to(ce.dtype)], 1)
+
+
 def chunked_token_ce(
     model: nn.Module,
     hidden: Tensor,
@@ -363,6 +372,7 @@ def chunked_token_ce(
     loss_mask: Tensor,
     chunk_size: int = 4096,
     with_hits: bool = False,
+    entropy_top_k: int | None = None,
 ) -> Tensor:
     """Per-token cross-entropy (fp32, or fp64 for an fp64 model) of the trainable targets from hidden states ``[T, H]``.
 
@@ -372,15 +382,20 @@ def chunked_token_ce(
     ``lm_head`` module whatever the number of chunks (ZeRO-3: one gather, the same on every rank).
 
     ``with_hits`` (evaluation, no autograd only): also whether each target is the greedy prediction.
+    ``entropy_top_k`` (training with EAFT): also the live model's normalised top-k entropy of each target's
+    distribution, from the same chunk of logits (no second logits tensor), without gradient.
 
     Returns:
         Tensor[n] (float32; float64 for a float64 model), n = ``loss_mask.sum()``, in packed order;
-        with ``with_hits``, Tensor[n, 2]: the CE and 1.0 / 0.0 for a hit.
+        with ``with_hits``, Tensor[n, 2]: the CE and 1.0 / 0.0 for a hit; with ``entropy_top_k``,
+        Tensor[n, 2]: the CE (differentiable) and the entropy (detached).
     """
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     if with_hits and torch.is_grad_enabled():
         raise ValueError("with_hits is for evaluation: call it under torch.no_grad()")
+    if with_hits and entropy_top_k is not None:
+        raise ValueError("with_hits and entropy_top_k are two uses of the second column: ask for one")
     input_ids = input_ids.reshape(-1)
     targets = target_positions(seq_lens, loss_mask.to(input_ids.device))
     src = targets - 1
@@ -393,6 +408,11 @@ def chunked_token_ce(
 
     def head(rows: Tensor) -> Tensor:
         return head_class_forward(lm_head, rows)
+
+    if entropy_top_k is not None:
+        chunk_fn, extra = _chunk_ce_entropy, (int(entropy_top_k),)
+    else:
+        chunk_fn, extra = (_chunk_ce_hits if with_hits else _chunk_ce), ()
 
     # Checkpoint whenever autograd records (lm_head may be trainable even if hidden is not).
     use_checkpoint = torch.is_grad_enabled()
@@ -408,10 +428,10 @@ def chunked_token_ce(
             if use_checkpoint:
                 # preserve_rng_state=False: the chunk has no randomness, so skip stashing RNG states.
                 piece = checkpoint(
-                    _chunk_ce, head, softcap, hidden_in, src_c, labels_c, use_reentrant=False, preserve_rng_state=False
+                    chunk_fn, head, softcap, hidden_in, src_c, labels_c, *extra, use_reentrant=False, preserve_rng_state=False
                 )
             else:
-                piece = (_chunk_ce_hits if with_hits else _chunk_ce)(head, softcap, hidden_in, src_c, labels_c)
+                piece = chunk_fn(head, softcap, hidden_in, src_c, labels_c, *extra)
             pieces.append(piece)
         return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
@@ -430,6 +450,7 @@ def token_losses(
     attn_implementation: str | None = None,
     row_multiple: int | None = None,
     with_hits: bool = False,
+    entropy_top_k: int | None = None,
 ) -> Tensor:
     """Per-token cross-entropy l_t = -log p(y_t | y_<t) of the trainable tokens of one packed row.
 
@@ -444,15 +465,18 @@ def token_losses(
             ``"sdpa"``, ``"eager"``, ``"flex_attention"``, ``"flash_attention_2"``.
         row_multiple: flex_attention pads the row to a multiple of this (see :func:`packed_hidden_states`).
         with_hits: evaluation under ``torch.no_grad()``: also 1.0 where the greedy prediction is the target.
+        entropy_top_k: also the normalised top-k entropy of each target's distribution (EAFT's weight; detached).
 
     Returns:
         Tensor[n] float32 (float64 for a float64 model) with n = ``loss_mask.sum()``: the losses of the trainable tokens in packed order;
-        differentiable w.r.t. the model's parameters. With ``with_hits``: Tensor[n, 2], losses and hits.
+        differentiable w.r.t. the model's parameters. With ``with_hits``: Tensor[n, 2], losses and hits; with
+        ``entropy_top_k``: Tensor[n, 2], losses and entropies.
     """
 
     def forward() -> Tensor:
         hidden = packed_hidden_states(model, input_ids, position_ids, seq_lens, attn_implementation, row_multiple)
-        return chunked_token_ce(model, hidden, input_ids, seq_lens, loss_mask, chunk_size=chunk_size, with_hits=with_hits)
+        return chunked_token_ce(model, hidden, input_ids, seq_lens, loss_mask, chunk_size=chunk_size, with_hits=with_hits,
+                                entropy_top_k=entropy_top_k)
 
     # One call of the top-level module: ZeRO-3 resets its prefetch trace in that module's forward
     # pre-hook (deepspeed/runtime/zero/parameter_offload.py), so the trace completes after one step.

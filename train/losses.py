@@ -32,6 +32,9 @@ group, Rho-1's top set, select's important count) are made is ``loss.group_decis
   with several, the token-weighted mean of per-micro-batch group losses, which depends on the split
   (``sum_m N_m / N * max_g L_g,m >= max_g L_g``). No look-ahead forward.
 
+A loss with ``entropy_top_k`` (eaft) also takes ``entropy=``: the live model's normalised top-k entropy of the
+same tokens, detached, from the forward that computed ``token_loss``.
+
 A loss with ``decides_per_step`` (sftgo, rho1, select) also takes ``decision=`` (a :class:`StepDecision`
 from its ``decide``); the others take none (``weighted`` is exact over the step by construction: the
 trainer all-reduces the step's weight sum before the step).
@@ -48,7 +51,7 @@ Metrics (python floats, the same keys for every loss):
         group (no NaN in logs); for rho1 the "important" group is the live top-k selection;
     worse_group: 1.0 if the important group has the larger mean (ties and an empty unimportant
         group count as important), else 0.0; the group SFT-GO trains;
-    lambda: weight on the group term: sftgo's lambda, 1.0 for rho1 and select, 0.0 for sft/infosft/dft;
+    lambda: weight on the group term: sftgo's lambda, 1.0 for rho1 and select, 0.0 for sft/infosft/dft/eaft;
     important_fraction: important tokens / tokens in the micro-batch (0.0 when it has none);
     tokens: trainable tokens of the micro-batch over all ranks.
 """
@@ -109,6 +112,8 @@ class Loss:
     needs_weights: ClassVar[bool] = False  # the trainer computes token_weights and passes weight / step_weight
     decides_per_step: ClassVar[bool] = False  # group_decision=step: the trainer calls decide() and passes decision=
     needs_lookahead: ClassVar[bool] = False  # decide() needs the step's live per-token losses (a no-grad forward)
+    # The top-k of the live entropy the forward returns beside each token's loss, passed as ``entropy=`` (eaft); None: none.
+    entropy_top_k: int | None = None
 
     def __init__(self, group: dist.ProcessGroup | None = None, **options: Any) -> None:
         # TypeError on an unknown option, as any keyword; ValueError listing every bad value.
@@ -127,6 +132,12 @@ class Loss:
     def config_problems(cls, options: Any, importance_scope: str) -> list[str]:
         """Problems of this loss with the rest of the config (only checked when it is the chosen loss)."""
         return []
+
+    @classmethod
+    def reads_score(cls) -> bool:
+        """Whether the loss reads a stored score: the load-time groups or weights, or ref_loss. One that does not
+        (sft, infosft, dft, eaft) trains with ``importance.scorer=none``, on a directory without any score."""
+        return cls.needs_groups or cls.needs_weights or cls.needs_ref_loss
 
     @classmethod
     def label(cls, setting: Callable[[str], Any]) -> str:
@@ -605,6 +616,91 @@ class DftLoss(Loss):
         probability = torch.exp(-token_loss.detach())
         contribution = (probability * token_loss).sum() * _per_token_scale(step_tokens)
         return contribution, _metrics(contribution, stats, 0.0)
+
+
+@dataclass
+class EaftOptions:
+    k: int = option(20, "eaft: the top-k logits whose entropy weighs each token (EAFT's code: 20); an integer >= 2", key="eaft_k")
+    alpha: float = option(1.0, "eaft: the power of the normalised entropy, w = H_k^alpha (EAFT's code: 1.0; 0 = plain SFT); >= 0", key="eaft_alpha")
+
+    def problems(self, as_key: bool = False) -> list[str]:
+        name = lambda field: _shown(self, field, as_key)  # noqa: E731
+        out = []
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 2:
+            # k = 1: the top-1 distribution has no entropy and log 1 = 0 cannot normalise it.
+            out.append(f"{name('k')}: {self.k!r} must be an integer >= 2")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not (math.isfinite(self.alpha) and self.alpha >= 0):
+            out.append(f"{name('alpha')}: {self.alpha!r} must be a finite number >= 0")
+        return out
+
+
+@register
+class EaftLoss(Loss):
+    """Entropy-Adaptive Fine-Tuning (EAFT, arXiv 2601.02151): ``L = sum_t w_t l_t / N``,
+    ``w_t = sg(H_k(t) / log k) ** alpha``, N the step's trainable tokens (all micro-batches, all ranks).
+
+    ``H_k(t)`` is the entropy of the live model's distribution at token t restricted to its ``k``
+    largest logits and renormalised over them (``data.token_loss.top_k_entropy``, computed in the
+    trainer's chunked lm_head pass from the same logits as ``l_t``: ``token_losses(..., entropy_top_k=k)``),
+    divided by ``log k`` so that it lies in [0, 1]; the weight has no gradient. Confident tokens
+    (low entropy, the paper's "confident conflicts") get little weight, uncertain ones up to 1.
+
+    As its authors define it, read from their code: LLaMA-Factory ``use_eaft_loss``
+    (hiyouga/LLaMA-Factory, src/llamafactory/train/trainer_utils.py ``_eaft_cross_entropy``, added in
+    commit e944dc442cac475604f115a84f307ac1051cdc89, "add support for EAFT loss (#9720)", by the
+    paper's first author) and the authors' ms-swift fork (ymxyll/ms-swift-EAFT, commit 7683b1e3,
+    swift/megatron/trainers/trainer.py), both linked from PRIS-CV/EAFT (commit 8f9018b7):
+
+    - top-k over the fp32 logits of the trainable targets, k = 20 (fixed there), entropy of
+      ``softmax(top-k logits)``, under ``no_grad``;
+    - normalised by the constant 3.0 (about ``log 20`` = 2.9957; the paper writes ``H / log K``): here
+      ``log k``, so that k is an option; at k = 20 our weight is theirs times ``(3 / log 20) ** alpha``
+      (1.0014 at alpha 1);
+    - ``w = normalised_entropy ** alpha`` (``eaft_alpha``, default 1.0);
+    - ``sum_t w_t l_t / num_items_in_batch`` (Trainer's count of the step's trainable tokens over the
+      accumulated micro-batches), else the mean over the batch's trainable tokens: the step's token
+      count N, not the weight sum.
+
+    Exact under data parallelism and gradient accumulation: the weights are per token and N is the
+    step's count over all ranks (the trainer all-reduces it before the step), as for ``sft``. The loss
+    reads no stored score (``importance.scorer=none`` trains it on a directory without one).
+    Logs ``mean_weight`` (the mean w over the micro-batch's tokens on all ranks).
+    """
+
+    name = "eaft"
+    Options = EaftOptions
+
+    def __init__(self, k: int = 20, alpha: float = 1.0, group: dist.ProcessGroup | None = None) -> None:
+        super().__init__(group, k=k, alpha=alpha)
+        self.entropy_top_k = self.options.k
+
+    @classmethod
+    def label(cls, setting: Callable[[str], Any]) -> str:
+        return f"{cls.name}, k {setting('loss.eaft_k')}, alpha {setting('loss.eaft_alpha')}"
+
+    def describe(self) -> str:
+        """The objective in one line, with its settings (reports and logs)."""
+        return (f"CE weighted by sg(top-{self.options.k} entropy / log {self.options.k})^{self.options.alpha:g} "
+                "of the live model (EAFT)")
+
+    def weights(self, entropy: Tensor) -> Tensor:
+        """``w_t = H_k(t) ** alpha`` from the normalised top-k entropies (detached; ``0 ** 0 = 1``)."""
+        return entropy.detach().clamp(0.0, 1.0) ** self.options.alpha
+
+    def __call__(
+        self, token_loss: Tensor, important: Tensor, ref_loss: Tensor | None, step_tokens: int, progress: float,
+        entropy: Tensor | None = None,
+    ) -> tuple[Tensor, dict[str, float]]:
+        _check_inputs(token_loss, important, ref_loss, step_tokens, progress)
+        if entropy is None or entropy.shape != token_loss.shape:
+            raise ValueError("eaft needs entropy shaped like token_loss: token_losses(..., entropy_top_k=loss_fn.entropy_top_k)")
+        stats = group_stats(token_loss, important, self.group)
+        weight = self.weights(entropy).to(device=token_loss.device, dtype=token_loss.dtype)
+        contribution = (weight * token_loss).sum() * _per_token_scale(step_tokens)
+        metrics = _metrics(contribution, stats, 0.0)
+        weight_sum = float(all_reduce_sum(weight.double().sum().reshape(1), self.group)[0])
+        metrics["mean_weight"] = weight_sum / stats.tokens if stats.tokens else 0.0
+        return contribution, metrics
 
 
 @register

@@ -12,33 +12,33 @@ engine, export), train/step.py (one step, evaluation), train/checkpoint.py, trai
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import warnings
 from pathlib import Path
 
-# Runnable as a script (python train/main.py, deepspeed train/main.py) without installing the repo. The
-# script's own folder leaves sys.path: its modules (inspect.py, evaluate.py, config.py) would
-# otherwise shadow the standard library's and other packages' modules of the same name.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if not __package__:  # run as a file: this checkout, not the file's folder, leads sys.path (tests/test_layers.py)
+    sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
+import torch
+import torch.distributed as dist
 
-from train import config as train_config  # noqa: E402
-from train.card import run_card  # noqa: E402
-from train.checkpoint import (Progress, Refusal, Terminated, check_resumable, count_trained, epoch_problems,  # noqa: E402
+from train import config as train_config
+from train.card import run_card
+from train.checkpoint import (Progress, Refusal, Terminated, check_resumable, count_trained, epoch_problems,
                               finished_run, folder_bytes, gather_trained, gib, interrupted, load_checkpoint,
                               load_trained_counts, record_start, refusing, run_history, run_identity, save_checkpoint,
                               seed_all, start_point, start_run_dir, stop_signals_raise, write_summary)
-from train.engine import build_engine, export_model, load_model, resolve_zero_stage, setup_distributed  # noqa: E402
-from train.forward import resolve_attn_implementation  # noqa: E402
-from train.losses import build_loss  # noqa: E402
-from train.metrics import Metrics, format_record, log0, step_record  # noqa: E402
-from train.mfu import ModelFlops, StepTimer, device_peak_flops, mfu  # noqa: E402
-from train.plan import dry_run, open_data, open_stream, plan_grouping  # noqa: E402
-from train.step import HeldOut, next_step_batches, train_step  # noqa: E402
+from train.engine import build_engine, export_model, load_model, resolve_zero_stage, setup_distributed
+from train.forward import resolve_attn_implementation
+from train.losses import build_loss
+from train.metrics import Metrics, format_record, log0, step_record
+from train.mfu import ModelFlops, StepTimer, device_peak_flops, mfu
+from train.plan import dry_run, open_data, open_stream, plan_grouping, slow_cpu_step_warning
+from train.shards import NO_SCORE
+from train.sources import MAX_SOURCE_METRICS, SOURCE_SUM_NAMES, SourceWindow, describe_sources, source_keys, source_lines
+from train.step import HeldOut, next_step_batches, train_step
 
 # DeepSpeed's ZeRO stages call this every step (3 warnings a step); nothing a user of this trainer can change.
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.reduce_scatter_tensor` is deprecated", category=FutureWarning)
@@ -56,9 +56,13 @@ def run(argv: list[str] | None, progress: Progress) -> int:
         return 2
     if "--dry-run" in argv:
         return dry_run(cfg)
-    rank, world_size, device = setup_distributed()
+    if (slow := slow_cpu_step_warning(cfg, cuda=torch.cuda.is_available())) is not None:
+        log0(f"warning: {slow}")
+    # The data before the process group: a bad path or a data mismatch is refused in seconds, before DeepSpeed
+    # starts (its first start on a machine compiles a communication op for ~45 s).
     with refusing(ValueError, OSError):
-        model_path, tokenizer, manifest, val_manifest = open_data(cfg, argv)
+        model_path, tokenizer, manifest, val_manifest = open_data(cfg)
+    rank, world_size, device = setup_distributed()
 
     # -- the run directory: a finished run is not redone, another run's checkpoint not continued --------
     out = Path(cfg.output_dir)
@@ -89,6 +93,11 @@ def run(argv: list[str] | None, progress: Progress) -> int:
     with refusing(ValueError):
         stream, plan, total_steps = open_stream(cfg, manifest, world_size)
     cut, corpus_quantiles, share = plan_grouping(cfg, manifest)
+    # Per-source metrics: the data's sources (read with the lengths at plan time: the same on every rank and across a
+    # resume), one row each of the step's sums; logged every train.log_every steps (train/sources.py).
+    sources = stream.read_sources()
+    log0(describe_sources(sources, cfg.data.train))
+    window = SourceWindow(sources, groups=cfg.importance.scorer != NO_SCORE) if len(sources) <= MAX_SOURCE_METRICS else None
 
     # -- model, engine, resume, evaluation, metrics ----------------------------------------------------
     model = load_model(cfg, model_path, ds_config, torch.bfloat16 if dtype_name == "bfloat16" else torch.float32,
@@ -122,25 +131,36 @@ def run(argv: list[str] | None, progress: Progress) -> int:
             raise Refusal(f"the data ran out after {step} of {total_steps} planned steps; please report this with the config")
         lr = scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler steps inside train_step)
         count_trained(trained, micro)
+        by_source = None if window is None else torch.zeros(len(sources), len(SOURCE_SUM_NAMES), dtype=torch.float64, device=device)
         parts, step_tokens, seen_tokens = train_step(engine, micro, loss_fn, cfg, cut, step / max(1, total_steps - 1), device,
-                                                     corpus_quantiles)
+                                                     corpus_quantiles, source_sums=by_source)
         step = progress.step = step + 1
         seconds = timer.stop()
-        # Loss and FLOPs summed over ranks in one collective.
+        # Loss, FLOPs and the per-source sums summed over ranks in one collective.
         total = torch.tensor([sum(p["loss"] for p in parts), model_flops.step_flops(micro)], device=device, dtype=torch.float64)
+        if by_source is not None:
+            total = torch.cat([total, by_source.reshape(-1)])
         dist.all_reduce(total)
-        record = step_record(step, parts, float(total[0].item()), lr=lr,
+        if window is not None:
+            window.add(total[2:])
+        record = step_record(step, parts, float(total[0].item()), groups=cfg.importance.scorer != NO_SCORE, lr=lr,
                              grad_norm=parts[-1].get("grad_norm", float(engine.get_global_grad_norm() or 0.0)),
                              tokens_per_s=seen_tokens / seconds, trainable_tokens=step_tokens, epoch=stream.epoch,
                              skipped_no_trainable=stream.skipped_no_trainable)
         if (utilisation := mfu(float(total[1].item()), seconds, peak, world_size)) is not None:
             record["mfu"] = utilisation
+        logged = step % cfg.train.log_every == 0
+        if window is not None and (logged or step == total_steps):
+            record.update(window.take())
         if held_out is not None and cfg.eval.every and step % cfg.eval.every == 0:
             record.update(held_out.evaluate(engine, cfg, device, pad_id))
         metrics.log(record)
-        if step % cfg.train.log_every == 0:
-            bar.set_postfix(loss=f"{record['loss']:.3f}", ce=f"{record['ce']:.3f}", imp=f"{record['important_loss']:.3f}",
-                            unimp=f"{record['unimportant_loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_s']:.0f}")
+        if logged:
+            groups = {"imp": f"{record['important_loss']:.3f}", "unimp": f"{record['unimportant_loss']:.3f}"} if "important_loss" in record else {}
+            postfix = {"loss": f"{record['loss']:.3f}", "ce": f"{record['ce']:.3f}", **groups,
+                       **(window.postfix(record) if window is not None else {}),
+                       "lr": f"{record['lr']:.2e}", "tok_s": f"{record['tokens_per_s']:.0f}"}
+            bar.set_postfix(postfix)
         bar.update(1)
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < total_steps:
             save_checkpoint(engine, stream, ckpt_root, step, rank, cfg.checkpoint.keep, checkpoint_extra, trained)
@@ -159,7 +179,9 @@ def run(argv: list[str] | None, progress: Progress) -> int:
     if held_out is not None:
         final_eval = held_out.evaluate(engine, cfg, device, pad_id)
         metrics.log({"step": step, **final_eval})
-        log0("final eval: " + format_record(final_eval))
+        log0("final eval: " + format_record({k: v for k, v in final_eval.items() if not k.startswith("eval_source/")}))
+        for line in source_lines(final_eval, "eval_source/", "final eval, source"):
+            log0(line)
     save_checkpoint(engine, stream, ckpt_root, step, rank, cfg.checkpoint.keep, checkpoint_extra, trained)
     card = run_card(cfg, loss_fn.describe(), step, total_steps, final_eval) if rank == 0 else None
     export_model(engine, tokenizer, out / "model", rank, card)
@@ -171,6 +193,10 @@ def run(argv: list[str] | None, progress: Progress) -> int:
             "data_per_epoch": {"examples": plan.examples, "trainable_tokens": plan.trainable_tokens, "skipped_no_trainable": plan.skipped},
             "important_share": {key: share[key] for key in ("share", "target", "differs", "scope", "method")},
             "skipped_no_trainable": stream.skipped_no_trainable,
+            # Metric key -> source value, for the report (keys are the values made safe: train/sources.py).
+            "sources": {"train": dict(zip(source_keys(sources), sources)),
+                        "validation": dict(zip(source_keys(held_out.sources), held_out.sources))
+                        if held_out is not None and held_out.sources is not None else {}},
             "config_sha256": config_sha256, "identity": identity, "history": run_history(out)})
         if not cfg.checkpoint.keep_final:
             shutil.rmtree(ckpt_root, ignore_errors=True)
@@ -184,13 +210,14 @@ def run(argv: list[str] | None, progress: Progress) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Train; a refusal (exit 2) logs its one line; on Ctrl-C (exit 130) or SIGTERM (exit 143): one line saying
     where the same command resumes, unfinished checkpoint folders removed, no traceback."""
-    progress = Progress()
+    progress = Progress(rank=int(os.environ.get("RANK", "0")))  # the launcher's; set again once the group exists
     with stop_signals_raise():
         try:
             return run(argv, progress)
         except Refusal as exc:
             log0(f"error: {exc}")
-            dist.destroy_process_group()
+            if dist.is_initialized():  # a refusal of the data comes before the process group exists
+                dist.destroy_process_group()
             return 2
         except (KeyboardInterrupt, Terminated) as exc:
             return interrupted(exc, progress)

@@ -28,8 +28,12 @@ from train.config import TrainConfig
 
 
 def log0(*args: Any) -> None:
-    """Print on rank 0; through tqdm.write, so a line logged while the progress bar is drawn gets its own line."""
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    """Print on rank 0; through tqdm.write, so a line logged while the progress bar is drawn gets its own line.
+
+    Before the process group exists (the config and data checks run first) the launcher's ``RANK`` says which
+    rank this is, so a refusal is printed once, not once per rank."""
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    if rank == 0:
         from tqdm import tqdm
 
         tqdm.write(" ".join(str(a) for a in args), file=sys.stdout)
@@ -90,10 +94,15 @@ class Metrics:
             self.wandb_run.finish()
 
 
-def step_record(step: int, parts: list[dict[str, float]], loss: float, **fields: Any) -> dict[str, Any]:
+#: A step record's group keys, left out when the run has no groups (``importance.scorer=none``).
+GROUP_KEYS = ("important_loss", "unimportant_loss", "worse_group", "important_fraction")
+
+
+def step_record(step: int, parts: list[dict[str, float]], loss: float, groups: bool = True, **fields: Any) -> dict[str, Any]:
     """One optimizer step's record: ``loss`` (summed over ranks), the micro-batches' metrics (``parts``) as
     means weighted by their tokens, ``lambda`` of the last, then ``fields`` (lr, grad_norm, tokens_per_s, ...)
-    in the order given after ``important_fraction``; ``mean_weight`` where the loss reports it."""
+    in the order given after ``important_fraction``; ``mean_weight`` where the loss reports it. ``groups``
+    False (no score, no groups): without :data:`GROUP_KEYS`, which would only say "no token is important"."""
     weights = [p.get("tokens", 0) for p in parts]
     weight_sum = sum(weights) or 1
 
@@ -104,6 +113,8 @@ def step_record(step: int, parts: list[dict[str, float]], loss: float, **fields:
               "lambda": parts[-1]["lambda"], "important_fraction": mean("important_fraction"), **fields}
     if "mean_weight" in parts[0]:
         record["mean_weight"] = mean("mean_weight")
+    if not groups:
+        record = {key: value for key, value in record.items() if key not in GROUP_KEYS}
     return record
 
 

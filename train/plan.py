@@ -17,19 +17,21 @@ import torch
 from typing import Any
 
 from data.shard_stats import important_share_warning, realised_important_share
+from data import config as config_mechanism
 from train import config as train_config
 from train.config import TrainConfig
 from train.engine import resolve_zero_stage
 from train.grouping import CorpusCut, manifest_corpus_cut
 from train.losses import build_loss
 from train.metrics import log0
-from train.shards import ShardStream, StreamPlan, open_annotated
+from train.shards import NO_SCORE, ShardStream, StreamPlan, open_annotated
+from train.sources import describe_sources
 
 
-def open_data(cfg: TrainConfig, argv: list[str] = ()) -> tuple[str, Any, Any, Any]:
+def open_data(cfg: TrainConfig) -> tuple[str, Any, Any, Any]:
     """The model folder, tokenizer and the manifests of data.train and data.validation (None without one), each
     checked against the config (ValueError / OSError naming the problem; ``data.deep_validate`` reads every shard).
-    A directory that cannot be opened is named with its key and where the value was set (``argv``: the command line)."""
+    A directory that cannot be opened is named with its key and where the value was set (a --config file, the command line)."""
     from data.models import load_tokenizer, resolve_model
     from schemas.shard import tokenizer_fingerprint
 
@@ -37,11 +39,11 @@ def open_data(cfg: TrainConfig, argv: list[str] = ()) -> tuple[str, Any, Any, An
     model_path = resolve_model(cfg.model)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code, option="trust_remote_code=true")
     fingerprint = tokenizer_fingerprint(tokenizer)["sha256"]
-    manifest = _open(cfg.data.train, "data.train", argv, fingerprint, cfg.importance.scorer, cfg.data.deep_validate)
+    manifest = _open(cfg, "data.train", fingerprint, cfg.importance.scorer)
     train_config.validate_against_data(cfg, manifest)
     val_manifest = None
     if cfg.data.validation:
-        val_manifest = _open(cfg.data.validation, "data.validation", argv, fingerprint, eval_scorer, cfg.data.deep_validate)
+        val_manifest = _open(cfg, "data.validation", fingerprint, eval_scorer)
         if cfg.eval.scorer:  # a grouping of its own: only its score matters there
             train_config.validate_eval_data(cfg, val_manifest, cfg.data.validation)
         else:
@@ -49,18 +51,53 @@ def open_data(cfg: TrainConfig, argv: list[str] = ()) -> tuple[str, Any, Any, An
     return model_path, tokenizer, manifest, val_manifest
 
 
-def _open(uri: str, key: str, argv: list[str], fingerprint: str, scorer: str, deep: bool) -> Any:
+def _open(cfg: TrainConfig, key: str, fingerprint: str, scorer: str) -> Any:
+    """The annotated directory of ``key`` (data.train / data.validation), opened and checked; an error names the
+    key and where its value was set (a --config file, the command line)."""
+    uri = getattr(cfg.data, key.split(".")[1])
     try:
-        return open_annotated(uri, fingerprint, scorer, deep=deep)
+        return open_annotated(uri, fingerprint, scorer, deep=cfg.data.deep_validate)
     except (ValueError, OSError) as exc:
         kind = ValueError if isinstance(exc, ValueError) else OSError
-        raise kind(f"{key} (set {train_config.value_origin(list(argv), key)}): {exc}") from None
+        raise kind(f"{key} (set {config_mechanism.origin(cfg, key)}): {exc}") from None
+
+
+# A CPU micro-batch above this many tokens makes a slow step. SmolLM2-135M (the default model) trains at ~57
+# tokens/s on 2 CPU cores (bench/README.md, results/train_cpu_135m.json), so 2,048 tokens are already ~35 s a
+# micro-batch, and the trainer's default 4,096 with gradient checkpointing took 47 s for the first step with nothing
+# printed (issue 30); the CPU configs' 1,024 keep a step near 18 s.
+CPU_SLOW_MICRO_BATCH_TOKENS = 2048
+CPU_MICRO_BATCH_TOKENS = 1024  # what the warning suggests: the demo's and the CPU starter config's value
+
+
+def slow_cpu_step_warning(cfg: TrainConfig, cuda: bool) -> str | None:
+    """What makes a CPU run's first step slow, naming the setting to change, or None (on a GPU, or a quick config).
+
+    Gradient checkpointing recomputes every layer's forward in backward (~30% more compute) to save activation
+    memory, which a CPU run's host RAM rarely lacks; a micro-batch above :data:`CPU_SLOW_MICRO_BATCH_TOKENS`
+    tokens makes each step long on its own."""
+    if cuda:
+        return None
+    causes = []
+    if cfg.train.gradient_checkpointing:
+        causes.append("train.gradient_checkpointing is on (recomputes activations in backward, ~30% more compute; "
+                      "host RAM rarely needs it): set train.gradient_checkpointing=false")
+    if cfg.data.micro_batch_tokens > CPU_SLOW_MICRO_BATCH_TOKENS:
+        causes.append(f"data.micro_batch_tokens is {cfg.data.micro_batch_tokens} (a step on 2 CPU cores takes ~1 s per "
+                      f"60 tokens with SmolLM2-135M): set data.micro_batch_tokens={CPU_MICRO_BATCH_TOKENS}")
+    if not causes:
+        return None
+    return ("no GPU: this CPU run's first step will be slow (the first log line may take minutes): "
+            + "; ".join(causes) + " (train/configs/cpu_starter.yaml has both)")
 
 
 def plan_grouping(cfg: TrainConfig, manifest: Any) -> tuple[CorpusCut | None, list[float] | None, dict[str, Any]]:
     """The corpus scope's cut and the score's quantile sketch (rank weights in the corpus scope read the score's
     CDF off it; both None in the other scopes), and the realised important share, logged (warned when off 1 - rho)."""
     imp = cfg.importance
+    if imp.scorer == NO_SCORE:
+        log0(f"groups: none (importance.scorer=none: {cfg.loss.name} reads no score; no group numbers are logged)")
+        return None, None, {"share": None, "target": None, "differs": False, "scope": imp.scope, "method": "no score"}
     cut = manifest_corpus_cut(manifest, imp.scorer, imp.rho) if imp.scope == "corpus" else None
     quantiles = (manifest.score_stats.get(imp.scorer) or {}).get("quantiles") if imp.scope == "corpus" else None
     share = realised_important_share(cfg.data.train, imp.scorer, imp.rho, imp.scope)
@@ -145,15 +182,21 @@ def dry_run(cfg: TrainConfig) -> int:
     decision = getattr(cfg.loss, "group_decision", None)
     if decision is not None:
         lines.append(f"group decision: {decision}")
-    share = realised_important_share(cfg.data.train, cfg.importance.scorer, cfg.importance.rho, cfg.importance.scope)
-    lines.append(f"groups: {cfg.importance.scorer} at rho {cfg.importance.rho} in the {cfg.importance.scope} scope; "
-                 f"realised important share {share['share']:.4f} (1 - rho = {share['target']:.4f}; {share['method']})")
+    if cfg.importance.scorer == NO_SCORE:
+        lines.append(f"groups: none (importance.scorer=none: {cfg.loss.name} reads no score)")
+    else:
+        share = realised_important_share(cfg.data.train, cfg.importance.scorer, cfg.importance.rho, cfg.importance.scope)
+        lines.append(f"groups: {cfg.importance.scorer} at rho {cfg.importance.rho} in the {cfg.importance.scope} scope; "
+                     f"realised important share {share['share']:.4f} (1 - rho = {share['target']:.4f}; {share['method']})")
     lines += describe_plan(cfg, plan, total_steps, world_size)
+    lines.append(describe_sources(stream.read_sources(), cfg.data.train))
     lambda_at = getattr(loss_fn, "lambda_at", None)
     if lambda_at is not None:
         lines.append(f"lambda: {lambda_at(0.0):.4g} at the first step, {lambda_at(1.0):.4g} at the last")
     lines.append(f"lr: {cfg.optim.lr * lr_at(0, total_steps, cfg.optim):.4g} at the first step, "
                  f"{cfg.optim.lr * lr_at(total_steps - 1, total_steps, cfg.optim):.4g} at the last ({cfg.optim.schedule})")
     lines.append(f"zero stage {zero_stage}: {why}")
+    if (slow := slow_cpu_step_warning(cfg, cuda=device.type == "cuda")) is not None:
+        lines.append(f"warning: {slow}")
     print("\n".join(lines))
     return 0

@@ -34,6 +34,7 @@ from typing import Any, Iterable, Iterator
 import fsspec
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from fsspec.implementations.local import LocalFileSystem
@@ -50,6 +51,7 @@ from schemas.shard import (
     LOSS_MASK,
     MANIFEST_NAME,
     REF_LOSS,
+    SOURCE,
     Manifest,
     first_non_finite,
     has_ref_loss,
@@ -63,8 +65,11 @@ from schemas.shard import (
 from schemas.validate import check_directory
 
 STATE_VERSION = 2  # 2: blocks may be balanced by tokens (balance_tokens), per epoch
+# importance.scorer's value for a loss that reads no stored score (sft, infosft, dft, eaft): no score column is
+# read, every example's ``score`` is 0 and no token is important (the trainer logs no group numbers).
+NO_SCORE = "none"
 
-__all__ = ["open_annotated", "corpus_threshold", "pack", "pack_count", "balanced_cuts", "ShardStream", "StreamPlan", "STATE_VERSION"]
+__all__ = ["NO_SCORE", "open_annotated", "corpus_threshold", "pack", "pack_count", "balanced_cuts", "ShardStream", "StreamPlan", "STATE_VERSION"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,8 +86,8 @@ def open_annotated(uri: str, tokenizer_sha256: str | None, score: str, *, deep: 
         tokenizer_sha256: the model tokenizer's fingerprint (schemas.tokenizer_fingerprint); None skips
             the check (tests, or a deliberate override).
         score: a stored scorer's name (``tfidf``, ``ref_loss`` ...) or ``excess_loss`` when both
-            ``base_loss`` and ``ref_loss`` are stored.
-        option: the option that named ``score``, for the error message (``--scorer`` in train.evaluate).
+            ``base_loss`` and ``ref_loss`` are stored; :data:`NO_SCORE` asks for none.
+        option: the option that named ``score``, for the error message (``--scorer`` in evaluation.run).
         deep: also read every byte (checksums, list lengths, finite scores, unique ids). Off by
             default: it reads the whole dataset once; the stream still refuses a NaN score it meets.
 
@@ -94,7 +99,7 @@ def open_annotated(uri: str, tokenizer_sha256: str | None, score: str, *, deep: 
     uri = str(uri)
     manifest = check_directory(uri, deep=deep, tokenizer_sha256=tokenizer_sha256)  # local path or fsspec URI
     where = join(uri, sidecar_name(MANIFEST_NAME, manifest.schema_version))
-    if not has_score(manifest, score):
+    if score != NO_SCORE and not has_score(manifest, score):
         available = score_names(manifest.scorer_names)
         hint = ""
         if score == EXCESS_LOSS:
@@ -137,6 +142,7 @@ def _collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
 
     seq_lens = [int(len(ex[INPUT_IDS])) for ex in examples]
     refs = [ex.get("ref_loss") for ex in examples]
+    sources = [ex.get("source") for ex in examples]
     batch: dict[str, Any] = {
         INPUT_IDS: cat(INPUT_IDS, torch.long),
         # Restart at 0 per example: with position_ids, attention kernels (FlashAttention varlen,
@@ -147,6 +153,9 @@ def _collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
         "score": cat("score", torch.float32),
         "ref_loss": None if any(r is None for r in refs) else cat("ref_loss", torch.float32),
         "ids": [str(ex["id"]) for ex in examples],
+        # Per token, the index of its example's source in the stream's sources (per-source metrics).
+        "source": None if any(x is None for x in sources) else
+        torch.from_numpy(np.repeat(np.asarray(sources, dtype=np.int64), seq_lens)),
     }
     last = examples[-1]
     if "position" in last:  # the stream's resume point after this micro-batch
@@ -164,10 +173,12 @@ def pack(examples_iter: Iterable[dict[str, Any]], max_tokens: int) -> Iterator[d
     a memory target, not a hard limit).
 
     Each example: a dict with ``id``, ``input_ids``, ``loss_mask``, ``score`` and optionally
-    ``ref_loss`` (numpy arrays or tensors, equal lengths) and ``position``. Each micro-batch:
+    ``ref_loss`` (numpy arrays or tensors, equal lengths), ``source`` (an int: its index in
+    :attr:`ShardStream.sources`) and ``position``. Each micro-batch:
     ``input_ids`` [T] long, ``position_ids`` [T] long (0 at each example's start), ``seq_lens``
     list[int], ``loss_mask`` [T] bool, ``score`` [T] float32, ``ref_loss`` [T] float32 or None,
-    ``ids`` list[str], and ``epoch`` / ``position`` of its last example when the examples carry one.
+    ``ids`` list[str], ``source`` [T] long (each token's example's source index) or None when an
+    example has none, and ``epoch`` / ``position`` of its last example when the examples carry one.
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
@@ -259,7 +270,8 @@ class ShardStream(IterableDataset):
     Args:
         uri: the directory or fsspec URI given to :func:`open_annotated`.
         manifest: what :func:`open_annotated` returned (the stream trusts it: open first).
-        score: scorer name, or ``excess_loss`` (= base_loss - ref_loss, computed here per token).
+        score: scorer name, or ``excess_loss`` (= base_loss - ref_loss, computed here per token), or
+            :data:`NO_SCORE` (no score column is read; every ``score`` is 0).
         rank, world_size: data-parallel position; None takes them from torch.distributed when it is
             initialized, else 0 and 1.
         seed: the shuffle seed; epoch ``e``'s order depends only on (seed, e).
@@ -272,7 +284,8 @@ class ShardStream(IterableDataset):
             than equal example counts: ranks then run out of data together (the trainer's choice).
 
     Iterating yields, per example: ``id``, ``input_ids`` long, ``loss_mask`` bool, ``score``
-    float32, ``ref_loss`` float32 or None, ``epoch``, ``position``. The first token's loss_mask is
+    float32, ``ref_loss`` float32 or None, ``source`` (int: the index of its ``source`` value in
+    :attr:`sources`, the directory's distinct values sorted), ``epoch``, ``position``. The first token's loss_mask is
     always false: position 0 predicts nothing (METHOD.md), whatever the shard says. Examples with no
     trainable token left are skipped and counted in :attr:`skipped_no_trainable`.
 
@@ -303,7 +316,7 @@ class ShardStream(IterableDataset):
             world_size = world_size if world_size is not None else (dist.get_world_size() if initialized else 1)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
-        if not has_score(manifest, score):
+        if score != NO_SCORE and not has_score(manifest, score):
             raise ValueError(f"score {score!r} is not in the manifest (offers {score_names(manifest.scorer_names)})")
         if with_ref_loss and not has_ref_loss(manifest):
             raise ValueError(f"with_ref_loss needs a {score_column(REF_LOSS)!r} column; the manifest has scorers {manifest.scorer_names}")
@@ -315,11 +328,13 @@ class ShardStream(IterableDataset):
         self.balance_tokens = balance_tokens
         self._fs, self._root = fsspec.core.url_to_fs(self.uri)
 
-        # Only these columns are ever read: never `source`, never another scorer's column.
+        # Only these columns are ever read, never another scorer's: `source` (a few distinct strings, dictionary-
+        # encoded) for the per-source metrics.
         self._score_columns = (
-            [score_column(BASE_LOSS), score_column(REF_LOSS)] if score == EXCESS_LOSS else [score_column(score)]
+            [score_column(BASE_LOSS), score_column(REF_LOSS)] if score == EXCESS_LOSS
+            else [] if score == NO_SCORE else [score_column(score)]
         )
-        self.columns: list[str] = [ID, INPUT_IDS, LOSS_MASK, *self._score_columns]
+        self.columns: list[str] = [ID, INPUT_IDS, LOSS_MASK, SOURCE, *self._score_columns]
         if with_ref_loss and score_column(REF_LOSS) not in self.columns:
             self.columns.append(score_column(REF_LOSS))
 
@@ -337,6 +352,8 @@ class ShardStream(IterableDataset):
         self.lengths: np.ndarray | None = None
         self.trainable: np.ndarray | None = None
         self.loss_mask_tokens = 0
+        # The distinct values of the `source` column, sorted, once read_lengths() or read_sources() ran.
+        self.sources: list[str] | None = None
         self._bounds_cache: dict[tuple[int, int, int], tuple[int, int]] = {}
 
         # Position (main process): see the module docstring.
@@ -397,15 +414,39 @@ class ShardStream(IterableDataset):
         """The epoch's global example order as (shard, row group, row) — for tests and debugging."""
         return [(self.units[u][0], self.units[u][1], int(r)) for u in self._unit_order(epoch) for r in self._row_order(epoch, u)]
 
+    def read_sources(self) -> list[str]:
+        """The distinct values of the ``source`` column over the whole directory, sorted (:attr:`sources`): the same
+        on every rank and across a resume (the same data), whatever order the examples come in. Reads that column
+        only, unless :meth:`read_lengths` already read it."""
+        if self.sources is None:
+            found: set[str] = set()
+            for shard, group, _ in self.units:
+                found.update(self._unit_sources(self._read_unit(shard, group, columns=[SOURCE])))
+            self._close()
+            self.sources = sorted(found)
+        return self.sources
+
+    def _unit_sources(self, table: pa.Table) -> list[str]:
+        return pc.unique(table.column(SOURCE)).to_pylist()
+
+    def _close(self) -> None:
+        if self._handle is not None:
+            self._handle[1].close()
+            self._handle = None
+
     def read_lengths(self) -> None:
-        """Read every example's length and trainable-token count (the ``loss_mask`` column only: bit-packed
-        booleans, no token ids or scores) into :attr:`lengths` and :attr:`trainable`, in unit order."""
+        """Read every example's length and trainable-token count (the ``loss_mask`` column: bit-packed booleans, no
+        token ids or scores) into :attr:`lengths` and :attr:`trainable`, in unit order; and, in the same reads, the
+        ``source`` column's distinct values (:attr:`sources`, see :meth:`read_sources`)."""
         if self.lengths is not None:
             return
         lengths, trainable = [], []
         raw_total = 0
+        found: set[str] = set()
         for shard, group, _ in self.units:
-            offsets, values = _list_column(self._read_unit(shard, group, columns=[LOSS_MASK]), LOSS_MASK)
+            table = self._read_unit(shard, group, columns=[LOSS_MASK, SOURCE])
+            found.update(self._unit_sources(table))
+            offsets, values = _list_column(table, LOSS_MASK)
             values = values.astype(np.int64, copy=False)
             starts, ends = offsets[:-1], offsets[1:]
             summed = np.concatenate([[0], np.cumsum(values)])
@@ -418,9 +459,8 @@ class ShardStream(IterableDataset):
         self.lengths = np.concatenate(lengths).astype(np.int64) if lengths else np.zeros(0, np.int64)
         self.trainable = np.concatenate(trainable).astype(np.int64) if trainable else np.zeros(0, np.int64)
         self.loss_mask_tokens = raw_total  # the column's true values, position 0 included (the manifest's count)
-        if self._handle is not None:
-            self._handle[1].close()
-            self._handle = None
+        self.sources = sorted(found) if self.sources is None else self.sources
+        self._close()
 
     def _epoch_indices(self, epoch: int) -> np.ndarray:
         """The epoch's global order as indices into :attr:`lengths` (unit order)."""
@@ -490,8 +530,14 @@ class ShardStream(IterableDataset):
 
     def _examples_of(self, table: pa.Table, rows: np.ndarray, shard: int, group: int) -> Iterator[dict[str, Any]]:
         ids = table.column(ID).to_pylist()
+        source = pc.index_in(table.column(SOURCE), value_set=pa.array(self.read_sources(), pa.string()))
+        if source.null_count:  # the directory changed under the stream (its sources were read at the start)
+            row = int(np.flatnonzero(source.is_null().to_numpy(zero_copy_only=False))[0])
+            raise ValueError(f"{self._shard_uri(shard)}: row group {group}, row {row} (id {ids[row]}): source "
+                             f"{table.column(SOURCE)[row].as_py()!r} was not in the directory when the stream opened")
+        source_index = source.to_numpy().astype(np.int64)
         offsets, input_ids = _list_column(table, INPUT_IDS)
-        columns = {name: _list_column(table, name) for name in self.columns if name not in (ID, INPUT_IDS)}
+        columns = {name: _list_column(table, name) for name in self.columns if name not in (ID, INPUT_IDS, SOURCE)}
         for name, (other, _) in columns.items():
             # Quick validation reads footers only; a cheap check here keeps tokens and scores aligned.
             if not np.array_equal(other, offsets):
@@ -499,6 +545,8 @@ class ShardStream(IterableDataset):
         base = {name: values for name, (_, values) in columns.items()}
         if self.score == EXCESS_LOSS:
             score = base[score_column(BASE_LOSS)].astype(np.float32) - base[score_column(REF_LOSS)].astype(np.float32)
+        elif self.score == NO_SCORE:
+            score = np.zeros(len(input_ids), dtype=np.float32)
         else:
             score = base[score_column(self.score)].astype(np.float32, copy=False)
         ref = base.get(score_column(REF_LOSS)) if self.with_ref_loss else None
@@ -520,6 +568,7 @@ class ShardStream(IterableDataset):
                 # Copies: the row group's arrays are read-only Arrow memory, and an example outlives it.
                 "score": score[s:e].copy(),
                 "ref_loss": None if ref is None else ref[s:e].astype(np.float32),
+                "source": int(source_index[row]),
             }
 
     # --- iteration ---------------------------------------------------------------------------
@@ -568,6 +617,7 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         num_roles, worker = (info.num_workers, info.id) if info is not None else (1, 0)
         self._ensure_roles(num_roles)
+        self.read_sources()  # before the first unit (workers got them from the main process: no pass of their own)
         # Rotation: worker 0 takes the role the interrupted run would have served next.
         role = (self._next_role + worker) % num_roles
         final: dict[str, int] = {}
@@ -606,6 +656,7 @@ class ShardStream(IterableDataset):
             yield from iter(self)
             return
         self._ensure_roles(num_workers)  # before the workers copy this object
+        self.read_sources()  # once here, not once per worker
         loader = DataLoader(self, batch_size=None, num_workers=num_workers, **loader_kwargs)
         for item in loader:
             self.record(item)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -81,6 +82,29 @@ def test_add_scorers_and_tokenizer_mismatch(tmp_path, lima_slice, tiny_llama_dir
     assert main(["--output", str(out), "--model", str(other), "--add-scorers", "ref_loss",
                  "--scorer-option", f"ref_loss.model={tiny_llama_dir}"]) == 2
     assert "--add-scorers needs the same tokenizer" in capsys.readouterr().err
+
+
+def test_summary_counts_the_rows_and_tokens_each_stage_processed(tmp_path, lima_slice, tiny_llama_dir, capsys):
+    """The corpus pass (tfidf:fit) and the write stage report what they read and wrote, in a first annotate and in
+    --add-scorers (issue 30: the summary said 'tfidf:fit 0 rows' and 'write 120 rows 0 tokens')."""
+    out = tmp_path / "counts"
+    assert main(["--input", str(lima_slice), "--model", str(tiny_llama_dir), "--scorers", "base_loss",
+                 "--output", str(out), "--shard-size", "12"]) == 0
+    totals = Manifest.load(out).totals
+    rows, tokens = totals["rows"], totals["tokens"]
+    assert rows > 12 and tokens > rows  # several shards, several tokens a row
+    stages = json.loads((out / "_annotate_summary.json").read_text())["stages"]
+    assert (stages["write"]["rows"], stages["write"]["tokens"]) == (rows, tokens)
+    assert (stages["base_loss"]["rows"], stages["base_loss"]["tokens"]) == (rows, tokens)
+
+    capsys.readouterr()
+    assert main(["--output", str(out), "--add-scorers", "tfidf"]) == 0
+    printed = capsys.readouterr().out
+    stages = json.loads((out / "_annotate_summary.json").read_text())["stages"]
+    for stage in ("tfidf:fit", "tfidf", "write"):
+        assert (stages[stage]["rows"], stages[stage]["tokens"]) == (rows, tokens), (stage, stages[stage])
+        assert re.search(rf"^  {re.escape(stage)}\s+{rows:,} rows\s+{tokens:,} tokens ", printed, re.M), printed
+    assert Manifest.load(out).totals["tokens"] == tokens
 
 
 def test_annotate_then_add_scorers_then_the_same_annotate_again(tmp_path, lima_slice, tiny_llama_dir, capsys):

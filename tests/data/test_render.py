@@ -23,7 +23,7 @@ def test_single_turn_mask(smol_tokenizer):
 
 
 def test_training_prompt_is_the_generation_prompt(smol_tokenizer):
-    """What the model is trained to continue is exactly what train.evaluate's generation feeds it: the
+    """What the model is trained to continue is exactly what evaluation.run's generation feeds it: the
     tokens before the first trainable one are the chat template's generation prompt (SmolLM2's default
     system message included), token for token."""
     prompt = "What is the capital of France?"

@@ -170,3 +170,26 @@ def annotated_dir(tmp_path) -> Path:
     examples = make_examples(23, ["tfidf", "base_loss", "ref_loss"], untrainable=(4, 17))
     write_annotated_dir(out, examples, ["tfidf", "base_loss", "ref_loss"], rows_per_shard=9, row_group_size=4)
     return out
+
+
+def implied_loss_config() -> type:
+    """The ``loss`` section the registered losses imply: ``name`` and ``group_decision`` plus every registered
+    loss's Options fields, keyed as in YAML, in registration order: what train/config.py's written
+    :class:`LossConfig` is checked against (tests/train/test_config.py), and a new loss's keys in a test."""
+    import dataclasses
+    import typing
+
+    from train.config import LossConfig, _loss_attribute, loss_option
+    from train.losses import LOSSES
+    from data.config import option
+
+    fields: list[tuple[str, Any, Any]] = [(f.name, str, option(f.default, f.metadata["help"]))
+                                          for f in dataclasses.fields(LossConfig)[:2]]
+    for loss_cls in LOSSES.values():
+        hints = typing.get_type_hints(loss_cls.Options)
+        for f in dataclasses.fields(loss_cls.Options):
+            key, attribute = f.metadata.get("key", f.name), _loss_attribute(f)
+            if any(existing == attribute for existing, _, _ in fields):
+                raise TypeError(f"loss option key {key!r} of {loss_cls.name} is already taken; give it its own key")
+            fields.append((attribute, hints[f.name], loss_option(loss_cls.Options, f.name)))
+    return dataclasses.make_dataclass("LossConfig", fields)

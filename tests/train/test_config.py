@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.train.conftest import make_examples, write_annotated_dir
+from tests.train.conftest import implied_loss_config, make_examples, write_annotated_dir
 from train.config import (
     ConfigError,
     TrainConfig,
@@ -208,6 +208,13 @@ def test_defaults_with_train_data_validate():
         ({"loss.infosft_p": 1.0}, "loss.infosft_p:"),
         ({"loss.infosft_p": 0.3}, "loss.infosft_p:"),
         ({"loss.rho1_rho": 1.0}, "loss.rho1_rho:"),
+        ({"loss.eaft_k": 1}, "loss.eaft_k: 1 must be an integer >= 2"),
+        ({"loss.eaft_k": 0}, "loss.eaft_k:"),
+        ({"loss.eaft_alpha": -0.5}, "loss.eaft_alpha: -0.5 must be a finite number >= 0"),
+        ({"loss.eaft_alpha": ".inf"}, "loss.eaft_alpha:"),
+        ({"importance.scorer": "none"}, "importance.scorer: none, but loss.name=sftgo trains by a stored score"),
+        ({"importance.scorer": "none", "loss.name": "weighted"}, "importance.scorer: none, but loss.name=weighted"),
+        ({"importance.scorer": "none", "loss.name": "rho1"}, "importance.scorer: none, but loss.name=rho1"),
         ({"importance.rho": 1.0}, "importance.rho:"),
         ({"importance.rho": -0.2}, "importance.rho:"),
         ({"importance.rho": ".nan"}, "importance.rho:"),
@@ -287,6 +294,8 @@ def test_expected_configs_are_shipped():
 def test_shipped_config_loads_and_validates(path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default deepspeed_config resolves against the repository too
     config = load_config(["--config", str(path)])
+    if not config.data.train:  # a config that leaves the data to the user (cpu_starter.yaml)
+        config = load_config(["--config", str(path), "data.train=shards/mine"])
     validate(config)  # data paths are not opened here
     build_loss(config.loss.name, **loss_options(config))  # the loss accepts the options
 
@@ -388,6 +397,8 @@ def test_loss_options_map_to_build_loss():
     assert loss_options(valid(**{"loss.name": "rho1", "loss.rho1_rho": 0.6})) == {"rho": 0.6}
     assert loss_options(valid(**{"loss.name": "infosft", "loss.infosft_p": 0.9})) == {"p": 0.9}
     assert loss_options(valid(**{"loss.name": "dft"})) == {}
+    assert loss_options(valid(**{"loss.name": "eaft", "loss.eaft_k": 8, "loss.eaft_alpha": 0.5})) == {"k": 8, "alpha": 0.5}
+    assert loss_options(valid(**{"loss.name": "eaft"})) == {"k": 20, "alpha": 1.0}  # EAFT's code's values
     sftgo = build_loss("sftgo", **loss_options(valid(**{"loss.lambda_schedule": "linear", "loss.lambda_min": 0.07})))
     assert sftgo.lambda_at(1.0) == pytest.approx(0.07)
 
@@ -425,6 +436,21 @@ def test_data_check_missing_scorer_lists_the_offer(tfidf_dir):
     assert "['tfidf', 'llmlingua2']" in message
     with pytest.raises(ConfigError, match="excess_loss needs both base_loss and ref_loss"):
         validate_against_data(valid(**{"data.train": str(out), "importance.scorer": "excess_loss"}), manifest)
+
+
+def test_a_loss_that_reads_no_score_trains_without_one(tfidf_dir):
+    """eaft (like sft, infosft, dft) reads no score: importance.scorer=none validates on any directory, and a
+    missing default score says so."""
+    out, manifest = tfidf_dir
+    for name in ("eaft", "sft", "infosft", "dft"):
+        config = valid(**{"data.train": str(out), "loss.name": name, "importance.scorer": "none", "importance.scope": "corpus"})
+        validate(config)
+        validate_against_data(config, manifest)
+    with pytest.raises(ConfigError, match="loss.name=eaft reads no score: importance.scorer=none trains it without groups"):
+        validate_against_data(valid(**{"data.train": str(out), "loss.name": "eaft", "importance.scorer": "base_loss"}), manifest)
+    # eval.scorer none: held-out without groups; the training grouping stays.
+    validate_eval_data(valid(**{"eval.scorer": "none"}), manifest, "held-out/dir")
+    assert eval_grouping(valid(**{"loss.name": "eaft", "importance.scorer": "none"}))[0] == "none"
 
 
 def test_data_check_names_the_given_directory(tfidf_dir):
@@ -515,7 +541,7 @@ def test_the_loss_section_holds_exactly_the_registered_losses_options():
 
     from train import config as train_config
 
-    written, implied = train_config.LossConfig, train_config._loss_config_class()
+    written, implied = train_config.LossConfig, implied_loss_config()
     written_hints, implied_hints = typing.get_type_hints(written), typing.get_type_hints(implied)
     want = {f.name: (f.metadata, f.default, implied_hints[f.name]) for f in dataclasses.fields(implied)}
     have = {f.name: (f.metadata, f.default, written_hints[f.name]) for f in dataclasses.fields(written)}
@@ -524,13 +550,98 @@ def test_the_loss_section_holds_exactly_the_registered_losses_options():
         assert have[name] == want[name], name
 
 
-def test_value_origin_names_the_command_line_the_file_or_the_default(tmp_path):
-    from train.config import value_origin
+def test_origin_names_the_command_line_the_file_or_the_default(tmp_path):
+    """The loader records where each key was set last; the forms the old argv re-parse missed count too."""
+    from data.config import origin
 
     first = write_yaml(tmp_path / "a.yaml", {"data": {"validation": "shards/demo_val"}})
-    second = write_yaml(tmp_path / "b.yaml", {"optim": {"lr": 1e-4}})
-    argv = ["--config", first, "--config", second]
-    assert value_origin(argv, "data.validation") == f"in {first}"
-    assert value_origin(argv, "optim.lr") == f"in {second}"
-    assert value_origin([*argv, "data.validation=x"], "data.validation") == "on the command line"
-    assert value_origin(argv, "data.train") == "by default"
+    second = write_yaml(tmp_path / "b.yaml", {"optim": {"lr": 1e-4}, "data": {"train": "x"}})
+    argv = ["--config", first, f"--config={second}"]
+    cfg = load_config(argv)
+    assert origin(cfg, "data.validation") == f"in {first}"
+    assert origin(cfg, "optim.lr") == f"in {second}"
+    assert origin(cfg, "data.train") == f"in {second}"
+    assert origin(cfg, "seed") == "by default"
+    for override in (["data.validation=x"], ["--data.validation", "x"], ["--data.validation=x"], ["data={validation: x}"]):
+        assert origin(load_config([*argv, *override]), "data.validation") == "on the command line", override
+    assert origin(load_config([*argv, "data.validation=x", "--config", first]), "data.validation") == "on the command line"
+
+
+# --- the CPU starter config and the slow-first-step warning (issue 30) ----------------------------------
+
+
+def _flat(mapping: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def test_cpu_starter_config_refuses_without_data_and_resolves_to_what_it_documents():
+    from train.plan import slow_cpu_step_warning
+
+    path = CONFIGS / "cpu_starter.yaml"
+    text = path.read_text(encoding="utf-8")
+    # Every key is commented on its line, and nothing points at the demo's shards or runs.
+    keys = [line for line in text.splitlines() if re.match(r"^\s*\w+:\s*\S", line) and not line.lstrip().startswith("#")]
+    assert keys and all("  # " in line for line in keys), [line for line in keys if "  # " not in line]
+    assert "demo" not in yaml.safe_dump(yaml.safe_load(text))
+
+    with pytest.raises(ConfigError) as info:
+        validate(load_config(["--config", str(path)]))
+    assert str(info.value) == ("invalid train config:\n  data.train: required: the annotated directory to train on "
+                               "(annotate/run.py's --output, or an fsspec URI); pass data.train=DIR on the command line, "
+                               "or write it under data: train: in your config file")
+
+    config = load_config(["--config", str(path), "data.train=shards/mine", "data.validation=shards/mine_val"])
+    validate(config)
+    resolved = _flat(to_dict(config))
+    written = _flat(yaml.safe_load(text))
+    assert {key: resolved[key] for key in written} == {**written, "data.train": "shards/mine", "data.validation": "shards/mine_val"}
+    assert (config.model, config.data.micro_batch_tokens, config.train.gradient_checkpointing, config.loss.name,
+            config.importance.scorer, config.importance.rho, config.loss.lambda_, config.optim.lr) == \
+        ("smollm2-135m-instruct", 1024, False, "sftgo", "tfidf", 0.7, 0.9, 2e-5)
+    assert (config.train.dtype, config.train.zero_stage) == ("auto", "auto")  # float32 and no partitioning on one CPU
+    assert slow_cpu_step_warning(config, cuda=False) is None
+
+
+def test_slow_cpu_step_warning_names_each_setting_to_change():
+    from train.plan import CPU_SLOW_MICRO_BATCH_TOKENS, slow_cpu_step_warning
+
+    defaults = valid()  # gradient checkpointing on, 4096-token micro-batches: the issue's 47 s first step
+    message = slow_cpu_step_warning(defaults, cuda=False)
+    assert message == ("no GPU: this CPU run's first step will be slow (the first log line may take minutes): "
+                       "train.gradient_checkpointing is on (recomputes activations in backward, ~30% more compute; host "
+                       "RAM rarely needs it): set train.gradient_checkpointing=false; data.micro_batch_tokens is 4096 (a step "
+                       "on 2 CPU cores takes ~1 s per 60 tokens with SmolLM2-135M): set data.micro_batch_tokens=1024 "
+                       "(train/configs/cpu_starter.yaml has both)")
+    assert slow_cpu_step_warning(defaults, cuda=True) is None
+    only_checkpointing = slow_cpu_step_warning(valid(**{"data.micro_batch_tokens": CPU_SLOW_MICRO_BATCH_TOKENS}), cuda=False)
+    assert "train.gradient_checkpointing=false" in only_checkpointing and "data.micro_batch_tokens" not in only_checkpointing
+    only_tokens = slow_cpu_step_warning(valid(**{"data.micro_batch_tokens": CPU_SLOW_MICRO_BATCH_TOKENS + 1,
+                                                 "train.gradient_checkpointing": "false"}), cuda=False)
+    assert "data.micro_batch_tokens is 2049" in only_tokens and "gradient_checkpointing" not in only_tokens
+    assert slow_cpu_step_warning(load_config(["--config", str(CONFIGS / "demo_cpu.yaml")]), cuda=False) is None
+
+
+def test_a_cpu_run_says_at_start_that_its_first_step_will_be_slow(tmp_path, tiny_llama_dir):
+    """The warning is the run's first line, before the data is opened (here: refused) and before DeepSpeed starts."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, str(REPO / "train" / "main.py"), f"model={tiny_llama_dir}",
+                           f"data.train={tmp_path / 'no_such_shards'}", f"output_dir={tmp_path / 'run'}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("warning: no GPU: this CPU run's first step will be slow")
+    assert "set train.gradient_checkpointing=false" in lines[0] and "set data.micro_batch_tokens=1024" in lines[0]
+    assert lines[1].startswith(f"error: data.train (set on the command line): {tmp_path / 'no_such_shards'} is not a valid")
+    assert "built successfully" not in proc.stdout + proc.stderr  # refused before DeepSpeed starts

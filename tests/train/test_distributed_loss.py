@@ -10,6 +10,7 @@ global-batch formula written out directly.
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import socket
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as functional
 
+from data.token_loss import top_k_entropy
 from train.grouping import batch_important_masks
 from train.losses import build_loss
 
@@ -27,7 +29,8 @@ WORLD_SIZE = 2
 FEATURES, VOCAB = 4, 5
 # Tokens per (rank, micro-batch): rank 0 holds [3, 4], rank 1 holds [5, 2].
 SIZES = [[3, 4], [5, 2]]
-LOSSES = {"sft": {}, "sftgo": {"lambda_": 0.9}, "rho1": {"rho": 0.4}, "select": {}, "weighted": {"transform": "identity"}}
+LOSSES = {"sft": {}, "sftgo": {"lambda_": 0.9}, "rho1": {"rho": 0.4}, "select": {}, "weighted": {"transform": "identity"},
+          "eaft": {"k": 3, "alpha": 1.5}}
 # "accumulation": both micro-batches in one step; "single": micro-batch 0 alone.
 SCENARIOS = {"accumulation": [0, 1], "single": [0]}
 
@@ -86,8 +89,11 @@ def step_loss_and_grads(
     model.zero_grad(set_to_none=True)
     total = 0.0
     for mb in micro_batches:
-        token_loss = functional.cross_entropy(model(mb["features"]), mb["targets"], reduction="none")
+        logits = model(mb["features"])
+        token_loss = functional.cross_entropy(logits, mb["targets"], reduction="none")
         kwargs = {} if extra is None else {**extra, "weight": mb["weight"]}
+        if loss_fn.entropy_top_k is not None:  # eaft: the live top-k entropy of the same logits
+            kwargs["entropy"] = top_k_entropy(logits, loss_fn.entropy_top_k, None)
         contribution, _ = loss_fn(token_loss, mb["important"], mb["ref_loss"], step_tokens, 0.0, **kwargs)
         contribution.backward()
         total += contribution.item()
@@ -171,6 +177,26 @@ def test_single_micro_batch_matches_the_method_formula(rank_results):
     assert rank_results[0]["single/select/loss"] == pytest.approx(token_loss[important].mean().item(), abs=1e-6)
     weight = batch["weight"]
     assert rank_results[0]["single/weighted/loss"] == pytest.approx((weight * token_loss).sum().item() / weight.sum().item(), abs=1e-6)
+
+
+@pytest.mark.timeout(120)
+def test_eaft_over_ranks_and_micro_batches_is_the_step_formula(rank_results):
+    """EAFT: sum over the step's tokens on both ranks of sg(H_3 / ln 3)^1.5 * l_t, over the step's 14 tokens,
+    written out from the concatenated batch (the top-3 entropy recomputed here from softmax by hand)."""
+    batches = [concatenated(0), concatenated(1)]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in batches:
+            logits = make_model()(batch["features"])
+            top = torch.softmax(logits.topk(3, dim=-1).values, dim=-1)
+            weight = (-(top * top.log()).sum(-1) / math.log(3)) ** 1.5
+            total += (weight * functional.cross_entropy(logits, batch["targets"], reduction="none")).sum().item()
+            count += len(batch["targets"])
+    assert count == 14
+    for result in rank_results:
+        assert result["accumulation/eaft/loss"] == pytest.approx(total / count, abs=1e-6)
+    # It is not the plain CE: the weights matter.
+    assert abs(rank_results[0]["accumulation/eaft/loss"] - rank_results[0]["accumulation/sft/loss"]) > 1e-2
 
 
 @pytest.mark.timeout(120)

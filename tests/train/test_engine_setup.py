@@ -64,3 +64,16 @@ def test_bf16_engines_accumulate_in_fp32_at_stages_1_and_2_and_offloaded(tmp_pat
                            "trained": True}
     assert result["2-offload"] == {"types": fp32_accumulation, "optimizer": "DeepSpeedZeroOptimizer", "steps": 2, "offload": True,
                                    "trained": True}
+
+
+def test_dropping_lines_leaves_out_deepspeeds_op_build_line_and_passes_the_rest(capsys):
+    """The filter around deepspeed.init_distributed: its op-build print goes, every other line passes as written."""
+    from train.engine import OP_BUILT, dropping_lines
+
+    with dropping_lines(OP_BUILT):
+        print("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
+        print("Using /tmp as PyTorch extensions root...")
+        print("partial ", end="")
+        print("line")
+        print("no newline at the end", end="")
+    assert capsys.readouterr().out == "Using /tmp as PyTorch extensions root...\npartial line\nno newline at the end"

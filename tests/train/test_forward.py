@@ -419,6 +419,38 @@ def test_hits_are_the_unpacked_models_greedy_predictions(tiny_llama_dir):
         token_losses(model, input_ids, position_ids, SEQ_LENS, targets, with_hits=True)
 
 
+def test_top_k_entropy_comes_from_the_same_chunks_as_the_loss(tiny_llama_dir):
+    """entropy_top_k (eaft): column 0 is exactly the plain per-token CE with the same gradient, column 1 the
+    top-k entropy of the plain model's own logits at t - 1 / ln k, detached."""
+    from data.token_loss import top_k_entropy
+
+    model = _load(tiny_llama_dir, "sdpa")
+    input_ids, position_ids, loss_mask = _packed_batch(seed=9)
+    both = token_losses(model, input_ids, position_ids, SEQ_LENS, loss_mask, chunk_size=5, entropy_top_k=20)
+    plain = token_losses(model, input_ids, position_ids, SEQ_LENS, loss_mask, chunk_size=5)
+    assert both.shape == (int(loss_mask.sum()), 2)
+    torch.testing.assert_close(both[:, 0], plain, atol=0, rtol=0)
+    expected, start = [], 0
+    with torch.no_grad():
+        for n in SEQ_LENS:
+            ids = input_ids[start : start + n]
+            logits = model(input_ids=ids[None], use_cache=False).logits[0, :-1].float()
+            expected.append(top_k_entropy(logits, 20, None)[loss_mask[start + 1 : start + n]])
+            start += n
+    torch.testing.assert_close(both[:, 1], torch.cat(expected), atol=1e-5, rtol=0)
+    assert ((both[:, 1] > 0) & (both[:, 1] <= 1)).all()
+    # The gradient is the CE's alone: weighting by the detached column changes nothing but the weights.
+    weights = both[:, 1].detach()
+    grads = torch.autograd.grad((both[:, 0] * weights).sum(), model.lm_head.weight, retain_graph=True)[0]
+    reference = torch.autograd.grad((plain * weights).sum(), model.lm_head.weight)[0]
+    torch.testing.assert_close(grads, reference, atol=1e-6, rtol=0)
+    detached = torch.autograd.grad(both[:, 1].sum(), model.lm_head.weight, allow_unused=True)[0]
+    assert detached is None or not detached.any()
+    with pytest.raises(ValueError, match="one"):
+        with torch.no_grad():
+            token_losses(model, input_ids, position_ids, SEQ_LENS, loss_mask, with_hits=True, entropy_top_k=20)
+
+
 def test_empty_loss_mask_is_differentiable(tiny_llama_dir):
     model = _load(tiny_llama_dir, "sdpa")
     input_ids, position_ids, _ = _packed_batch(seed=8)

@@ -350,7 +350,7 @@ def test_the_trainers_group_masks_break_ties_by_the_tie_keys(scope):
                             seq_lens=lengths, ids=["ex-a", "ex-b"])]
     step[0].loss_mask[[0, 30]] = False
     cut = corpus_cut(summarize_scores(np.zeros(100)), 0.7) if scope == "corpus" else None
-    cfg = SimpleNamespace(importance=SimpleNamespace(rho=0.7, scope=scope))
+    cfg = SimpleNamespace(importance=SimpleNamespace(scorer="tfidf", rho=0.7, scope=scope))
     expected = step_important_masks(step, 0.7, scope, cut)
     got = group_masks(step, cfg, cut)
     assert all(torch.equal(a, b) for a, b in zip(got, expected))

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from tests.train.conftest import implied_loss_config
 from train.losses import LOSSES, DftLoss, InfoSftLoss, Rho1Loss, SelectLoss, SftGoLoss, SftLoss, WeightedLoss, build_loss
 
 T, F = True, False
@@ -233,6 +234,88 @@ def test_dft_weights_by_detached_probability():
     assert metrics["ce"] == approx((math.log(2.0) + math.log(4.0)) / 2)
 
 
+# eaft: three rows of 4 logits, k = 3 (the 4th logit never counts).
+#   A = [ln 2, 0, 0, -7]:   top-3 p = [1/2, 1/4, 1/4], H = 1/2 ln 2 + 1/2 ln 4 = 1.0397208, / ln 3 = 0.9463946
+#   B = [0, 0, 0, -7]:      top-3 uniform, H / ln 3 = 1
+#   C = [ln 6, ln 3, 0, -1]: top-3 p = [0.6, 0.3, 0.1],
+#                            H = 0.6 * 0.5108256 + 0.3 * 1.2039728 + 0.1 * 2.3025851 = 0.8979457, / ln 3 = 0.8173454
+EAFT_LOGITS = [[math.log(2.0), 0.0, 0.0, -7.0], [0.0, 0.0, 0.0, -7.0], [math.log(6.0), math.log(3.0), 0.0, -1.0]]
+EAFT_ENTROPY = [0.9463946, 1.0, 0.8173454]
+
+
+def test_top_k_entropy_by_hand():
+    from data.token_loss import top_k_entropy
+
+    logits = torch.tensor(EAFT_LOGITS)
+    assert top_k_entropy(logits, 3, None).tolist() == approx(EAFT_ENTROPY)
+    # k = 2: A's top-2 [ln 2, 0] gives p = [2/3, 1/3], H = 0.6365142, / ln 2 = 0.9182958 (the binary entropy in bits).
+    assert top_k_entropy(logits[:1], 2, None).item() == approx(0.9182958)
+    # k above the vocabulary: all 4 logits, normalised by ln 4.
+    # B: p = 3 x 1/(3 + e^-7), e^-7 / (3 + e^-7) (e^-7 = 0.000911882): H = 1.1010433, / ln 4 = 0.7942348.
+    assert top_k_entropy(logits[1:2], 50, None).item() == approx(0.7942348)
+    # The model's final-logit transform counts (a soft-cap of 1 squeezes C's logits to tanh: a flatter top 3).
+    from data.token_loss import LogitTransform
+
+    capped = torch.tanh(logits[2:3])
+    assert top_k_entropy(logits[2:3], 3, LogitTransform(softcap=1.0)).item() == approx(top_k_entropy(capped, 3, None).item())
+    with pytest.raises(ValueError, match="k >= 2"):
+        top_k_entropy(logits, 1, None)
+
+
+def test_eaft_weights_ce_by_the_detached_top_k_entropy_to_the_power_alpha():
+    # Targets A -> 3 (the -7 logit), B -> 0, C -> 0:
+    #   l_A = ln(4 + e^-7) + 7 = 8.3865223, l_B = ln(3 + e^-7) = 1.0989162, l_C = ln(10 + e^-1) - ln 6 = 0.5469530.
+    # alpha = 2: w = [0.9463946^2, 1, 0.8173454^2] = [0.8956628, 1.0, 0.6680535].
+    # One more token of the step elsewhere (step_tokens 4):
+    #   L = (0.8956628 * 8.3865223 + 1.0989162 + 0.6680535 * 0.5469530) / 4 = 2.2439515; dL/dl = w / 4.
+    logits = torch.tensor(EAFT_LOGITS, requires_grad=True)
+    targets = torch.tensor([3, 0, 0])
+    token_loss = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    assert token_loss.tolist() == approx([8.3865223, 1.0989162, 0.5469530])
+    from data.token_loss import top_k_entropy
+
+    entropy = top_k_entropy(logits, 3, None)
+    loss_fn = build_loss("eaft", k=3, alpha=2.0)
+    assert loss_fn.entropy_top_k == 3 and not loss_fn.reads_score()
+    contribution, metrics = loss_fn(token_loss, mask(T, F, F), None, 4, 0.0, entropy=entropy)
+    weights = [0.8956628, 1.0, 0.6680535]
+    assert contribution.item() == approx(2.2439515)
+    assert metrics["mean_weight"] == approx(sum(weights) / 3)
+    assert metrics["ce"] == approx((8.3865223 + 1.0989162 + 0.5469530) / 3) and metrics["lambda"] == 0.0
+    # The weight is stop-gradient: d/dlogits = w (softmax - onehot) / 4, no term through the entropy.
+    (grad,) = torch.autograd.grad(contribution, logits)
+    softmax = torch.softmax(logits.detach(), -1)
+    expected = torch.tensor(weights)[:, None] * (softmax - torch.nn.functional.one_hot(targets, 4)) / 4
+    assert torch.allclose(grad, expected, atol=1e-6)
+    # alpha 0: every weight 1, plain SFT (an entropy of 0 included: 0 ** 0 = 1).
+    l = leaf(1.0, 3.0)
+    value, grad, _ = run_with(build_loss("eaft", alpha=0.0), l, mask(F, F), entropy=torch.tensor([0.0, 0.5]))
+    assert value == approx(2.0) and grad == approx([0.5, 0.5])
+    # alpha 1 (the default): w = the normalised entropy itself.
+    value, grad, _ = run_with(build_loss("eaft"), leaf(2.0, 4.0), mask(F, F), entropy=torch.tensor([0.25, 0.5]))
+    assert value == approx((0.25 * 2.0 + 0.5 * 4.0) / 2) and grad == approx([0.125, 0.25])
+    with pytest.raises(ValueError, match="entropy"):
+        build_loss("eaft")(leaf(1.0), mask(F), None, 1, 0.0)
+
+
+def test_eaft_options_are_checked():
+    assert build_loss("eaft").options.k == 20 and build_loss("eaft").options.alpha == 1.0  # EAFT's code: k 20, alpha 1
+    for bad in ({"k": 1}, {"k": 0}, {"k": 2.5}, {"k": True}, {"alpha": -0.5}, {"alpha": float("nan")}):
+        with pytest.raises(ValueError, match="k:|alpha:"):
+            build_loss("eaft", **bad)
+    from train.losses import EaftOptions
+
+    assert EaftOptions(k=1, alpha=-1.0).problems(as_key=True) == [
+        "loss.eaft_k: 1 must be an integer >= 2", "loss.eaft_alpha: -1.0 must be a finite number >= 0"]
+
+
+def run_with(loss_fn, token_loss, important, **kwargs):
+    """:func:`run` with the loss's extra keywords (eaft's entropy)."""
+    contribution, metrics = loss_fn(token_loss, important, None, token_loss.numel(), 0.0, **kwargs)
+    (grad,) = torch.autograd.grad(contribution, token_loss)
+    return contribution.item(), grad.tolist(), metrics
+
+
 def test_weighted_losses_stop_gradient_through_the_weight_at_the_logits():
     # Through a softmax: d(sg(w) * l)/dlogits = w * (softmax - onehot) when w is stop-gradient.
     logits = torch.tensor([[1.0, 0.0, -1.0], [0.5, 2.0, 0.0]], requires_grad=True)
@@ -302,7 +385,7 @@ def test_weight_transforms():
 
 
 def test_registry_builds_every_loss_by_name():
-    assert set(LOSSES) == {"sft", "sftgo", "rho1", "infosft", "dft", "select", "weighted"}
+    assert set(LOSSES) == {"sft", "sftgo", "rho1", "infosft", "dft", "eaft", "select", "weighted"}
     assert isinstance(build_loss("sftgo", lambda_=0.5), SftGoLoss)
     assert isinstance(build_loss("rho1", rho=0.4), Rho1Loss)
     assert build_loss("rho1", rho=0.4).needs_ref_loss and not build_loss("sft").needs_ref_loss
@@ -360,7 +443,7 @@ def test_a_new_loss_is_one_class_its_options_reach_config_and_validation():
             return self.options.scale * token_loss.sum() / step_tokens, {}
 
     try:
-        section = train_config._loss_config_class()
+        section = implied_loss_config()
         assert section().scaled_scale == 0.5
         assert train_config.loss_options_of(section(scaled_scale=0.25), ScaledLoss) == ScaledOptions(0.25)
         assert ScaledLoss.kwargs(ScaledOptions(0.25), importance_rho=0.7) == {"scale": 0.25}
@@ -378,6 +461,8 @@ def test_each_loss_declares_what_the_trainer_must_load():
     assert [n for n, cls in LOSSES.items() if cls.needs_ref_loss] == ["rho1"]
     assert sorted(n for n, cls in LOSSES.items() if cls.needs_groups) == ["select", "sftgo"]
     assert [n for n, cls in LOSSES.items() if cls.needs_weights] == ["weighted"]
+    assert [n for n, cls in LOSSES.items() if not cls.reads_score()] == ["sft", "infosft", "dft", "eaft"]
+    assert [n for n, cls in LOSSES.items() if cls.entropy_top_k is not None or n == "eaft"] == ["eaft"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -269,6 +269,22 @@ def test_bad_input_fails_before_training(tmp_path, tiny_llama_dir, shards):
     assert f"data.validation (set in {config}): " in log.read_text() and "no_such_val" in log.read_text()
 
 
+def test_a_refusal_after_deepspeed_starts_is_not_preceded_by_its_op_build_line(tmp_path, tiny_llama_dir, shards):
+    """DeepSpeed prints "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully" when its process group
+    starts on CPU: a refusal after that point (a ZeRO stage the DeepSpeed JSON contradicts) says only what is wrong."""
+    ds_json = json.loads((REPO / "train" / "configs" / "deepspeed.json").read_text())
+    ds_json["zero_optimization"]["stage"] = 3
+    (tmp_path / "ds.json").write_text(json.dumps(ds_json))
+    log = tmp_path / "refused.log"
+    args = _config(tmp_path, tiny_llama_dir, shards, **{"deepspeed_config": str(tmp_path / "ds.json"), "train.zero_stage": 2})
+    proc = _launch(args, 1, log, "python")
+    assert proc.wait(timeout=300) == 2
+    text = log.read_text()
+    assert "error: deepspeed_config: " in text and "zero_optimization.stage is 3 but train.zero_stage resolved to 2" in text, text
+    assert "built successfully" not in text, text
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 @pytest.mark.parametrize("sig,code,name", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")])
 def test_signal_stops_with_one_line_and_resumes(tmp_path, tiny_llama_dir, shards, sig, code, name):
     """Ctrl-C / SIGTERM: exit 130 / 143 within seconds, one line naming the resume point, no traceback,
@@ -317,7 +333,7 @@ def test_signal_stops_with_one_line_and_resumes(tmp_path, tiny_llama_dir, shards
 def test_eval_keys_group_the_validation_data_by_their_own_score(tmp_path, tiny_llama_dir, shards):
     """eval.scorer / eval.rho / eval.scope: held-out groups by another score than training's (here base_loss
     at the train manifest's corpus cut), equal to train.heldout on the unchanged (lr 0) model."""
-    from train.evaluate import load_model
+    from evaluation.run import load_model
     from train.grouping import manifest_corpus_cut
     from train.heldout import heldout_losses
     from train.shards import open_annotated
@@ -342,7 +358,7 @@ def test_eval_keys_group_the_validation_data_by_their_own_score(tmp_path, tiny_l
 def test_lr_zero_negative_control_exports_the_base_model_exactly(tmp_path, tiny_llama_dir, shards):
     """Training at lr 0 must change nothing: the exported folder's logits equal the base model's bit for
     bit and its greedy generations (through its own saved tokenizer and chat template) are the same."""
-    from train.evaluate import generate_answers, load_model
+    from evaluation.run import generate_answers, load_model
     from data.models import load_tokenizer
 
     args = _config(tmp_path, tiny_llama_dir, shards, **{"optim.lr": 0.0, "train.max_steps": 3, "eval.every": 1})
@@ -544,3 +560,60 @@ def test_a_run_directory_holds_one_run(tmp_path, tiny_llama_dir, shards):
          tmp_path / "again.log", launcher="python")
     assert [json.loads(line)["step"] for line in (other / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
     assert "lr: 0.0005" in (other / "run" / "model" / "README.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-source losses in a real run
+# ---------------------------------------------------------------------------------------------
+
+
+def test_per_source_losses_in_metrics_jsonl_tensorboard_and_summary(tmp_path, tiny_llama_dir, smol_tokenizer):
+    """Two sources (one name unsafe as a metric key): every train.log_every=2 steps (and the last) the step record has
+    each source's CE, group losses and tokens over the window, which add up to the steps' own CE and tokens; every
+    evaluation the held-out ones, adding up to eval_ce / eval_tokens; the same keys in TensorBoard; the summary maps
+    keys to names."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    fp = dict(tokenizer_fingerprint(smol_tokenizer), name="tiny")
+    names = ("lima", "web/alpaca en.json")
+    for split, n, seed in (("train", 24, 0), ("val", 10, 1)):
+        examples = make_examples(n, ["tfidf"], seed=seed, min_len=8, max_len=40, prefix=split)
+        for i, ex in enumerate(examples):
+            ex["source"] = names[i % 3 == 0]
+        write_annotated_dir(tmp_path / "shards" / split, examples, ["tfidf"], tokenizer_fp=fp, rows_per_shard=8)
+    args = _config(tmp_path, tiny_llama_dir, tmp_path / "shards", **{
+        "data.train": str(tmp_path / "shards" / "train"), "data.validation": str(tmp_path / "shards" / "val"),
+        "train.max_steps": 5, "train.log_every": 2, "checkpoint.every": 0, "eval.every": 2, "eval.max_batches": 0})
+    dry = subprocess.run([sys.executable, str(REPO / "train" / "main.py"), *args, "--dry-run"], cwd=REPO, env=_env(),
+                         capture_output=True, text=True, timeout=300).stdout
+    assert f"per-source metrics: 2 source(s) in {tmp_path / 'shards' / 'train'}: lima, web_alpaca_en.json" in dry
+    _run(args, 1, tmp_path / "train.log", launcher="python")
+    log = (tmp_path / "train.log").read_text()
+    assert "per-source metrics: 2 source(s) in " in log and "lima, web_alpaca_en.json ('web/alpaca en.json')" in log
+    assert "final eval, source lima: tokens=" in log and "final eval, source web_alpaca_en.json: tokens=" in log
+    run = tmp_path / "run"
+    steps = _metrics(run)
+    keys = ("lima", "web_alpaca_en.json")
+    for window in ((1, 2), (3, 4), (5,)):  # log_every 2, and the last step
+        logged = steps[window[-1]]
+        assert all(not any(k.startswith("source/") for k in steps[s]) for s in window[:-1])
+        tokens = [logged[f"source/{key}/tokens"] for key in keys]
+        assert all(t > 0 for t in tokens) and sum(tokens) == sum(steps[s]["trainable_tokens"] for s in window)
+        ce_sum = sum(logged[f"source/{key}/ce"] * t for key, t in zip(keys, tokens))
+        assert ce_sum == pytest.approx(sum(steps[s]["ce"] * steps[s]["trainable_tokens"] for s in window), rel=1e-5)
+        for key in keys:
+            assert set(k for k in logged if k.startswith(f"source/{key}/")) == {
+                f"source/{key}/{name}" for name in ("tokens", "ce", "important_loss", "unimportant_loss")}
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "eval_ce" in line]
+    assert [e["step"] for e in evals] == [2, 4, 5]  # eval.every 2, then the final evaluation
+    for record in evals:
+        tokens = [record[f"eval_source/{key}/tokens"] for key in keys]
+        assert all(t > 0 for t in tokens) and sum(tokens) == record["eval_tokens"]
+        assert sum(record[f"eval_source/{key}/ce"] * t for key, t in zip(keys, tokens)) == pytest.approx(
+            record["eval_ce"] * record["eval_tokens"], rel=1e-9)
+        assert all(f"eval_source/{key}/{name}" in record for key in keys for name in ("accuracy", "important_loss", "unimportant_loss"))
+    events = EventAccumulator(str(next((run / "tensorboard").glob("events.out.tfevents.*")))).Reload()
+    assert [e.step for e in events.Scalars("source/web_alpaca_en.json/ce")] == [2, 4, 5]
+    assert events.Scalars("eval_source/lima/ce")[0].value == pytest.approx(evals[0]["eval_source/lima/ce"], rel=1e-6)
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["sources"] == {"train": dict(zip(keys, names)), "validation": dict(zip(keys, names))}

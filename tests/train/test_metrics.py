@@ -14,8 +14,8 @@ def test_log_line_keeps_counts_and_flags_integers():
 
 def test_evaluate_and_report_write_under_runs_by_default():
     """Not into the checkout's root (issue 30): runs/ is where runs go, and git ignores it."""
-    from train.evaluate import build_parser as evaluate_parser
-    from train.report import build_parser as report_parser
+    from evaluation.run import build_parser as evaluate_parser
+    from evaluation.report import build_parser as report_parser
 
     assert evaluate_parser().parse_args(["RUN"]).output == "runs/evaluation.json"
     assert report_parser().parse_args(["RUN"]).output == "runs/report"

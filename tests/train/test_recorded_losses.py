@@ -37,6 +37,9 @@ CASES: dict[str, dict[str, str]] = {
     "rho1": {"importance.rho": "0.4"},
     "infosft": {},
     "dft": {},
+    "eaft": {"loss.eaft_k": "5", "loss.eaft_alpha": "2"},
+    # The same run without any score (eaft reads none): the same losses, and no group numbers logged.
+    "eaft_no_score": {"loss.name": "eaft", "importance.scorer": "none", "loss.eaft_k": "5", "loss.eaft_alpha": "2"},
     "select": {},
     "weighted": {},
 }
@@ -50,6 +53,8 @@ RECORDED: dict[str, list[float]] = {
     "rho1": [10.819796085357666, 10.81826400756836, 10.825045585632324, 10.840000629425049],
     "infosft": [0.0011487271403893828, 0.0011420358205214143, 0.0011234377743676305, 0.001135436788899824],
     "dft": [0.0002222965340479277, 0.00022096723114373162, 0.00021694759197998792, 0.00021949532674625516],
+    "eaft": [10.536744117736816, 10.530009746551514, 10.55233883857727, 10.566022872924805],
+    "eaft_no_score": [10.536744117736816, 10.530009746551514, 10.55233883857727, 10.566022872924805],
     "select": [10.762094974517822, 10.85628604888916, 10.879356861114502, 10.788089752197266],
     "weighted": [10.78484296798706, 10.831013679504395, 10.839786052703857, 10.81393814086914],
 }
@@ -92,6 +97,9 @@ def test_first_four_step_losses_are_the_recorded_ones(tmp_path, tiny_llama_dir, 
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     losses = _step_losses(out)
+    if CASES[case].get("importance.scorer") == "none":
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert not any("important_loss" in r or "worse_group" in r for r in records), "no score, no group numbers"
     if RECORD:
         print(f'\n    "{case}": {losses!r},')
         return

@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from schemas.shard import ID, INPUT_IDS, LOSS_MASK, MANIFEST_NAME, Manifest, score_column, shard_name
+from schemas.shard import ID, INPUT_IDS, LOSS_MASK, MANIFEST_NAME, SOURCE, Manifest, score_column, shard_name
 from schemas.validate import ShardValidationError, check_directory
 from tests.train.conftest import make_examples, write_annotated_dir
-from train.shards import ShardStream, corpus_threshold, open_annotated, pack
+from train.shards import NO_SCORE, ShardStream, corpus_threshold, open_annotated, pack
 
 SCORERS = ["tfidf", "base_loss", "ref_loss"]
 
@@ -283,21 +283,30 @@ def test_reads_only_the_needed_columns_row_group_by_row_group(annotated_dir, mon
     monkeypatch.setattr(pq.ParquetFile, "read", whole_file)
     monkeypatch.setattr(pq, "read_table", whole_file)
     _ids(stream_of(annotated_dir, "tfidf", epochs=1))
-    assert {cols for _, cols in requested} == {(ID, INPUT_IDS, LOSS_MASK, score_column("tfidf"))}
-    assert len(requested) == 8  # each of the 8 units once in one epoch, one row group at a time
+    # The `source` column alone of each of the 8 units first (the directory's sources, for per-source metrics),
+    # then each of the 8 units once in one epoch, one row group at a time.
+    assert requested[:8] == [(i, (SOURCE,)) for _, i, _ in stream_of(annotated_dir, "tfidf").units]
+    assert {cols for _, cols in requested[8:]} == {(ID, INPUT_IDS, LOSS_MASK, SOURCE, score_column("tfidf"))}
+    assert len(requested) == 16
     requested.clear()
     _ids(stream_of(annotated_dir, "excess_loss", epochs=1, with_ref_loss=True))
-    assert {cols for _, cols in requested} == {(ID, INPUT_IDS, LOSS_MASK, score_column("base_loss"), score_column("ref_loss"))}
+    assert {cols for _, cols in requested[8:]} == {(ID, INPUT_IDS, LOSS_MASK, SOURCE, score_column("base_loss"),
+                                                    score_column("ref_loss"))}
     # A rank reads only the units overlapping its block (here 2 of 3 ranks' worth is never touched).
     requested.clear()
     _ids(stream_of(annotated_dir, epochs=1, rank=0, world_size=3, shuffle=False))
-    assert len(requested) <= 3  # 7 or 8 examples in row groups of 4: at most 3 units
+    assert len(requested) - 8 <= 3  # 7 or 8 examples in row groups of 4: at most 3 units (after the source pass)
+    # A planned stream reads the sources with the lengths (loss_mask), in the same reads: no pass of their own.
+    requested.clear()
+    _ids(stream_of(annotated_dir, "tfidf", epochs=1, balance_tokens=True))
+    assert {cols for _, cols in requested[:8]} == {(LOSS_MASK, SOURCE)}
+    assert len(requested) == 16
 
 
 def test_unrelated_columns_may_be_unreadable(annotated_dir):
-    """Junk in `source` and in other scorers' columns does not matter: those bytes are never read."""
+    """Junk in other scorers' columns does not matter: those bytes are never read."""
     for entry in Manifest.load(annotated_dir).shards:
-        corrupt_columns(annotated_dir / entry.path, {"source", score_column("base_loss"), score_column("ref_loss")})
+        corrupt_columns(annotated_dir / entry.path, {score_column("base_loss"), score_column("ref_loss")})
     with pytest.raises((OSError, pa.ArrowException)):
         pq.read_table(annotated_dir / shard_name(0))  # the corruption is real
     clean = {ex["id"]: ex for ex in make_examples(23, SCORERS, untrainable=(4, 17))}
@@ -324,6 +333,27 @@ def test_excess_loss_is_base_minus_ref_and_ref_loss_travels(annotated_dir):
         assert torch.equal(batch["ref_loss"], torch.from_numpy(ref))
     batch = next(stream_of(annotated_dir, "tfidf", epochs=1).micro_batches(max_tokens=40))
     assert batch["ref_loss"] is None
+
+
+def test_no_score_reads_no_score_column_and_scores_zero(annotated_dir, monkeypatch):
+    """importance.scorer=none (a loss that reads no score): no score column is read, every score is 0, and a
+    directory without any scorer opens."""
+    requested: list[tuple[str, ...]] = []
+    original = pq.ParquetFile.read_row_group
+
+    def spy(self, i, columns=None, **kwargs):
+        requested.append(tuple(columns))
+        return original(self, i, columns=columns, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", spy)
+    batches = list(stream_of(annotated_dir, NO_SCORE, epochs=1).micro_batches(max_tokens=40))
+    assert {cols for cols in requested} == {(SOURCE,), (ID, INPUT_IDS, LOSS_MASK, SOURCE)}  # (SOURCE,): the sources pass
+    assert sum(len(b["ids"]) for b in batches) == 21 and all(not b["score"].any() for b in batches)
+    bare = annotated_dir.parent / "no_scores"
+    write_annotated_dir(bare, make_examples(5, []), [])
+    assert len(list(stream_of(bare, NO_SCORE, epochs=1).examples())) == 5
+    with pytest.raises(ValueError, match="score 'tfidf'"):
+        open_annotated(str(bare), "x", "tfidf")
 
 
 def test_corpus_threshold_reads_the_manifest_quantiles(annotated_dir):
@@ -364,7 +394,7 @@ def test_missing_score_is_refused(tmp_path, scheme):
         open_annotated(f"{scheme}{tmp_path}", "x", "llmlingua2")
     message = str(err.value)
     assert f"{tmp_path}/{MANIFEST_NAME}" in message and "'llmlingua2' (importance.scorer)" in message  # the option's own key
-    with pytest.raises(ValueError, match=r"'llmlingua2' \(--scorer\)"):  # as train.evaluate names it
+    with pytest.raises(ValueError, match=r"'llmlingua2' \(--scorer\)"):  # as evaluation.run names it
         open_annotated(f"{scheme}{tmp_path}", "x", "llmlingua2", option="--scorer")
     assert "['tfidf', 'base_loss']" in message  # what it does offer
     with pytest.raises(ValueError, match="needs both base_loss and ref_loss"):
@@ -474,8 +504,43 @@ def test_pack_respects_the_budget_and_keeps_order():
     for b in batches:  # over budget only when one example alone is longer than it
         assert len(b["input_ids"]) <= 10 or len(b["seq_lens"]) == 1
         assert b["ref_loss"] is None
+        assert b["source"] is None  # examples that name no source
     with pytest.raises(ValueError):
         next(pack([], 0))
+
+
+def test_sources_are_the_directory_values_sorted_and_travel_per_token_through_packing(tmp_path):
+    """Every rank (and a resumed run) sees the same sorted list of the `source` column's values; each packed token
+    carries its example's index in it, through DataLoader workers too."""
+    names = ["web/b.jsonl", "alpha", "Zeta é"]
+    examples = make_examples(14, ["tfidf"], seed=2)
+    for i, ex in enumerate(examples):
+        ex["source"] = names[i % 3]
+    write_annotated_dir(tmp_path, examples, ["tfidf"], rows_per_shard=5, row_group_size=2)
+    by_id = {ex["id"]: ex for ex in examples}
+    want_sources = ["Zeta é", "alpha", "web/b.jsonl"]  # sorted by code point, whatever the row order
+    for rank, world_size in ((0, 1), (1, 2)):
+        assert stream_of(tmp_path, rank=rank, world_size=world_size, seed=rank).read_sources() == want_sources
+    for workers in (0, 2):
+        stream = stream_of(tmp_path, epochs=1, seed=3)
+        seen = 0
+        for batch in stream.micro_batches(max_tokens=30, num_workers=workers):
+            want = [want_sources.index(by_id[i]["source"]) for i, n in zip(batch["ids"], batch["seq_lens"]) for _ in range(n)]
+            assert batch["source"].dtype == torch.long and batch["source"].tolist() == want
+            seen += len(batch["ids"])
+        assert seen == 14 and stream.sources == want_sources
+    example = next(iter(stream_of(tmp_path, shuffle=False, epochs=1)))
+    assert example["source"] == want_sources.index(by_id[example["id"]]["source"])
+
+
+def test_a_source_added_after_the_stream_opened_is_refused_naming_the_row(tmp_path):
+    examples = make_examples(6, ["tfidf"], seed=4)
+    write_annotated_dir(tmp_path, examples, ["tfidf"], rows_per_shard=6)
+    stream = stream_of(tmp_path, shuffle=False, epochs=1)
+    assert stream.read_sources() == ["test"]
+    stream.sources = ["other"]  # as if the shards had been rewritten since
+    with pytest.raises(ValueError, match=r"shard-00000\.parquet: row group 0, row 0 \(id ex-00000\): source 'test' was not"):
+        list(stream)
 
 
 def test_micro_batches_restart_positions_and_carry_masks_with_tokens(tmp_path):

@@ -1,4 +1,4 @@
-"""The system-prompt choice of the data (annotate --system-prompt) as the trainer and train.evaluate see it:
+"""The system-prompt choice of the data (annotate --system-prompt) as the trainer and evaluation.run see it:
 data.system_prompt must match the shards' (a manifest without one means default), and evaluate generates
 with the run's own choice."""
 
@@ -17,7 +17,7 @@ from data.render import prompt_text
 from schemas.shard import tokenizer_fingerprint
 from tests.conftest import REPO
 from tests.train.conftest import make_examples, write_annotated_dir
-from train import evaluate as ev
+from evaluation import run as ev
 from train.config import load_config, validate_against_data, validate_eval_data
 
 
@@ -97,3 +97,44 @@ def test_evaluate_generates_with_the_runs_choice(tmp_path, smol_tokenizer):
     runs = [ev.resolve_run(str(tmp_path / "none"))]
     ev.configure_runs(runs, args)
     assert runs[0].system_prompt == "Be terse."
+
+
+def test_evaluate_refuses_heldout_of_another_choice_than_the_runs_training_and_generates_with_it(
+        tmp_path, smol_tokenizer, tiny_llama_dir, capsys):
+    """A run trained on `none` shards: held-out shards rendered `default` are refused before any model loads, naming
+    both choices; `none` held-out shards are evaluated, and the generations are rendered with `none` too."""
+    import json
+    import shutil
+
+    run = tmp_path / "run_none"
+    shutil.copytree(tiny_llama_dir, run / "model")
+    (run / "config.yaml").write_text("model: tiny\ndata:\n  train: shards/none\n  system_prompt: none\n")
+    _shards(tmp_path / "val_default", smol_tokenizer)  # from before the choice existed: default
+    _shards(tmp_path / "val_none", smol_tokenizer, "none")
+    out = tmp_path / "evaluation.json"
+
+    assert ev.main([str(run), "--heldout", str(tmp_path / "val_default"), "--output", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --heldout {tmp_path / 'val_default'} was rendered with system prompt 'default' (annotate --system-prompt), "
+        f"but run {run} trained on shards rendered with 'none' (its data.system_prompt); held-out losses are only "
+        f"comparable on the same rendering: annotate the held-out data with --system-prompt 'none'\n")
+    assert not out.exists()
+    # --system-prompt sets the generations' rendering only: the held-out shards are still held to the training one.
+    assert ev.main([str(run), "--heldout", str(tmp_path / "val_default"), "--system-prompt", "default",
+                    "--output", str(out)]) == 2
+    # A model without a training config (the base model) is held to no choice.
+    args = ev.build_parser().parse_args([str(tiny_llama_dir), "--heldout", str(tmp_path / "val_default")])
+    assert [r.trained_system_prompt for r in ev.check_inputs(args)[0]] == [None]
+
+    assert ev.main([str(run), "--heldout", str(tmp_path / "val_none"), "--max-new-tokens", "2", "--prompts",
+                    str(_prompt_file(tmp_path)), "--output", str(out)]) == 0
+    result = json.loads((run / "evaluation.json").read_text())
+    assert result["system_prompt"] == "none" and result["request"]["system_prompt"] == "none"
+    assert result["heldout"][0]["dir"] == str(tmp_path / "val_none") and result["heldout"][0]["tokens"] > 0
+    assert [g["prompt"] for g in result["generations"]] == ["Say hi."]
+
+
+def _prompt_file(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("Say hi.\n")
+    return path

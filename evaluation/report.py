@@ -1,15 +1,17 @@
 """One self-contained HTML report (plus PNG plots) for one or more training runs.
 
-    python -m train.report runs/sft runs/sftgo --output runs/report
+    python -m evaluation.report runs/sft runs/sftgo --output runs/report
 
 Per run it reads ``config.yaml`` and ``metrics.jsonl`` (written by ``train/main.py``) and, when
-present, ``evaluation.json`` (written by ``python -m train.evaluate``). The page shows:
+present, ``evaluation.json`` (written by ``python -m evaluation.run``). The page shows:
 
 - training loss curves per run: CE with the important and unimportant group losses (as the SFT-GO
   paper's Figure 2) and the optimised loss;
 - lambda over steps, all runs on one axis;
 - held-out CE and group losses side by side across runs (the trainer's periodic evaluation);
-- benchmark accuracies, per-group held-out losses and sample generations from ``train.evaluate``;
+- per source (the shards' ``source`` column): the training CE and group losses with the tokens trained, curves
+  over steps, and the held-out ones of the trainer's last evaluation and of ``evaluation.run``;
+- benchmark accuracies, per-group held-out losses and sample generations from ``evaluation.run``;
 - a token viewer over examples of the runs' shards: tokens shaded by each scorer's score and marked
   by group at the run's rho and scope (the same grouping code as training);
 - agreement between scorers: overlap of their important sets at rho.
@@ -55,7 +57,7 @@ class Run:
     config: dict[str, Any]
     steps: list[dict[str, Any]]  # training records, one per step (the last one logged wins after a resume)
     evals: list[dict[str, Any]]  # held-out evaluation records (trainer), in step order
-    evaluation: dict[str, Any] | None = None  # train.evaluate's evaluation.json
+    evaluation: dict[str, Any] | None = None  # evaluation.run's evaluation.json
     summary: dict[str, Any] = field(default_factory=dict)
 
     def setting(self, dotted: str, default: Any = None) -> Any:
@@ -98,18 +100,35 @@ class Run:
                                   self.setting("eval.scope") or self.setting("importance.scope"))
 
     @property
+    def source_groups(self) -> str:
+        """The grouping of the per-source training group losses: the load-time one (importance.*) for every loss,
+        rho1 included (train/step.py sums them from the loaded groups, not from a loss's own selection)."""
+        return grouping_label(self.setting("importance.scorer"), self.setting("importance.rho"), self.setting("importance.scope"))
+
+    def source_name(self, key: str, split: str) -> str:
+        """The ``source`` value behind a metric key (train_summary.json's ``sources``; the key itself before the run
+        has finished or when the value was already a safe key)."""
+        return (self.summary.get("sources") or {}).get(split, {}).get(key, key)
+
+    def source_keys(self, prefix: str, records: list[dict[str, Any]]) -> list[str]:
+        """The source keys logged under ``prefix`` (``source/`` or ``eval_source/``) in ``records``, in first-seen order."""
+        return list(dict.fromkeys(k[len(prefix):].rpartition("/")[0] for r in records for k in r if k.startswith(prefix)))
+
+    @property
     def lambda_applies(self) -> bool:
         """Whether the run has a lambda (SFT-GO's weight on the worse group); rho1 trains only its selection."""
         return self.setting("loss.name") == "sftgo"
 
 
 def grouping_label(scorer: Any, rho: Any, scope: Any) -> str:
-    """A load-time grouping in words: ``score tfidf, rho 0.7, sequence scope``."""
+    """A load-time grouping in words: ``score tfidf, rho 0.7, sequence scope`` (``no groups`` for scorer none)."""
+    if scorer == "none":
+        return "no groups (no score)"
     return f"score {scorer}, rho {rho}, {scope} scope"
 
 
 def heldout_groups(record: dict[str, Any]) -> str:
-    """The grouping of one train.evaluate held-out record."""
+    """The grouping of one evaluation.run held-out record."""
     return grouping_label(record.get("scorer"), record.get("rho"), record.get("scope"))
 
 
@@ -231,7 +250,7 @@ def _save(fig: Any, out: Path) -> Path:
 
 def plot_loss_curves(runs: list[Run], out: Path) -> Path:
     """One panel per run: CE and the important / unimportant group losses over steps (Figure 2), with
-    train.evaluate's held-out group losses of the final model as diamonds after the last step."""
+    evaluation.run's held-out group losses of the final model as diamonds after the last step."""
     import textwrap
 
     from matplotlib.ticker import MaxNLocator
@@ -248,13 +267,13 @@ def plot_loss_curves(runs: list[Run], out: Path) -> Path:
         if run.setting("loss.name") not in ("sft", None):
             ax.plot(steps, [r.get("loss", float("nan")) for r in run.steps], color=GROUP_COLORS["loss"], alpha=0.6,
                     label=GROUP_LABELS["loss"], linestyle=":")
-        # train.evaluate's per-group held-out losses of the final model, beside the curves they end.
+        # evaluation.run's per-group held-out losses of the final model, beside the curves they end.
         for record in (run.evaluation or {}).get("heldout", [])[:1]:
             for key in ("important_loss", "unimportant_loss", "ce"):
                 if isinstance(record.get(key), (int, float)):
                     ax.scatter([steps[-1] + 0.04 * max(1, steps[-1])], [record[key]], marker="D", s=28,
                                color=GROUP_COLORS[key], edgecolors="white", zorder=3,
-                               label="held-out (train.evaluate)" if key == "important_loss" else None)
+                               label="held-out (evaluation.run)" if key == "important_loss" else None)
         title = textwrap.wrap(run.label, 48) + textwrap.wrap(f"groups: {run.training_groups}", 56)
         held = (run.evaluation or {}).get("heldout", [])[:1]
         if held:
@@ -328,6 +347,47 @@ def plot_heldout(runs: list[Run], out: Path) -> Path | None:
     lines.set_ylabel("held-out CE")
     lines.set_title("held-out CE over steps", fontsize=10)
     lines.grid(alpha=0.3)
+    return _save(fig, out)
+
+
+def plot_source_curves(runs: list[Run], out: Path) -> Path | None:
+    """One panel per run with per-source numbers: each source's training CE over the logged steps (solid; each point
+    covers the steps since the one before, train.log_every) and its held-out CE at the trainer's evaluations
+    (dashed, same colour). None when no run logged per-source numbers."""
+    import textwrap
+
+    from matplotlib.ticker import MaxNLocator
+
+    with_sources = [run for run in runs if run.source_keys("source/", run.steps)]
+    if not with_sources:
+        return None
+    plt = _pyplot()
+    cols = min(3, len(with_sources))
+    rows = math.ceil(len(with_sources) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.9 * rows), squeeze=False, sharey=True, layout="constrained")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, run in zip(axes.flat, with_sources):
+        keys = list(dict.fromkeys(run.source_keys("source/", run.steps) + run.source_keys("eval_source/", run.evals)))
+        for index, key in enumerate(keys):
+            color = colors[index % len(colors)]
+            logged = [r for r in run.steps if f"source/{key}/ce" in r]
+            if logged:
+                ax.plot([r["step"] for r in logged], [r[f"source/{key}/ce"] for r in logged], color=color,
+                        marker="." if len(logged) < 30 else None, label=f"{textwrap.shorten(run.source_name(key, 'train'), 40)} (training)")
+            held = [e for e in run.evals if f"eval_source/{key}/ce" in e]
+            if held:
+                ax.plot([e["step"] for e in held], [e[f"eval_source/{key}/ce"] for e in held], color=color, linestyle="--",
+                        marker="o", markersize=3, label=f"{textwrap.shorten(run.source_name(key, 'validation'), 40)} (held-out)")
+        ax.set_title("\n".join(textwrap.wrap(run.label, 48)), fontsize=8)
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(with_sources):]:
+        ax.set_visible(False)
+    for row in axes:
+        row[0].set_ylabel("CE (nats / token)")
+    fig.suptitle("CE per source: training (solid) and the trainer's held-out evaluations (dashed)", fontsize=11)
     return _save(fig, out)
 
 
@@ -415,20 +475,64 @@ def runs_table(runs: list[Run]) -> str:
                     "trainer held-out CE", "trainer held-out important", "trainer held-out unimportant", "trainer eval"], rows)
             + '<p class="note">Trainer held-out numbers: the trainer\'s own evaluation on data.validation at the step shown, '
               "over eval.max_batches micro-batches (not the whole set). The Evaluation section's held-out numbers come from "
-              "train.evaluate over every example of its directory, after training. Groups are computed for every run (the "
+              "evaluation.run over every example of its directory, after training. Groups are computed for every run (the "
               "curves show them); only SFT-GO optimises them.</p>")
 
 
 def groups_table(runs: list[Run]) -> str:
     """Per run, the grouping behind each of its group numbers: the training curves, the trainer's held-out numbers,
-    train.evaluate's held-out records (the diamonds and the Evaluation table), and whether lambda applies."""
+    evaluation.run's held-out records (the diamonds and the Evaluation table), and whether lambda applies."""
     rows = []
     for run in runs:
         held = "; ".join(dict.fromkeys(heldout_groups(r) for r in (run.evaluation or {}).get("heldout", []))) or "—"
         rows.append([run.name, run.training_groups, run.trainer_eval_groups if run.evals else "—", held,
                      "yes" if run.lambda_applies else "not applicable"])
-    return _table(["run", "training curves", "trainer held-out", "train.evaluate held-out (diamonds)", "lambda"], rows,
+    return _table(["run", "training curves", "trainer held-out", "evaluation.run held-out (diamonds)", "lambda"], rows,
                   cls="data groups")
+
+
+def sources_section(runs: list[Run], baselines: list[Baseline] | None = None, png: Path | None = None) -> str:
+    """Per-source numbers, one row per (run, source): the training CE and group losses of the last logged window with
+    the tokens trained (summed over the logged windows), then the held-out ones of the trainer's last evaluation and
+    of evaluation.run's records; each group number's grouping named in its row."""
+    train_rows = []
+    for run in runs:
+        keys = run.source_keys("source/", run.steps)
+        for key in keys:
+            logged = [r for r in run.steps if f"source/{key}/tokens" in r]
+            last = next((r for r in reversed(logged) if f"source/{key}/ce" in r), {})
+            train_rows.append([run.name, run.source_name(key, "train"), sum(r[f"source/{key}/tokens"] for r in logged),
+                               last.get("step"), last.get(f"source/{key}/ce"), last.get(f"source/{key}/important_loss"),
+                               last.get(f"source/{key}/unimportant_loss"), run.source_groups])
+    held_rows = []
+    for run in runs:
+        final = run.evals[-1] if run.evals else {}
+        for key in run.source_keys("eval_source/", run.evals[-1:]):
+            held_rows.append([run.name, run.source_name(key, "validation"), f"trainer, step {final['step']}", run.trainer_eval_groups,
+                              final.get(f"eval_source/{key}/ce"), final.get(f"eval_source/{key}/important_loss"),
+                              final.get(f"eval_source/{key}/unimportant_loss"), final.get(f"eval_source/{key}/tokens")])
+    evaluated = [Baseline(b.name, b.evaluation) for b in baselines or []]
+    evaluated += [Baseline(run.name, run.evaluation) for run in runs if run.evaluation]
+    for run in evaluated:
+        for record in run.evaluation.get("heldout", []):
+            for item in record.get("sources", []):
+                held_rows.append([run.name, item.get("source"), f"evaluation.run, {record.get('dir')}", heldout_groups(record),
+                                  item.get("ce"), item.get("important_loss"), item.get("unimportant_loss"), item.get("tokens")])
+    if not train_rows and not held_rows:
+        return ('<p class="note">No per-source numbers in these runs (they are logged by trainers since per-source losses '
+                "exist, and by <code>evaluation.run</code> in its held-out records).</p>")
+    parts = ['<p class="note">Per value of the shards\' <code>source</code> column. Training: the CE and group losses of '
+             "the last logged window (train.log_every steps) and the trainable tokens of every logged window. Groups: "
+             "the load-time grouping named in each row, for every loss (rho1 too: these are not its live selection); "
+             "a group without tokens shows —.</p>"]
+    if train_rows:
+        parts.append(_table(["run", "source", "tokens trained", "last logged step", "training CE", "important", "unimportant",
+                             "groups"], train_rows, cls="data sources-train"))
+    if held_rows:
+        parts.append(_table(["run", "source", "held-out numbers of", "groups", "held-out CE", "important", "unimportant",
+                             "tokens"], held_rows, cls="data sources-heldout"))
+    parts.append(_img(png, "CE per source"))
+    return "".join(parts)
 
 
 def lambda_note(runs: list[Run]) -> str:
@@ -444,14 +548,14 @@ def lambda_note(runs: list[Run]) -> str:
 
 @dataclass
 class Baseline:
-    """A model evaluated beside the runs but not trained by them (the base model): train.evaluate's record."""
+    """A model evaluated beside the runs but not trained by them (the base model): evaluation.run's record."""
 
     name: str
     evaluation: dict[str, Any]
 
 
 def load_baselines(path: str | None, runs: list[Run]) -> list[Baseline]:
-    """The runs of an evaluation JSON (``train.evaluate --output``, or one ``evaluation.json``) that are not
+    """The runs of an evaluation JSON (``evaluation.run --output``, or one ``evaluation.json``) that are not
     among the report's run directories, as baselines."""
     if not path:
         return []
@@ -472,13 +576,13 @@ def load_baselines(path: str | None, runs: list[Run]) -> list[Baseline]:
 
 
 def evaluation_section(runs: list[Run], baselines: list[Baseline] | None = None) -> str:
-    """train.evaluate's results across runs, baselines (the base model) first: benchmarks, per-group
+    """evaluation.run's results across runs, baselines (the base model) first: benchmarks, per-group
     held-out loss, generations."""
     evaluated = [Baseline(b.name, b.evaluation) for b in baselines or []]
     evaluated += [Baseline(run.name, run.evaluation) for run in runs if run.evaluation]
     if not evaluated:
         return ('<p class="note">No <code>evaluation.json</code> in these runs; '
-                '<code>python -m train.evaluate RUN_DIR ...</code> adds benchmarks, per-group held-out loss and generations here.</p>')
+                '<code>python -m evaluation.run RUN_DIR ...</code> adds benchmarks, per-group held-out loss and generations here.</p>')
     parts = []
     bench_rows = []
     for run in evaluated:
@@ -494,7 +598,7 @@ def evaluation_section(runs: list[Run], baselines: list[Baseline] | None = None)
                               record.get("ce"), record.get("important_loss"), record.get("unimportant_loss"),
                               record.get("worse_group"), record.get("tokens")])
     if held_rows:
-        parts.append("<h3>Per-group held-out loss (train.evaluate: every example of the directory, final model)</h3>"
+        parts.append("<h3>Per-group held-out loss (evaluation.run: every example of the directory, final model)</h3>"
                      + _table(["run", "shards", "groups", "grouping from", "CE", "important", "unimportant", "worse group", "tokens"], held_rows))
     prompts: dict[str, dict[str, str]] = {}
     for run in evaluated:
@@ -578,6 +682,7 @@ def build_report(run_dirs: list[str], output: str, *, shards: str | None = None,
     loss_png = plot_loss_curves(runs, out / "loss_curves.png")
     lambda_png = plot_lambda(runs, out / "lambda.png")
     heldout_png = plot_heldout(runs, out / "heldout.png")
+    sources_png = plot_source_curves(runs, out / "sources.png")
     sections = [
         f"<h1>{html.escape(title)}</h1>",
         '<p class="note">Runs: ' + ", ".join(f"<code>{html.escape(str(r.path))}</code>" for r in runs) + "</p>",
@@ -585,13 +690,14 @@ def build_report(run_dirs: list[str], output: str, *, shards: str | None = None,
         "<h2>Training loss by token group</h2>",
         ('<p class="note">CE over all trainable tokens (dashed), the important group and the unimportant group; '
          "SFT-GO optimises (1 - lambda) CE + lambda max(group losses). Diamonds after the last step: "
-         "the final model's held-out losses from train.evaluate, when the run has them. Each panel names its groups; "
+         "the final model's held-out losses from evaluation.run, when the run has them. Each panel names its groups; "
          "the table below says what \"important\" means in each number of this report.</p>"),
         groups_table(runs),
         _img(loss_png, "training loss curves"),
         "<h2>lambda over steps</h2>", lambda_note(runs), _img(lambda_png, "lambda over steps"),
         "<h2>Held-out loss</h2>",
         _img(heldout_png, "held-out losses") if heldout_png else '<p class="note">No held-out evaluation logged (data.validation, eval.every).</p>',
+        "<h2>Per source</h2>", sources_section(runs, baselines, sources_png),
         "<h2>Evaluation</h2>", evaluation_section(runs, baselines),
         "<h2>Tokens and groups</h2>", shards_section(runs, shards, examples, seed, out, agreement_examples),
     ]
@@ -604,10 +710,10 @@ def build_report(run_dirs: list[str], output: str, *, shards: str | None = None,
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m train.report",
+        prog="python -m evaluation.report",
         description="Write one self-contained HTML report (plus PNG plots) for training runs: loss curves by token "
-                    "group, lambda, held-out losses, train.evaluate results, a token viewer and scorer agreement.",
-        epilog="example: python -m train.report runs/demo_sft runs/demo_sftgo --output runs/demo_report",
+                    "group, lambda, held-out losses, evaluation.run results, a token viewer and scorer agreement.",
+        epilog="example: python -m evaluation.report runs/demo_sft runs/demo_sftgo --output runs/demo_report",
     )
     parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="training run directories (config.yaml, metrics.jsonl)")
     parser.add_argument("--output", default="runs/report", help="folder for report.html and the PNG plots (default: %(default)s, beside the runs, ignored by git)")
@@ -618,7 +724,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="examples read to measure scorer agreement (default: 2000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the token viewer's example sample (default: 0)")
     parser.add_argument("--baseline", default=None, metavar="EVALUATION_JSON",
-                        help="train.evaluate output whose other models (the base model) are shown first, as baselines, in the Evaluation section (default: none)")
+                        help="evaluation.run output whose other models (the base model) are shown first, as baselines, in the Evaluation section (default: none)")
     parser.add_argument("--title", default="sftgo report", help="page title (default: sftgo report)")
     return parser
 

@@ -1,7 +1,7 @@
 """Evaluate trained runs side by side: benchmarks (lm-evaluation-harness), per-group held-out loss, generations.
 
-    python -m train.evaluate runs/sft runs/sftgo --tasks mmlu,arc_challenge --data-dir ../shared/data/eval
-    python -m train.evaluate runs/sft runs/sftgo --heldout shards/lima --scorer tfidf --rho 0.7
+    python -m evaluation.run runs/sft runs/sftgo --tasks mmlu,arc_challenge --data-dir ../shared/data/eval
+    python -m evaluation.run runs/sft runs/sftgo --heldout shards/lima --scorer tfidf --rho 0.7
 
 A RUN is a training run directory (``model/`` + ``config.yaml``), a Hugging Face model folder, or the
 embedded name ``smollm2-135m-instruct``. Every input is checked before any model loads (exit 2,
@@ -13,16 +13,19 @@ embedded name ``smollm2-135m-instruct``. Every input is checked before any model
   metrics for ``mmlu`` (57 subjects, one group: size-weighted mean = micro accuracy, pooled stderr)
   and ``arc_challenge`` (acc and acc_norm).
 - **Held-out loss per group** over an annotated shard directory with the trainer's own code
-  (``train/heldout.py``: ShardStream packing, train/grouping.py, train/forward.py token_losses).
+  (``train/heldout.py``: ShardStream packing, train/grouping.py, train/forward.py token_losses), overall and
+  per value of the shards' ``source`` column, with token counts; no group numbers for scorer ``none``.
   The grouping (score, rho, scope) is each run's own: its config's evaluation grouping
   (``train.config.eval_grouping``: ``eval.*``, defaulting to ``importance.*``); a model without a training
   config takes the first run directory's; ``--scorer`` / ``--rho`` / ``--scope`` set it for every run.
 - **Generations**: greedy answers to a few prompts, rendered with the chat template and the system-prompt
-  choice the run trained with (its ``data.system_prompt``; ``--system-prompt`` overrides; a model without a
-  training config: ``default``, the template's own behaviour).
+  choice the run trained with (its ``data.system_prompt``, which the trainer checked against its shards'
+  tokenizer fingerprint; ``--system-prompt`` overrides; a model without a training config: ``default``, the
+  template's own behaviour). Held-out shards rendered with another choice than a run's training shards are
+  refused, naming both.
 
 Results: one table printed, ``--output`` (all runs) and ``RUN_DIR/evaluation.json`` (that run only)
-with keys ``run``, ``model``, ``benchmarks``, ``heldout``, ``generations`` (read by train.report).
+with keys ``run``, ``model``, ``benchmarks``, ``heldout``, ``generations`` (read by evaluation.report).
 """
 
 from __future__ import annotations
@@ -43,10 +46,6 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):  # run as a script: python train/evaluate.py
-    # train/ itself must leave sys.path (its modules would shadow same-named ones); the repo joins it.
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
@@ -74,6 +73,9 @@ class Run:
     tokenizer: Any = None
     config: Any = None  # a run directory's TrainConfig (config.yaml)
     system_prompt: str = "default"  # what its generations are rendered with (data.system_prompt)
+    # The system-prompt choice its training shards were rendered with: its config's data.system_prompt, which the
+    # trainer checked against their tokenizer fingerprint; None for a model without a training config.
+    trained_system_prompt: str | None = None
     grouping: tuple[str, float, str] = ("tfidf", 0.7, "sequence")  # (scorer, rho, scope) of its held-out groups
     grouping_from: str = "the defaults"  # where the grouping came from, in words
     heldout: list[tuple[str, Any, float | None]] = field(default_factory=list)  # (dir, manifest, threshold)
@@ -281,10 +283,26 @@ def configure_runs(runs: list[Run], args: argparse.Namespace) -> None:
         origin = "its config" if run.config is not None else ("the first run's config" if cfg is not None else "the defaults")
         run.grouping_from = (origin if not given else " ".join(given) if len(given) == 3
                              else f"{' '.join(given)}; the rest from {origin}")
+        if run.config is not None:
+            run.trained_system_prompt = run.config.data.system_prompt
         if args.system_prompt is not None:
             run.system_prompt = args.system_prompt
-        elif run.config is not None:
-            run.system_prompt = run.config.data.system_prompt
+        elif run.trained_system_prompt is not None:
+            run.system_prompt = run.trained_system_prompt
+
+
+def heldout_system_prompt_problem(run: Run, uri: str, manifest: Any) -> str | None:
+    """Why held-out shards ``uri`` do not fit ``run`` (None when they do): they were rendered with another
+    system-prompt choice than the run's training shards, so their tokens (and losses) are not the ones it learnt on.
+    A model without a training config has no choice to hold them to."""
+    from schemas.shard import system_prompt_of
+
+    have, want = system_prompt_of(manifest.tokenizer), run.trained_system_prompt
+    if want is None or have == want:
+        return None
+    return (f"--heldout {uri} was rendered with system prompt {have!r} (annotate --system-prompt), but run {run.arg} "
+            f"trained on shards rendered with {want!r} (its data.system_prompt); held-out losses are only comparable "
+            f"on the same rendering: annotate the held-out data with --system-prompt {want!r}")
 
 
 def check_inputs(args: argparse.Namespace) -> tuple[list[Run], list[str], Benchmarks | None, list[str], torch.device]:
@@ -346,6 +364,8 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[Run], list[str], Benchm
                     manifest, threshold = open_heldout(uri, sha, *run.grouping)
                 except ValueError as exc:
                     raise ValueError(f"--heldout {uri} for run {run.arg}: {exc}") from None
+                if (mismatch := heldout_system_prompt_problem(run, uri, manifest)) is not None:
+                    raise ValueError(mismatch)
                 run.heldout.append((uri, manifest, threshold))
     return runs, tasks, bench, prompts, device
 
@@ -416,14 +436,14 @@ def run_benchmarks(model: Any, tokenizer: Any, bench: Benchmarks, tasks: list[st
                    row_tokens: int = 512) -> list[dict[str, Any]]:
     """``lm_eval.simple_evaluate`` on the loaded model; one record per task.
 
-    ``loglikelihood`` picks the harness model: ``packed`` (:class:`train.packed_lm.PackedLM`: the same
+    ``loglikelihood`` picks the harness model: ``packed`` (:class:`evaluation.packed_lm.PackedLM`: the same
     answers, packed rows of ``row_tokens``, LM head only where it is read) or ``hf`` (the harness's
     ``HFLM``, ``batch_size`` padded requests a forward)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    from train.packed_lm import PackedLM
+    from evaluation.packed_lm import PackedLM
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # one warning per MMLU subject otherwise
     terminal = sys.stderr
@@ -572,7 +592,9 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def format_results(results: list[dict[str, Any]]) -> str:
-    """One table: a row per task metric and held-out loss, a column per run."""
+    """One table: a row per task metric and held-out loss (overall and per source), a column per run."""
+    from train.shards import NO_SCORE
+
     names = [r["run"] for r in results]
     rows: list[list[str]] = []
     keys = list(dict.fromkeys((b["task"], b["split"], b["num_fewshot"], b["n"]) for r in results for b in r["benchmarks"]))
@@ -588,13 +610,35 @@ def format_results(results: list[dict[str, Any]]) -> str:
     for uri in dirs:
         held = [next((h for h in r["heldout"] if h["dir"] == uri), None) for r in results]
         first = next(h for h in held if h)
-        setting = f"{first['scorer']} rho={first['rho']} {first['scope']}"
-        for key, label in (("ce", "CE"), ("important_loss", "important"), ("unimportant_loss", "unimportant"), ("worse_group", "worse group")):
-            cells = ["-" if h is None else (h[key] if isinstance(h[key], str) else f"{h[key]:.4f}") for h in held]
-            rows.append([f"held-out {label}", f"{uri} ({setting})", *cells])
+        # scorer none (a run trained without a score): no groups, so no group rows rather than 0.0 in them.
+        groups = first["scorer"] != NO_SCORE
+        setting = f"{first['scorer']} rho={first['rho']} {first['scope']}" if groups else "no groups (scorer none)"
+        keys = (("ce", "CE"), ("important_loss", "important"), ("unimportant_loss", "unimportant"),
+                ("worse_group", "worse group"))[: 4 if groups else 1]
+        for key, label in keys:
+            rows.append([f"held-out {label}", f"{uri} ({setting})", *[_cell(h, key) for h in held]])
         rows.append(["held-out tokens", f"{uri} ({setting})",
-                     *["-" if h is None else f"{h['tokens']} ({h['important_tokens']} important)" for h in held]])
+                     *["-" if h is None else f"{h['tokens']}" + (f" ({h['important_tokens']} important)" if groups else "")
+                       for h in held]])
+        # Per source (the shards' `source` column): CE, and each group's loss where there are groups, with tokens.
+        sources = list(dict.fromkeys(s["source"] for h in held if h for s in h.get("sources", [])))
+        for source in sources:
+            per = [None if h is None else next((s for s in h.get("sources", []) if s["source"] == source), None) for h in held]
+            for key, label in keys[:3]:
+                rows.append([f"held-out {label} [{source}]", f"{uri} ({setting})", *[_cell(p, key) for p in per]])
+            rows.append([f"held-out tokens [{source}]", f"{uri} ({setting})",
+                         *["-" if p is None else f"{p['tokens']}" + (f" ({p['important_tokens']} important)" if groups else "")
+                           for p in per]])
     return _table(["metric", "setting", *names], rows) if rows else ""
+
+
+def _cell(record: dict[str, Any] | None, key: str) -> str:
+    """One table cell: a number to 4 decimals, a word as it is, ``-`` where the record or the value is absent (a group
+    without tokens, a source the set does not hold)."""
+    value = None if record is None else record.get(key)
+    if value is None:
+        return "-"
+    return value if isinstance(value, str) else f"{value:.4f}"
 
 
 def _wrap(text: str, width: int) -> list[str]:
@@ -633,14 +677,14 @@ def write_json(path: Path, obj: Any) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m train.evaluate", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m evaluation.run", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Evaluate runs side by side: benchmarks through lm-evaluation-harness on local files, "
                     "per-group held-out loss with the trainer's code, and greedy sample generations.",
         epilog=textwrap.dedent("""\
             examples:
-              python -m train.evaluate runs/sft runs/sftgo --tasks mmlu,arc_challenge --data-dir ../shared/data/eval
-              python -m train.evaluate runs/sft runs/sftgo --heldout shards/lima --scorer tfidf --rho 0.7
-              python -m train.evaluate smollm2-135m-instruct --tasks arc_challenge --data-dir ../shared/data/eval --limit 20 --no-generate
+              python -m evaluation.run runs/sft runs/sftgo --tasks mmlu,arc_challenge --data-dir ../shared/data/eval
+              python -m evaluation.run runs/sft runs/sftgo --heldout shards/lima --scorer tfidf --rho 0.7
+              python -m evaluation.run smollm2-135m-instruct --tasks arc_challenge --data-dir ../shared/data/eval --limit 20 --no-generate
             """))
     parser.add_argument("runs", nargs="+", metavar="RUN",
                         help="training run directory (model/ + config.yaml), model folder (config.json), or smollm2-135m-instruct")
@@ -654,7 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "ARC-Challenge-Train.jsonl if present, else from the evaluated file minus the question asked (default: %(default)s)")
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N examples of each MMLU subject and of ARC, for quick runs (default: all)")
     parser.add_argument("--loglikelihood", default="packed", choices=["packed", "hf"],
-                        help="how the harness's loglikelihood requests run: packed (train/packed_lm.py: no padding, LM head only "
+                        help="how the harness's loglikelihood requests run: packed (evaluation/packed_lm.py: no padding, LM head only "
                              "where read; the same answers) or hf (lm-eval's HFLM, --batch-size padded requests a forward) (default: %(default)s)")
     parser.add_argument("--row-tokens", type=int, default=512,
                         help="--loglikelihood packed: tokens a packed row holds (512 was fastest on 2 CPU cores; more on a GPU) (default: %(default)s)")

@@ -1,8 +1,8 @@
 """Inspect an annotated directory: totals, score statistics, rejects, scorer agreement, token viewer.
 
-    python -m annotate.inspect shards/demo
-    python -m annotate.inspect shards/demo --viewer runs/demo_tokens.html --rho 0.7
-    python -m annotate.inspect shards/demo --json
+    python -m annotate.view shards/demo
+    python -m annotate.view shards/demo --viewer runs/demo_tokens.html --rho 0.7
+    python -m annotate.view shards/demo --json
 
 Reads the shards lazily (data/shard_stats.py; the HTML is data/viewer.py): statistics stream over
 loss_mask and the score columns, the viewer reads only the sampled rows. Exit status 0, or 2 with ``error: ...`` on stderr.
@@ -114,10 +114,10 @@ def _count(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m annotate.inspect",
+        prog="python -m annotate.view",
         description="Summarize an annotated directory (rows, tokens, per-score statistics over trainable tokens, "
                     "rejects, agreement between scorers) and optionally write an HTML token viewer.",
-        epilog="example:\n  python -m annotate.inspect shards/demo --viewer runs/demo_tokens.html --rho 0.7 --examples 8",
+        epilog="example:\n  python -m annotate.view shards/demo --viewer runs/demo_tokens.html --rho 0.7 --examples 8",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("shards_dir", metavar="SHARDS_DIR", help="annotated directory (holds _manifest.json), or an s3:// / gs:// URI")

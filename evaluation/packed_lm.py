@@ -12,7 +12,7 @@ split and tokenization, the same empty-context prefix token) and changes only th
 - inputs are packed back to back into rows of ``micro_batch_tokens`` (block-diagonal causal mask,
   restarting positions: ``train.forward.packed_hidden_states``, the trainer's code), so no padding;
 - the LM head and log-softmax run only at the positions that predict continuation tokens.
-``tests/train/test_evaluate.py`` checks that its loglikelihoods equal ``HFLM``'s on the same requests.
+``tests/evaluation/test_run.py`` checks that its loglikelihoods equal ``HFLM``'s on the same requests.
 """
 
 from __future__ import annotations

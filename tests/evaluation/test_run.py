@@ -1,4 +1,4 @@
-"""python -m train.evaluate on CPU with a tiny random Llama, real lm-evaluation-harness and real shards.
+"""python -m evaluation.run on CPU with a tiny random Llama, real lm-evaluation-harness and real shards.
 
 Benchmark accuracies are checked against an independent loglikelihood recomputation, held-out group
 losses against an unpacked forward pass and against the trainer's own evaluate(), generations
@@ -26,11 +26,12 @@ import torch.nn.functional as F
 from schemas.shard import tokenizer_fingerprint
 from tests.conftest import REPO, SHARED_DATA
 from tests.train.conftest import make_examples, write_annotated_dir
-from train import evaluate as ev
+from evaluation import run as ev
 
 EVAL_DATA = SHARED_DATA / "eval"
 SUBJECTS = ("anatomy", "astronomy")
 ARC_ROWS = (0, 1, 35, 89)  # 4 choices A-D, a 3-choice question (35) and labels 1-4 (89)
+HELDOUT_SOURCES = ("lima", "web/alpaca en.json")  # the held-out shards' `source` values (sorted: their order)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -57,8 +58,11 @@ def data_dir(tmp_path_factory) -> Path:
 def heldout_dir(tmp_path_factory, smol_tokenizer) -> Path:
     """Annotated shards (tfidf) carrying the tiny model's tokenizer fingerprint (SmolLM2's)."""
     out = tmp_path_factory.mktemp("heldout") / "val"
-    write_annotated_dir(out, make_examples(14, ["tfidf"], seed=3, min_len=6, max_len=40, untrainable=(5,)), ["tfidf"],
-                        tokenizer_fp=tokenizer_fingerprint(smol_tokenizer), rows_per_shard=6, row_group_size=4)
+    examples = make_examples(14, ["tfidf"], seed=3, min_len=6, max_len=40, untrainable=(5,))
+    for i, ex in enumerate(examples):  # two corpora, one name with characters unsafe in a metric key
+        ex["source"] = HELDOUT_SOURCES[i % 3 == 2]
+    write_annotated_dir(out, examples, ["tfidf"], tokenizer_fp=tokenizer_fingerprint(smol_tokenizer), rows_per_shard=6,
+                        row_group_size=4)
     return out
 
 
@@ -153,12 +157,12 @@ def test_mmlu_zero_shot_is_the_micro_accuracy_of_recomputed_subjects(evaluated, 
 
 
 def test_packed_loglikelihood_equals_the_harness_hflm(model, smol_tokenizer):
-    """train.packed_lm.PackedLM answers lm-eval's loglikelihood requests as its HFLM does: shared contexts
+    """evaluation.packed_lm.PackedLM answers lm-eval's loglikelihood requests as its HFLM does: shared contexts
     (one-token choices), multi-token continuations, an empty context, trailing spaces, rows split small."""
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
 
-    from train.packed_lm import PackedLM
+    from evaluation.packed_lm import PackedLM
 
     pairs = [("Question: what is two plus two?\nAnswer:", c) for c in (" A", " B", " C", " D")]
     pairs += [("The capital of France is", " Paris, a city on the Seine."), ("The capital of France is ", "Lyon"),
@@ -252,7 +256,7 @@ def _unpacked_group_losses(model, heldout_dir: Path, rho: float) -> dict:
     from train.shards import ShardStream, open_annotated
 
     stream = ShardStream(str(heldout_dir), open_annotated(str(heldout_dir), None, "tfidf"), "tfidf", shuffle=False, epochs=1)
-    losses, groups, hits = [], [], []
+    losses, groups, hits, sources = [], [], [], []
     for ex in stream.examples():
         with torch.no_grad():
             logits = model(input_ids=ex["input_ids"][None]).logits[0].float()
@@ -261,10 +265,18 @@ def _unpacked_group_losses(model, heldout_dir: Path, rho: float) -> dict:
         losses.append(ce[mask[1:]].double())
         hits.append((logits[:-1].argmax(-1) == ex["input_ids"][1:])[mask[1:]].double())
         groups.append(important_mask_sequence(ex["score"], mask, rho, ex["id"])[mask])  # ties by (id, position)
-    loss, imp, hit = torch.cat(losses), torch.cat(groups), torch.cat(hits)
-    return {"ce": loss.mean().item(), "important_loss": loss[imp].mean().item(), "unimportant_loss": loss[~imp].mean().item(),
-            "tokens": loss.numel(), "important_tokens": int(imp.sum()), "accuracy": hit.mean().item(),
-            "important_accuracy": hit[imp].mean().item(), "unimportant_accuracy": hit[~imp].mean().item()}
+        sources.append(torch.full((int(mask.sum()),), ex["source"]))
+    loss, imp, hit, source = torch.cat(losses), torch.cat(groups), torch.cat(hits), torch.cat(sources)
+
+    def numbers(keep: torch.Tensor) -> dict:
+        loss_, imp_, hit_ = loss[keep], imp[keep], hit[keep]
+        return {"ce": loss_.mean().item(), "important_loss": loss_[imp_].mean().item(), "unimportant_loss": loss_[~imp_].mean().item(),
+                "tokens": loss_.numel(), "important_tokens": int(imp_.sum()), "accuracy": hit_.mean().item(),
+                "important_accuracy": hit_[imp_].mean().item(), "unimportant_accuracy": hit_[~imp_].mean().item()}
+
+    assert stream.sources == list(HELDOUT_SOURCES)
+    return {**numbers(torch.ones_like(imp)), "sources": [{"source": name, **numbers(source == index)}
+                                                         for index, name in enumerate(stream.sources)]}
 
 
 def test_heldout_record_equals_unpacked_recomputation(evaluated, model, heldout_dir):
@@ -281,6 +293,44 @@ def test_heldout_record_equals_unpacked_recomputation(evaluated, model, heldout_
         record["important_loss"] * record["important_tokens"] + record["unimportant_loss"] * unimportant_tokens)
     assert record["worse_group"] == ("important" if record["important_loss"] >= record["unimportant_loss"] else "unimportant")
     assert record["micro_batches"] > 1  # packing really happened (64-token budget)
+    # Per source: the same numbers over each source's tokens alone, with their token counts.
+    assert [item["source"] for item in record["sources"]] == list(HELDOUT_SOURCES)
+    for item, want in zip(record["sources"], expected["sources"]):
+        assert set(item) == {"source", "tokens", "ce", "accuracy", "important_tokens", "important_loss", "unimportant_loss"}
+        assert item["tokens"] == want["tokens"] and item["important_tokens"] == want["important_tokens"]
+        for key in ("ce", "important_loss", "unimportant_loss"):
+            assert item[key] == pytest.approx(want[key], rel=1e-5), (item["source"], key)
+        assert item["accuracy"] == pytest.approx(want["accuracy"], abs=1e-12)
+    assert sum(item["tokens"] for item in record["sources"]) == record["tokens"]
+    assert sum(item["ce"] * item["tokens"] for item in record["sources"]) == pytest.approx(record["ce"] * record["tokens"])
+
+
+def test_printed_table_has_per_source_rows_and_no_group_rows_without_groups(evaluated, tiny_llama_dir, heldout_dir, tmp_path,
+                                                                            capsys):
+    table = ev.format_results(evaluated["runs"])
+    setting = f"{heldout_dir} (tfidf rho=0.7 sequence)"
+    for source in HELDOUT_SOURCES:
+        for label in ("CE", "important", "unimportant", "tokens"):
+            rows = [line for line in table.splitlines() if line.startswith(f"held-out {label} [{source}]")]
+            assert len(rows) == 1 and setting in rows[0], (source, label)
+    tokens_row = next(line for line in table.splitlines() if line.startswith(f"held-out tokens [{HELDOUT_SOURCES[1]}]"))
+    item = evaluated["runs"][0]["heldout"][0]["sources"][1]
+    assert f"{item['tokens']} ({item['important_tokens']} important)" in tokens_row
+    # scorer none (a run trained without a score): CE and tokens only, overall and per source; no 0.0 group numbers.
+    out = tmp_path / "none.json"
+    capsys.readouterr()
+    assert ev.main([str(tiny_llama_dir), "--heldout", str(heldout_dir), "--scorer", "none", "--no-generate",
+                    "--micro-batch-tokens", "64", "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    held = [line for line in printed.splitlines() if line.startswith("held-out")]
+    assert [line.split("  ")[0] for line in held] == [
+        "held-out CE", "held-out tokens", f"held-out CE [{HELDOUT_SOURCES[0]}]", f"held-out tokens [{HELDOUT_SOURCES[0]}]",
+        f"held-out CE [{HELDOUT_SOURCES[1]}]", f"held-out tokens [{HELDOUT_SOURCES[1]}]"]
+    assert all("no groups (scorer none)" in line and "important" not in line for line in held)
+    record = json.loads(out.read_text())["runs"][0]["heldout"][0]
+    assert "important_loss" not in record and "worse_group" not in record and "important_tokens" not in record
+    assert record["ce"] == pytest.approx(evaluated["runs"][0]["heldout"][0]["ce"], rel=1e-6)  # the same CE, grouped or not
+    assert [set(item) for item in record["sources"]] == [{"source", "tokens", "ce", "accuracy"}] * 2
 
 
 def _free_port() -> int:
@@ -305,7 +355,8 @@ def test_heldout_equals_the_trainers_evaluate(model, heldout_dir, scope):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     try:
         stream = ShardStream(str(heldout_dir), manifest, "tfidf", shuffle=False, epochs=1)
-        trainer = evaluate(SimpleNamespace(module=model), stream, cfg, threshold, torch.device("cpu"), pad_id=2)
+        trainer = evaluate(SimpleNamespace(module=model), stream, cfg, threshold, torch.device("cpu"), pad_id=2,
+                           source_names=stream.read_sources())
     finally:
         dist.destroy_process_group()
     model.eval()  # the trainer's evaluate leaves the module in train mode
@@ -316,6 +367,11 @@ def test_heldout_equals_the_trainers_evaluate(model, heldout_dir, scope):
     assert trainer["eval_worse_group"] == (1 if ours["worse_group"] == "important" else 0)
     for key in ("accuracy", "important_accuracy", "unimportant_accuracy"):
         assert trainer[f"eval_{key}"] == ours[key]
+    # Per source, under metric-safe keys ("web/alpaca en.json" -> web_alpaca_en.json): the same numbers.
+    for key, item in zip(("lima", "web_alpaca_en.json"), ours["sources"]):
+        assert {name: trainer[f"eval_source/{key}/{name}"] for name in ("tokens", "ce", "accuracy", "important_loss",
+                                                                        "unimportant_loss")} == {
+            name: item[name] for name in ("tokens", "ce", "accuracy", "important_loss", "unimportant_loss")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,7 +497,7 @@ def test_bad_input_exits_2_before_loading_a_model(case, tmp_path, data_dir, held
 def test_cli_bad_input_process(tmp_path, run_dir):
     """The real command line: exit status 2 and one error line, nothing loaded."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "train.evaluate", str(run_dir), "--tasks", "mmlu,bogus", "--data-dir", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "evaluation.run", str(run_dir), "--tasks", "mmlu,bogus", "--data-dir", str(tmp_path)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: --tasks: unknown task 'bogus'; known tasks: mmlu, arc_challenge"

@@ -1,4 +1,4 @@
-"""python -m annotate.inspect: the printed summary, --json, the viewer file, clear exit-2 errors."""
+"""python -m annotate.view: the printed summary, --json, the viewer file, clear exit-2 errors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from annotate.inspect import main
+from annotate.view import main
 from data.shard_stats import summarize
 from schemas.shard import MANIFEST_NAME, Manifest, shard_name, tokenizer_fingerprint
 from tests.train.conftest import make_examples, write_annotated_dir
@@ -119,21 +119,13 @@ def test_errors_exit_2_naming_the_path(tmp_path, annotated, capsys):
 
 
 def test_module_entry_point(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "annotate.inspect", str(tmp_path / "nope")], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "annotate.view", str(tmp_path / "nope")], cwd=REPO,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and f"error: {tmp_path / 'nope'}: no such directory" in result.stderr
-    help_text = subprocess.run([sys.executable, "-m", "annotate.inspect", "--help"], cwd=REPO,
+    help_text = subprocess.run([sys.executable, "-m", "annotate.view", "--help"], cwd=REPO,
                                capture_output=True, text=True, timeout=120).stdout
     assert "--viewer OUT.html" in help_text and "example:" in help_text
 
-
-def test_scripts_do_not_shadow_modules_by_their_folders():
-    """``python annotate/run.py`` would put annotate/ on sys.path, where annotate/inspect.py shadows the
-    standard library's ``inspect`` (and train/evaluate.py the ``evaluate`` package): the scripts drop it."""
-    for script in ("annotate/run.py", "train/main.py"):
-        result = subprocess.run([sys.executable, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0, (script, result.stderr)
-        assert "usage:" in result.stdout
 
 @pytest.mark.parametrize("params, said", [
     ({"term": "token", "sublinear_tf": True}, "1 + log(tf) (sublinear_tf=True: sftgo's variant, the default before issue 27), smoothed IDF"),

@@ -1,4 +1,4 @@
-"""train.report: the HTML page and its plots, checked as data and rendered in headless Chromium."""
+"""evaluation.report: the HTML page and its plots, checked as data and rendered in headless Chromium."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import REPO
 from tests.train.conftest import make_examples, write_annotated_dir
 from train import config as train_config
-from train import report
+from evaluation import report
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -120,7 +120,7 @@ def test_report_bad_input_names_the_file(tmp_path, report_inputs, capsys):
 
 
 def test_report_cli_help_and_run(report_inputs, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "train.report", str(report_inputs["sft"]), "--output", str(tmp_path / "r"),
+    result = subprocess.run([sys.executable, "-m", "evaluation.report", str(report_inputs["sft"]), "--output", str(tmp_path / "r"),
                              "--examples", "2"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert f"report: {tmp_path / 'r' / 'report.html'}" in result.stdout
@@ -215,7 +215,7 @@ def test_six_runs_objectives_baseline_and_plots_without_overlaps(tmp_path, repor
     assert "<td>CE over every trainable token</td>" in page  # sft: no lambda
     assert "(1 − λ)·CE + λ·(worse group&#x27;s mean loss), λ = 0.9 (static)" in page
     assert "λ linear 0.9 → 0.05" in page and "CE over the top 45% of tokens by excess loss (rho1 rho 0.55)" in page
-    assert "trainer held-out CE" in page and "train.evaluate: every example of the directory, final model" in page
+    assert "trainer held-out CE" in page and "evaluation.run: every example of the directory, final model" in page
     # The base model leads each evaluation table and the generations.
     evaluation = page[page.index("<h2>Evaluation</h2>"):]
     assert evaluation.index("smollm2-135m-instruct (baseline)") < evaluation.index("run0_sft</td>")
@@ -258,7 +258,7 @@ def test_six_run_report_text_does_not_overlap_in_chromium(tmp_path, report_input
 def test_run_labels_name_what_decides_each_objective():
     from pathlib import Path
 
-    from train.report import Run
+    from evaluation.report import Run
 
     def label(**loss):
         config = {"loss": loss, "importance": {"scorer": "tfidf", "rho": 0.7}}
@@ -272,7 +272,7 @@ def test_run_labels_name_what_decides_each_objective():
 
 def test_rho1_and_sftgo_report_names_every_grouping_in_chromium(tmp_path, report_inputs, smol_tokenizer_dir):
     """One meaning of "important" per number: a rho1 run's curves are its live selection, its trainer held-out
-    numbers the config's score, train.evaluate's the record's grouping; lambda is not applicable to rho1."""
+    numbers the config's score, evaluation.run's the record's grouping; lambda is not applicable to rho1."""
     from selenium.webdriver.common.by import By
 
     shards = report_inputs["shards"]
@@ -303,3 +303,80 @@ def test_rho1_and_sftgo_report_names_every_grouping_in_chromium(tmp_path, report
     finally:
         driver.quit()
     assert [run.label for run in map(report.load_run, (rho1, sftgo))]  # both readable
+
+
+class _TableRows(HTMLParser):
+    """The cell texts of each body row of the table whose class list holds ``cls``."""
+
+    def __init__(self, cls: str) -> None:
+        super().__init__()
+        self.cls, self.inside, self.rows, self.cell = cls, False, [], None
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self.inside = self.cls in dict(attrs).get("class", "").split()
+        elif self.inside and tag == "tr":
+            self.rows.append([])
+        elif self.inside and tag == "td":
+            self.cell = ""
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self.inside = False
+        elif self.inside and tag == "td":
+            self.rows[-1].append(self.cell)
+            self.cell = None
+
+    def handle_data(self, data):
+        if self.cell is not None:
+            self.cell += data
+
+
+def table_rows(page: str, cls: str) -> list[list[str]]:
+    parser = _TableRows(cls)
+    parser.feed(page)
+    return [row for row in parser.rows if row]
+
+
+def test_per_source_tables_and_curves(tmp_path, report_inputs, smol_tokenizer_dir):
+    """Per source: the last logged training window's CE and group losses with the tokens of every window, the trainer's
+    last held-out numbers and evaluation.run's, each row naming its groups; names shown as text (markup escaped),
+    through train_summary.json's key -> name map; a CE-per-source plot."""
+    shards = report_inputs["shards"]
+    held = {"run": "sftgo", "model": "sftgo/model", "benchmarks": [], "generations": [],
+            "heldout": [{"dir": str(shards), "scorer": "ref_loss", "rho": 0.5, "scope": "sequence", "ce": 2.0,
+                         "important_loss": 2.5, "unimportant_loss": 1.8, "worse_group": "important", "tokens": 50,
+                         "sources": [{"source": "lima", "tokens": 30, "ce": 1.9, "accuracy": 0.1, "important_tokens": 15,
+                                      "important_loss": 2.4, "unimportant_loss": 1.4},
+                                     {"source": "web/<i>x</i>", "tokens": 20, "ce": 2.15, "accuracy": 0.2,
+                                      "important_tokens": 0, "unimportant_loss": 2.15}]}]}
+    run = write_run(tmp_path / "sftgo", loss="sftgo", shards=shards, model=smol_tokenizer_dir, steps=4, evaluation=held)
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for record in lines:  # log_every 2: windows end at steps 2 and 4; the evaluation of step 3
+        if "eval_ce" in record:
+            record.update({"eval_source/lima/ce": 2.2, "eval_source/lima/tokens": 60, "eval_source/lima/important_loss": 2.9,
+                           "eval_source/lima/unimportant_loss": 1.9, "eval_source/web_i_x_i/ce": 2.4,
+                           "eval_source/web_i_x_i/tokens": 40})
+        elif record["step"] % 2 == 0:
+            s = record["step"]
+            record.update({"source/lima/tokens": 100 + s, "source/lima/ce": 2.0 - 0.1 * s, "source/lima/important_loss": 3.0,
+                           "source/lima/unimportant_loss": 1.5 - 0.1 * s, "source/web_i_x_i/tokens": 7, "source/web_i_x_i/ce": 2.5})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    names = {"lima": "lima", "web_i_x_i": "web/<i>x</i>"}
+    (run / "train_summary.json").write_text(json.dumps({"sources": {"train": names, "validation": names}}))
+    page = report.build_report([str(run)], str(tmp_path / "out"), examples=2).read_text(encoding="utf-8")
+    tfidf, ref = "score tfidf, rho 0.7, sequence scope", "score ref_loss, rho 0.5, sequence scope"
+    assert table_rows(page, "sources-train") == [
+        ["sftgo", "lima", "206", "4", "1.6000", "3.0000", "1.1000", tfidf],
+        ["sftgo", "web/<i>x</i>", "14", "4", "2.5000", "—", "—", tfidf]]
+    assert table_rows(page, "sources-heldout") == [
+        ["sftgo", "lima", "trainer, step 3", tfidf, "2.2000", "2.9000", "1.9000", "60"],
+        ["sftgo", "web/<i>x</i>", "trainer, step 3", tfidf, "2.4000", "—", "—", "40"],
+        ["sftgo", "lima", f"evaluation.run, {shards}", ref, "1.9000", "2.4000", "1.4000", "30"],
+        ["sftgo", "web/<i>x</i>", f"evaluation.run, {shards}", ref, "2.1500", "—", "2.1500", "20"]]
+    assert "<i>x</i>" not in page and "web/&lt;i&gt;x&lt;/i&gt;" in page
+    data = (tmp_path / "out" / "sources.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and 'alt="CE per source"' in page
+    # Runs without per-source numbers: a note, no plot.
+    plain = report.build_report([str(report_inputs["sft"])], str(tmp_path / "plain"), examples=2).read_text(encoding="utf-8")
+    assert "No per-source numbers in these runs" in plain and not (tmp_path / "plain" / "sources.png").exists()
