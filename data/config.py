@@ -94,7 +94,9 @@ def _all_keys(cls: type) -> list[str]:
 def _suggest(cls: type, dotted: str) -> str:
     """' (did you mean X?)' for an unknown key, or ''."""
     keys = _all_keys(cls)
-    close = difflib.get_close_matches(dotted, keys, n=1, cutoff=0.6)
+    # A bare name that is some section's key (``lr``: optim.lr) beats a look-alike section name (``lora``).
+    close = [k for k in keys if "." not in dotted and "." in k and k.rsplit(".", 1)[-1] == dotted]
+    close = close or difflib.get_close_matches(dotted, keys, n=1, cutoff=0.6)
     if not close:
         leaf = dotted.rsplit(".", 1)[-1]
         close = [k for k in keys if k.rsplit(".", 1)[-1] == leaf]

@@ -179,6 +179,28 @@ class EvalConfig:
     scope: str = option("", "scope of the evaluation grouping: sequence | batch | corpus; '' = importance.scope (corpus: the cut of data.train's manifest when it holds the score, else data.validation's)")
 
 
+#: lora.quantize values: none, or 4bit (QLoRA: the frozen base in 4-bit NF4 through bitsandbytes, CUDA only).
+LORA_QUANTIZE = ("none", "4bit")
+#: Modules that never get adapters: the output head runs inside the chunked CE (train/forward.py calls its class's own
+#: forward, which a LoRA wrapper's is not), and the embeddings are tied to it in most small models.
+LORA_REFUSED_TARGETS = ("lm_head", "embed_tokens", "wte", "word_embeddings", "embed_out")
+
+
+@dataclass
+class LoraConfig:
+    """The ``lora`` section: LoRA adapters trained with PEFT (the ``peft`` extra) on a frozen base model.
+
+    Issue 29 calls these keys ``model.lora``; here ``model`` is the base model's name (a string), so the adapter
+    keys are a section of their own. Off unless ``lora.rank`` > 0 (train/lora.py, docs/train.md "LoRA adapters")."""
+
+    rank: int = option(0, "LoRA adapter rank r: 0 = off (full fine-tuning); > 0 freezes the base model and trains rank-r adapters on lora.target_modules (the peft extra); RUN/model/ is then the adapter folder")
+    alpha: float | None = option(None, "LoRA alpha: the adapter's update is scaled by alpha / rank; null = 2 x lora.rank (scale 2)")
+    dropout: float = option(0.0, "dropout on each adapter's input, in [0, 1) (the base model's own dropout is unchanged)")
+    target_modules: list[str] = option(factory=lambda: ["all-linear"], help="modules that get adapters: all-linear (every linear layer of the decoder, not the output head) or module names / suffixes (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj); the output head and the embeddings are refused")
+    export_merged: bool = option(False, "also export RUN/model_merged/: the base with the adapters merged in, a plain Hugging Face folder (AutoModelForCausalLM); rank 0 loads the base in float32 on the CPU to merge")
+    quantize: str = option("none", "QLoRA: none | 4bit (the frozen base loaded in 4-bit NF4 through bitsandbytes, adapters in train.dtype; needs CUDA and bitsandbytes; ZeRO stages 0-2)")
+
+
 @dataclass
 class TrainConfig:
     model: str = option("smollm2-135m-instruct", "model: HF id, local folder or embedded name (data.models.resolve_model)")
@@ -193,6 +215,7 @@ class TrainConfig:
     train: LoopConfig = option(factory=LoopConfig, help="training loop")
     checkpoint: CheckpointConfig = option(factory=CheckpointConfig, help="checkpoints and resume")
     eval: EvalConfig = option(factory=EvalConfig, help="evaluation on data.validation")
+    lora: LoraConfig = option(factory=LoraConfig, help="LoRA adapters (PEFT): off unless lora.rank > 0 (issue 29's model.lora)")
     report_to: list[str] = option(factory=lambda: ["jsonl", "tensorboard"], help="metric sinks: jsonl, tensorboard, wandb (Weights & Biases: the wandb extra; WANDB_PROJECT, WANDB_MODE=offline as usual), comma-separated on the command line")
 
 
@@ -242,7 +265,7 @@ format_config = config_mechanism.format_config
 # Keys that never change the trained weights: where a run writes, how it checkpoints, evaluates and logs.
 # Every other key (data order, packing, workers, grouping, loss, optimizer, loop, model) decides them.
 NON_WEIGHT_KEYS = ("output_dir", "checkpoint.", "eval.", "report_to", "train.log_every", "data.validation",
-                   "data.deep_validate", "trust_remote_code")
+                   "data.deep_validate", "trust_remote_code", "lora.export_merged")
 
 
 def flat_config(config: TrainConfig) -> dict[str, Any]:
@@ -261,9 +284,12 @@ def flat_config(config: TrainConfig) -> dict[str, Any]:
 
 
 def weight_keys(config: TrainConfig) -> dict[str, Any]:
-    """The flattened keys that decide the trained weights (every key but :data:`NON_WEIGHT_KEYS`)."""
+    """The flattened keys that decide the trained weights (every key but :data:`NON_WEIGHT_KEYS`). With LoRA off
+    (``lora.rank`` 0) the other ``lora.*`` keys decide nothing and are left out (a checkpoint from before the
+    section existed still resumes)."""
     return {key: value for key, value in flat_config(config).items()
-            if not any(key == skip or (skip.endswith(".") and key.startswith(skip)) for skip in NON_WEIGHT_KEYS)}
+            if not any(key == skip or (skip.endswith(".") and key.startswith(skip)) for skip in NON_WEIGHT_KEYS)
+            and (config.lora.rank > 0 or not key.startswith("lora."))}
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -403,8 +429,53 @@ def validate(config: TrainConfig) -> None:
         unit("eval.rho", e.rho, closed=False)
     need(not e.scope or e.scope in SCOPES, f"eval.scope: {e.scope!r} is not one of {['', *SCOPES]}")
 
+    p.extend(lora_problems(c.lora, t.zero_stage))
+
     if p:
         raise ConfigError("invalid train config:\n  " + "\n  ".join(p))
+
+
+def lora_problems(lo: LoraConfig, zero_stage: str, cuda: bool | None = None) -> list[str]:
+    """What is wrong with the ``lora`` section, each naming its key: values, the peft package when LoRA is on, and for
+    ``lora.quantize=4bit`` (QLoRA) a CUDA device and bitsandbytes (``cuda`` None: ask torch) and a stage below 3."""
+    import importlib.util
+
+    p: list[str] = []
+    if lo.rank < 0:
+        p.append(f"lora.rank: {lo.rank} must be >= 0 (0 = off)")
+    if lo.alpha is not None and not (math.isfinite(lo.alpha) and lo.alpha > 0):
+        p.append(f"lora.alpha: {lo.alpha} must be a finite number > 0 (null = 2 x lora.rank)")
+    if not (0.0 <= lo.dropout < 1.0):
+        p.append(f"lora.dropout: {lo.dropout} must be in [0, 1)")
+    if not lo.target_modules or any(not str(name).strip() for name in lo.target_modules):
+        p.append(f"lora.target_modules: {lo.target_modules} must name modules (all-linear, or names such as q_proj,v_proj)")
+    refused = [name for name in lo.target_modules if str(name).split(".")[-1] in LORA_REFUSED_TARGETS]
+    if refused:
+        p.append(f"lora.target_modules: {refused}: the output head and the embeddings get no adapters (the chunked "
+                 f"cross-entropy runs the head's own forward); name decoder modules, or all-linear")
+    if lo.quantize not in LORA_QUANTIZE:
+        p.append(f"lora.quantize: {lo.quantize!r} is not one of {list(LORA_QUANTIZE)}")
+    if lo.rank == 0:
+        if lo.quantize != "none" or lo.export_merged:
+            key = "lora.quantize" if lo.quantize != "none" else "lora.export_merged"
+            p.append(f"{key}: needs LoRA on: set lora.rank (e.g. lora.rank=16)")
+        return p
+    if importlib.util.find_spec("peft") is None:
+        p.append(f"lora.rank: {lo.rank} needs the peft package (pip install -e '.[peft]')")
+    if lo.quantize == "4bit":
+        if cuda is None:
+            import torch
+
+            cuda = torch.cuda.is_available()
+        if not cuda:
+            p.append("lora.quantize: 4bit (QLoRA) needs a CUDA device (bitsandbytes' 4-bit kernels) and this machine has "
+                     "none; set lora.quantize=none to train the adapters on the unquantized base")
+        elif importlib.util.find_spec("bitsandbytes") is None:
+            p.append("lora.quantize: 4bit (QLoRA) needs the bitsandbytes package (pip install bitsandbytes)")
+        if zero_stage == "3":
+            p.append("lora.quantize: 4bit does not run under ZeRO-3 here (4-bit weights are not partitioned): set "
+                     "train.zero_stage to 0, 1, 2 or auto")
+    return p
 
 
 def validate_against_data(config: TrainConfig, manifest: Manifest, uri: str | None = None) -> None:
