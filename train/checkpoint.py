@@ -374,6 +374,25 @@ def run_history(out: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line.strip()]
 
 
+def run_summary(cfg: TrainConfig, out: Path, steps: int, total_steps: int, per_epoch: list[dict[str, int]], plan: StreamPlan,
+                share: dict[str, Any], skipped: int, sources: list[str], validation_sources: list[str] | None,
+                config_sha256: str, identity: dict[str, Any]) -> dict[str, Any]:
+    """``train_summary.json`` of a finished run: steps, epochs and what each trained, the data per epoch, the groups'
+    realised share, the sources (metric key -> value, for the report), the config's fingerprint and identity, the history."""
+    from train.sources import source_keys
+
+    return {
+        "steps": steps, "total_steps": total_steps, "max_steps": cfg.train.max_steps or None,
+        "epochs": None if cfg.train.max_steps else cfg.train.epochs, "epochs_trained": per_epoch,
+        "data_per_epoch": {"examples": plan.examples, "trainable_tokens": plan.trainable_tokens, "skipped_no_trainable": plan.skipped},
+        "important_share": {key: share[key] for key in ("share", "target", "differs", "scope", "method")},
+        "skipped_no_trainable": skipped,
+        # Metric key -> source value, for the report (keys are the values made safe: train/sources.py).
+        "sources": {"train": dict(zip(source_keys(sources), sources)),
+                    "validation": dict(zip(source_keys(validation_sources), validation_sources)) if validation_sources is not None else {}},
+        "config_sha256": config_sha256, "identity": identity, "history": run_history(out)}
+
+
 def write_summary(out: Path, summary: dict[str, Any]) -> None:
     """``out/train_summary.json`` (rank 0), atomically."""
     atomic_write_text(out / SUMMARY, json.dumps(summary, indent=2))

@@ -28,16 +28,16 @@ from train import config as train_config
 from train.card import run_card
 from train.checkpoint import (Progress, Refusal, Terminated, check_resumable, count_trained, epoch_problems,
                               finished_run, folder_bytes, gather_trained, gib, interrupted, load_checkpoint,
-                              load_trained_counts, record_start, refusing, run_history, run_identity, save_checkpoint,
+                              load_trained_counts, record_start, refusing, run_identity, run_summary, save_checkpoint,
                               seed_all, start_point, start_run_dir, stop_signals_raise, write_summary)
 from train.engine import build_engine, export_model, load_model, resolve_zero_stage, setup_distributed
 from train.forward import resolve_attn_implementation
 from train.losses import build_loss
-from train.metrics import Metrics, format_record, log0, step_record
+from train.metrics import Metrics, bar_postfix, log0, step_record
 from train.mfu import ModelFlops, StepTimer, device_peak_flops, mfu
 from train.plan import dry_run, open_data, open_stream, plan_grouping, slow_cpu_step_warning
 from train.shards import NO_SCORE
-from train.sources import MAX_SOURCE_METRICS, SOURCE_SUM_NAMES, SourceWindow, describe_sources, source_keys, source_lines
+from train.sources import MAX_SOURCE_METRICS, SOURCE_SUM_NAMES, SourceWindow, describe_sources
 from train.step import HeldOut, next_step_batches, train_step
 
 # DeepSpeed's ZeRO stages call this every step (3 warnings a step); nothing a user of this trainer can change.
@@ -156,11 +156,7 @@ def run(argv: list[str] | None, progress: Progress) -> int:
             record.update(held_out.evaluate(engine, cfg, device, pad_id))
         metrics.log(record)
         if logged:
-            groups = {"imp": f"{record['important_loss']:.3f}", "unimp": f"{record['unimportant_loss']:.3f}"} if "important_loss" in record else {}
-            postfix = {"loss": f"{record['loss']:.3f}", "ce": f"{record['ce']:.3f}", **groups,
-                       **(window.postfix(record) if window is not None else {}),
-                       "lr": f"{record['lr']:.2e}", "tok_s": f"{record['tokens_per_s']:.0f}"}
-            bar.set_postfix(postfix)
+            bar.set_postfix(bar_postfix(record, window.postfix(record) if window is not None else None))
         bar.update(1)
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < total_steps:
             save_checkpoint(engine, stream, ckpt_root, step, rank, cfg.checkpoint.keep, checkpoint_extra, trained)
@@ -175,29 +171,16 @@ def run(argv: list[str] | None, progress: Progress) -> int:
         raise Refusal("what was trained is not train.epochs x every example once: " + "; ".join(problems))
 
     # -- save -------------------------------------------------------------------------------------------
-    final_eval = None
-    if held_out is not None:
-        final_eval = held_out.evaluate(engine, cfg, device, pad_id)
+    final_eval = held_out.final(engine, cfg, device, pad_id) if held_out is not None else None
+    if final_eval is not None:
         metrics.log({"step": step, **final_eval})
-        log0("final eval: " + format_record({k: v for k, v in final_eval.items() if not k.startswith("eval_source/")}))
-        for line in source_lines(final_eval, "eval_source/", "final eval, source"):
-            log0(line)
     save_checkpoint(engine, stream, ckpt_root, step, rank, cfg.checkpoint.keep, checkpoint_extra, trained)
     card = run_card(cfg, loss_fn.describe(), step, total_steps, final_eval) if rank == 0 else None
     export_model(engine, tokenizer, out / "model", rank, card)
     if rank == 0:
         metrics.close()
-        write_summary(out, {
-            "steps": step, "total_steps": total_steps, "max_steps": cfg.train.max_steps or None,
-            "epochs": None if cfg.train.max_steps else cfg.train.epochs, "epochs_trained": per_epoch,
-            "data_per_epoch": {"examples": plan.examples, "trainable_tokens": plan.trainable_tokens, "skipped_no_trainable": plan.skipped},
-            "important_share": {key: share[key] for key in ("share", "target", "differs", "scope", "method")},
-            "skipped_no_trainable": stream.skipped_no_trainable,
-            # Metric key -> source value, for the report (keys are the values made safe: train/sources.py).
-            "sources": {"train": dict(zip(source_keys(sources), sources)),
-                        "validation": dict(zip(source_keys(held_out.sources), held_out.sources))
-                        if held_out is not None and held_out.sources is not None else {}},
-            "config_sha256": config_sha256, "identity": identity, "history": run_history(out)})
+        write_summary(out, run_summary(cfg, out, step, total_steps, per_epoch, plan, share, stream.skipped_no_trainable, sources,
+                                       held_out.sources if held_out is not None else None, config_sha256, identity))
         if not cfg.checkpoint.keep_final:
             shutil.rmtree(ckpt_root, ignore_errors=True)
             log0(f"checkpoint.keep_final=false: deleted {ckpt_root}")

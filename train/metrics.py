@@ -118,6 +118,14 @@ def step_record(step: int, parts: list[dict[str, float]], loss: float, groups: b
     return record
 
 
+def bar_postfix(record: dict[str, Any], extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The progress bar's numbers of a step's record: loss, CE, the groups' losses (with groups), ``extra`` (the
+    per-source CE), lr and tokens/s."""
+    groups = {"imp": f"{record['important_loss']:.3f}", "unimp": f"{record['unimportant_loss']:.3f}"} if "important_loss" in record else {}
+    return {"loss": f"{record['loss']:.3f}", "ce": f"{record['ce']:.3f}", **groups, **(extra or {}),
+            "lr": f"{record['lr']:.2e}", "tok_s": f"{record['tokens_per_s']:.0f}"}
+
+
 def format_record(record: dict[str, Any]) -> str:
     """``key=value`` pairs for a log line: integers (counts, flags: ``eval_worse_group=1``,
     ``eval_tokens=1016``) as they are, other numbers to 4 decimals."""

@@ -256,3 +256,14 @@ class HeldOut:
         """:func:`evaluate` over the whole held-out set, from its start."""
         self.stream.load_state_dict(self.start)
         return evaluate(engine, self.stream, cfg, self.cut, device, pad_id, self.sources)
+
+    def final(self, engine: Any, cfg: TrainConfig, device: torch.device, pad_id: int) -> dict[str, float]:
+        """:meth:`evaluate` after the last step, its numbers logged: one line, then one per source (10 at most)."""
+        from train.metrics import format_record
+        from train.sources import source_lines
+
+        record = self.evaluate(engine, cfg, device, pad_id)
+        log0("final eval: " + format_record({k: v for k, v in record.items() if not k.startswith("eval_source/")}))
+        for line in source_lines(record, "eval_source/", "final eval, source"):
+            log0(line)
+        return record
