@@ -1,6 +1,7 @@
 """A run directory's state on disk: checkpoints (save, prune, resume), what was trained, and the summary.
 
-    out/checkpoints/step_<N>/   DeepSpeed's files (model, optimizer, scheduler), then ours, all JSON:
+    out/checkpoints/step_<N>/   DeepSpeed's files (model, optimizer, scheduler; LoRA: the adapters only, the frozen
+                                base is read again from ``model`` on resume), then ours, all JSON:
         data_rank<r>.json       the stream's position (train.shards.ShardStream.state_dict)
         rng_rank<r>.json        Python, NumPy, torch and CUDA RNG states (never a pickle)
         trained_rank<r>.json    examples and trainable tokens trained per epoch on rank r
@@ -95,8 +96,10 @@ def run_identity(cfg: TrainConfig, manifests: list[Any]) -> tuple[str, dict[str,
 
 def finished_run(out: Path, config_sha256: str) -> dict[str, Any] | None:
     """train_summary.json of a run that finished (model exported) with exactly this config, else None."""
+    from train.lora import ADAPTER_CONFIG
+
     summary = out / SUMMARY
-    if not summary.is_file() or not (out / "model" / "config.json").is_file():
+    if not summary.is_file() or not any((out / "model" / name).is_file() for name in ("config.json", ADAPTER_CONFIG)):
         return None
     try:
         done = json.loads(summary.read_text(encoding="utf-8"))
@@ -159,9 +162,14 @@ def record_start(out: Path, step: int, history: dict[str, Any]) -> None:
         f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "step": step, **history}) + "\n")
 
 
-def check_resumable(path: Path, zero_stage: int, world_size: int) -> None:
+def _adapter_shape(rank: int, targets: Any) -> str:
+    return f"LoRA adapters of rank {rank} on {list(targets)}" if rank else "full weights (no LoRA)"
+
+
+def check_resumable(path: Path, zero_stage: int, world_size: int, lora: Any = None) -> None:
     """Refuse (ValueError) a checkpoint written at another ZeRO stage or world size: DeepSpeed's
-    files differ by stage and its optimizer shards by rank count."""
+    files differ by stage and its optimizer shards by rank count; or, with ``lora`` (the run's ``lora`` section),
+    one of other trained weights: full weights against adapters, or adapters of another rank or other modules."""
     if not (path / "rng_rank0.json").exists() or not (path / TRAINER_STATE).exists():
         raise ValueError(f"checkpoint {path} was written by an older sftgo (its RNG state is a pickle, which is no "
                          f"longer loaded); set checkpoint.resume=never to start over")
@@ -177,6 +185,13 @@ def check_resumable(path: Path, zero_stage: int, world_size: int) -> None:
         raise ValueError(f"checkpoint {path} was written at ZeRO stage {saved_stage} on {saved_world} rank(s); this run "
                          f"is stage {zero_stage} on {world_size}: set train.zero_stage={saved_stage} and the same ranks "
                          f"to resume it, or checkpoint.resume=never to start over")
+    if lora is not None:
+        recorded = state.get("identity") or {}
+        saved = _adapter_shape(recorded.get("lora.rank", 0), recorded.get("lora.target_modules", []))
+        wanted = _adapter_shape(lora.rank, lora.target_modules)
+        if saved != wanted:
+            raise ValueError(f"checkpoint {path} holds {saved}; this run trains {wanted} (lora.rank, lora.target_modules): "
+                             f"set them as the checkpoint's run did to resume it, or checkpoint.resume=never to start over")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,12 +249,14 @@ def gib(n: int) -> str:
 
 def save_checkpoint(engine: Any, stream: ShardStream, root: Path, step: int, rank: int, keep: int, extra: dict[str, Any],
                     trained: dict[int, list[int]]) -> Path:
-    """Model, optimizer, scheduler (DeepSpeed's files), plus our own state as JSON (never pickled): per-rank
-    data position, RNG and examples / tokens trained per epoch, and trainer_state.json (step, ZeRO stage,
-    world size, ``extra``); COMPLETED last."""
+    """Model, optimizer, scheduler (DeepSpeed's files; with LoRA adapters the frozen base is left out), plus our own
+    state as JSON (never pickled): per-rank data position, RNG and examples / tokens trained per epoch, and
+    trainer_state.json (step, ZeRO stage, world size, ``extra``); COMPLETED last."""
+    from train.lora import peft_model_of
+
     tag = f"step_{step}"
     path = root / tag
-    engine.save_checkpoint(str(root), tag=tag)
+    engine.save_checkpoint(str(root), tag=tag, exclude_frozen_parameters=peft_model_of(engine.module) is not None)
     atomic_write_text(path / f"data_rank{rank}.json", json.dumps(stream.state_dict()))
     atomic_write_text(path / f"trained_rank{rank}.json", json.dumps(trained))
     atomic_write_text(path / f"rng_rank{rank}.json", json.dumps(rng_state()))
@@ -258,8 +275,12 @@ def save_checkpoint(engine: Any, stream: ShardStream, root: Path, step: int, ran
 
 
 def load_checkpoint(engine: Any, stream: ShardStream, path: Path, rank: int) -> int:
-    """Restore what :func:`save_checkpoint` wrote (engine, data position, RNG); returns the step."""
-    engine.load_checkpoint(str(path.parent), tag=path.name)  # DeepSpeed's own files: pickles (README: trust them)
+    """Restore what :func:`save_checkpoint` wrote (engine, data position, RNG); returns the step. With LoRA adapters
+    the checkpoint holds no frozen weight: the base loaded from ``model`` keeps its own (non-strict module load)."""
+    from train.lora import peft_model_of
+
+    # DeepSpeed's own files: pickles (README: trust them).
+    engine.load_checkpoint(str(path.parent), tag=path.name, load_module_strict=peft_model_of(engine.module) is None)
     stream.load_state_dict(json.loads((path / f"data_rank{rank}.json").read_text()))
     set_rng_state(json.loads((path / f"rng_rank{rank}.json").read_text()))
     return int(json.loads((path / TRAINER_STATE).read_text())["step"])

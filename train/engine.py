@@ -16,6 +16,8 @@ The ZeRO plan, ``train.zero_stage=auto`` (issue 32):
 - several ranks: stage 2 when the states fit one device, else stage 3.
 
 An explicit ``train.zero_stage`` (or a stage written in the DeepSpeed JSON) wins, bf16 stage 0 moved to 1.
+With LoRA adapters (``lora.rank`` > 0, train/lora.py) the frozen base costs its weights only: gradients and
+optimizer states are the adapters'.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ STATE_BYTES_PER_PARAM = {"float32": 4 + 4 + 8, "bfloat16": 2 + 2 + 4 + 4 + 8}
 OFFLOAD_DEVICE_BYTES_PER_PARAM = {"float32": 4 + 4, "bfloat16": 2 + 2}
 # ... and the host holds fp32 master weights, fp32 gradients and the two moments.
 OFFLOAD_HOST_BYTES_PER_PARAM = 4 + 4 + 8
+# A frozen parameter (LoRA's base) costs its weight only.
+WEIGHT_BYTES_PER_PARAM = {"float32": 4, "bfloat16": 2}
 # States may take at most this share of a device: activations, logits chunks and the allocator need the rest.
 STATE_FRACTION = 0.5
 
@@ -78,7 +82,7 @@ def _fp32_accumulation(stage: int, dtype: str, why: str) -> ZeroPlan:
 
 
 def choose_zero_stage(requested: str, json_stage: int | None, n_params: int, dtype: str, world_size: int,
-                      device_bytes: int, host_bytes: int | None = None) -> ZeroPlan:
+                      device_bytes: int, host_bytes: int | None = None, trainable_params: int | None = None) -> ZeroPlan:
     """The ZeRO plan for ``n_params`` parameters in ``dtype`` on ``world_size`` ranks of ``device_bytes`` each.
 
     Args:
@@ -86,6 +90,8 @@ def choose_zero_stage(requested: str, json_stage: int | None, n_params: int, dty
         json_stage: a stage written in the DeepSpeed JSON, or None.
         host_bytes: host RAM per rank for an offloaded optimizer; None when the device is the host (CPU
             training: offloading moves nothing).
+        trainable_params: LoRA: the adapters' parameters, the only ones with gradients and optimizer states
+            (``n_params`` then counts the frozen base); None: every parameter trains.
 
     Raises:
         ValueError: ``auto`` on one rank when the states fit neither the device nor, offloaded, the host;
@@ -95,10 +101,16 @@ def choose_zero_stage(requested: str, json_stage: int | None, n_params: int, dty
         return _fp32_accumulation(int(requested), dtype, f"train.zero_stage={requested}")
     if json_stage is not None:
         return _fp32_accumulation(json_stage, dtype, f"zero_optimization.stage={json_stage} in deepspeed_config")
-    need = n_params * STATE_BYTES_PER_PARAM[dtype]
     budget = STATE_FRACTION * device_bytes
-    sizes = (f"model + optimizer states ~{_gib(need)} ({n_params / 1e6:.1f}M params x {STATE_BYTES_PER_PARAM[dtype]} B, "
-             f"{dtype}) vs {STATE_FRACTION:.0%} of {_gib(device_bytes)} per device")
+    if trainable_params is None:
+        need = n_params * STATE_BYTES_PER_PARAM[dtype]
+        counted = f"{n_params / 1e6:.1f}M params x {STATE_BYTES_PER_PARAM[dtype]} B, {dtype}"
+    else:  # LoRA: the base's weights, the adapters' weights, gradients and optimizer states
+        weight = WEIGHT_BYTES_PER_PARAM[dtype]
+        need = n_params * weight + trainable_params * STATE_BYTES_PER_PARAM[dtype]
+        counted = (f"{n_params / 1e6:.1f}M frozen params x {weight} B + {trainable_params / 1e6:.2f}M adapter params x "
+                   f"{STATE_BYTES_PER_PARAM[dtype]} B, {dtype}")
+    sizes = f"model + optimizer states ~{_gib(need)} ({counted}) vs {STATE_FRACTION:.0%} of {_gib(device_bytes)} per device"
     if world_size > 1:
         if need > budget:
             return _fp32_accumulation(3, dtype, f"auto: {sizes}: do not fit, so ZeRO-3 partitions them over {world_size} ranks")
@@ -106,8 +118,9 @@ def choose_zero_stage(requested: str, json_stage: int | None, n_params: int, dty
                                             f"optimizer states")
     if need <= budget:
         return _fp32_accumulation(0, dtype, f"auto: {sizes}: fit, one rank, so no partitioning (stage 0)")
-    on_device = n_params * OFFLOAD_DEVICE_BYTES_PER_PARAM[dtype]
-    on_host = n_params * OFFLOAD_HOST_BYTES_PER_PARAM
+    trained = n_params if trainable_params is None else trainable_params
+    on_device = n_params * WEIGHT_BYTES_PER_PARAM[dtype] + trained * (OFFLOAD_DEVICE_BYTES_PER_PARAM[dtype] - WEIGHT_BYTES_PER_PARAM[dtype])
+    on_host = trained * OFFLOAD_HOST_BYTES_PER_PARAM
     offload = (f"offloaded: ~{_gib(on_device)} on the device (weights + gradients) and ~{_gib(on_host)} of fp32 master "
                f"weights, gradients and AdamW moments on the host")
     if host_bytes is not None and on_device <= budget and on_host <= STATE_FRACTION * host_bytes:
@@ -145,11 +158,19 @@ def device_memory_bytes(device: torch.device) -> int:
 
 
 def resolve_zero_stage(cfg: TrainConfig, model_path: str, world_size: int, device: torch.device, dtype: str) -> ZeroPlan:
-    """:func:`choose_zero_stage` for this config, model and device."""
+    """:func:`choose_zero_stage` for this config, model and device (LoRA: its adapters are what trains). Raises
+    ValueError for QLoRA (``lora.quantize``) at stage 3, which partitions weights that 4-bit ones cannot be."""
     from train import config as train_config
+    from train.lora import count_trainable
 
-    return choose_zero_stage(cfg.train.zero_stage, train_config.json_zero_stage(cfg), count_parameters(model_path, cfg.trust_remote_code),
-                             dtype, world_size, device_memory_bytes(device), None if device.type == "cpu" else host_memory_bytes())
+    trainable = count_trainable(model_path, cfg.lora, cfg.trust_remote_code) if cfg.lora.rank else None
+    plan = choose_zero_stage(cfg.train.zero_stage, train_config.json_zero_stage(cfg), count_parameters(model_path, cfg.trust_remote_code),
+                             dtype, world_size, device_memory_bytes(device), None if device.type == "cpu" else host_memory_bytes(),
+                             trainable_params=trainable)
+    if cfg.lora.quantize != "none" and plan.stage == 3:
+        raise ValueError(f"lora.quantize={cfg.lora.quantize}: {plan.why}; but 4-bit weights are not partitioned by ZeRO-3 here: "
+                         f"set train.zero_stage=2")
+    return plan
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,24 +255,38 @@ def decoder_layer_classes(model: torch.nn.Module) -> list[type]:
 
 def load_model(cfg: TrainConfig, model_path: str, ds_config: dict[str, Any], dtype: torch.dtype, attn_implementation: str,
                random_weights: bool = False) -> torch.nn.Module:
-    """The causal LM for training: partitioned at load under ZeRO-3, decoder layers marked as ZeRO-3
-    leaf modules (``train.zero3_leaf_modules``), gradient checkpointing as configured, no KV cache."""
+    """The causal LM for training: partitioned at load under ZeRO-3, LoRA adapters injected with the base frozen
+    (``lora.rank`` > 0; ``lora.quantize``: the base in 4 bits), decoder layers marked as ZeRO-3 leaf modules
+    (``train.zero3_leaf_modules``), gradient checkpointing as configured, no KV cache.
+
+    Raises:
+        ValueError: ``lora.target_modules`` matches nothing, the output head or the embeddings."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
+
+    from train import lora
 
     stage = ds_config["zero_optimization"]["stage"]
     # While this object lives, from_pretrained partitions the weights as it loads them (zero.Init);
     # transformers holds it by a weak reference, so the model keeps it alive (below) for as long as it lives.
     hf_ds_config = HfDeepSpeedConfig(ds_config) if stage == 3 else None
     trust = cfg.trust_remote_code
-    if random_weights:  # benchmarks: the same compute without a weights file
+    quantized = lora.quantized_load_kwargs(dtype) if cfg.lora.rank and cfg.lora.quantize != "none" else {}
+    if random_weights and not quantized:  # benchmarks: the same compute without a weights file
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path, trust_remote_code=trust), dtype=dtype,
                                                  attn_implementation=attn_implementation, trust_remote_code=trust)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn_implementation,
-                                                     trust_remote_code=trust)
+                                                     trust_remote_code=trust, **quantized)
     if hf_ds_config is not None:
         model._sftgo_hf_deepspeed_config = hf_ds_config
+    if cfg.lora.rank:
+        model = lora.add_adapters(model, cfg.lora, model_path)
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        log0(f"lora: rank {cfg.lora.rank}, alpha {lora.lora_alpha(cfg.lora):g}, dropout {cfg.lora.dropout:g} on "
+             f"{','.join(cfg.lora.target_modules)}{' (base in 4-bit NF4)' if quantized else ''}: {trainable:,} adapter "
+             f"parameters train, the {total - trainable:,} of the base are frozen")
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -277,7 +312,7 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, ds_config: dict[str, 
     def is_matrix(name: str, param: torch.nn.Parameter) -> bool:
         return len(getattr(param, "ds_shape", param.shape)) >= 2 and "norm" not in name
 
-    params = list(model.named_parameters())
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # LoRA: the adapters only
     groups = [{"params": [p for n, p in params if is_matrix(n, p)], "weight_decay": cfg.optim.weight_decay},
               {"params": [p for n, p in params if not is_matrix(n, p)], "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
@@ -288,24 +323,39 @@ def build_engine(model: torch.nn.Module, cfg: TrainConfig, ds_config: dict[str, 
     return engine, scheduler
 
 
-def export_model(engine: Any, tokenizer: Any, out: Path, rank: int, card: str | None = None) -> None:
+def export_model(engine: Any, tokenizer: Any, out: Path, rank: int, card: str | None = None,
+                 merged_card: str | None = None, trust_remote_code: bool = False) -> None:
     """A standard Hugging Face folder (safetensors, config, generation_config, tokenizer, model card
-    ``card`` as README.md) that from_pretrained loads; it appears whole or not at all."""
-    from train.card import generation_config
+    ``card`` as README.md) that from_pretrained loads; it appears whole or not at all.
 
+    With LoRA adapters, ``out`` is PEFT's adapter folder instead (adapter_config.json naming the base,
+    adapter_model.safetensors, and the same tokenizer, generation_config and card): ``PeftModel.from_pretrained(base,
+    out)`` loads it. ``merged_card`` (``lora.export_merged``; given on rank 0): also ``<out>_merged/``, the base with the
+    adapters merged in (train/lora.py :func:`~train.lora.merge_adapter`), with that card."""
+    from train.card import generation_config
+    from train.lora import merge_adapter, peft_model_of, save_adapter
+
+    adapters = peft_model_of(engine.module) is not None
     if engine.zero_optimization_stage() == 3:
-        state = engine._zero3_consolidated_16bit_state_dict()  # gathers ZeRO-3 partitions on rank 0
+        # Gathers ZeRO-3 partitions on rank 0 (LoRA: the adapters only).
+        state = engine._zero3_consolidated_16bit_state_dict(exclude_frozen_parameters=adapters)
     else:
         state = engine.module.state_dict()  # stages 0-2 keep whole weights on every rank
     if rank == 0:
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         model = engine.module
-        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
+        if adapters:
+            save_adapter(model, state, tmp)
+        else:
+            model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         generation_config(model, tokenizer).save_pretrained(tmp)
         if card is not None:
             (tmp / "README.md").write_text(card, encoding="utf-8")
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
+        if adapters and merged_card is not None:
+            dtype = next(p.dtype for p in model.parameters() if p.requires_grad)
+            merge_adapter(out, out.with_name(out.name + "_merged"), dtype, merged_card, trust_remote_code)
     dist.barrier()

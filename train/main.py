@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from train import config as train_config
-from train.card import run_card
+from train.card import run_cards
 from train.checkpoint import (Progress, Refusal, Terminated, check_resumable, count_trained, epoch_problems,
                               finished_run, folder_bytes, gather_trained, gib, interrupted, load_checkpoint,
                               load_trained_counts, record_start, refusing, run_identity, run_summary, save_checkpoint,
@@ -86,7 +86,7 @@ def run(argv: list[str] | None, progress: Progress) -> int:
         ds_config = train_config.deepspeed_dict(cfg, world_size=world_size, dtype=dtype_name, zero_stage=zero.stage,
                                                 offload_optimizer=zero.offload_optimizer)
         if resume is not None:
-            check_resumable(resume, zero.stage, world_size)
+            check_resumable(resume, zero.stage, world_size, cfg.lora)
     log0(f"zero stage {zero.stage}: {zero.why}")
     attn_implementation = resolve_attn_implementation(cfg.train.attn_implementation, device.type, dtype_name)
     log0(f"attention: {attn_implementation}")
@@ -175,8 +175,8 @@ def run(argv: list[str] | None, progress: Progress) -> int:
     if final_eval is not None:
         metrics.log({"step": step, **final_eval})
     save_checkpoint(engine, stream, ckpt_root, step, rank, cfg.checkpoint.keep, checkpoint_extra, trained)
-    card = run_card(cfg, loss_fn.describe(), step, total_steps, final_eval) if rank == 0 else None
-    export_model(engine, tokenizer, out / "model", rank, card)
+    card, merged_card = run_cards(cfg, loss_fn.describe(), step, total_steps, final_eval) if rank == 0 else (None, None)
+    export_model(engine, tokenizer, out / "model", rank, card, merged_card, cfg.trust_remote_code)
     if rank == 0:
         metrics.close()
         write_summary(out, run_summary(cfg, out, step, total_steps, per_epoch, plan, share, stream.skipped_no_trainable, sources,

@@ -122,20 +122,25 @@ def _cleanup_shm():
             pass
 
 
-# (ranks, train.zero_stage, the stage it must resolve to, launcher): auto is 0 on one rank and 2 on two.
-# The last: two nodes (torchrun --nnodes 2, one rank each) against one node's two ranks.
-STAGES = [(1, "auto", 0, "deepspeed"), (1, "3", 3, "deepspeed"), (2, "auto", 2, "deepspeed"), (2, "1", 1, "deepspeed"),
-          (2, "3", 3, "torchrun-nodes")]
+# (ranks, train.zero_stage, the stage it must resolve to, launcher, LoRA): auto is 0 on one rank and 2 on two.
+# The 2-node case: two nodes (torchrun --nnodes 2, one rank each) against one node's two ranks. LoRA: adapters of
+# rank 4 with dropout (its RNG must resume too), exported as PEFT's adapter folder and merged (tests/train/test_lora.py).
+STAGES = [(1, "auto", 0, "deepspeed", False), (1, "3", 3, "deepspeed", False), (2, "auto", 2, "deepspeed", False),
+          (2, "1", 1, "deepspeed", False), (2, "3", 3, "torchrun-nodes", False),
+          (1, "auto", 0, "deepspeed", True), (2, "3", 3, "deepspeed", True)]
+LORA = {"lora.rank": 4, "lora.dropout": 0.1, "lora.export_merged": "true"}
 
 
-@pytest.mark.parametrize("ranks,zero_stage,resolved,launcher", STAGES,
-                         ids=[f"{r}rank-zero{z}" + ("-2nodes" if l != "deepspeed" else "") for r, z, _, l in STAGES])
-def test_train_kill_resume_export(tmp_path, tiny_llama_dir, shards, ranks, zero_stage, resolved, launcher):
+@pytest.mark.parametrize("ranks,zero_stage,resolved,launcher,lora", STAGES,
+                         ids=[f"{r}rank-zero{z}" + ("-2nodes" if l != "deepspeed" else "") + ("-lora" if a else "")
+                              for r, z, _, l, a in STAGES])
+def test_train_kill_resume_export(tmp_path, tiny_llama_dir, shards, ranks, zero_stage, resolved, launcher, lora):
     """Through the `deepspeed` launcher (or torchrun on two nodes); the uninterrupted reference run uses
     plain `python` with 1 rank, the `deepspeed` launcher with 2 on one node."""
+    keys = {"train.zero_stage": zero_stage, **(LORA if lora else {})}
     try:
         reference = tmp_path / "reference"
-        _run(_config(reference, tiny_llama_dir, shards, **{"train.zero_stage": zero_stage}), ranks,
+        _run(_config(reference, tiny_llama_dir, shards, **keys), ranks,
              tmp_path / "reference.log", launcher="python" if ranks == 1 else "deepspeed")
         assert f"zero stage {resolved}:" in (tmp_path / "reference.log").read_text()
         ref_metrics = _metrics(reference / "run")
@@ -148,7 +153,7 @@ def test_train_kill_resume_export(tmp_path, tiny_llama_dir, shards, ranks, zero_
         # model takes milliseconds) is turned into one that landed mid-save: the COMPLETED marker, written
         # last, removed and a checkpoint file cut short, which is what such a kill leaves on disk.
         interrupted = tmp_path / "interrupted"
-        args = _config(interrupted, tiny_llama_dir, shards, **{"train.zero_stage": zero_stage})
+        args = _config(interrupted, tiny_llama_dir, shards, **keys)
         proc = _launch(args, ranks, tmp_path / "first.log", launcher)
         saving = interrupted / "run" / "checkpoints" / "step_4"
         deadline = time.time() + 600
@@ -170,6 +175,9 @@ def test_train_kill_resume_export(tmp_path, tiny_llama_dir, shards, ranks, zero_
             for key in ("loss", "ce", "important_loss", "unimportant_loss", "trainable_tokens", "lr"):
                 assert resumed[step][key] == pytest.approx(ref_metrics[step][key], rel=1e-5, abs=1e-6), (step, key)
         assert (interrupted / "run" / "checkpoints" / "step_4" / "COMPLETED").exists()  # saved again, whole
+        if lora:
+            _check_adapter_export(interrupted / "run", reference / "run", tiny_llama_dir)
+            return
 
         # The exported folder is a standard HF model, trained (differs from the start), tied embeddings kept.
         model = AutoModelForCausalLM.from_pretrained(interrupted / "run" / "model")
@@ -184,6 +192,35 @@ def test_train_kill_resume_export(tmp_path, tiny_llama_dir, shards, ranks, zero_
         assert "rho: 0.7" in saved and "name: sftgo" in saved
     finally:
         _cleanup_shm()
+
+
+def _check_adapter_export(run: Path, reference: Path, base_dir: Path) -> None:
+    """A LoRA run's export: model/ is PEFT's adapter folder of the base (loads on it with PEFT), the same adapter as the
+    uninterrupted run's, trained; model_merged/ loads with AutoModelForCausalLM and gives base + adapter's logits to
+    1e-5; the cards say which is which, and of which base."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    folder = run / "model"
+    assert (folder / "adapter_model.safetensors").is_file() and not (folder / "config.json").exists()
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(Path(base_dir).resolve()) and config["r"] == 4
+    adapter, ref_adapter = load_file(folder / "adapter_model.safetensors"), load_file(reference / "model" / "adapter_model.safetensors")
+    assert adapter.keys() == ref_adapter.keys() and all(".lora_" in key for key in adapter)
+    for key in adapter:
+        torch.testing.assert_close(adapter[key], ref_adapter[key], rtol=1e-4, atol=1e-5)
+    assert any(v.abs().max() > 0 for k, v in adapter.items() if ".lora_B." in k)  # B starts at zero: it trained
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(config["base_model_name_or_path"]), folder).eval()
+    merged = AutoModelForCausalLM.from_pretrained(run / "model_merged").eval()
+    ids = torch.randint(0, 1000, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits
+        assert (expected - AutoModelForCausalLM.from_pretrained(base_dir)(ids).logits).abs().max() > 1e-4
+        torch.testing.assert_close(merged(ids).logits, expected, rtol=0, atol=1e-5)
+    card, merged_card = (folder / "README.md").read_text(), (run / "model_merged" / "README.md").read_text()
+    assert "library_name: peft" in card and "a LoRA adapter (PEFT), not a whole model" in card and f"`{base_dir}`" in card
+    assert "rank 4, alpha 8 (scale 2), dropout 0.1, on `all-linear`" in card and "PeftModel.from_pretrained" in card
+    assert "library_name: transformers" in merged_card and "LoRA adapter merged into its weights" in merged_card
 
 
 def _plain_step1_grad_norm(tiny_llama_dir, shards, micro_batches: int) -> tuple[float, float]:
