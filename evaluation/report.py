@@ -78,6 +78,17 @@ class Run:
         return f"{self.name} ({LOSSES[loss].label(self.setting) if loss in LOSSES else loss})"
 
     @property
+    def weights_trained(self) -> str:
+        """What the run trained: ``full weights``, or its LoRA adapters (``lora.*``) on the frozen base."""
+        rank = self.setting("lora.rank", 0) or 0
+        if not rank:
+            return "full weights"
+        alpha = self.setting("lora.alpha")
+        targets = self.setting("lora.target_modules", ["all-linear"])
+        return (f"LoRA adapters: rank {rank}, alpha {2 * rank if alpha is None else alpha:g} on "
+                f"{','.join(targets) if isinstance(targets, list) else targets}, of base {self.setting('model', '?')} (frozen)")
+
+    @property
     def training_groups(self) -> str:
         """What the training curves' important / unimportant groups are: rho1's live selection, else the
         load-time grouping (importance.scorer, rho, scope)."""
@@ -466,7 +477,7 @@ def runs_table(runs: list[Run]) -> str:
         last = run.steps[-1]
         final_eval = run.evals[-1] if run.evals else {}
         batches = run.setting("eval.max_batches")
-        rows.append([run.name, run.setting("loss.name"), objective(run), run.training_groups, run.trainer_eval_groups,
+        rows.append([run.name, run.setting("loss.name"), objective(run) + ("" if run.weights_trained == "full weights" else f"; {run.weights_trained}"), run.training_groups, run.trainer_eval_groups,
                      last["step"], float(last.get("loss", math.nan)), float(last.get("ce", math.nan)),
                      float(final_eval.get("eval_ce", math.nan)), float(final_eval.get("eval_important_loss", math.nan)),
                      float(final_eval.get("eval_unimportant_loss", math.nan)),

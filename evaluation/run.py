@@ -104,17 +104,21 @@ def resolve_run(arg: str) -> Run:
     """A RUN argument -> :class:`Run`; raises ValueError naming the argument when it is no model."""
     from data.models import EMBEDDED, check_model
 
+    from train.lora import is_adapter_folder
+
     path = Path(arg).expanduser()
     if path.is_dir():
         name = path.resolve().name
-        if (path / "model").is_dir() or ((path / "config.yaml").exists() and not (path / "config.json").exists()):
-            if not (path / "model" / "config.json").is_file():
-                raise ValueError(f"run directory {arg} has no model/config.json: the run has not exported its model "
-                                 "(training writes model/ at the end)")
+        if (path / "model").is_dir() or ((path / "config.yaml").exists() and not (path / "config.json").exists()
+                                         and not is_adapter_folder(path)):
+            if not (path / "model" / "config.json").is_file() and not is_adapter_folder(path / "model"):
+                raise ValueError(f"run directory {arg} has no model/config.json (nor a LoRA adapter's model/adapter_config.json): "
+                                 "the run has not exported its model (training writes model/ at the end)")
             return Run(name=name, arg=arg, model=str(path / "model"), run_dir=path)
-        if (path / "config.json").is_file():
+        if (path / "config.json").is_file() or is_adapter_folder(path):
             return Run(name=name, arg=arg, model=str(path))
-        raise ValueError(f"{arg}: neither a training run directory (model/ and config.yaml) nor a model folder (config.json)")
+        raise ValueError(f"{arg}: neither a training run directory (model/ and config.yaml) nor a model folder (config.json) "
+                         "nor a LoRA adapter folder (adapter_config.json)")
     if arg in EMBEDDED:
         return Run(name=arg, arg=arg, model=arg)
     if path.exists() or arg.startswith((".", "/", "~")) or arg.count("/") > 1:
@@ -310,6 +314,7 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[Run], list[str], Benchm
     from data.models import load_tokenizer, resolve_model
     from schemas.shard import tokenizer_fingerprint
     from train.heldout import check_rho, open_heldout
+    from train.lora import adapter_base, is_adapter_folder
 
     try:
         if args.rho is not None:
@@ -355,8 +360,14 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[Run], list[str], Benchm
     configure_runs(runs, args)
     for run in runs:  # tokenizers only (the embedded model is converted once, on first use)
         run.model = resolve_model(run.model)
+        # A LoRA adapter: its base must be here (before any model loads); its tokenizer, unless the folder has its own.
+        tokenizer_source = run.model
+        if is_adapter_folder(run.model):
+            base = adapter_base(run.model)
+            if not (Path(run.model) / "tokenizer_config.json").is_file():
+                tokenizer_source = base
         # Before any model loads: a folder asking for its own code is refused unless --trust-remote-code.
-        run.tokenizer = load_tokenizer(run.model, args.trust_remote_code, option="--trust-remote-code")
+        run.tokenizer = load_tokenizer(tokenizer_source, args.trust_remote_code, option="--trust-remote-code")
         if args.heldout:
             sha = tokenizer_fingerprint(run.tokenizer)["sha256"]
             for uri in args.heldout:
@@ -376,12 +387,12 @@ def check_inputs(args: argparse.Namespace) -> tuple[list[Run], list[str], Benchm
 
 
 def load_model(path: str, device: torch.device, trust_remote_code: bool = False) -> Any:
-    """A causal LM from safetensors on ``device``: bf16 on CUDA, fp32 on CPU; sdpa (packing needs its mask)."""
-    from transformers import AutoModelForCausalLM
+    """A causal LM from safetensors on ``device``: bf16 on CUDA, fp32 on CPU; sdpa (packing needs its mask). A LoRA
+    adapter folder (adapter_config.json) loads on its base through PEFT, merged into the base's weights."""
+    from train.lora import load_causal_lm
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", use_safetensors=True,
-                                                 trust_remote_code=trust_remote_code)
+    model = load_causal_lm(path, dtype, attn_implementation="sdpa", use_safetensors=True, trust_remote_code=trust_remote_code)
     return model.to(device).eval()
 
 
@@ -515,8 +526,15 @@ def evaluation_request(run: Run, args: argparse.Namespace, tasks: list[str], ben
 
     from schemas.shard import file_sha256, manifest_sha256
 
-    model = Path(run.model)
-    weights = {p.name: file_sha256(p) for p in sorted(model.glob("*.safetensors")) + [model / "config.json"] if p.is_file()}
+    from train.lora import ADAPTER_CONFIG, adapter_base, is_adapter_folder
+
+    def digests(folder: Path) -> dict[str, str]:
+        files = sorted(folder.glob("*.safetensors")) + [folder / "config.json", folder / ADAPTER_CONFIG]
+        return {p.name: file_sha256(p) for p in files if p.is_file()}
+
+    weights: dict[str, Any] = digests(Path(run.model))
+    if is_adapter_folder(run.model):  # a LoRA adapter: its base's weights decide the numbers too
+        weights["base"] = digests(Path(adapter_base(run.model)))
     docs = None
     if bench is not None:
         docs = hashlib.sha256(json.dumps({"mmlu": bench.mmlu, "arc": bench.arc}, sort_keys=True, default=str).encode()).hexdigest()

@@ -270,6 +270,19 @@ def test_run_labels_name_what_decides_each_objective():
     assert label(name="weighted", weight_transform="sigmoid") == "r (weighted, tfidf, sigmoid)"
 
 
+def test_a_lora_run_says_it_trained_adapters_of_its_base():
+    from evaluation.report import Run, runs_table
+
+    steps = [{"step": 1, "loss": 2.0, "ce": 2.0}]
+    full = Run("full", Path("full"), {"model": "m", "loss": {"name": "sft"}}, steps, [])
+    lora = Run("lora", Path("lora"), {"model": "m", "loss": {"name": "sft"}, "lora": {"rank": 8, "alpha": None,
+                                                                                     "target_modules": ["q_proj", "v_proj"]}}, steps, [])
+    assert full.weights_trained == "full weights"
+    assert lora.weights_trained == "LoRA adapters: rank 8, alpha 16 on q_proj,v_proj, of base m (frozen)"
+    table = runs_table([full, lora])
+    assert table.count("LoRA adapters") == 1 and "full weights" not in table
+
+
 def test_rho1_and_sftgo_report_names_every_grouping_in_chromium(tmp_path, report_inputs, smol_tokenizer_dir):
     """One meaning of "important" per number: a rho1 run's curves are its live selection, its trainer held-out
     numbers the config's score, evaluation.run's the record's grouping; lambda is not applicable to rho1."""

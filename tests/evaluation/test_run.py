@@ -418,6 +418,54 @@ def test_json_files(evaluated, run_dir, tiny_llama_dir):
     assert evaluated["options"]["tasks"] == "mmlu,arc_challenge"
 
 
+def test_lora_adapter_folders_and_runs_are_evaluated_on_their_base(tmp_path, tiny_llama_dir, heldout_dir):
+    """A LoRA adapter folder as PEFT writes it (no tokenizer: its base's), and a LoRA run directory (the trainer's
+    model/: adapter + tokenizer), load on their base through PEFT: the same held-out numbers and greedy answers as the
+    merged model saved as a plain folder; the reuse key holds the base's weights too."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from schemas.shard import file_sha256
+
+    torch.manual_seed(0)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape) * 0.05)
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(adapter)
+    assert (adapter / "adapter_config.json").is_file() and not (adapter / "tokenizer_config.json").exists()
+    run = tmp_path / "lora_run"
+    shutil.copytree(adapter, run / "model")
+    tokenizer_files = [p for p in tiny_llama_dir.iterdir() if p.name not in ("config.json", "generation_config.json", "model.safetensors")]
+    for item in tokenizer_files:
+        shutil.copy(item, run / "model" / item.name)
+    (run / "config.yaml").write_text(f"model: {tiny_llama_dir}\nlora:\n  rank: 4\n")
+    merged = tmp_path / "merged"
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), adapter).merge_and_unload().save_pretrained(merged)
+    for item in tokenizer_files:
+        shutil.copy(item, merged / item.name)
+
+    out = tmp_path / "lora.json"
+    assert ev.main([str(adapter), str(run), str(merged), "--heldout", str(heldout_dir), "--scorer", "tfidf", "--rho", "0.7",
+                    "--micro-batch-tokens", "64", "--max-new-tokens", "4", "--output", str(out)]) == 0
+    results = json.loads(out.read_text())["runs"]
+    assert [r["run"] for r in results] == ["adapter", "lora_run", "merged"]
+    plain = results[2]
+    for result in results[:2]:
+        for key in ("ce", "important_loss", "unimportant_loss", "accuracy"):
+            assert result["heldout"][0][key] == pytest.approx(plain["heldout"][0][key], rel=1e-5, abs=1e-7), (result["run"], key)
+        assert result["generations"] == plain["generations"]
+        assert result["request"]["weights"]["base"]["model.safetensors"] == file_sha256(tiny_llama_dir / "model.safetensors")
+        assert set(result["request"]["weights"]) == {"adapter_model.safetensors", "adapter_config.json", "base"}
+    base_untrained = ev.load_model(str(tiny_llama_dir), torch.device("cpu"))
+    ids = torch.arange(1, 30)[None]
+    with torch.no_grad():  # the adapter really changes the model (else every comparison above would be the base's)
+        assert (ev.load_model(str(adapter), torch.device("cpu"))(ids).logits - base_untrained(ids).logits).abs().max() > 1e-3
+    assert (run / "evaluation.json").is_file()
+
+
 # ---------------------------------------------------------------------------------------------
 # Bad input: exit 2, the culprit named, no model loaded
 # ---------------------------------------------------------------------------------------------
