@@ -28,6 +28,11 @@ How it measures:
     python bench/train.py --device cpu --model tiny --tiny-layers 30 --tiny-vocab 1024 --losses sftgo,rho1 \
         --grad-accum 4 --group-decision-compare --steps 6 --warmup 1 --threads 1 --out bench/results/group_decision_cpu.json
 
+LoRA against full training (``lora_vs_full`` in the JSON: step time and peak memory side by side, and their ratios):
+
+    python bench/train.py --device cpu --model smollm2-135m-instruct --losses sft --micro-batch-tokens 512 --steps 3 \
+        --warmup 1 --rounds 2 --threads 1 --variant lora:lora.rank=16 --out bench/results/train_cpu_135m_lora.json
+
 ``--group-decision-compare``: each worker times ``loss.group_decision=step`` against ``micro_batch``
 in the same process on the same engine, alternating step by step (step/micro_batch, then
 micro_batch/step, ...) on the same micro-batches; the per-step ratio's median is
@@ -253,6 +258,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     engine, _ = build_engine(model, cfg, ds_config, n_steps * (2 if compare else 1))  # exactly the trainer's engine and optimizer
     loss_fn = build_loss(cfg.loss.name, **train_config.loss_options(cfg))
     n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
+    n_trainable = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters() if p.requires_grad)
 
     cuda = device.type == "cuda"
     if cuda:
@@ -301,10 +307,12 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             record["seconds"] = record["step_seconds"]
             records.append(record)
             continue
+        cpu0 = time.process_time()
         (parts, step_tokens, seen_tokens), seconds = timed(
             lambda: train_step(engine, micro, loss_fn, cfg, None, step / max(1, n_steps - 1), device), "project")
-        record = {"step": step, "seconds": seconds, "tokens": seen_tokens, "trainable_tokens": step_tokens,
-                  "loss": float(sum(p["loss"] for p in parts)), "timed": step >= args.warmup}
+        # Process CPU time beside the wall time: with --threads 1 the step's compute, robust to other load on a shared box.
+        record = {"step": step, "seconds": seconds, "cpu_seconds": time.process_time() - cpu0, "tokens": seen_tokens,
+                  "trainable_tokens": step_tokens, "loss": float(sum(p["loss"] for p in parts)), "timed": step >= args.warmup}
         if plain is not None:  # interleaved step by step: both see the same machine load
             record["plain_loss"], record["plain_seconds"] = timed(
                 lambda: plain_step(plain, plain_opt, micro, cfg.optim.grad_clip, cfg.data.micro_batch_tokens, device), "plain")
@@ -314,12 +322,15 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     seconds = sum(r["seconds"] for r in timed_records)
     tokens = sum(r["tokens"] for r in timed_records)
     result: dict[str, Any] = {
-        "loss": cfg.loss.name, "variant": variant or None, "variant_overrides": variant_sets or None, "params": n_params, "dtype": dtype_name, "world_size": world_size,
+        "loss": cfg.loss.name, "variant": variant or None, "variant_overrides": variant_sets or None, "params": n_params,
+        "trainable_params": n_trainable, "lora_rank": cfg.lora.rank, "dtype": dtype_name, "world_size": world_size,
         "zero_stage": zero_stage, "zero_stage_reason": zero_why, "attn_implementation": attn,
         "zero3_leaf_modules": cfg.train.zero3_leaf_modules if zero_stage == 3 else None,
         "timed_steps": len(timed_records), "timed_tokens": tokens, "timed_seconds": seconds,
         "step_seconds_mean": seconds / len(timed_records),
         "step_seconds_median": statistics.median(r["seconds"] for r in timed_records),
+        **({"step_cpu_seconds_median": statistics.median(r["cpu_seconds"] for r in timed_records)}
+           if all("cpu_seconds" in r for r in timed_records) else {}),
         "tokens_per_s": tokens / seconds, "tokens_hash": sum(int(b["input_ids"].sum()) for b in batches),
         "steps": records,
     }
@@ -468,6 +479,28 @@ def environment(device: str) -> dict[str, Any]:
     return env
 
 
+def lora_comparison(runs: dict[str, list[dict[str, Any]]], summary: dict[str, Any]) -> dict[str, Any] | None:
+    """LoRA against full training, side by side: for each ``LOSS@VARIANT`` whose variant trains LoRA adapters
+    (``lora.rank`` > 0) and its ``LOSS`` with full weights, the step time, tokens/s and peak memory (with, on CPU, its
+    growth during training) of each, their ratios LoRA / full (medians over rounds; the same micro-batches), and the
+    trained parameters. None when no variant trains adapters."""
+    keys = ("step_seconds", "step_cpu_seconds", "tokens_per_s", "peak_mem_mib", "peak_mem_growth_in_training_mib", "mfu")
+    out = {}
+    for name, rs in runs.items():
+        loss = name.split("@")[0]
+        if "@" not in name or not rs[0].get("lora_rank") or loss not in summary or runs[loss][0].get("lora_rank"):
+            continue
+        full, lora = summary[loss], summary[name]
+        out[name] = {
+            "full": {**{k: full[k] for k in keys if k in full}, "trainable_params": runs[loss][0]["trainable_params"],
+                     "zero_stage": runs[loss][0]["zero_stage"]},
+            "lora": {**{k: lora[k] for k in keys if k in lora}, "trainable_params": rs[0]["trainable_params"],
+                     "zero_stage": rs[0]["zero_stage"], "overrides": rs[0]["variant_overrides"]},
+            "ratio_lora_over_full": {k: lora[k] / full[k] for k in keys if full.get(k) and k in lora},
+        }
+    return out or None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="tiny", help="'tiny' (random Llama of width 64, SmolLM2 tokenizer), a folder, or an embedded name (smollm2-135m-instruct)")
@@ -585,6 +618,8 @@ def main() -> int:
              "peak_mem_mib": statistics.median(r["peak_mem_mib"] for r in rs)}
         if "mfu" in rs[0]:
             s["mfu"] = statistics.median(r["mfu"] for r in rs)
+        if "step_cpu_seconds_median" in rs[0]:
+            s["step_cpu_seconds"] = statistics.median(r["step_cpu_seconds_median"] for r in rs)
         if "peak_mem_growth_in_training_mib" in rs[0]:
             s["peak_mem_growth_in_training_mib"] = statistics.median(r["peak_mem_growth_in_training_mib"] for r in rs)
         summary[name] = s
@@ -629,6 +664,7 @@ def main() -> int:
                 "step_cpu_seconds_ratio_of_sums": statistics.median(r["group_decision"]["ratio_of_sums_cpu"] for r in rs),
                 "step_seconds_median_step": statistics.median(r["group_decision"]["step_seconds_median"] for r in rs),
                 "step_seconds_median_micro_batch": statistics.median(r["group_decision"]["micro_batch_seconds_median"] for r in rs)}
+    lora_vs_full = lora_comparison(runs, summary)
     target = None
     if "sftgo/sft" in ratios:
         rr = ratios["sftgo/sft"]
@@ -641,13 +677,14 @@ def main() -> int:
         "benchmark": "bench/train.py", "environment": env,
         "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "model_path", "shards_path", "result")},
         "model_path": model_path, "shards": shards_path, "synthetic_data": not args.shards, "same_data_all_losses": same_data,
-        "run_order": order_log, "summary": summary, "ratios": ratios, "sftgo_target": target,
+        "run_order": order_log, "summary": summary, "ratios": ratios, "sftgo_target": target, "lora_vs_full": lora_vs_full,
         "prep_seconds": prep_seconds, "total_seconds": time.time() - started, "runs": runs,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    print(json.dumps({"summary": summary, "ratios": ratios, "sftgo_target": target, "same_data": same_data}, indent=2))
+    print(json.dumps({"summary": summary, "ratios": ratios, "sftgo_target": target, "lora_vs_full": lora_vs_full,
+                      "same_data": same_data}, indent=2))
     print(f"wrote {out} in {report['total_seconds']:.0f} s")
     if tmp is not None:
         tmp.cleanup()

@@ -47,6 +47,26 @@ def test_train_bench_plain_baseline_and_variant(tmp_path):
     assert json.loads((tiny / "config.json").read_text())["num_hidden_layers"] == 3
 
 
+def test_train_bench_lora_against_full_side_by_side(tmp_path):
+    """A variant with lora.rank: the same micro-batches, LoRA's step time and peak memory beside full training's."""
+    out = tmp_path / "lora.json"
+    cmd = [sys.executable, "bench/train.py", "--device", "cpu", "--model", "tiny", "--tiny-layers", "2", "--tiny-vocab", "1024",
+           "--losses", "sft", "--steps", "2", "--warmup", "1", "--threads", "1", "--examples", "24",
+           "--variant", "lora:lora.rank=4", "--work", str(tmp_path / "work"), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["same_data_all_losses"]
+    side = report["lora_vs_full"]["sft@lora"]
+    assert side["full"]["trainable_params"] == report["runs"]["sft"][0]["params"]
+    assert 0 < side["lora"]["trainable_params"] < side["full"]["trainable_params"] / 10
+    for key in ("step_seconds", "peak_mem_mib", "peak_mem_growth_in_training_mib"):
+        assert side["full"][key] > 0 and side["lora"][key] > 0, key
+        assert side["ratio_lora_over_full"][key] == pytest.approx(side["lora"][key] / side["full"][key]), key
+    # The same data, the same start: LoRA's B starts at zero, so its first step's loss is the base model's, as full training's.
+    assert report["runs"]["sft@lora"][0]["steps"][0]["loss"] == pytest.approx(report["runs"]["sft"][0]["steps"][0]["loss"], rel=1e-5)
+
+
 def test_train_bench_group_decision_side_by_side(tmp_path):
     """--group-decision-compare: both modes in one worker, alternating, on the same micro-batches."""
     out = tmp_path / "gd.json"
