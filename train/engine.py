@@ -357,5 +357,7 @@ def export_model(engine: Any, tokenizer: Any, out: Path, rank: int, card: str | 
         os.replace(tmp, out)
         if adapters and merged_card is not None:
             dtype = next(p.dtype for p in model.parameters() if p.requires_grad)
-            merge_adapter(out, out.with_name(out.name + "_merged"), dtype, merged_card, trust_remote_code)
+            merged = out.with_name(out.name + "_merged")
+            merge_adapter(out, merged, dtype, merged_card, trust_remote_code)
+            log0(f"lora.export_merged: the base with the adapter merged in: {merged}")
     dist.barrier()

@@ -18,7 +18,9 @@ which back-propagates into parameters inside a checkpointed block whether or not
 (tests/train/test_lora.py checks every adapter gets a gradient with checkpointing on).
 
 Checkpoints hold the adapters, their optimizer states, the scheduler, the data position and RNG (DeepSpeed's
-``exclude_frozen_parameters``): the frozen base is read again from ``model`` on resume, so a checkpoint is megabytes.
+``exclude_frozen_parameters``): the frozen base is read again from ``model`` on resume. (With tied embeddings DeepSpeed
+still writes the output head's weight: its frozen-parameter filter walks ``named_parameters``, which names a tied
+weight once, as the embedding.)
 
 QLoRA (``lora.quantize=4bit``): the base loads in 4-bit NF4 through bitsandbytes (double quantisation, compute in
 ``train.dtype``) on this rank's GPU; ZeRO stages 0-2 only (4-bit weights are not partitioned). The merged export
@@ -30,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -56,6 +59,36 @@ def peft_config(section: Any) -> Any:
                            task_type="CAUSAL_LM")
 
 
+def _peft_model(model: torch.nn.Module, section: Any) -> Any:
+    """``peft.get_peft_model`` with the adapters in the model's dtype (``autocast_adapter_dtype=False``: DeepSpeed keeps
+    every trained weight in the model's dtype). Raises ValueError naming ``lora.target_modules`` when they match nothing
+    (PEFT's complaint) or the output head or the embeddings."""
+    import peft
+
+    try:
+        with warnings.catch_warnings():  # PEFT 0.21 reads transformers 5's deprecated is_gradient_checkpointing
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            wrapper = peft.get_peft_model(model, peft_config(section), autocast_adapter_dtype=False)
+    except ValueError as exc:
+        raise ValueError(f"lora.target_modules: {list(section.target_modules)}: {exc}") from None
+    inner = wrapper.base_model.model
+    targets = list(section.target_modules)
+    if targets != ["all-linear"]:  # PEFT only complains when no name matches: a typo beside a good name would pass
+        adapted = [name for name, m in inner.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)]
+        unmatched = [t for t in targets if not any(name == t or name.endswith("." + t) for name in adapted)]
+        if unmatched:
+            head = inner.get_output_embeddings()
+            linear = sorted({name.rsplit(".", 1)[-1] for name, m in inner.named_modules()
+                             if isinstance(m, (torch.nn.Linear, peft.tuners.lora.LoraLayer)) and m is not head
+                             and not any(part == "base_layer" or part.startswith("lora_") for part in name.split("."))})
+            raise ValueError(f"lora.target_modules: {unmatched} match no module of the model (its linear layers: {linear})")
+    for what, module in (("output head", inner.get_output_embeddings()), ("input embeddings", inner.get_input_embeddings())):
+        if isinstance(module, peft.tuners.lora.LoraLayer):
+            raise ValueError(f"lora.target_modules: {list(section.target_modules)} puts an adapter on the {what}; the "
+                             f"chunked cross-entropy runs the head's own forward: name decoder modules, or all-linear")
+    return wrapper
+
+
 def add_adapters(model: torch.nn.Module, section: Any, base_path: str) -> torch.nn.Module:
     """Inject LoRA adapters into ``model`` in place and freeze everything else; returns ``model`` (the PeftModel
     wrapper rides along for :func:`save_adapter`). ``base_path``: the folder the base was loaded from, recorded as
@@ -64,18 +97,8 @@ def add_adapters(model: torch.nn.Module, section: Any, base_path: str) -> torch.
     Raises:
         ValueError: ``lora.target_modules`` matches nothing, or matches the output head or the embeddings.
     """
-    import peft
-
-    try:
-        # autocast_adapter_dtype=False: the adapters in the model's dtype, as DeepSpeed keeps every trained weight.
-        wrapper = peft.get_peft_model(model, peft_config(section), autocast_adapter_dtype=False)
-    except ValueError as exc:
-        raise ValueError(f"lora.target_modules: {list(section.target_modules)}: {exc}") from None
+    wrapper = _peft_model(model, section)
     inner = wrapper.base_model.model
-    for what, module in (("output head", inner.get_output_embeddings()), ("input embeddings", inner.get_input_embeddings())):
-        if isinstance(module, peft.tuners.lora.LoraLayer):
-            raise ValueError(f"lora.target_modules: {list(section.target_modules)} puts an adapter on the {what}; the "
-                             f"chunked cross-entropy runs the head's own forward: name decoder modules, or all-linear")
     local = Path(base_path)
     wrapper.peft_config["default"].base_model_name_or_path = str(local.resolve()) if local.is_dir() else base_path
     inner.__dict__[_PEFT_MODEL] = wrapper
@@ -88,18 +111,15 @@ def peft_model_of(module: torch.nn.Module) -> Any:
 
 
 def count_trainable(model_path: str, section: Any, trust_remote_code: bool = False) -> int:
-    """Adapter parameters ``section`` adds to the model at ``model_path``, counted on the meta device (no weights)."""
+    """Adapter parameters ``section`` adds to the model at ``model_path``, counted on the meta device (no weights).
+    Raises ValueError as :func:`add_adapters` does: the trainer's ZeRO plan calls it, so bad targets are refused before
+    any weight loads."""
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    import peft
 
     with torch.device("meta"):
         config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-        try:
-            wrapper = peft.get_peft_model(model, peft_config(section))
-        except ValueError as exc:
-            raise ValueError(f"lora.target_modules: {list(section.target_modules)}: {exc}") from None
+        wrapper = _peft_model(model, section)
     return sum(p.numel() for p in wrapper.parameters() if p.requires_grad)
 
 

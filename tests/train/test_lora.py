@@ -155,7 +155,9 @@ def test_only_the_adapters_train_and_each_gets_a_gradient_through_checkpointing(
             assert p.grad is None, name
 
 
-@pytest.mark.parametrize("targets, problem", [("q_proj,lm_head", "output head"), ("no_such_proj", "not found in the base model")])
+@pytest.mark.parametrize("targets, problem", [("q_proj,lm_head", "output head"), ("no_such_proj", "not found in the base model"),
+                                              ("q_proj,v_prj", r"\['v_prj'\] match no module of the model \(its linear layers: "
+                                                                r"\['down_proj', .*'v_proj'\]\)")])
 def test_targets_that_cannot_train_are_refused_naming_the_key(tiny_llama_dir, targets, problem):
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     section = _cfg(f"lora.target_modules={targets}").lora

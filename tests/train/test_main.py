@@ -287,6 +287,13 @@ def test_bad_input_fails_before_training(tmp_path, tiny_llama_dir, shards):
     assert "loss.lambda" in log.read_text()
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
+    # LoRA adapters on modules the model does not have: refused, naming the key, before any weight loads.
+    proc = _launch(_config(tmp_path, tiny_llama_dir, shards, **{"lora.rank": 4, "lora.target_modules": "q_proj,no_such_proj"}), 1,
+                   log, "python")
+    assert proc.wait(timeout=300) == 2
+    assert "error: lora.target_modules: ['no_such_proj'] match no module of the model" in log.read_text()
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
     # NaN scores are found by the validation that runs before step 1 (data.deep_validate, on by default).
     fp = json.loads((shards / "train" / MANIFEST_NAME).read_text())["tokenizer"]
     examples = make_examples(8, ["tfidf"], min_len=8, max_len=20)
