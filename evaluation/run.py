@@ -705,7 +705,8 @@ def build_parser() -> argparse.ArgumentParser:
               python -m evaluation.run smollm2-135m-instruct --tasks arc_challenge --data-dir ../shared/data/eval --limit 20 --no-generate
             """))
     parser.add_argument("runs", nargs="+", metavar="RUN",
-                        help="training run directory (model/ + config.yaml), model folder (config.json), or smollm2-135m-instruct")
+                        help="training run directory (model/ + config.yaml), model folder (config.json), LoRA adapter folder "
+                             "(adapter_config.json: loaded on its base with PEFT), or smollm2-135m-instruct")
     parser.add_argument("--tasks", default="", help="comma-separated benchmarks: mmlu, arc_challenge (default: none)")
     parser.add_argument("--data-dir", default=None,
                         help="folder with mmlu/<split>/<subject>_<split>.csv (+ mmlu/dev/ for k-shot) and arc/ARC-Challenge-<Dev|Test>.jsonl; required with --tasks")

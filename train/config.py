@@ -196,7 +196,7 @@ class LoraConfig:
     rank: int = option(0, "LoRA adapter rank r: 0 = off (full fine-tuning); > 0 freezes the base model and trains rank-r adapters on lora.target_modules (the peft extra); RUN/model/ is then the adapter folder")
     alpha: float | None = option(None, "LoRA alpha: the adapter's update is scaled by alpha / rank; null = 2 x lora.rank (scale 2)")
     dropout: float = option(0.0, "dropout on each adapter's input, in [0, 1) (the base model's own dropout is unchanged)")
-    target_modules: list[str] = option(factory=lambda: ["all-linear"], help="modules that get adapters: all-linear (every linear layer of the decoder, not the output head) or module names / suffixes (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj); the output head and the embeddings are refused")
+    target_modules: list[str] = option(factory=lambda: ["all-linear"], help="modules that get adapters: all-linear (every linear layer of the decoder, not the output head) or module names / suffixes (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj), each of which must match; the output head and the embeddings are refused")
     export_merged: bool = option(False, "also export RUN/model_merged/: the base with the adapters merged in, a plain Hugging Face folder (AutoModelForCausalLM); rank 0 loads the base in float32 on the CPU to merge")
     quantize: str = option("none", "QLoRA: none | 4bit (the frozen base loaded in 4-bit NF4 through bitsandbytes, adapters in train.dtype; needs CUDA and bitsandbytes; ZeRO stages 0-2)")
 
