@@ -389,6 +389,25 @@ def epoch_problems(per_epoch: list[dict[str, int]], plan: StreamPlan, epochs: in
     return problems
 
 
+def refuse_short_epochs(per_epoch: list[dict[str, int]], plan: StreamPlan, cfg: TrainConfig, out: Path, rank: int,
+                        steps: int, total_steps: int) -> None:
+    """Raise :class:`Refusal` (nothing is exported; rank 0 writes a summary that says why) when what was trained is
+    not ``train.epochs`` x every example once. ``train.max_steps`` runs count steps, not epochs: never refused."""
+    problems = [] if cfg.train.max_steps else epoch_problems(per_epoch, plan, cfg.train.epochs)
+    if problems:
+        if rank == 0:
+            write_summary(out, {"steps": steps, "total_steps": total_steps, "epochs_trained": per_epoch, "error": problems})
+        raise Refusal("what was trained is not train.epochs x every example once: " + "; ".join(problems))
+
+
+def finish_run_dir(cfg: TrainConfig, out: Path, steps: int) -> None:
+    """Rank 0, after the export: delete the checkpoints unless ``checkpoint.keep_final``, and say where the run is."""
+    if not cfg.checkpoint.keep_final:
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        log0(f"checkpoint.keep_final=false: deleted {out / 'checkpoints'}")
+    log0(f"done: {steps} steps; model in {out / 'model'} ({gib(folder_bytes(out / 'model'))}), metrics in {out / 'metrics.jsonl'}")
+
+
 def run_history(out: Path) -> list[dict[str, Any]]:
     """The entries of ``out/run_history.jsonl`` (:func:`record_start`), oldest first."""
     lines = (out / "run_history.jsonl").read_text(encoding="utf-8").splitlines()

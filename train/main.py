@@ -13,7 +13,6 @@ engine, export), train/step.py (one step, evaluation), train/checkpoint.py, trai
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -26,10 +25,10 @@ import torch.distributed as dist
 
 from train import config as train_config
 from train.card import run_cards
-from train.checkpoint import (Progress, Refusal, Terminated, check_resumable, count_trained, epoch_problems,
-                              finished_run, folder_bytes, gather_trained, gib, interrupted, load_checkpoint,
-                              load_trained_counts, record_start, refusing, run_identity, run_summary, save_checkpoint,
-                              seed_all, start_point, start_run_dir, stop_signals_raise, write_summary)
+from train.checkpoint import (Progress, Refusal, Terminated, check_resumable, count_trained, finish_run_dir, finished_run,
+                              gather_trained, interrupted, load_checkpoint, load_trained_counts, record_start, refuse_short_epochs,
+                              refusing, run_identity, run_summary, save_checkpoint, seed_all, start_point, start_run_dir,
+                              stop_signals_raise, write_summary)
 from train.engine import build_engine, export_model, load_model, resolve_zero_stage, setup_distributed
 from train.forward import resolve_attn_implementation
 from train.losses import build_loss
@@ -37,7 +36,7 @@ from train.metrics import Metrics, bar_postfix, log0, step_record
 from train.mfu import ModelFlops, StepTimer, device_peak_flops, mfu
 from train.plan import dry_run, open_data, open_stream, plan_grouping, slow_cpu_step_warning
 from train.shards import NO_SCORE
-from train.sources import MAX_SOURCE_METRICS, SOURCE_SUM_NAMES, SourceWindow, describe_sources
+from train.sources import SourceWindow
 from train.step import HeldOut, next_step_batches, train_step
 
 # DeepSpeed's ZeRO stages call this every step (3 warnings a step); nothing a user of this trainer can change.
@@ -93,11 +92,9 @@ def run(argv: list[str] | None, progress: Progress) -> int:
     with refusing(ValueError):
         stream, plan, total_steps = open_stream(cfg, manifest, world_size)
     cut, corpus_quantiles, share = plan_grouping(cfg, manifest)
-    # Per-source metrics: the data's sources (read with the lengths at plan time: the same on every rank and across a
-    # resume), one row each of the step's sums; logged every train.log_every steps (train/sources.py).
+    # Per-source metrics (train/sources.py): the sources read with the lengths at plan time, the same on every rank and resume.
     sources = stream.read_sources()
-    log0(describe_sources(sources, cfg.data.train))
-    window = SourceWindow(sources, groups=cfg.importance.scorer != NO_SCORE) if len(sources) <= MAX_SOURCE_METRICS else None
+    window = SourceWindow.open(sources, cfg.data.train, groups=cfg.importance.scorer != NO_SCORE)
 
     # -- model, engine, resume, evaluation, metrics ----------------------------------------------------
     model = load_model(cfg, model_path, ds_config, torch.bfloat16 if dtype_name == "bfloat16" else torch.float32,
@@ -131,7 +128,7 @@ def run(argv: list[str] | None, progress: Progress) -> int:
             raise Refusal(f"the data ran out after {step} of {total_steps} planned steps; please report this with the config")
         lr = scheduler.get_last_lr()[0]  # the rate this step uses (the scheduler steps inside train_step)
         count_trained(trained, micro)
-        by_source = None if window is None else torch.zeros(len(sources), len(SOURCE_SUM_NAMES), dtype=torch.float64, device=device)
+        by_source = None if window is None else window.step_sums(device)
         parts, step_tokens, seen_tokens = train_step(engine, micro, loss_fn, cfg, cut, step / max(1, total_steps - 1), device,
                                                      corpus_quantiles, source_sums=by_source)
         step = progress.step = step + 1
@@ -146,9 +143,7 @@ def run(argv: list[str] | None, progress: Progress) -> int:
         record = step_record(step, parts, float(total[0].item()), groups=cfg.importance.scorer != NO_SCORE, lr=lr,
                              grad_norm=parts[-1].get("grad_norm", float(engine.get_global_grad_norm() or 0.0)),
                              tokens_per_s=seen_tokens / seconds, trainable_tokens=step_tokens, epoch=stream.epoch,
-                             skipped_no_trainable=stream.skipped_no_trainable)
-        if (utilisation := mfu(float(total[1].item()), seconds, peak, world_size)) is not None:
-            record["mfu"] = utilisation
+                             skipped_no_trainable=stream.skipped_no_trainable, mfu=mfu(float(total[1].item()), seconds, peak, world_size))
         logged = step % cfg.train.log_every == 0
         if window is not None and (logged or step == total_steps):
             record.update(window.take())
@@ -164,11 +159,7 @@ def run(argv: list[str] | None, progress: Progress) -> int:
 
     # -- what was trained: never a silent short epoch (nothing is exported, the summary says why) --------
     per_epoch = gather_trained(trained, device)
-    problems = [] if cfg.train.max_steps else epoch_problems(per_epoch, plan, cfg.train.epochs)
-    if problems:
-        if rank == 0:
-            write_summary(out, {"steps": step, "total_steps": total_steps, "epochs_trained": per_epoch, "error": problems})
-        raise Refusal("what was trained is not train.epochs x every example once: " + "; ".join(problems))
+    refuse_short_epochs(per_epoch, plan, cfg, out, rank, step, total_steps)
 
     # -- save -------------------------------------------------------------------------------------------
     final_eval = held_out.final(engine, cfg, device, pad_id) if held_out is not None else None
@@ -181,10 +172,7 @@ def run(argv: list[str] | None, progress: Progress) -> int:
         metrics.close()
         write_summary(out, run_summary(cfg, out, step, total_steps, per_epoch, plan, share, stream.skipped_no_trainable, sources,
                                        held_out.sources if held_out is not None else None, config_sha256, identity))
-        if not cfg.checkpoint.keep_final:
-            shutil.rmtree(ckpt_root, ignore_errors=True)
-            log0(f"checkpoint.keep_final=false: deleted {ckpt_root}")
-        log0(f"done: {step} steps; model in {out / 'model'} ({gib(folder_bytes(out / 'model'))}), metrics in {out / 'metrics.jsonl'}")
+        finish_run_dir(cfg, out, step)
     dist.barrier()
     dist.destroy_process_group()
     return 0

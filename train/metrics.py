@@ -101,7 +101,8 @@ GROUP_KEYS = ("important_loss", "unimportant_loss", "worse_group", "important_fr
 def step_record(step: int, parts: list[dict[str, float]], loss: float, groups: bool = True, **fields: Any) -> dict[str, Any]:
     """One optimizer step's record: ``loss`` (summed over ranks), the micro-batches' metrics (``parts``) as
     means weighted by their tokens, ``lambda`` of the last, then ``fields`` (lr, grad_norm, tokens_per_s, ...)
-    in the order given after ``important_fraction``; ``mean_weight`` where the loss reports it. ``groups``
+    in the order given after ``important_fraction`` (a field given as None is left out: ``mfu`` where the device's
+    peak is unknown); ``mean_weight`` where the loss reports it. ``groups``
     False (no score, no groups): without :data:`GROUP_KEYS`, which would only say "no token is important"."""
     weights = [p.get("tokens", 0) for p in parts]
     weight_sum = sum(weights) or 1
@@ -110,7 +111,8 @@ def step_record(step: int, parts: list[dict[str, float]], loss: float, groups: b
         return float(sum(p[key] * w for p, w in zip(parts, weights)) / weight_sum)
 
     record = {"step": step, "loss": loss, **{key: mean(key) for key in ("ce", "important_loss", "unimportant_loss", "worse_group")},
-              "lambda": parts[-1]["lambda"], "important_fraction": mean("important_fraction"), **fields}
+              "lambda": parts[-1]["lambda"], "important_fraction": mean("important_fraction"),
+              **{key: value for key, value in fields.items() if value is not None}}
     if "mean_weight" in parts[0]:
         record["mean_weight"] = mean("mean_weight")
     if not groups:

@@ -99,6 +99,19 @@ class SourceWindow:
         self.names, self.keys, self.groups = list(names), source_keys(names), groups
         self.sums = torch.zeros(len(self.names), len(SOURCE_SUM_NAMES), dtype=torch.float64)
 
+    @classmethod
+    def open(cls, names: Sequence[str], where: str, groups: bool) -> SourceWindow | None:
+        """Log which sources of ``where`` get per-source metrics; their window, or None where there are more than
+        :data:`MAX_SOURCE_METRICS` values (ids rather than corpora)."""
+        from train.metrics import log0
+
+        log0(describe_sources(names, where))
+        return cls(names, groups) if len(names) <= MAX_SOURCE_METRICS else None
+
+    def step_sums(self, device: torch.device) -> Tensor:
+        """A step's empty per-source sums (``[n_sources, 4]``, float64 on ``device``), filled by the step's micro-batches."""
+        return torch.zeros(len(self.names), len(SOURCE_SUM_NAMES), dtype=torch.float64, device=device)
+
     def add(self, sums: Tensor) -> None:
         """Add one step's per-source sums (``[n_sources, 4]``, already summed over ranks)."""
         self.sums += sums.detach().to("cpu", torch.float64).reshape(self.sums.shape)
