@@ -795,10 +795,10 @@ def verdict_lines(results: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="study YAML (bench/study/lima_small.yaml)")
+    ap.add_argument("--config", required=True, help="a study YAML of bench/study/ (lima_seeds.yaml, known_truth.yaml, demo.yaml)")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                     help="set a key of the config (data.train.count=64, train.optim.lr=1.0e-4, evaluate.limit=50): its YAML value")
-    ap.add_argument("--smoke", action="store_true", help="2 steps a run on 8-example slices, tiny evaluation (the test suite's run)")
+    ap.add_argument("--smoke", action="store_true", help="2 steps a run, tiny slices and evaluation (the test suite's run)")
     ap.add_argument("--model", default=None, help="override the config's model (a folder or an embedded name)")
     ap.add_argument("--results", default=None, help="override the config's results folder")
     ap.add_argument("--work", default=None, help="override the config's work folder (shards, runs, models)")
