@@ -60,37 +60,27 @@ test: setup browser
 test-fast: setup browser
 	$(PY) -m pytest tests -m "not slow"
 
-# The embedded default, end to end on CPU (offline): annotate a LIMA slice (and an Alpaca slice held
-# out for evaluation) with SmolLM2-135M-Instruct; train SFT; add Rho-1's reference loss with the SFT
-# model as the reference (excess_loss = base_loss - ref_loss); train SFT-GO from the same shards;
-# evaluate both and the base model (benchmarks on a few dev questions, per-group held-out loss,
-# generations); report, the base model as the baseline. Every step skips what an earlier run finished.
-# LLMLINGUA2_MODEL=/path/to/llmlingua-2-xlm-roberta-large-meetingbank adds the llmlingua2 scorer.
-SHARED ?= ../shared
-# Sized so make demo takes ~10 min on 2 CPU cores (measured: bench/README.md); the scorers' forward passes dominate.
-DEMO_EXAMPLES ?= 32
-DEMO_HELDOUT ?= 16
-DEMO_MAX_LENGTH ?= 512
-DEMO_EVAL_LIMIT ?= 2
+# The embedded default, end to end on CPU (offline): the demo study bench/study/demo.yaml (what it runs, its sizes
+# and its paths), run by bench/study.py like every study: annotate a LIMA slice (and an Alpaca slice held out for
+# evaluation) with SmolLM2-135M-Instruct; train SFT; add Rho-1's reference loss with the SFT model as the reference
+# (excess_loss = base_loss - ref_loss); train SFT-GO from the same shards; evaluate both and the base model
+# (benchmarks on a few dev questions, per-group held-out loss, generations); report, the base model as the
+# baseline. Every step skips what an earlier run finished.
+# Each variable given becomes a key=value override of the study (its defaults are the study's):
+#   make demo DEMO_EXAMPLES=256 DEMO_HELDOUT=64 DEMO_MAX_LENGTH=2048 DEMO_EVAL_LIMIT=50   (a larger slice)
+#   make demo LLMLINGUA2_MODEL=/path/to/llmlingua-2-xlm-roberta-large-meetingbank       (adds the llmlingua2 scorer)
+#   make demo SHARED=/path/to/shared                                                     (corpora and eval data; ../shared)
+DEMO_EXAMPLES ?=
+DEMO_HELDOUT ?=
+DEMO_MAX_LENGTH ?=
+DEMO_EVAL_LIMIT ?=
 LLMLINGUA2_MODEL ?=
-comma := ,
-DEMO_SCORERS := tfidf$(comma)base_loss$(if $(LLMLINGUA2_MODEL),$(comma)llmlingua2)
-DEMO_SCORER_OPTIONS := $(if $(LLMLINGUA2_MODEL),--scorer-option llmlingua2.model=$(LLMLINGUA2_MODEL))
+SHARED ?=
+DEMO_OVERRIDES := $(if $(DEMO_EXAMPLES),data.train.limit=$(DEMO_EXAMPLES)) $(if $(DEMO_HELDOUT),data.heldout.limit=$(DEMO_HELDOUT)) \
+	$(if $(DEMO_MAX_LENGTH),max_length=$(DEMO_MAX_LENGTH)) $(if $(DEMO_EVAL_LIMIT),evaluate.limit=$(DEMO_EVAL_LIMIT)) \
+	$(if $(LLMLINGUA2_MODEL),llmlingua2_model=$(LLMLINGUA2_MODEL)) $(if $(SHARED),shared=$(SHARED))
 demo: setup
-	$(PY) annotate/run.py --input $(SHARED)/data/lima/train.jsonl --format lima --limit $(DEMO_EXAMPLES) --shard-size 16 --max-length $(DEMO_MAX_LENGTH) \
-		--scorers $(DEMO_SCORERS) $(DEMO_SCORER_OPTIONS) --output shards/demo
-	$(PY) annotate/run.py --input $(SHARED)/data/alpaca/alpaca_en_demo.json --format alpaca --limit $(DEMO_HELDOUT) --max-length $(DEMO_MAX_LENGTH) \
-		--scorers $(DEMO_SCORERS) $(DEMO_SCORER_OPTIONS) --output shards/demo_val
-	$(PY) train/main.py --config train/configs/demo_cpu.yaml loss.name=sft output_dir=runs/demo_sft
-	# (a rerun of the demo finds ref_loss there already: --add-scorers would refuse a column twice; an
-	# interrupted --add-scorers has no manifest yet, and the same command finishes it)
-	for dir in shards/demo shards/demo_val; do grep -qs '"name": "ref_loss"' $$dir/_manifest.json $$dir/manifest.json || \
-		$(PY) annotate/run.py --output $$dir --add-scorers ref_loss --scorer-option ref_loss.model=runs/demo_sft/model || exit 1; done
-	$(PY) train/main.py --config train/configs/demo_cpu.yaml output_dir=runs/demo_sftgo
-	$(PY) -m evaluation.run smollm2-135m-instruct runs/demo_sft runs/demo_sftgo --tasks mmlu,arc_challenge --data-dir $(SHARED)/data/eval \
-		--limit $(DEMO_EVAL_LIMIT) --heldout shards/demo_val --scorer tfidf --rho 0.7 --micro-batch-tokens 1024 \
-		--output runs/demo_evaluation.json
-	$(PY) -m evaluation.report runs/demo_sft runs/demo_sftgo --baseline runs/demo_evaluation.json --output runs/demo_report
+	$(PY) bench/study.py --config bench/study/demo.yaml $(strip $(DEMO_OVERRIDES))
 	@echo
 	@echo "shards:  shards/demo (train), shards/demo_val (held out): _manifest.json, _rejects.jsonl, _README.md (dataset card), shard-*.parquet"
 	@echo "         inspect with: $(PY) -m annotate.view shards/demo --viewer runs/demo_tokens.html"

@@ -32,13 +32,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 REPO = Path(__file__).resolve().parents[1]
 if not __package__:  # run as a file: this checkout, not the file's folder, leads sys.path (tests/test_layers.py)
     sys.path[:] = [str(Path(__file__).resolve().parents[1])] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from bench.study import Study, StudyError, _f, save_figure, t_interval  # noqa: E402
+from bench.study import Study, StudyError, _f, read_config, save_figure, t_interval  # noqa: E402
 from schemas.shard import MANIFEST_NAME, atomic_write_text  # noqa: E402
 
 SCHEMA = "sftgo-known-truth-study/1"
@@ -50,12 +48,11 @@ METRICS = ("key_accuracy", "key_loss", "other_loss", "worst_group_loss")
 SPAN = "span"
 
 
-def load_config(path: Path, smoke: bool, model: str | None, results: str | None, work: str | None) -> dict[str, Any]:
-    """The known-truth study config, checked; ``--smoke``: a tiny corpus, 2 steps a run, the first seed."""
-    try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise StudyError(f"--config {path}: {exc}") from None
+def load_config(path: Path, smoke: bool, model: str | None, results: str | None, work: str | None,
+                overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The known-truth study config (``overrides`` applied: bench/study.py's :func:`read_config`), checked;
+    ``--smoke``: a tiny corpus, 2 steps a run, the first seed."""
+    cfg = read_config(path, overrides)
     missing = [k for k in REQUIRED if k not in cfg]
     unknown = sorted(set(cfg) - set(REQUIRED) - set(OPTIONAL))
     if missing or unknown:
@@ -441,7 +438,8 @@ def write_report(study: KnownTruthStudy, results: dict[str, Any]) -> None:
     atomic_write_text(study.results / "report.md", "\n".join(lines) + "\n")
 
 
-def run_study(config_path: Path, smoke: bool, model: str | None, results: str | None, work: str | None) -> dict[str, Any]:
+def run_study(config_path: Path, smoke: bool, model: str | None, results: str | None, work: str | None,
+              overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """Load, check and run the known-truth study (bench/study.py's entry point for ``kind: known_truth``)."""
-    cfg = load_config(config_path, smoke, model, results, work)
+    cfg = load_config(config_path, smoke, model, results, work, overrides)
     return KnownTruthStudy(cfg, config_path).run()

@@ -5,6 +5,8 @@ the same shards, evaluate every run and the base model, and write what held and 
     python bench/study.py --config bench/study/lima_small.yaml --smoke   # 2 steps a run, tiny slices
     python bench/study.py --config bench/study/lima_gpu.yaml             # the whole LIMA set, on a GPU
     python bench/study.py --config bench/study/known_truth.yaml          # issue 33: bench/known_truth_study.py
+    python bench/study.py --config bench/study/demo.yaml                 # make demo: bench/demo_study.py
+    python bench/study.py --config bench/study/lima_seeds.yaml train.optim.lr=1.0e-4   # key=value overrides a key of the config
 
 Steps, each skipped when its output is already there (so a killed study reruns with the same command,
 and the trainer resumes a killed run from its last checkpoint):
@@ -29,6 +31,7 @@ ones (so the groupings, the reference model's ref_loss included, are the same); 
 from __future__ import annotations
 
 import argparse
+import difflib
 import hashlib
 import json
 import math
@@ -88,15 +91,58 @@ REQUIRED = ("model", "results", "work", "data", "train", "reference_train", "gro
 OPTIONAL = ("scorer_options", "smoke_runs")
 
 
-def load_study(path: Path, smoke: bool, model: str | None, results: str | None, work: str | None) -> dict[str, Any]:
-    """The study config, checked; ``--smoke`` shrinks it to 2 steps a run on 8-example slices, ``smoke_runs``
-    and the first two ``tfidf_variants``."""
+def read_config(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The YAML mapping of ``path`` with the command line's ``key=value`` overrides applied, in order.
+
+    A dotted key walks nested mappings (``data.train.count=64``); a key that holds dots itself, as the train
+    keys do, is matched whole (``train.optim.lr=1.0e-4`` sets ``optim.lr`` of ``train``). The value is read as
+    YAML, as train/main.py reads its own ``key=value`` (``64`` an int, ``[a, b]`` a list, nothing an empty
+    string). Only a key the file has can be set, so a misspelt one fails, naming the nearest, before any step.
+    """
     try:
         cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as exc:
         raise StudyError(f"--config {path}: {exc}") from None
     if not isinstance(cfg, dict):
         raise StudyError(f"--config {path}: expected a mapping of keys")
+    for override in overrides:
+        dotted, sep, raw = override.partition("=")
+        if not sep or not dotted:
+            raise StudyError(f"{override!r}: expected KEY=VALUE (a key of --config {path}, e.g. data.train.count=64)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node, rest = cfg, dotted
+        while rest not in node:
+            head, dot, tail = rest.partition(".")
+            if not dot or not isinstance(node.get(head), dict):
+                close = difflib.get_close_matches(dotted, list(_dotted_keys(cfg)), n=1, cutoff=0.6)
+                raise StudyError(f"{override!r}: --config {path} has no key {dotted}" + (f" (did you mean {close[0]}?)" if close else ""))
+            node, rest = node[head], tail
+        node[rest] = value
+    return cfg
+
+
+def _dotted_keys(mapping: dict[str, Any], prefix: str = "") -> Any:
+    """Every key of a nested mapping, dotted: what an override can name."""
+    for key, value in mapping.items():
+        yield prefix + str(key)
+        if isinstance(value, dict):
+            yield from _dotted_keys(value, f"{prefix}{key}.")
+
+
+def step_env() -> dict[str, str]:
+    """The environment of every step's command: this checkout's code first, offline, unbuffered output."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+                PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
+def load_study(path: Path, smoke: bool, model: str | None, results: str | None, work: str | None,
+               overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The study config (``overrides`` applied: :func:`read_config`), checked; ``--smoke`` shrinks it to 2 steps a
+    run on 8-example slices, ``smoke_runs`` and the first two ``tfidf_variants``."""
+    cfg = read_config(path, overrides)
     missing = [k for k in REQUIRED if k not in cfg]
     unknown = sorted(set(cfg) - set(REQUIRED) - set(OPTIONAL))
     if missing or unknown:
@@ -153,8 +199,7 @@ class Study:
         self.logs = self.work / "logs"
         for folder in (self.work / "data", self.logs, self.work / "eval", self.results):
             folder.mkdir(parents=True, exist_ok=True)
-        self.env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
-                        PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        self.env = step_env()
         self.timings: dict[str, float] = {}
         timings_file = self.work / "timings.json"
         if timings_file.exists():
@@ -748,19 +793,12 @@ def verdict_lines(results: dict[str, Any]) -> list[str]:
     return out
 
 
-def _kind(path: Path) -> str:
-    """The config's ``kind``: ``known_truth`` (bench/known_truth_study.py) or the LIMA evidence study (no kind)."""
-    try:
-        cfg = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as exc:
-        raise StudyError(f"--config {path}: {exc}") from None
-    return cfg.get("kind", "") if isinstance(cfg, dict) else ""
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", required=True, help="study YAML (bench/study/lima_small.yaml)")
-    ap.add_argument("--smoke", action="store_true", help="2 steps a run on 8-example slices, tiny evaluation (the test suite's run)")
+    ap.add_argument("--config", required=True, help="a study YAML of bench/study/ (lima_seeds.yaml, known_truth.yaml, demo.yaml)")
+    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                    help="set a key of the config (data.train.count=64, train.optim.lr=1.0e-4, evaluate.limit=50): its YAML value")
+    ap.add_argument("--smoke", action="store_true", help="2 steps a run, tiny slices and evaluation (the test suite's run)")
     ap.add_argument("--model", default=None, help="override the config's model (a folder or an embedded name)")
     ap.add_argument("--results", default=None, help="override the config's results folder")
     ap.add_argument("--work", default=None, help="override the config's work folder (shards, runs, models)")
@@ -768,13 +806,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     config_path = Path(args.config).resolve()
     try:
-        if _kind(config_path) == "known_truth":  # issue 33's study: bench/known_truth_study.py
+        kind = read_config(config_path).get("kind", "")  # no kind: the LIMA evidence study
+        if kind in ("known_truth", "demo"):  # issue 33's study, and make demo: a module each
             sys.modules.setdefault("bench.study", sys.modules[__name__])  # one StudyError class, caught below
-            from bench.known_truth_study import run_study
-
-            run_study(config_path, args.smoke, args.model, args.results, args.work)
+            if kind == "known_truth":
+                from bench.known_truth_study import run_study
+            else:
+                from bench.demo_study import run_study
+            run_study(config_path, args.smoke, args.model, args.results, args.work, args.overrides)
             return 0
-        cfg = load_study(config_path, args.smoke, args.model, args.results, args.work)
+        cfg = load_study(config_path, args.smoke, args.model, args.results, args.work, args.overrides)
         cfg["reuse"] = not args.no_reuse
         Study(cfg, config_path).run()
     except StudyError as exc:

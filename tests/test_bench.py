@@ -265,6 +265,121 @@ def test_known_truth_study_smoke_runs_resumes_and_reports(tmp_path, tiny_llama_d
     assert "[study] annotate_" not in proc.stdout and "[study] train_" not in proc.stdout
 
 
+# make demo is the study bench/study/demo.yaml. Before, the Makefile ran these commands itself (annotate and train then
+# took the model and the directories from their defaults and demo_cpu.yaml; the study passes them, with equal values).
+MAKE_DEMO = [
+    ("annotate_train", "annotate/run.py --input ../shared/data/lima/train.jsonl --format lima --model smollm2-135m-instruct "
+                       "--limit 32 --shard-size 16 --max-length 512 --scorers tfidf,base_loss --output shards/demo"),
+    ("annotate_heldout", "annotate/run.py --input ../shared/data/alpaca/alpaca_en_demo.json --format alpaca --model smollm2-135m-instruct "
+                         "--limit 16 --max-length 512 --scorers tfidf,base_loss --output shards/demo_val"),
+    ("train_demo_sft", "train/main.py --config train/configs/demo_cpu.yaml model=smollm2-135m-instruct data.train=shards/demo "
+                       "data.validation=shards/demo_val loss.name=sft output_dir=runs/demo_sft"),
+    ("ref_loss_train", "annotate/run.py --output shards/demo --add-scorers ref_loss --scorer-option ref_loss.model=runs/demo_sft/model"),
+    ("ref_loss_heldout", "annotate/run.py --output shards/demo_val --add-scorers ref_loss --scorer-option ref_loss.model=runs/demo_sft/model"),
+    ("train_demo_sftgo", "train/main.py --config train/configs/demo_cpu.yaml model=smollm2-135m-instruct data.train=shards/demo "
+                         "data.validation=shards/demo_val output_dir=runs/demo_sftgo"),
+    ("evaluate", "-m evaluation.run smollm2-135m-instruct runs/demo_sft runs/demo_sftgo --tasks mmlu,arc_challenge --data-dir ../shared/data/eval "
+                 "--limit 2 --heldout shards/demo_val --scorer tfidf --rho 0.7 --micro-batch-tokens 1024 --output runs/demo_evaluation.json"),
+    ("report", "-m evaluation.report runs/demo_sft runs/demo_sftgo --baseline runs/demo_evaluation.json --output runs/demo_report"),
+]
+
+
+def _demo_commands(cfg: dict, tmp_path: Path, monkeypatch) -> list[tuple[str, str]]:
+    """The demo study's steps as (name, command without the interpreter), nothing run; the ref_loss check looks
+    in an empty folder (not at a demo this checkout ran)."""
+    from bench import demo_study
+
+    monkeypatch.setattr(demo_study, "REPO", tmp_path)
+    study = demo_study.DemoStudy(cfg)
+    ran: list[tuple[str, str]] = []
+    monkeypatch.setattr(study, "sh", lambda name, cmd: ran.append((name, " ".join(cmd[1:]))))
+    study.run()
+    return ran
+
+
+def test_the_demo_study_runs_make_demos_commands_into_its_paths(tmp_path, monkeypatch, capsys):
+    from bench.demo_study import load_config
+
+    cfg = load_config(REPO / "bench" / "study" / "demo.yaml", False, None, None, None)
+    assert _demo_commands(cfg, tmp_path, monkeypatch) == MAKE_DEMO
+    # What make demo prints after it are the paths the study wrote (and says it wrote).
+    done = capsys.readouterr().out.splitlines()[-1]
+    makefile = (REPO / "Makefile").read_text(encoding="utf-8")
+    recipe = makefile[makefile.index("\ndemo: setup"):makefile.index("\nclean:")]
+    assert "\n\t$(PY) bench/study.py --config bench/study/demo.yaml $(strip $(DEMO_OVERRIDES))\n" in recipe  # one command
+    for path in ("shards/demo", "shards/demo_val", "runs/demo_sft", "runs/demo_sftgo", "runs/demo_evaluation.json",
+                 "runs/demo_report/report.html"):
+        assert path in recipe and f" {path}," in done + ",", path
+
+
+def test_make_demos_variables_become_the_study_overrides(tmp_path, monkeypatch):
+    """DEMO_EXAMPLES, DEMO_HELDOUT, DEMO_MAX_LENGTH, DEMO_EVAL_LIMIT, LLMLINGUA2_MODEL and SHARED reach the commands
+    (read from ``make -n``, which runs nothing); unset, the study's own values hold."""
+    import shlex
+
+    from bench.demo_study import load_config
+
+    def study_args(*variables: str) -> list[str]:
+        proc = subprocess.run(["make", "-n", "demo", *variables], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        line, = [line for line in proc.stdout.splitlines() if "bench/study.py" in line]
+        words = shlex.split(line)
+        return words[words.index("--config") + 2:]
+
+    assert study_args() == []
+    overrides = study_args("DEMO_EXAMPLES=256", "DEMO_HELDOUT=64", "DEMO_MAX_LENGTH=2048", "DEMO_EVAL_LIMIT=50",
+                           "LLMLINGUA2_MODEL=/models/llmlingua2", "SHARED=/data/shared")
+    cfg = load_config(REPO / "bench" / "study" / "demo.yaml", False, None, None, None, overrides)
+    commands = dict(_demo_commands(cfg, tmp_path, monkeypatch))
+    assert commands["annotate_train"] == (
+        "annotate/run.py --input /data/shared/data/lima/train.jsonl --format lima --model smollm2-135m-instruct --limit 256 "
+        "--shard-size 16 --max-length 2048 --scorers tfidf,base_loss,llmlingua2 --scorer-option llmlingua2.model=/models/llmlingua2 "
+        "--output shards/demo")
+    assert "--limit 64 --max-length 2048 --scorers tfidf,base_loss,llmlingua2" in commands["annotate_heldout"]
+    assert "--data-dir /data/shared/data/eval --limit 50 " in commands["evaluate"]
+
+
+def test_demo_study_smoke_runs_every_step(tmp_path, tiny_llama_dir, monkeypatch):
+    """make demo's study end to end on the tiny model (--smoke: 4 records a directory, 2 steps a run, 1 question per
+    MMLU subject and for ARC). A rerun calls every command again, each finding its work done (their own tests:
+    annotate's, train's and evaluation.run's reruns), except ref_loss, which the study itself skips."""
+    from bench.demo_study import load_config
+    from schemas.shard import Manifest
+
+    work = tmp_path / "work"
+    cmd = [sys.executable, "bench/study.py", "--config", "bench/study/demo.yaml", "--smoke", "--model", str(tiny_llama_dir),
+           "--work", str(work)]
+    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in ("demo", "demo_val"):
+        assert Manifest.load(work / "shards" / name).scorer_names == ["tfidf", "base_loss", "ref_loss"], name
+    for run in ("demo_sft", "demo_sftgo"):
+        assert json.loads((work / "runs" / run / "train_summary.json").read_text())["steps"] == 2
+        assert (work / "runs" / run / "model" / "config.json").exists() and (work / "runs" / run / "evaluation.json").exists()
+    evaluated = json.loads((work / "runs" / "demo_evaluation.json").read_text())["runs"]
+    assert len(evaluated) == 3 and all(r["heldout"] for r in evaluated)  # the base model and both runs
+    assert (work / "runs" / "demo_report" / "report.html").stat().st_size > 0
+    assert "[study] demo done in " in proc.stdout and str(work / "runs" / "demo_report" / "report.html") in proc.stdout
+
+    again = _demo_commands(load_config(REPO / "bench" / "study" / "demo.yaml", True, str(tiny_llama_dir), None, str(work)),
+                           tmp_path, monkeypatch)
+    assert [name for name, _ in again] == [name for name, _ in MAKE_DEMO if not name.startswith("ref_loss_")]
+
+
+def test_study_overrides_set_nested_and_dotted_keys_and_name_the_nearest():
+    from bench.study import StudyError, read_config
+
+    config = REPO / "bench" / "study" / "lima_seeds.yaml"
+    cfg = read_config(config, ["data.train.count=64", "train.optim.lr=1.0e-4", "evaluate.prompts=[Hi, Bye]", "scorer_options.tfidf.sublinear_tf=true",
+                               "runs.sft_s0.loss.name=dft", "work="])
+    assert cfg["data"]["train"]["count"] == 64 and cfg["train"]["optim.lr"] == 1.0e-4 and cfg["evaluate"]["prompts"] == ["Hi", "Bye"]
+    assert cfg["scorer_options"]["tfidf.sublinear_tf"] is True and cfg["runs"]["sft_s0"]["loss.name"] == "dft" and cfg["work"] == ""
+    with pytest.raises(StudyError, match=r"no key data\.train\.cuont \(did you mean data\.train\.count\?\)"):
+        read_config(config, ["data.train.cuont=3"])
+    with pytest.raises(StudyError, match="expected KEY=VALUE"):
+        read_config(config, ["data.train.count"])
+
+
 def test_paired_vs_sft_one_seed_and_two():
     """A method with one seed gets its difference and no interval; with two, the mean of the paired differences."""
     from bench.study import paired_vs_sft
