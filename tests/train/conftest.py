@@ -10,6 +10,10 @@ quantile summaries from summarize_scores / merge_summaries, the manifest written
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -193,3 +197,37 @@ def implied_loss_config() -> type:
                 raise TypeError(f"loss option key {key!r} of {loss_cls.name} is already taken; give it its own key")
             fields.append((attribute, hints[f.name], loss_option(loss_cls.Options, f.name)))
     return dataclasses.make_dataclass("LossConfig", fields)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a test's process group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_gloo_ranks(script: Path, args: Sequence[str], ranks: int, cwd: Path, timeout: float) -> None:
+    """Run ``python script *args`` on ``ranks`` CPU ranks with the launcher's environment set by hand (gloo); each
+    rank's output goes to ``cwd/rank{r}.log``, whose tail a failing rank's assertion shows. A rank still running
+    at the end (a hang: TimeoutExpired) is killed, and DeepSpeed's shared-memory buffers are removed."""
+    repo = Path(__file__).resolve().parents[2]
+    port, procs = str(free_port()), []
+    try:
+        for rank in range(ranks):
+            env = dict(os.environ, DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks),
+                       LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1",
+                       PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
+            procs.append(subprocess.Popen([sys.executable, str(script), *args], env=env, cwd=cwd,
+                                          stdout=open(cwd / f"rank{rank}.log", "w"), stderr=subprocess.STDOUT))
+        for rank, proc in enumerate(procs):
+            assert proc.wait(timeout=timeout) == 0, (cwd / f"rank{rank}.log").read_text()[-4000:]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for path in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
+            try:
+                path.unlink()
+            except OSError:
+                pass

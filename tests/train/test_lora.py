@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +26,7 @@ from transformers import AutoModelForCausalLM
 from data.config import ConfigError
 from schemas.shard import tokenizer_fingerprint
 from tests.conftest import REPO
-from tests.train.conftest import make_examples, write_annotated_dir
+from tests.train.conftest import make_examples, run_gloo_ranks, write_annotated_dir
 from train import config as train_config
 from train.forward import token_losses
 from train.lora import add_adapters, count_trainable, load_causal_lm, merge_adapter, peft_model_of, save_adapter
@@ -297,36 +296,11 @@ def shards(tmp_path_factory, smol_tokenizer):
     return root / "train"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_worker(tmp_path: Path, model_dir: Path, shards: Path, ranks: int, cases: list[str], timeout: float = 900) -> dict:
     """The worker on ``ranks`` gloo ranks (plain python, the launcher's environment set by hand)."""
     script = tmp_path / "lora_worker.py"
     script.write_text(_WORKER, encoding="utf-8")
-    port, procs = str(_free_port()), []
-    try:
-        for rank in range(ranks):
-            env = dict(os.environ, DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks),
-                       LOCAL_WORLD_SIZE=str(ranks), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1",
-                       PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-            procs.append(subprocess.Popen([sys.executable, str(script), str(model_dir), str(shards), str(tmp_path), ",".join(cases)],
-                                          env=env, cwd=tmp_path, stdout=open(tmp_path / f"rank{rank}.log", "w"), stderr=subprocess.STDOUT))
-        for rank, proc in enumerate(procs):
-            assert proc.wait(timeout=timeout) == 0, (tmp_path / f"rank{rank}.log").read_text()[-4000:]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        for path in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
-            try:
-                path.unlink()
-            except OSError:
-                pass
+    run_gloo_ranks(script, [str(model_dir), str(shards), str(tmp_path), ",".join(cases)], ranks, tmp_path, timeout)
     return json.loads((tmp_path / "result.json").read_text())
 
 

@@ -12,13 +12,11 @@ the ranks hung. The worker checks, on real DeepSpeed engines:
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.train.conftest import run_gloo_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -96,39 +94,11 @@ with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
 '''
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(tmp_path: Path, model_dir: Path, chunk: int, timeout: float) -> list[dict]:
     """Start the worker on two ranks; return their results (TimeoutExpired if they hang)."""
     script = tmp_path / "zero3_ranks_worker.py"
     script.write_text(_WORKER, encoding="utf-8")
-    repo = Path(__file__).resolve().parents[2]
-    port = str(_free_port())
-    procs = []
-    try:
-        for rank in range(2):
-            env = dict(os.environ, DS_ACCELERATOR="cpu", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                       LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1",
-                       PYTHONPATH=os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")]))
-            procs.append(subprocess.Popen([sys.executable, str(script), str(model_dir), str(tmp_path), str(chunk)], env=env,
-                                          cwd=tmp_path, stdout=open(tmp_path / f"rank{rank}.log", "w"), stderr=subprocess.STDOUT))
-        for rank, proc in enumerate(procs):
-            code = proc.wait(timeout=timeout)
-            assert code == 0, (tmp_path / f"rank{rank}.log").read_text()[-4000:]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        for path in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
-            try:
-                path.unlink()
-            except OSError:
-                pass
+    run_gloo_ranks(script, [str(model_dir), str(tmp_path), str(chunk)], 2, tmp_path, timeout)
     return [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
 
 
