@@ -28,10 +28,12 @@ How it measures:
     python bench/train.py --device cpu --model tiny --tiny-layers 30 --tiny-vocab 1024 --losses sftgo,rho1 \
         --grad-accum 4 --group-decision-compare --steps 6 --warmup 1 --threads 1 --out bench/results/group_decision_cpu.json
 
-LoRA against full training (``lora_vs_full`` in the JSON: step time and peak memory side by side, and their ratios):
+LoRA and QLoRA against full training (``lora_vs_full`` in the JSON: step time and peak memory side by side, and their
+ratios):
 
     python bench/train.py --device cpu --model smollm2-135m-instruct --losses sft --micro-batch-tokens 512 --steps 3 \
-        --warmup 1 --rounds 2 --threads 1 --variant lora:lora.rank=16 --out bench/results/train_cpu_135m_lora.json
+        --warmup 1 --rounds 2 --threads 1 --variant lora:lora.rank=16 --variant qlora:lora.rank=16,lora.quantize=4bit \
+        --out bench/results/train_cpu_135m_lora.json
 
 ``--group-decision-compare``: each worker times ``loss.group_decision=step`` against ``micro_batch``
 in the same process on the same engine, alternating step by step (step/micro_batch, then

@@ -179,7 +179,7 @@ class EvalConfig:
     scope: str = option("", "scope of the evaluation grouping: sequence | batch | corpus; '' = importance.scope (corpus: the cut of data.train's manifest when it holds the score, else data.validation's)")
 
 
-#: lora.quantize values: none, or 4bit (QLoRA: the frozen base in 4-bit NF4 through bitsandbytes, CUDA only).
+#: lora.quantize values: none, or 4bit (QLoRA: the frozen base in 4-bit NF4 through bitsandbytes, on CUDA or its CPU backend).
 LORA_QUANTIZE = ("none", "4bit")
 #: Modules that never get adapters: the output head runs inside the chunked CE (train/forward.py calls its class's own
 #: forward, which a LoRA wrapper's is not), and the embeddings are tied to it in most small models.
@@ -198,7 +198,7 @@ class LoraConfig:
     dropout: float = option(0.0, "dropout on each adapter's input, in [0, 1) (the base model's own dropout is unchanged)")
     target_modules: list[str] = option(factory=lambda: ["all-linear"], help="modules that get adapters: all-linear (every linear layer of the decoder, not the output head) or module names / suffixes (q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj), each of which must match; the output head and the embeddings are refused")
     export_merged: bool = option(False, "also export RUN/model_merged/: the base with the adapters merged in, a plain Hugging Face folder (AutoModelForCausalLM); rank 0 loads the base in float32 on the CPU to merge")
-    quantize: str = option("none", "QLoRA: none | 4bit (the frozen base loaded in 4-bit NF4 through bitsandbytes, adapters in train.dtype; needs CUDA and bitsandbytes; ZeRO stages 0-2)")
+    quantize: str = option("none", "QLoRA: none | 4bit (the frozen base loaded in 4-bit NF4 through bitsandbytes, adapters in train.dtype; needs bitsandbytes (the qlora extra) and CUDA or bitsandbytes' CPU backend; ZeRO stages 0-2)")
 
 
 @dataclass
@@ -435,9 +435,10 @@ def validate(config: TrainConfig) -> None:
         raise ConfigError("invalid train config:\n  " + "\n  ".join(p))
 
 
-def lora_problems(lo: LoraConfig, zero_stage: str, cuda: bool | None = None) -> list[str]:
+def lora_problems(lo: LoraConfig, zero_stage: str, cuda: bool | None = None, cpu_4bit: bool | None = None) -> list[str]:
     """What is wrong with the ``lora`` section, each naming its key: values, the peft package when LoRA is on, and for
-    ``lora.quantize=4bit`` (QLoRA) a CUDA device and bitsandbytes (``cuda`` None: ask torch) and a stage below 3."""
+    ``lora.quantize=4bit`` (QLoRA) bitsandbytes that quantizes on this machine (a CUDA device, or its CPU backend) and a
+    stage below 3. ``cuda`` and ``cpu_4bit`` None: ask torch and :func:`bitsandbytes_quantizes_on_cpu`."""
     import importlib.util
 
     p: list[str] = []
@@ -467,15 +468,30 @@ def lora_problems(lo: LoraConfig, zero_stage: str, cuda: bool | None = None) -> 
             import torch
 
             cuda = torch.cuda.is_available()
-        if not cuda:
-            p.append("lora.quantize: 4bit (QLoRA) needs a CUDA device (bitsandbytes' 4-bit kernels) and this machine has "
-                     "none; set lora.quantize=none to train the adapters on the unquantized base")
-        elif importlib.util.find_spec("bitsandbytes") is None:
-            p.append("lora.quantize: 4bit (QLoRA) needs the bitsandbytes package (pip install bitsandbytes)")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            p.append("lora.quantize: 4bit (QLoRA) needs the bitsandbytes package (pip install -e '.[qlora]')")
+        elif not cuda and not (bitsandbytes_quantizes_on_cpu() if cpu_4bit is None else cpu_4bit):
+            p.append("lora.quantize: 4bit (QLoRA) found no CUDA device, and the installed bitsandbytes cannot quantize to "
+                     "4 bits on the CPU (its CPU backend came in 0.48; the locked 0.50.2 has it: pip install -e "
+                     "'.[qlora]'); or set lora.quantize=none to train the adapters on the unquantized base")
         if zero_stage == "3":
             p.append("lora.quantize: 4bit does not run under ZeRO-3 here (4-bit weights are not partitioned): set "
                      "train.zero_stage to 0, 1, 2 or auto")
     return p
+
+
+def bitsandbytes_quantizes_on_cpu() -> bool:
+    """Whether the installed bitsandbytes quantizes a CPU tensor to 4-bit NF4 (its CPU backend; CUDA-only builds
+    raise). Tried on 64 zeros, not read from a version: builds differ in which backends they carry."""
+    import torch
+
+    try:
+        from bitsandbytes.functional import quantize_4bit
+
+        quantize_4bit(torch.zeros(64), quant_type="nf4")
+    except Exception:  # noqa: BLE001 - any failure (import, missing kernel, NotImplementedError) means no CPU 4-bit path
+        return False
+    return True
 
 
 def validate_against_data(config: TrainConfig, manifest: Manifest, uri: str | None = None) -> None:

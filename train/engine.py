@@ -50,6 +50,9 @@ OFFLOAD_DEVICE_BYTES_PER_PARAM = {"float32": 4 + 4, "bfloat16": 2 + 2}
 OFFLOAD_HOST_BYTES_PER_PARAM = 4 + 4 + 8
 # A frozen parameter (LoRA's base) costs its weight only.
 WEIGHT_BYTES_PER_PARAM = {"float32": 4, "bfloat16": 2}
+# QLoRA's base in 4-bit NF4: half a byte a weight (plus ~0.5% of block constants with double quantisation). Counted for
+# every parameter, a lower bound: bitsandbytes leaves the embeddings and the output head in train.dtype.
+NF4_BYTES_PER_PARAM = 0.5
 # States may take at most this share of a device: activations, logits chunks and the allocator need the rest.
 STATE_FRACTION = 0.5
 
@@ -82,7 +85,8 @@ def _fp32_accumulation(stage: int, dtype: str, why: str) -> ZeroPlan:
 
 
 def choose_zero_stage(requested: str, json_stage: int | None, n_params: int, dtype: str, world_size: int,
-                      device_bytes: int, host_bytes: int | None = None, trainable_params: int | None = None) -> ZeroPlan:
+                      device_bytes: int, host_bytes: int | None = None, trainable_params: int | None = None,
+                      quantized: bool = False) -> ZeroPlan:
     """The ZeRO plan for ``n_params`` parameters in ``dtype`` on ``world_size`` ranks of ``device_bytes`` each.
 
     Args:
@@ -92,6 +96,7 @@ def choose_zero_stage(requested: str, json_stage: int | None, n_params: int, dty
             training: offloading moves nothing).
         trainable_params: LoRA: the adapters' parameters, the only ones with gradients and optimizer states
             (``n_params`` then counts the frozen base); None: every parameter trains.
+        quantized: QLoRA: the frozen base is held in 4-bit NF4 (:data:`NF4_BYTES_PER_PARAM`).
 
     Raises:
         ValueError: ``auto`` on one rank when the states fit neither the device nor, offloaded, the host;
@@ -102,13 +107,14 @@ def choose_zero_stage(requested: str, json_stage: int | None, n_params: int, dty
     if json_stage is not None:
         return _fp32_accumulation(json_stage, dtype, f"zero_optimization.stage={json_stage} in deepspeed_config")
     budget = STATE_FRACTION * device_bytes
+    frozen_weight = NF4_BYTES_PER_PARAM if quantized else WEIGHT_BYTES_PER_PARAM[dtype]
     if trainable_params is None:
         need = n_params * STATE_BYTES_PER_PARAM[dtype]
         counted = f"{n_params / 1e6:.1f}M params x {STATE_BYTES_PER_PARAM[dtype]} B, {dtype}"
     else:  # LoRA: the base's weights, the adapters' weights, gradients and optimizer states
-        weight = WEIGHT_BYTES_PER_PARAM[dtype]
-        need = n_params * weight + trainable_params * STATE_BYTES_PER_PARAM[dtype]
-        counted = (f"{n_params / 1e6:.1f}M frozen params x {weight} B + {trainable_params / 1e6:.2f}M adapter params x "
+        need = n_params * frozen_weight + trainable_params * STATE_BYTES_PER_PARAM[dtype]
+        counted = (f"{n_params / 1e6:.1f}M frozen params x {frozen_weight:g} B{' (4-bit NF4)' if quantized else ''} + "
+                   f"{trainable_params / 1e6:.2f}M adapter params x "
                    f"{STATE_BYTES_PER_PARAM[dtype]} B, {dtype}")
     sizes = f"model + optimizer states ~{_gib(need)} ({counted}) vs {STATE_FRACTION:.0%} of {_gib(device_bytes)} per device"
     if world_size > 1:
@@ -119,7 +125,7 @@ def choose_zero_stage(requested: str, json_stage: int | None, n_params: int, dty
     if need <= budget:
         return _fp32_accumulation(0, dtype, f"auto: {sizes}: fit, one rank, so no partitioning (stage 0)")
     trained = n_params if trainable_params is None else trainable_params
-    on_device = n_params * WEIGHT_BYTES_PER_PARAM[dtype] + trained * (OFFLOAD_DEVICE_BYTES_PER_PARAM[dtype] - WEIGHT_BYTES_PER_PARAM[dtype])
+    on_device = n_params * frozen_weight + trained * (OFFLOAD_DEVICE_BYTES_PER_PARAM[dtype] - WEIGHT_BYTES_PER_PARAM[dtype])
     on_host = trained * OFFLOAD_HOST_BYTES_PER_PARAM
     offload = (f"offloaded: ~{_gib(on_device)} on the device (weights + gradients) and ~{_gib(on_host)} of fp32 master "
                f"weights, gradients and AdamW moments on the host")
@@ -166,7 +172,7 @@ def resolve_zero_stage(cfg: TrainConfig, model_path: str, world_size: int, devic
     trainable = count_trainable(model_path, cfg.lora, cfg.trust_remote_code) if cfg.lora.rank else None
     plan = choose_zero_stage(cfg.train.zero_stage, train_config.json_zero_stage(cfg), count_parameters(model_path, cfg.trust_remote_code),
                              dtype, world_size, device_memory_bytes(device), None if device.type == "cpu" else host_memory_bytes(),
-                             trainable_params=trainable)
+                             trainable_params=trainable, quantized=cfg.lora.rank > 0 and cfg.lora.quantize != "none")
     if cfg.lora.quantize != "none" and plan.stage == 3:
         raise ValueError(f"lora.quantize={cfg.lora.quantize}: {plan.why}; but 4-bit weights are not partitioned by ZeRO-3 here: "
                          f"set train.zero_stage=2")

@@ -23,8 +23,9 @@ still writes the output head's weight: its frozen-parameter filter walks ``named
 weight once, as the embedding.)
 
 QLoRA (``lora.quantize=4bit``): the base loads in 4-bit NF4 through bitsandbytes (double quantisation, compute in
-``train.dtype``) on this rank's GPU; ZeRO stages 0-2 only (4-bit weights are not partitioned). The merged export
-loads the base again unquantised.
+``train.dtype``) on this rank's GPU, or on the CPU where bitsandbytes has its CPU backend (>= 0.48; the ``qlora`` extra
+locks 0.50.2); ZeRO stages 0-2 only (4-bit weights are not partitioned). The merged export loads the base again
+unquantised.
 """
 
 from __future__ import annotations
@@ -125,12 +126,13 @@ def count_trainable(model_path: str, section: Any, trust_remote_code: bool = Fal
 
 def quantized_load_kwargs(dtype: torch.dtype) -> dict[str, Any]:
     """``from_pretrained`` arguments of QLoRA's base: 4-bit NF4 with double quantisation, computing in ``dtype``, on
-    this rank's GPU (train.config.lora_problems has checked CUDA and bitsandbytes)."""
+    this rank's GPU, else on the CPU (train.config.lora_problems has checked that bitsandbytes can quantize there)."""
     from transformers import BitsAndBytesConfig
 
     quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                       bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=dtype)
-    return {"quantization_config": quantization, "device_map": {"": torch.cuda.current_device()}}
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    return {"quantization_config": quantization, "device_map": {"": device}}
 
 
 def adapter_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -13,8 +13,10 @@ through train/main.py are tests/train/test_main.py's, parametrised with LoRA.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -84,15 +86,38 @@ def test_bad_lora_values_name_the_key(overrides, message):
     assert message in str(info.value)
 
 
-def test_qlora_is_refused_without_cuda_and_at_zero_stage_3_naming_the_key():
+def test_qlora_is_refused_where_bitsandbytes_cannot_quantize_and_at_zero_stage_3_naming_the_key(monkeypatch):
     section = _cfg("lora.quantize=4bit").lora
-    problems = train_config.lora_problems(section, "auto", cuda=False)
-    assert problems == ["lora.quantize: 4bit (QLoRA) needs a CUDA device (bitsandbytes' 4-bit kernels) and this machine has "
-                        "none; set lora.quantize=none to train the adapters on the unquantized base"]
-    assert any("lora.quantize: 4bit does not run under ZeRO-3" in p for p in train_config.lora_problems(section, "3", cuda=True))
-    if not torch.cuda.is_available():  # what a user of this machine sees: validate() refuses it before anything loads
-        with pytest.raises(ConfigError, match=r"lora.quantize: 4bit \(QLoRA\) needs a CUDA device"):
-            train_config.validate(_cfg("lora.quantize=4bit"))
+    assert train_config.lora_problems(section, "auto", cuda=True) == []
+    assert train_config.lora_problems(section, "auto", cuda=False, cpu_4bit=True) == []
+    assert train_config.lora_problems(section, "auto", cuda=False, cpu_4bit=False) == [
+        "lora.quantize: 4bit (QLoRA) found no CUDA device, and the installed bitsandbytes cannot quantize to 4 bits on "
+        "the CPU (its CPU backend came in 0.48; the locked 0.50.2 has it: pip install -e '.[qlora]'); or set "
+        "lora.quantize=none to train the adapters on the unquantized base"]
+    assert train_config.lora_problems(section, "3", cuda=True) == [
+        "lora.quantize: 4bit does not run under ZeRO-3 here (4-bit weights are not partitioned): set train.zero_stage to 0, 1, 2 or auto"]
+    real_find_spec = importlib.util.find_spec  # bitsandbytes not installed: named with the extra that installs it
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real_find_spec(name, *a))
+    with pytest.raises(ConfigError, match=re.escape("lora.quantize: 4bit (QLoRA) needs the bitsandbytes package (pip install -e '.[qlora]')")):
+        train_config.validate(_cfg("lora.quantize=4bit"))
+
+
+def test_this_machine_quantizes_to_4_bits_with_the_locked_bitsandbytes():
+    """make setup installs the qlora extra (bitsandbytes 0.50.2), whose CPU backend quantizes: QLoRA runs here."""
+    pytest.importorskip("bitsandbytes", reason="the qlora extra is not installed")
+    assert train_config.bitsandbytes_quantizes_on_cpu()
+    train_config.validate(_cfg("lora.quantize=4bit"))  # not refused
+
+
+def test_peft_imports_without_bitsandbytes_asking_for_a_hub_kernel():
+    """With the qlora extra, every import of peft imports bitsandbytes, which on AVX512-BF16 CPUs warns that the
+    `kernels` package (a Hub download) is missing; the train package quiets that line, and only that line."""
+    pytest.importorskip("bitsandbytes", reason="the qlora extra is not installed")
+    proc = subprocess.run([sys.executable, "-c", "import train.lora, peft, logging; "
+                           "print(logging.getLogger('bitsandbytes.backends.cpu.ops').getEffectiveLevel())"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split() == ["40"], proc.stdout + proc.stderr
+    assert "kernels" not in proc.stderr, proc.stderr
 
 
 def test_lora_keys_decide_the_weights_only_when_lora_is_on():
@@ -130,6 +155,11 @@ def test_the_zero_plan_counts_optimizer_states_for_the_adapters_only(tiny_llama_
         choose_zero_stage("auto", None, n, "float32", 1, device)
     plan = choose_zero_stage("auto", None, n, "float32", 1, device, trainable_params=trainable)
     assert plan.stage == 0 and "frozen params x 4 B + 0.01M adapter params x 16 B" in plan.why
+    # QLoRA: the frozen base at half a byte a weight; two ranks that must partition it are sent to stage 3 (refused later)
+    plan = choose_zero_stage("auto", None, n, "float32", 2, n * 4, trainable_params=trainable, quantized=True)
+    assert plan.stage == 2 and f"~{(n * 0.5 + trainable * 16) / 2**30:.2f} GiB" in plan.why
+    assert "frozen params x 0.5 B (4-bit NF4) + 0.01M adapter params x 16 B" in plan.why
+    assert choose_zero_stage("auto", None, n, "float32", 2, n * 4, trainable_params=trainable).stage == 3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,7 +373,7 @@ def test_every_zero_stage_trains_the_same_adapters_and_every_loss_trains_them(tm
 
 
 # ---------------------------------------------------------------------------------------------
-# QLoRA: CUDA and bitsandbytes only
+# QLoRA on CUDA (on the CPU, through bitsandbytes' CPU backend: test_main.py's kill -9 case 2rank-zeroauto-qlora)
 # ---------------------------------------------------------------------------------------------
 
 

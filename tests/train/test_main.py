@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 from schemas.shard import MANIFEST_NAME, tokenizer_fingerprint
 from tests.conftest import REPO
 from tests.train.conftest import make_examples, write_annotated_dir
+from train import config as train_config
 
 pytestmark = pytest.mark.slow
 
@@ -122,27 +123,33 @@ def _cleanup_shm():
             pass
 
 
-# (ranks, train.zero_stage, the stage it must resolve to, launcher, LoRA): auto is 0 on one rank and 2 on two.
-# The 2-node case: two nodes (torchrun --nnodes 2, one rank each) against one node's two ranks. LoRA: adapters of
-# rank 4 with dropout (its RNG must resume too), exported as PEFT's adapter folder and merged (tests/train/test_lora.py).
-STAGES = [(1, "auto", 0, "deepspeed", False), (1, "3", 3, "deepspeed", False), (2, "auto", 2, "deepspeed", False),
-          (2, "1", 1, "deepspeed", False), (2, "3", 3, "torchrun-nodes", False),
-          (1, "auto", 0, "deepspeed", True), (2, "3", 3, "deepspeed", True)]
-LORA = {"lora.rank": 4, "lora.dropout": 0.1, "lora.export_merged": "true"}
+# (ranks, train.zero_stage, the stage it must resolve to, launcher, adapters): auto is 0 on one rank and 2 on two.
+# The 2-node case: two nodes (torchrun --nnodes 2, one rank each) against one node's two ranks. lora: adapters of
+# rank 4 with dropout (its RNG must resume too), exported as PEFT's adapter folder and merged (tests/train/test_lora.py);
+# qlora: the same on a base loaded in 4-bit NF4 (bitsandbytes' CPU backend here; the qlora extra).
+STAGES = [(1, "auto", 0, "deepspeed", ""), (1, "3", 3, "deepspeed", ""), (2, "auto", 2, "deepspeed", ""),
+          (2, "1", 1, "deepspeed", ""), (2, "3", 3, "torchrun-nodes", ""),
+          (1, "auto", 0, "deepspeed", "lora"), (2, "3", 3, "deepspeed", "lora"), (2, "auto", 2, "deepspeed", "qlora")]
+ADAPTERS = {"lora": {"lora.rank": 4, "lora.dropout": 0.1, "lora.export_merged": "true"},
+            "qlora": {"lora.rank": 4, "lora.dropout": 0.1, "lora.export_merged": "true", "lora.quantize": "4bit"}}
 
 
 @pytest.mark.parametrize("ranks,zero_stage,resolved,launcher,lora", STAGES,
-                         ids=[f"{r}rank-zero{z}" + ("-2nodes" if l != "deepspeed" else "") + ("-lora" if a else "")
+                         ids=[f"{r}rank-zero{z}" + ("-2nodes" if l != "deepspeed" else "") + (f"-{a}" if a else "")
                               for r, z, _, l, a in STAGES])
 def test_train_kill_resume_export(tmp_path, tiny_llama_dir, shards, ranks, zero_stage, resolved, launcher, lora):
     """Through the `deepspeed` launcher (or torchrun on two nodes); the uninterrupted reference run uses
     plain `python` with 1 rank, the `deepspeed` launcher with 2 on one node."""
-    keys = {"train.zero_stage": zero_stage, **(LORA if lora else {})}
+    problems = train_config.lora_problems(train_config.LoraConfig(rank=4, quantize="4bit"), "auto") if lora == "qlora" else []
+    if problems:
+        pytest.skip(f"QLoRA does not run here: {problems}")
+    keys = {"train.zero_stage": zero_stage, **ADAPTERS.get(lora, {})}
     try:
         reference = tmp_path / "reference"
         _run(_config(reference, tiny_llama_dir, shards, **keys), ranks,
              tmp_path / "reference.log", launcher="python" if ranks == 1 else "deepspeed")
         assert f"zero stage {resolved}:" in (tmp_path / "reference.log").read_text()
+        assert ("(base in 4-bit NF4)" in (tmp_path / "reference.log").read_text()) == (lora == "qlora")
         ref_metrics = _metrics(reference / "run")
         assert sorted(ref_metrics) == [1, 2, 3, 4, 5, 6]
         assert all(r["trainable_tokens"] > 0 and r["loss"] > 0 for r in ref_metrics.values())
@@ -176,7 +183,7 @@ def test_train_kill_resume_export(tmp_path, tiny_llama_dir, shards, ranks, zero_
                 assert resumed[step][key] == pytest.approx(ref_metrics[step][key], rel=1e-5, abs=1e-6), (step, key)
         assert (interrupted / "run" / "checkpoints" / "step_4" / "COMPLETED").exists()  # saved again, whole
         if lora:
-            _check_adapter_export(interrupted / "run", reference / "run", tiny_llama_dir)
+            _check_adapter_export(interrupted / "run", reference / "run", tiny_llama_dir, quantized=lora == "qlora")
             return
 
         # The exported folder is a standard HF model, trained (differs from the start), tied embeddings kept.
@@ -194,10 +201,11 @@ def test_train_kill_resume_export(tmp_path, tiny_llama_dir, shards, ranks, zero_
         _cleanup_shm()
 
 
-def _check_adapter_export(run: Path, reference: Path, base_dir: Path) -> None:
+def _check_adapter_export(run: Path, reference: Path, base_dir: Path, quantized: bool = False) -> None:
     """A LoRA run's export: model/ is PEFT's adapter folder of the base (loads on it with PEFT), the same adapter as the
     uninterrupted run's, trained; model_merged/ loads with AutoModelForCausalLM and gives base + adapter's logits to
-    1e-5; the cards say which is which, and of which base."""
+    1e-5 (QLoRA too: the adapter trained on the 4-bit base is merged into the unquantized one); the cards say which is
+    which, and of which base."""
     from peft import PeftModel
     from safetensors.torch import load_file
 
@@ -220,6 +228,7 @@ def _check_adapter_export(run: Path, reference: Path, base_dir: Path) -> None:
     card, merged_card = (folder / "README.md").read_text(), (run / "model_merged" / "README.md").read_text()
     assert "library_name: peft" in card and "a LoRA adapter (PEFT), not a whole model" in card and f"`{base_dir}`" in card
     assert "rank 4, alpha 8 (scale 2), dropout 0.1, on `all-linear`" in card and "PeftModel.from_pretrained" in card
+    assert ("base in 4-bit NF4 while training (QLoRA)" in card) == quantized
     assert "library_name: transformers" in merged_card and "LoRA adapter merged into its weights" in merged_card
 
 
