@@ -289,10 +289,12 @@ def load_model(cfg: TrainConfig, model_path: str, ds_config: dict[str, Any], dty
     if cfg.lora.rank:
         model = lora.add_adapters(model, cfg.lora, model_path)
         trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
-        total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+        # A 4-bit weight's numel() counts its packed storage (2 to 8 weights an element): the base is counted from its config.
+        frozen = (count_parameters(model_path, trust) if quantized
+                  else sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if not p.requires_grad))
         log0(f"lora: rank {cfg.lora.rank}, alpha {lora.lora_alpha(cfg.lora):g}, dropout {cfg.lora.dropout:g} on "
              f"{','.join(cfg.lora.target_modules)}{' (base in 4-bit NF4)' if quantized else ''}: {trainable:,} adapter "
-             f"parameters train, the {total - trainable:,} of the base are frozen")
+             f"parameters train, the {frozen:,} of the base are frozen")
     if cfg.train.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

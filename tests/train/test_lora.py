@@ -30,6 +30,7 @@ from schemas.shard import tokenizer_fingerprint
 from tests.conftest import REPO
 from tests.train.conftest import make_examples, run_gloo_ranks, write_annotated_dir
 from train import config as train_config
+from train.engine import count_parameters
 from train.forward import token_losses
 from train.lora import add_adapters, count_trainable, load_causal_lm, merge_adapter, peft_model_of, save_adapter
 
@@ -145,7 +146,7 @@ def test_a_checkpoint_of_other_trained_weights_is_refused(tmp_path):
 
 
 def test_the_zero_plan_counts_optimizer_states_for_the_adapters_only(tiny_llama_dir):
-    from train.engine import choose_zero_stage, count_parameters
+    from train.engine import choose_zero_stage
 
     n, trainable = count_parameters(str(tiny_llama_dir)), count_trainable(str(tiny_llama_dir), _cfg().lora)
     # all-linear on 2 layers of width 64 (q, k, v, o, gate, up, down): r * (in + out) each.
@@ -373,32 +374,38 @@ def test_every_zero_stage_trains_the_same_adapters_and_every_loss_trains_them(tm
 
 
 # ---------------------------------------------------------------------------------------------
-# QLoRA on CUDA (on the CPU, through bitsandbytes' CPU backend: test_main.py's kill -9 case 2rank-zeroauto-qlora)
+# QLoRA through train/main.py, bf16 (DeepSpeed's bf16 optimizer at stage 1): on the CPU (bitsandbytes' CPU backend)
+# and, marked gpu, on CUDA. The fp32 kill -9 resume on 2 ranks is test_main.py's case 2rank-zeroauto-qlora.
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_qlora_trains_adapters_on_a_4bit_base_and_exports_them(tmp_path, tiny_llama_dir, shards):  # pragma: no cover - GPU only
-    """train/main.py with lora.quantize=4bit on one GPU: the base loads in 4-bit NF4, the adapters train (bf16, the
-    stage auto picks), the adapter folder loads with PEFT on the unquantised base and the merged folder gives its logits."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_qlora_trains_adapters_on_a_4bit_base_and_exports_them(tmp_path, tiny_llama_dir, shards, device):
+    """train/main.py with lora.quantize=4bit in bf16 on one rank (the GPU, or the CPU): the base loads in 4-bit NF4, the
+    adapters train (bf16, the stage auto picks), the adapter folder loads with PEFT on the unquantised base and the merged
+    folder gives its logits."""
     pytest.importorskip("bitsandbytes", reason="QLoRA needs bitsandbytes")
     from peft import PeftModel
 
     out = tmp_path / "run"
     env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
     args = [f"model={tiny_llama_dir}", f"data.train={shards}", "data.micro_batch_tokens=96", "importance.scorer=tfidf",
             "train.max_steps=3", "optim.lr=1e-2", "lora.rank=4", "lora.quantize=4bit", "lora.export_merged=true",
-            "checkpoint.every=2", f"output_dir={out}"]
+            "checkpoint.every=2", "train.dtype=bfloat16", f"output_dir={out}"]
     proc = subprocess.run([sys.executable, str(REPO / "train" / "main.py"), *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    assert "(base in 4-bit NF4)" in proc.stdout and "zero stage 1:" in proc.stdout
+    frozen = count_parameters(str(tiny_llama_dir))  # the base's parameters, not the packed 4-bit storage's elements
+    assert f"lora: rank 4, alpha 8, dropout 0 on all-linear (base in 4-bit NF4): 8,192 adapter parameters train, the {frozen:,} of the base are frozen" in proc.stdout
+    assert "zero stage 1:" in proc.stdout
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     assert "base in 4-bit NF4 while training (QLoRA)" in (out / "model" / "README.md").read_text()
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), out / "model").eval()
     merged = AutoModelForCausalLM.from_pretrained(out / "model_merged", dtype=torch.float32).eval()
     ids = torch.arange(1, 40)[None]
-    with torch.no_grad():  # the merged folder is bf16 (the training dtype on CUDA): bf16 rounding of the weights
+    with torch.no_grad():  # the merged folder is bf16 (the training dtype): bf16 rounding of the weights
         torch.testing.assert_close(merged(ids).logits, model(ids).logits, rtol=0, atol=0.05)
