@@ -19,9 +19,10 @@ from data.config import option
 from data.formats import DEFAULT_MAX_RECORD_BYTES, FORMATS
 from data.sources import COLUMNS, CONTAINERS, check_columns
 from data.models import DEFAULT_MODEL
+from schemas.shard import program
 
 USAGE = [
-    "usage: python annotate/run.py [--config FILE ...] [--KEY VALUE ...] [--list-scorers]",
+    f"usage: {program('python annotate/run.py')} [--config FILE ...] [--KEY VALUE ...] [--list-scorers]",
     "",
     "Tokenize instruction corpora with a model's chat template and write Parquet shards of token ids, loss masks",
     "and per-token importance scores (shard schema v2). Every option is also a YAML key (--max-length is max_length);",

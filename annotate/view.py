@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from data.formats import where
+from schemas.shard import program
 
 
 def _fmt(value: Any) -> str:
@@ -114,7 +115,7 @@ def _count(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m annotate.view",
+        prog=program("python -m annotate.view"),
         description="Summarize an annotated directory (rows, tokens, per-score statistics over trainable tokens, "
                     "rejects, agreement between scorers) and optionally write an HTML token viewer.",
         epilog="example:\n  python -m annotate.view shards/demo --viewer runs/demo_tokens.html --rho 0.7 --examples 8",

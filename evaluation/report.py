@@ -35,7 +35,7 @@ from typing import Any
 
 import yaml
 
-from schemas.shard import atomic_write_text
+from schemas.shard import atomic_write_text, program
 from train import config as train_config
 
 GROUP_COLORS = {"ce": "#333333", "important_loss": "#d62728", "unimportant_loss": "#1f77b4", "loss": "#9467bd"}
@@ -721,7 +721,7 @@ def build_report(run_dirs: list[str], output: str, *, shards: str | None = None,
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m evaluation.report",
+        prog=program("python -m evaluation.report"),
         description="Write one self-contained HTML report (plus PNG plots) for training runs: loss curves by token "
                     "group, lambda, held-out losses, evaluation.run results, a token viewer and scorer agreement.",
         epilog="example: python -m evaluation.report runs/demo_sft runs/demo_sftgo --output runs/demo_report",

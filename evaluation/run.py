@@ -46,8 +46,9 @@ from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
-
 import torch
+
+from schemas.shard import program
 
 TASKS = ("mmlu", "arc_challenge")
 # --split -> (MMLU directory / file suffix, ARC file part): the original releases' names.
@@ -695,7 +696,7 @@ def write_json(path: Path, obj: Any) -> Path:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m evaluation.run", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=program("python -m evaluation.run"), formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Evaluate runs side by side: benchmarks through lm-evaluation-harness on local files, "
                     "per-group held-out loss with the trainer's code, and greedy sample generations.",
         epilog=textwrap.dedent("""\

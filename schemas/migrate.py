@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from schemas.shard import MANIFEST_NAME, SCHEMA_VERSION, V1_SIDECAR_NAMES, Manifest
+from schemas.shard import MANIFEST_NAME, SCHEMA_VERSION, V1_SIDECAR_NAMES, Manifest, program
 
 
 def is_v1_directory(directory: str | os.PathLike) -> bool:
@@ -64,7 +64,7 @@ def migrate_directory(directory: str | os.PathLike) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m schemas.migrate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=program("python -m schemas.migrate"), description=__doc__.split("\n\n")[0])
     parser.add_argument("directories", nargs="+", metavar="DIR", help="annotated directory (local)")
     args = parser.parse_args(argv)
     status = 0

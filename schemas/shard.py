@@ -451,6 +451,15 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def program(default: str) -> str:
+    """A command's name for its usage line: the console script's (``sftgo-validate``) when it was started through one,
+    else ``default`` (``python -m schemas.validate``, ``python train/main.py``)."""
+    import sys
+
+    name = Path(sys.argv[0]).name
+    return name if name.startswith("sftgo-") else default
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file so readers see the old content or the new, never a partial file."""
     path = Path(path)

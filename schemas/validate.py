@@ -34,6 +34,7 @@ from schemas.shard import (
     arrow_schema,
     first_non_finite,
     join,
+    program,
     same_fingerprint,
     score_column,
 )
@@ -190,7 +191,7 @@ def empty_problem(directory: str, manifest: Manifest) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m schemas.validate", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=program("python -m schemas.validate"), description=__doc__.split("\n\n")[0],
                                      epilog="example: python -m schemas.validate shards/lima --quick")
     parser.add_argument("directory", help=f"annotated directory or fsspec URI (holds {MANIFEST_NAME} and shard-*.parquet)")
     parser.add_argument("--quick", action="store_true", help="check manifest, schemas and footers only; skip reading the data")

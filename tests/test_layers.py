@@ -110,3 +110,17 @@ def test_installed_console_script_runs(tmp_path):
         pytest.skip("sftgo is not installed in this interpreter's environment (make setup installs it)")
     result = subprocess.run([str(command), str(tmp_path / "nope")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and f"{tmp_path / 'nope'}: no such directory" in result.stdout + result.stderr
+
+
+def test_installed_console_scripts_name_themselves_in_their_usage():
+    """``sftgo-train --help`` says ``usage: sftgo-train``, not the ``python train/main.py`` its module prints."""
+    import subprocess
+    import sys
+    import tomllib
+
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
+    if not (Path(sys.executable).parent / "sftgo-validate").exists():
+        pytest.skip("sftgo is not installed in this interpreter's environment (make setup installs it)")
+    for name in scripts:
+        result = subprocess.run([str(Path(sys.executable).parent / name), "--help"], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0 and result.stdout.startswith(f"usage: {name} "), (name, result.stdout[:200], result.stderr[-500:])

@@ -44,7 +44,7 @@ from typing import Any
 from data import config as config_mechanism
 from data.config import ConfigError, option
 from schemas.shard import (EXCESS_LOSS, EXCESS_LOSS_PARTS, Manifest, has_ref_loss, has_score, score_names, score_spread_problem,
-                           system_prompt_of)
+                           program, system_prompt_of)
 from train.losses import GROUP_DECISIONS, LOSSES, EaftOptions, InfoSftOptions, Loss, Rho1Options, SftGoOptions, WeightedOptions
 from train.schedule import SCHEDULES
 from train.shards import NO_SCORE
@@ -246,7 +246,7 @@ def _reference() -> list[tuple[str, str, list[tuple[str, str, str, str]]]]:
 def help_text() -> str:
     """Usage plus every key with its type, default and description, generated from the dataclasses."""
     return config_mechanism.help_text(TrainConfig, [
-        "usage: python train/main.py [--config FILE ...] [KEY=VALUE ...]   (deepspeed train/main.py ... on several GPUs)",
+        f"usage: {program('python train/main.py')} [--config FILE ...] [KEY=VALUE ...]   (deepspeed train/main.py ... on several GPUs)",
         "",
         "Train with token-importance SFT on annotated shards. Defaults <- --config YAML files <- KEY=VALUE.",
         "Values are YAML (optim.betas=[0.9,0.95], loss.rho1_rho=null); string options take the text as written.",
