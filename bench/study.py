@@ -5,6 +5,7 @@ the same shards, evaluate every run and the base model, and write what held and 
     python bench/study.py --config bench/study/lima_small.yaml --smoke   # 2 steps a run, tiny slices
     python bench/study.py --config bench/study/lima_gpu.yaml             # the whole LIMA set, on a GPU
     python bench/study.py --config bench/study/known_truth.yaml          # issue 33: bench/known_truth_study.py
+    python bench/study.py --config bench/study/known_truth_gpu.yaml      # the same at full size, on a GPU
     python bench/study.py --config bench/study/demo.yaml                 # make demo: bench/demo_study.py
     python bench/study.py --config bench/study/lima_seeds.yaml train.optim.lr=1.0e-4   # key=value overrides a key of the config
 

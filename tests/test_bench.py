@@ -404,3 +404,28 @@ def test_t_interval_by_hand():
     # mean 0.2, sd sqrt(0.025) = 0.158114, t(0.975, 4) = 2.776445: half width 2.776445 * 0.158114 / sqrt(5) = 0.196324
     assert got["mean"] == pytest.approx(0.2) and got["sd"] == pytest.approx(0.1581139)
     assert got["low"] == pytest.approx(0.2 - 0.196324, abs=1e-6) and got["high"] == pytest.approx(0.2 + 0.196324, abs=1e-6)
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "bench" / "study").glob("*.yaml")))
+def test_every_study_config_passes_its_kinds_checks(config):
+    """Each bench/study/*.yaml, the GPU ones too (which no CPU test runs), is read and checked as `bench/study.py
+    --config` would before its first step; a known-truth config's corpus builds at its size."""
+    from bench.study import load_study, read_config
+
+    path = REPO / "bench" / "study" / config
+    kind = read_config(path).get("kind", "")
+    if kind == "known_truth":
+        from bench.known_truth import build
+        from bench.known_truth_study import load_config
+
+        cfg = load_config(path, False, None, None, None)
+        corpus = build(**cfg["corpus"])
+        assert len(corpus["train"]) == cfg["corpus"]["entities"] * cfg["corpus"]["repeats"]
+        assert len(set(corpus["table"])) == cfg["corpus"]["entities"]
+    elif kind == "demo":
+        from bench.demo_study import load_config
+
+        load_config(path, False, None, None, None)
+    else:
+        cfg = load_study(path, False, None, None, None)
+        assert cfg["runs"]
