@@ -215,6 +215,13 @@ def _partially_added(out: Path, names: list[str]) -> set[str]:
 # ---------------------------------------------------------------------------------------------
 
 
+# The job's own local Ray lives and dies with this process, on this machine: a node that misses Ray's health checks
+# there is one starved of CPU (a loaded laptop, a niced job), not a lost machine, and Ray's default (5 missed checks
+# 3 s apart) then declares it dead and fails the job; it happened to a study's annotate at load 7 on 2 cores. Patient
+# here: ~5 minutes. A raylet that really dies still ends the job at once (the driver loses its socket).
+LOCAL_RAY_SYSTEM_CONFIG = {"health_check_failure_threshold": 100, "health_check_timeout_ms": 30000}
+
+
 def init_ray(address: str) -> None:
     import ray
 
@@ -240,7 +247,7 @@ def init_ray(address: str) -> None:
     # own short-lived Ray: it costs seconds of start-up and a share of a core all along; `ray start
     # --head` first for a Ray with its dashboard.
     os.environ.update(env)
-    ray.init(include_dashboard=False)
+    ray.init(include_dashboard=False, _system_config=LOCAL_RAY_SYSTEM_CONFIG)
 
 
 def _local_ray_running() -> bool:

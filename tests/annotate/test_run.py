@@ -36,6 +36,12 @@ def test_lima_slice_end_to_end(tmp_path, lima_slice, tiny_llama_dir, tiny_llama_
                "--scorers", "tfidf,ref_loss,base_loss", "--scorer-option", f"ref_loss.model={tiny_llama_ref_dir}",
                "--output", str(out), "--shard-size", "10"])
     assert rc == 0
+    # The job's own local Ray (still up: one per test module) got the patient health checks of annotate.pipeline.
+    import ray._private.worker as ray_worker
+
+    from annotate.pipeline import LOCAL_RAY_SYSTEM_CONFIG
+
+    assert ray_worker._global_node._ray_params._system_config.items() >= LOCAL_RAY_SYSTEM_CONFIG.items()
     report = validate_directory(out)
     assert report.ok, report.problems
     manifest = Manifest.load(out)
