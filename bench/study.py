@@ -43,7 +43,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 if not __package__:  # run as a file: this checkout, not the file's folder, leads sys.path (tests/test_layers.py)
@@ -551,6 +551,7 @@ def collect(study: Study, evaluations: dict[str, dict[str, Any]]) -> dict[str, A
         runs[name] = entry
 
     comparisons = {scorer: paired_vs_sft(runs, scorer) for scorer in cfg["groupings"]}
+    training = training_vs_sft(runs)
     bench_deltas: dict[str, Any] = {}
     for task in ("mmlu", "arc_challenge"):
         base = runs.get("base", {}).get("benchmarks", {}).get(task)
@@ -570,7 +571,7 @@ def collect(study: Study, evaluations: dict[str, dict[str, Any]]) -> dict[str, A
             tokens[name] = manifest.get("totals", {})
     return {"schema": SCHEMA, "config": {k: v for k, v in cfg.items()}, "config_file": str(study.config_path),
             "data_totals": tokens, "reference_model": "SmolLM2-135M-Instruct SFT-trained (sft, reference_train keys) on data.reference",
-            "runs": runs, "worst_group_vs_sft": comparisons, "benchmark_deltas": bench_deltas,
+            "runs": runs, "worst_group_vs_sft": comparisons, "training_vs_sft": training, "benchmark_deltas": bench_deltas,
             "tfidf_top_tokens": tfidf_top_tokens(study), "step_seconds": study.timings,
             "generated_at": time.strftime("%Y-%m-%d %H:%M:%S")}
 
@@ -596,9 +597,42 @@ def paired_vs_sft(runs: dict[str, Any], scorer: str) -> dict[str, Any]:
     (method_sS - sft_sS) with its 95% t-interval (runs are named METHOD_sSEED; a seed counts when
     both have it), and sft's own seed-to-seed sd of the worst-group loss (the noise a one-seed method
     can only be compared with)."""
-    def held(name: str) -> dict[str, Any] | None:
-        return runs.get(name, {}).get("heldout", {}).get(scorer)
+    return _paired(runs, lambda name: runs.get(name, {}).get("heldout", {}).get(scorer))
 
+
+def last_epoch_losses(curves: list[dict[str, Any]]) -> dict[str, float] | None:
+    """A run's training losses over its last epoch: the mean over that epoch's steps of each step's CE and group losses
+    as the trainer logged them (each step's own batch, before its update), and the worst group's: the larger of the
+    two groups' means. None without group losses."""
+    if not curves:
+        return None
+    last = max(c.get("epoch", 0) for c in curves)
+    steps = [c for c in curves if c.get("epoch", 0) == last and c.get("important_loss") is not None
+             and c.get("unimportant_loss") is not None]
+    if not steps:
+        return None
+    mean = {key: statistics.fmean(c[key] for c in steps) for key in ("ce", "important_loss", "unimportant_loss")}
+    return {**mean, "worst_group_loss": max(mean["important_loss"], mean["unimportant_loss"]), "steps": len(steps)}
+
+
+def training_vs_sft(runs: dict[str, Any]) -> dict[str, Any]:
+    """Each method against sft on the training data (:func:`last_epoch_losses`), paired by seed as :func:`paired_vs_sft`
+    does, for the runs whose training groups are sft's (the same importance.scorer and rho: a run logs the groups of
+    its own grouping). Proposition 1 is about this: the objectives' minimisers on the data they train on."""
+    grouping = next((tuple(r["overrides"].get(k) for k in ("importance.scorer", "importance.rho"))
+                     for name, r in sorted(runs.items()) if name.startswith("sft_s") and r.get("overrides")), None)
+
+    def value(name: str) -> dict[str, Any] | None:
+        run = runs.get(name, {})
+        if tuple(run.get("overrides", {}).get(k) for k in ("importance.scorer", "importance.rho")) != grouping:
+            return None
+        return last_epoch_losses(run.get("curves") or [])
+
+    return {"grouping": {"scorer": grouping[0], "rho": grouping[1]} if grouping else None, **_paired(runs, value)}
+
+
+def _paired(runs: dict[str, Any], held: Callable[[str], dict[str, Any] | None]) -> dict[str, Any]:
+    """The pairing of :func:`paired_vs_sft` over ``held(run name)``: a dict of HELDOUT_METRICS, or None (no value)."""
     by_method: dict[str, dict[int, str]] = {}
     for name in runs:
         if name != "base" and "_s" in name:
@@ -729,6 +763,19 @@ def write_report(study: Study, results: dict[str, Any]) -> None:
             cells = [_interval(row[m]) for m in HELDOUT_METRICS]
             lines.append(f"| {method} | {len(row['seeds'])} | {cells[0]} | {_beyond(row['worst_group_loss'])} | " + " | ".join(cells[1:]) + " |")
         lines.append("")
+    train = results.get("training_vs_sft") or {}
+    if train.get("methods"):
+        g = train["grouping"]
+        lines += ["## ... and on the training data?", "",
+                  "Proposition 1 is about the objectives' minimisers on the data they train on. The same pairing, on each run's "
+                  f"training losses over its last epoch (the mean over that epoch's steps of each step's group losses as logged: "
+                  f"each step's batch before its update), for the runs grouped as sft's ({g['scorer']}, rho {g['rho']}; sft seeds "
+                  f"{train['sft_seeds']}, its seed-to-seed sd of the worst group {_f(train['sft_worst_group_sd'])} nats):", "",
+                  "| method | seeds | worst-group loss | vs 0 | important loss | unimportant loss | CE |", "|---|---|---|---|---|---|---|"]
+        for method, row in train["methods"].items():
+            cells = [_interval(row[m]) for m in HELDOUT_METRICS]
+            lines.append(f"| {method} | {len(row['seeds'])} | {cells[0]} | {_beyond(row['worst_group_loss'])} | " + " | ".join(cells[1:]) + " |")
+        lines.append("")
     lines += verdict_lines(results)
     lines += ["## Benchmarks against the base model", "", "| run | MMLU acc (delta ± stderr) | ARC acc (delta ± stderr) |", "|---|---|---|"]
     deltas = results["benchmark_deltas"]
@@ -787,6 +834,14 @@ def verdict_lines(results: dict[str, Any]) -> list[str]:
                      "within noise": "not different from SFT's beyond seed noise (the 95% interval holds 0)",
                      "-": f"one seed only: {x['mean']:+.4f} nats, against sft's seed-to-seed sd {_f(comp['sft_worst_group_sd'])}"}[beyond]
             out.append(f"- {method} under its own grouping ({g}), {len(row['seeds'])} paired seeds: held-out worst-group loss "
+                       f"{_interval(x)} nats vs SFT: {words}.")
+    train = results.get("training_vs_sft") or {}
+    for method, row in train.get("methods", {}).items():
+        if method.startswith("sftgo"):
+            x = row["worst_group_loss"]
+            words = {"lower": "lower than SFT's, beyond seed noise", "higher": "HIGHER than SFT's, beyond seed noise",
+                     "within noise": "not different from SFT's beyond seed noise", "-": "one seed only"}[_beyond(x)]
+            out.append(f"- {method} on its training data (last epoch), {len(row['seeds'])} paired seeds: worst-group loss "
                        f"{_interval(x)} nats vs SFT: {words}.")
     if len(out) == 2:
         out.append("- (no SFT-GO run evaluated yet)")
