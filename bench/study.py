@@ -617,14 +617,16 @@ def last_epoch_losses(curves: list[dict[str, Any]]) -> dict[str, float] | None:
 
 def training_vs_sft(runs: dict[str, Any]) -> dict[str, Any]:
     """Each method against sft on the training data (:func:`last_epoch_losses`), paired by seed as :func:`paired_vs_sft`
-    does, for the runs whose training groups are sft's (the same importance.scorer and rho: a run logs the groups of
-    its own grouping). Proposition 1 is about this: the objectives' minimisers on the data they train on."""
+    does, for the sftgo runs whose training groups are sft's (the same importance.scorer and rho: a run logs the groups
+    of its own grouping; other losses are left out, as rho1 logs its own selection as the groups). Proposition 1 is
+    about this: the objectives' minimisers on the data they train on."""
     grouping = next((tuple(r["overrides"].get(k) for k in ("importance.scorer", "importance.rho"))
                      for name, r in sorted(runs.items()) if name.startswith("sft_s") and r.get("overrides")), None)
 
     def value(name: str) -> dict[str, Any] | None:
         run = runs.get(name, {})
-        if tuple(run.get("overrides", {}).get(k) for k in ("importance.scorer", "importance.rho")) != grouping:
+        overrides = run.get("overrides", {})
+        if overrides.get("loss.name") not in ("sft", "sftgo") or tuple(overrides.get(k) for k in ("importance.scorer", "importance.rho")) != grouping:
             return None
         return last_epoch_losses(run.get("curves") or [])
 
@@ -819,6 +821,10 @@ def _interval(x: dict[str, Any]) -> str:
     return f"{x['mean']:+.4f}" + ("" if x["low"] is None else f" [{x['low']:+.4f}, {x['high']:+.4f}]")
 
 
+def _seeds(row: dict[str, Any]) -> str:
+    return f"{len(row['seeds'])} paired seed{'s' if len(row['seeds']) != 1 else ''}"
+
+
 def verdict_lines(results: dict[str, Any]) -> list[str]:
     """What held and what did not, in words, from the paired comparisons: each SFT-GO run under its own grouping."""
     out = ["### What held", ""]
@@ -833,7 +839,7 @@ def verdict_lines(results: dict[str, Any]) -> list[str]:
                      "higher": "HIGHER than SFT's, beyond seed noise (the 95% interval excludes 0)",
                      "within noise": "not different from SFT's beyond seed noise (the 95% interval holds 0)",
                      "-": f"one seed only: {x['mean']:+.4f} nats, against sft's seed-to-seed sd {_f(comp['sft_worst_group_sd'])}"}[beyond]
-            out.append(f"- {method} under its own grouping ({g}), {len(row['seeds'])} paired seeds: held-out worst-group loss "
+            out.append(f"- {method} under its own grouping ({g}), {_seeds(row)}: held-out worst-group loss "
                        f"{_interval(x)} nats vs SFT: {words}.")
     train = results.get("training_vs_sft") or {}
     for method, row in train.get("methods", {}).items():
@@ -841,7 +847,7 @@ def verdict_lines(results: dict[str, Any]) -> list[str]:
             x = row["worst_group_loss"]
             words = {"lower": "lower than SFT's, beyond seed noise", "higher": "HIGHER than SFT's, beyond seed noise",
                      "within noise": "not different from SFT's beyond seed noise", "-": "one seed only"}[_beyond(x)]
-            out.append(f"- {method} on its training data (last epoch), {len(row['seeds'])} paired seeds: worst-group loss "
+            out.append(f"- {method} on its training data (last epoch), {_seeds(row)}: worst-group loss "
                        f"{_interval(x)} nats vs SFT: {words}.")
     if len(out) == 2:
         out.append("- (no SFT-GO run evaluated yet)")

@@ -436,22 +436,23 @@ def test_training_vs_sft_pairs_the_last_epochs_group_losses_of_runs_grouped_as_s
     of another grouping (its curves hold other groups) is left out."""
     from bench.study import last_epoch_losses, training_vs_sft
 
-    def run(scorer: str, *steps: tuple[int, float, float]) -> dict:
+    def run(scorer: str, *steps: tuple[int, float, float], loss: str = "sftgo") -> dict:
         curves = [{"step": i + 1, "epoch": epoch, "ce": (imp + unimp) / 2, "important_loss": imp, "unimportant_loss": unimp}
                   for i, (epoch, imp, unimp) in enumerate(steps)]
-        return {"overrides": {"importance.scorer": scorer, "importance.rho": 0.9}, "curves": curves}
+        return {"overrides": {"loss.name": loss, "importance.scorer": scorer, "importance.rho": 0.9}, "curves": curves}
 
     runs = {"base": {"heldout": {}},
-            "sft_s0": run("tfidf", (0, 9.0, 9.0), (1, 1.0, 3.0), (1, 1.0, 2.0)),      # last epoch: 1.0 / 2.5
-            "sft_s1": run("tfidf", (0, 9.0, 9.0), (1, 2.0, 3.0)),                     # 2.0 / 3.0
+            "sft_s0": run("tfidf", (0, 9.0, 9.0), (1, 1.0, 3.0), (1, 1.0, 2.0), loss="sft"),  # last epoch: 1.0 / 2.5
+            "sft_s1": run("tfidf", (0, 9.0, 9.0), (1, 2.0, 3.0), loss="sft"),                 # 2.0 / 3.0
             "sftgo_tfidf_s0": run("tfidf", (0, 9.0, 9.0), (1, 1.5, 2.0), (1, 1.5, 2.2)),  # 1.5 / 2.1
             "sftgo_tfidf_s1": run("tfidf", (0, 9.0, 9.0), (1, 2.5, 2.9)),             # 2.5 / 2.9
-            "sftgo_excess_s0": run("excess_loss", (0, 9.0, 9.0), (1, 0.1, 0.1))}
+            "sftgo_excess_s0": run("excess_loss", (0, 9.0, 9.0), (1, 0.1, 0.1)),
+            "rho1_s0": run("tfidf", (0, 9.0, 9.0), (1, 0.1, 0.1), loss="rho1")}  # logs its own selection as groups
     assert last_epoch_losses(runs["sft_s0"]["curves"]) == {"ce": 1.75, "important_loss": 1.0, "unimportant_loss": 2.5,
                                                            "worst_group_loss": 2.5, "steps": 2}
     got = training_vs_sft(runs)
     assert got["grouping"] == {"scorer": "tfidf", "rho": 0.9} and got["sft_seeds"] == [0, 1]
-    assert list(got["methods"]) == ["sftgo_tfidf"]  # sftgo_excess logs other groups: not comparable
+    assert list(got["methods"]) == ["sftgo_tfidf"]  # sftgo_excess and rho1 log other groups: not comparable
     worst = got["methods"]["sftgo_tfidf"]["worst_group_loss"]
     assert worst["n"] == 2 and worst["mean"] == pytest.approx(((2.1 - 2.5) + (2.9 - 3.0)) / 2)
     assert got["methods"]["sftgo_tfidf"]["important_loss"]["mean"] == pytest.approx(0.5)
