@@ -25,14 +25,19 @@ def _env() -> dict[str, str]:
     return env
 
 
-def test_train_bench_plain_baseline_and_variant(tmp_path):
+def _train_bench(tmp_path: Path, layers: int, *args: str) -> dict:
+    """Run ``bench/train.py`` on CPU with a tiny model of ``layers`` layers (2 timed steps after 1 warm-up, one thread)
+    and ``args``; returns its JSON report."""
     out = tmp_path / "train.json"
-    cmd = [sys.executable, "bench/train.py", "--device", "cpu", "--model", "tiny", "--tiny-layers", "3", "--tiny-vocab", "1024",
-           "--losses", "sft,sftgo", "--baseline", "plain", "--steps", "2", "--warmup", "1", "--threads", "1",
-           "--variant", "zero3:train.zero_stage=3", "--work", str(tmp_path / "work"), "--out", str(out)]
+    cmd = [sys.executable, "bench/train.py", "--device", "cpu", "--model", "tiny", "--tiny-layers", str(layers), "--tiny-vocab", "1024",
+           "--steps", "2", "--warmup", "1", "--threads", "1", *args, "--work", str(tmp_path / "work"), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_train_bench_plain_baseline_and_variant(tmp_path):
+    report = _train_bench(tmp_path, 3, "--losses", "sft,sftgo", "--baseline", "plain", "--variant", "zero3:train.zero_stage=3")
     assert report["same_data_all_losses"]
     for key in ("sft/plain", "sftgo/plain", "sft@zero3/plain", "sft@zero3/sft"):
         assert report["ratios"][key]["step_seconds"] > 0, key
@@ -49,13 +54,7 @@ def test_train_bench_plain_baseline_and_variant(tmp_path):
 
 def test_train_bench_lora_against_full_side_by_side(tmp_path):
     """A variant with lora.rank: the same micro-batches, LoRA's step time and peak memory beside full training's."""
-    out = tmp_path / "lora.json"
-    cmd = [sys.executable, "bench/train.py", "--device", "cpu", "--model", "tiny", "--tiny-layers", "2", "--tiny-vocab", "1024",
-           "--losses", "sft", "--steps", "2", "--warmup", "1", "--threads", "1", "--examples", "24",
-           "--variant", "lora:lora.rank=4", "--work", str(tmp_path / "work"), "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report = _train_bench(tmp_path, 2, "--losses", "sft", "--examples", "24", "--variant", "lora:lora.rank=4")
     assert report["same_data_all_losses"]
     side = report["lora_vs_full"]["sft@lora"]
     assert side["full"]["trainable_params"] == report["runs"]["sft"][0]["params"]
@@ -69,13 +68,7 @@ def test_train_bench_lora_against_full_side_by_side(tmp_path):
 
 def test_train_bench_group_decision_side_by_side(tmp_path):
     """--group-decision-compare: both modes in one worker, alternating, on the same micro-batches."""
-    out = tmp_path / "gd.json"
-    cmd = [sys.executable, "bench/train.py", "--device", "cpu", "--model", "tiny", "--tiny-layers", "2", "--tiny-vocab", "1024",
-           "--losses", "sftgo", "--grad-accum", "2", "--group-decision-compare", "--steps", "2", "--warmup", "1", "--threads", "1",
-           "--examples", "24", "--work", str(tmp_path / "work"), "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report = _train_bench(tmp_path, 2, "--losses", "sftgo", "--grad-accum", "2", "--group-decision-compare", "--examples", "24")
     run = report["runs"]["sftgo"][0]
     assert [s["first"] for s in run["steps"]] == ["step", "micro_batch", "step"]
     for s in run["steps"]:
@@ -90,13 +83,7 @@ def test_train_bench_group_decision_side_by_side(tmp_path):
 
 def test_train_bench_trl_baseline(tmp_path):
     pytest.importorskip("trl", reason="the trl extra: pip install -e '.[trl]'")
-    out = tmp_path / "trl.json"
-    cmd = [sys.executable, "bench/train.py", "--device", "cpu", "--model", "tiny", "--tiny-layers", "2", "--tiny-vocab", "1024",
-           "--losses", "sft", "--baseline", "trl", "--steps", "2", "--warmup", "1", "--threads", "1",
-           "--work", str(tmp_path / "work"), "--out", str(out)]
-    proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(out.read_text())
+    report = _train_bench(tmp_path, 2, "--losses", "sft", "--baseline", "trl")
     trl_run = report["runs"]["trl"][0]
     assert trl_run["timed_steps"] == 2 and trl_run["timed_tokens"] > 0
     assert report["ratios"]["sft/trl"]["tokens_per_s"] > 0

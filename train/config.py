@@ -472,7 +472,7 @@ def lora_problems(lo: LoraConfig, zero_stage: str, cuda: bool | None = None, cpu
             p.append("lora.quantize: 4bit (QLoRA) needs the bitsandbytes package (pip install -e '.[qlora]')")
         elif not cuda and not (bitsandbytes_quantizes_on_cpu() if cpu_4bit is None else cpu_4bit):
             p.append("lora.quantize: 4bit (QLoRA) found no CUDA device, and the installed bitsandbytes cannot quantize to "
-                     "4 bits on the CPU (its CPU backend came in 0.48; the locked 0.50.2 has it: pip install -e "
+                     "4 bits on the CPU (no CPU backend in this build; the locked 0.50.2 has one: pip install -e "
                      "'.[qlora]'); or set lora.quantize=none to train the adapters on the unquantized base")
         if zero_stage == "3":
             p.append("lora.quantize: 4bit does not run under ZeRO-3 here (4-bit weights are not partitioned): set "

@@ -23,7 +23,7 @@ still writes the output head's weight: its frozen-parameter filter walks ``named
 weight once, as the embedding.)
 
 QLoRA (``lora.quantize=4bit``): the base loads in 4-bit NF4 through bitsandbytes (double quantisation, compute in
-``train.dtype``) on this rank's GPU, or on the CPU where bitsandbytes has its CPU backend (>= 0.48; the ``qlora`` extra
+``train.dtype``) on this rank's GPU, or on the CPU where bitsandbytes has a CPU backend (the ``qlora`` extra
 locks 0.50.2); ZeRO stages 0-2 only (4-bit weights are not partitioned). The merged export loads the base again
 unquantised.
 """

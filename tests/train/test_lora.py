@@ -93,7 +93,7 @@ def test_qlora_is_refused_where_bitsandbytes_cannot_quantize_and_at_zero_stage_3
     assert train_config.lora_problems(section, "auto", cuda=False, cpu_4bit=True) == []
     assert train_config.lora_problems(section, "auto", cuda=False, cpu_4bit=False) == [
         "lora.quantize: 4bit (QLoRA) found no CUDA device, and the installed bitsandbytes cannot quantize to 4 bits on "
-        "the CPU (its CPU backend came in 0.48; the locked 0.50.2 has it: pip install -e '.[qlora]'); or set "
+        "the CPU (no CPU backend in this build; the locked 0.50.2 has one: pip install -e '.[qlora]'); or set "
         "lora.quantize=none to train the adapters on the unquantized base"]
     assert train_config.lora_problems(section, "3", cuda=True) == [
         "lora.quantize: 4bit does not run under ZeRO-3 here (4-bit weights are not partitioned): set train.zero_stage to 0, 1, 2 or auto"]
